@@ -1,0 +1,183 @@
+"""Board profiles: YAML files in ``boards/`` (or a user's own path) validated into ``Board``.
+
+Validation is strict on purpose: an unknown key (``flash_kbb``), a wrong type, a size outside what
+microcontrollers have, or a budget larger than the board stops with one line naming the file and
+the field, because a silently ignored typo would give a model that does not fit the chip.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from smpq_edge.errors import UserError
+
+BOARDS_DIR = Path(__file__).resolve().parent.parent / "boards"
+
+# Largest sizes accepted: beyond these a figure is a typo (bytes given as KB), not a microcontroller.
+MAX_FLASH_KB = 64 * 1024
+MAX_RAM_KB = 16 * 1024
+MAX_CLOCK_MHZ = 2000
+
+BitWidthCandidate = Literal["w4a8", "w8a8"]
+
+
+class Core(str, Enum):
+    cortex_m0plus = "cortex-m0plus"
+    cortex_m3 = "cortex-m3"
+    cortex_m4 = "cortex-m4"
+    cortex_m7 = "cortex-m7"
+    cortex_m33 = "cortex-m33"
+    cortex_m55 = "cortex-m55"
+
+
+# Cores whose DWT unit has a cycle counter (CYCCNT); M0/M0+ lack it and fall back to SysTick.
+CORES_WITH_DWT = {Core.cortex_m3, Core.cortex_m4, Core.cortex_m7, Core.cortex_m33, Core.cortex_m55}
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Reserve(_Strict):
+    """What the firmware needs besides the model: TFLM runtime, kernels, application, stack."""
+
+    flash_kb: float = Field(ge=0, le=MAX_FLASH_KB)
+    ram_kb: float = Field(ge=0, le=MAX_RAM_KB)
+
+
+class Budgets(_Strict):
+    """Whole-firmware limits (model plus reserve); each must fit the board."""
+
+    flash_kb: float = Field(gt=0, le=MAX_FLASH_KB)
+    ram_kb: float = Field(gt=0, le=MAX_RAM_KB)
+    latency_ms: float = Field(gt=0, le=1e6)
+
+
+class OpCycles(_Strict):
+    """Cycles per multiply-accumulate by weight bit-width, and a fixed cost per operator call."""
+
+    w8: float = Field(gt=0, le=1000)
+    w4: float = Field(gt=0, le=1000)
+    per_op: float = Field(ge=0, le=1e7)
+
+
+class ElementwiseCycles(_Strict):
+    """Cycles per output element of an op without weights, and a fixed cost per call."""
+
+    per_element: float = Field(gt=0, le=10000)
+    per_op: float = Field(ge=0, le=1e7)
+
+
+class CycleModel(_Strict):
+    conv: OpCycles
+    depthwise: OpCycles
+    fc: OpCycles
+    pool: ElementwiseCycles
+    mean: ElementwiseCycles
+    add: ElementwiseCycles
+    other: ElementwiseCycles
+
+
+class Board(_Strict):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
+    description: str = Field(max_length=200)
+    core: Core
+    fpu: bool
+    dsp: bool
+    clock_mhz: float = Field(gt=0, le=MAX_CLOCK_MHZ)
+    flash_kb: float = Field(gt=0, le=MAX_FLASH_KB)
+    ram_kb: float = Field(gt=0, le=MAX_RAM_KB)
+    kernels: Literal["cmsis_nn", "reference"]
+    reserve: Reserve
+    budgets: Budgets
+    candidates: tuple[BitWidthCandidate, ...] = Field(default=("w4a8", "w8a8"), min_length=1)
+    cycles: CycleModel
+
+    @model_validator(mode="after")
+    def _fits_the_board(self) -> Board:
+        if self.budgets.flash_kb > self.flash_kb:
+            raise ValueError(f"budgets.flash_kb ({self.budgets.flash_kb:g}) exceeds the board's flash_kb ({self.flash_kb:g})")
+        if self.budgets.ram_kb > self.ram_kb:
+            raise ValueError(f"budgets.ram_kb ({self.budgets.ram_kb:g}) exceeds the board's ram_kb ({self.ram_kb:g})")
+        if self.reserve.flash_kb >= self.budgets.flash_kb:
+            raise ValueError("reserve.flash_kb leaves no flash for the model within budgets.flash_kb")
+        if self.reserve.ram_kb >= self.budgets.ram_kb:
+            raise ValueError("reserve.ram_kb leaves no RAM for the model within budgets.ram_kb")
+        if len(set(self.candidates)) != len(self.candidates):
+            raise ValueError("candidates lists a bit-width twice")
+        if self.core == Core.cortex_m0plus and self.dsp:
+            raise ValueError("dsp: Cortex-M0+ has no DSP instructions")
+        return self
+
+    @property
+    def has_dwt(self) -> bool:
+        return self.core in CORES_WITH_DWT
+
+    @property
+    def weight_bits(self) -> tuple[int, ...]:
+        """Weight bit-widths of the candidates, e.g. (4, 8); activations are int8 for all of them."""
+        return tuple(sorted(int(c[1]) for c in self.candidates))
+
+    @property
+    def model_flash_budget_bytes(self) -> int:
+        return int((self.budgets.flash_kb - self.reserve.flash_kb) * 1024)
+
+    @property
+    def model_ram_budget_bytes(self) -> int:
+        return int((self.budgets.ram_kb - self.reserve.ram_kb) * 1024)
+
+    @property
+    def cycle_budget(self) -> int:
+        return int(self.budgets.latency_ms * 1e-3 * self.clock_mhz * 1e6)
+
+
+def _describe(error: dict) -> str:
+    where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    message = error["msg"].removeprefix("Value error, ")
+    if error["type"] == "extra_forbidden":
+        message = "unknown field"
+    return f"{where}: {message}"
+
+
+def parse_board(text: str, source: str) -> Board:
+    """Validate a board profile's YAML text; ``source`` names it in errors."""
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise UserError(f"{source}: not valid YAML{where}") from None
+    if not isinstance(raw, dict):
+        raise UserError(f"{source}: expected a mapping of board fields, got {type(raw).__name__}")
+    try:
+        return Board.model_validate(raw)
+    except ValidationError as exc:
+        raise UserError(f"{source}: {_describe(exc.errors()[0])}") from None
+
+
+def board_names() -> list[str]:
+    return sorted(path.stem for path in BOARDS_DIR.glob("*.yaml"))
+
+
+def load_board(name_or_path: str | Path) -> Board:
+    """A built-in board by name (``nucleo-l4r5zi``) or a user's YAML file by path."""
+    text_name = str(name_or_path)
+    looks_like_path = text_name.endswith((".yaml", ".yml")) or "/" in text_name or "\\" in text_name
+    if looks_like_path:
+        path = Path(text_name)
+    elif text_name in board_names():
+        path = BOARDS_DIR / f"{text_name}.yaml"
+    else:
+        raise UserError(f"unknown board '{text_name}'; known boards: {', '.join(board_names())} (or give a .yaml path)")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"{path}: board file not found") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(f"{path}: cannot read board file ({exc.__class__.__name__})") from None
+    return parse_board(text, str(path))

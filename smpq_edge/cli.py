@@ -1,0 +1,136 @@
+"""``python -m smpq_edge``: a thin command line over the pipeline stages.
+
+Each sub-command parses its arguments, calls one stage function and prints or writes its result.
+A ``UserError`` from any stage becomes one ``error: ...`` line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Callable
+
+from smpq_edge.errors import UserError
+
+COMMANDS: dict[str, Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace], int]]] = {}
+
+
+def command(name: str):
+    """Enrol a sub-command: the decorated function adds its arguments and returns its runner."""
+
+    def register(setup):
+        if name in COMMANDS:
+            raise ValueError(f"command '{name}' registered twice")
+        COMMANDS[name] = setup
+        return setup
+
+    return register
+
+
+def _print_table(rows: list[list[str]], header: list[str]) -> None:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, ["-" * w for w in widths], *rows]:
+        print("  ".join(str(cell).rjust(w) if i else str(cell).ljust(w) for i, (cell, w) in enumerate(zip(row, widths))))
+
+
+@command("boards")
+def _boards(parser: argparse.ArgumentParser):
+    """List the built-in board profiles, or show one (``boards show NAME``)."""
+    parser.add_argument("action", nargs="?", choices=["list", "show"], default="list")
+    parser.add_argument("name", nargs="?", help="board name or YAML path (with 'show')")
+
+    def run(args: argparse.Namespace) -> int:
+        from smpq_edge.boards import board_names, load_board
+
+        if args.action == "show":
+            if not args.name:
+                raise UserError("boards show: give a board name or YAML path")
+            print(json.dumps(load_board(args.name).model_dump(mode="json"), indent=2))
+            return 0
+        rows = []
+        for name in board_names():
+            b = load_board(name)
+            rows.append([name, b.core.value, f"{b.clock_mhz:g}", f"{b.flash_kb:g}", f"{b.ram_kb:g}", b.kernels,
+                         b.description])
+        _print_table(rows, ["board", "core", "MHz", "flash KB", "RAM KB", "kernels", "description"])
+        return 0
+
+    return run
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, board_default: str | None = "nucleo-l4r5zi") -> None:
+    parser.add_argument("--board", default=board_default, help="board name or YAML path (default: %(default)s)")
+    parser.add_argument("--model", default="digits_cnn", help="example name, model .py file or .onnx file")
+    parser.add_argument("--data", default=None, help="built-in data set name or .npz file (default: the model's)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for splits, training and sampling")
+
+
+@command("cost")
+def _cost(parser: argparse.ArgumentParser):
+    """Flash, RAM and cycle cost per layer of a model under a policy on a board."""
+    add_model_arguments(parser)
+    parser.add_argument("--bits", default="8", help="uniform weight bits (4 or 8), or a policy.json path")
+    parser.add_argument("--json", action="store_true", help="print the cost report as JSON")
+
+    def run(args: argparse.Namespace) -> int:
+        from smpq_edge.boards import load_board
+        from smpq_edge.cost import estimate, uniform
+        from smpq_edge.graph import trace
+        from smpq_edge.models import load_model
+        from smpq_edge.policy import load_policy
+
+        board = load_board(args.board)
+        source = load_model(args.model)
+        graph = trace(source.module, source.input_shape)
+        if args.bits in ("4", "8"):
+            bits = uniform(graph, int(args.bits))
+        else:
+            bits = load_policy(args.bits).bits
+        report = estimate(graph, bits, board)
+        if args.json:
+            print(json.dumps(report.to_dict(), indent=2))
+            return 0
+        rows = [[l.name, l.kind, l.weight_bits, l.params, l.macs, l.flash_bytes, l.scratch_bytes, l.cycles]
+                for l in report.layers]
+        _print_table(rows, ["layer", "kind", "bits", "params", "MACs", "flash B", "scratch B", "cycles"])
+        fits = report.fits
+        print()
+        print(f"board {board.name}: model {report.model_flash_bytes} B + reserve {report.reserve_flash_bytes} B = "
+              f"{report.flash_total_bytes} B flash of {report.flash_budget_bytes} B ({'ok' if fits['flash'] else 'OVER'})")
+        print(f"arena {report.arena_bytes} B + reserve {report.reserve_ram_bytes} B = {report.ram_total_bytes} B RAM "
+              f"of {report.ram_budget_bytes} B ({'ok' if fits['ram'] else 'OVER'})")
+        print(f"{report.cycles} cycles = {report.latency_ms:.2f} ms at {board.clock_mhz:g} MHz, budget "
+              f"{board.budgets.latency_ms:g} ms ({'ok' if fits['cycles'] else 'OVER'})")
+        return 0
+
+    return run
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m smpq_edge",
+        description="Shapley-value mixed int4/int8 quantisation for TensorFlow Lite Micro boards.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, setup in COMMANDS.items():
+        doc = (setup.__doc__ or "").strip()
+        sub_parser = sub.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc)
+        sub_parser.set_defaults(run=setup(sub_parser))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "run", None):
+        parser.print_help()
+        return 0
+    try:
+        return args.run(args)
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,231 @@
+"""Cost model: flash bytes, RAM (TFLM tensor arena) bytes and cycles of a policy on a board.
+
+A policy gives each quantisable layer its weight bit-width (4 or 8; activations are always int8).
+Flash counts what the ``.tflite`` flatbuffer stores; RAM counts what TFLM's arena holds
+(activations placed by a greedy planner like TFLM's, kernel scratch, persistent data); cycles
+count MACs times the board's per-MAC coefficient for the op kind, bit-width and kernel set.
+The overhead constants are fitted against real exported models and TFLM's own arena
+measurement (see ``bench/RESULTS.md``, cost model against reality).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+from smpq_edge.boards import Board
+from smpq_edge.errors import UserError
+from smpq_edge.graph import Graph, Op
+
+# TFLite flatbuffer: a scale (float32) and a zero point (int64) per quantisation channel.
+QUANT_PARAM_BYTES = 4 + 8
+# TFLM aligns every arena buffer to 16 bytes (MicroArenaBufferAlignment).
+ARENA_ALIGNMENT = 16
+
+
+@dataclass(frozen=True)
+class FlatbufferOverhead:
+    """Bytes of a .tflite beyond tensor data and quantisation parameters (tables, shapes, names)."""
+
+    fixed: int = 1200
+    per_tensor: int = 96
+    per_op: int = 48
+
+
+@dataclass(frozen=True)
+class ArenaOverhead:
+    """TFLM arena bytes beyond activations and scratch: interpreter tables, per-op data."""
+
+    fixed: int = 600
+    per_tensor: int = 32
+    per_op: int = 64
+    per_channel: int = 8  # requantisation multiplier and shift, int32 each, per output channel
+
+
+FLATBUFFER = FlatbufferOverhead()
+ARENA = ArenaOverhead()
+
+
+def int4_fc_is_per_tensor(op: Op, bits: int) -> bool:
+    """TFLM's per-channel FULLY_CONNECTED path rejects INT4 weights, so an int4 FC is per tensor."""
+    return op.kind == "fc" and bits == 4
+
+
+def quant_channels(op: Op, bits: int) -> int:
+    return 1 if op.kind == "fc" else op.out_channels
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    name: str
+    kind: str
+    weight_bits: int
+    params: int
+    macs: int
+    weight_bytes: int
+    bias_bytes: int
+    quant_param_bytes: int
+    scratch_bytes: int
+    cycles: int
+
+    @property
+    def flash_bytes(self) -> int:
+        return self.weight_bytes + self.bias_bytes + self.quant_param_bytes
+
+
+@dataclass(frozen=True)
+class CostReport:
+    board: str
+    layers: list[LayerCost]
+    model_flash_bytes: int
+    arena_bytes: int
+    cycles: int
+    reserve_flash_bytes: int
+    reserve_ram_bytes: int
+    flash_budget_bytes: int
+    ram_budget_bytes: int
+    cycle_budget: int
+    clock_mhz: float
+
+    @property
+    def flash_total_bytes(self) -> int:
+        return self.model_flash_bytes + self.reserve_flash_bytes
+
+    @property
+    def ram_total_bytes(self) -> int:
+        return self.arena_bytes + self.reserve_ram_bytes
+
+    @property
+    def latency_ms(self) -> float:
+        return self.cycles / (self.clock_mhz * 1e3)
+
+    @property
+    def fits(self) -> dict[str, bool]:
+        return {
+            "flash": self.flash_total_bytes <= self.flash_budget_bytes,
+            "ram": self.ram_total_bytes <= self.ram_budget_bytes,
+            "cycles": self.cycles <= self.cycle_budget,
+        }
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["layers"] = [dict(asdict(layer), flash_bytes=layer.flash_bytes) for layer in self.layers]
+        out.update(flash_total_bytes=self.flash_total_bytes, ram_total_bytes=self.ram_total_bytes,
+                   latency_ms=self.latency_ms, fits=self.fits)
+        return out
+
+
+def weight_bytes(count: int, bits: int) -> int:
+    """INT4 packs two weights per byte (an odd count leaves the last high nibble unused)."""
+    return math.ceil(count / 2) if bits == 4 else count
+
+
+def _scratch_bytes(op: Op, bits: int, board: Board) -> int:
+    """Per-op scratch that TFLM plans into the arena for the duration of the op."""
+    if board.kernels == "reference":
+        # Reference kernels unpack an INT4 filter into an int8 copy of the whole filter per invoke.
+        return op.weight_count if bits == 4 else 0
+    if op.kind == "conv":
+        _, kh, kw, c_in = op.weight_shape
+        if (kh, kw) == (1, 1) and op.stride == (1, 1) and op.padding == (0, 0):
+            return 0
+        return 2 * 2 * c_in * kh * kw  # CMSIS-NN im2col: two int16 columns
+    if op.kind == "depthwise":
+        _, kh, kw, channels = op.weight_shape
+        if (kh, kw) == (3, 3) and bits == 8:
+            return 0  # CMSIS-NN's 3x3 depthwise s8 kernel needs no buffer
+        return 2 * channels * kh * kw  # an int16 column per output pixel
+    return 0
+
+
+def _op_cycles(op: Op, bits: int, board: Board, graph: Graph) -> int:
+    table = board.cycles
+    if op.weighted:
+        coeff = getattr(table, op.kind)
+        return int(op.macs * (coeff.w4 if bits == 4 else coeff.w8) + coeff.per_op)
+    source_elements = max((graph.op(s).out_elements for s in op.inputs), default=0)
+    if op.kind in ("avgpool", "maxpool", "global_avgpool"):
+        # Global average pooling is exported as AVERAGE_POOL_2D (CMSIS-NN has it), not MEAN.
+        cost = table.pool
+    elif op.kind == "add":
+        cost = table.add
+    elif op.kind == "input":
+        return 0
+    else:
+        cost = table.other
+    return int(source_elements * cost.per_element + cost.per_op)
+
+
+def arena_activation_peak(graph: Graph, scratch: dict[str, int]) -> int:
+    """Peak of TFLM's greedy planner: buffers sorted by size, each put at the lowest offset that
+    does not overlap a placed buffer alive at the same time. Lifetimes are op indices."""
+    index = {op.name: i for i, op in enumerate(graph.ops)}
+    buffers = []  # (size, first, last)
+    for i, op in enumerate(graph.ops):
+        last = max((index[c] for c in graph.consumers[op.name]), default=len(graph.ops))
+        buffers.append((op.out_elements, i, last))
+        if scratch.get(op.name):
+            buffers.append((scratch[op.name], i, i))
+    placed: list[tuple[int, int, int, int]] = []  # (offset, end, first, last)
+    peak = 0
+    for size, first, last in sorted(buffers, key=lambda b: (-b[0], b[1])):
+        size = -(-size // ARENA_ALIGNMENT) * ARENA_ALIGNMENT
+        offset = 0
+        for other_offset, other_end, other_first, other_last in sorted(placed):
+            if other_last < first or other_first > last:
+                continue  # not alive together
+            if offset + size <= other_offset:
+                break
+            offset = max(offset, other_end)
+        placed.append((offset, offset + size, first, last))
+        peak = max(peak, offset + size)
+    return peak
+
+
+def estimate(graph: Graph, bits: dict[str, int], board: Board, flash_budget_bytes: int | None = None,
+             ram_budget_bytes: int | None = None, cycle_budget: int | None = None) -> CostReport:
+    """The cost of ``bits`` (layer name -> weight bit-width) on ``board``.
+
+    Budgets default to the board's; the search passes its own to study other operating points.
+    """
+    missing = [op.name for op in graph.layers if op.name not in bits]
+    unknown = sorted(set(bits) - {op.name for op in graph.layers})
+    if missing or unknown:
+        raise UserError(f"policy does not match the model: missing layers {missing}, unknown layers {unknown}")
+    layers, scratch = [], {}
+    for op in graph.layers:
+        b = bits[op.name]
+        if b not in board.weight_bits:
+            raise UserError(f"layer '{op.name}': {b}-bit weights are not a candidate on board {board.name}")
+        channels = quant_channels(op, b)
+        scratch[op.name] = _scratch_bytes(op, b, board)
+        layers.append(LayerCost(
+            name=op.name, kind=op.kind, weight_bits=b, params=op.weight_count, macs=op.macs,
+            weight_bytes=weight_bytes(op.weight_count, b),
+            bias_bytes=4 * op.out_channels,
+            # weights and bias each carry their own scales and zero points
+            quant_param_bytes=2 * QUANT_PARAM_BYTES * channels,
+            scratch_bytes=scratch[op.name],
+            cycles=_op_cycles(op, b, board, graph),
+        ))
+    n_tensors = len(graph.ops) + 2 * len(graph.layers)  # activations, plus a weight and a bias per layer
+    n_ops = len(graph.ops) - 1  # the input is a tensor, not an op
+    activation_quant_bytes = QUANT_PARAM_BYTES * len(graph.ops)
+    model_flash = (sum(layer.flash_bytes for layer in layers) + activation_quant_bytes + FLATBUFFER.fixed
+                   + FLATBUFFER.per_tensor * n_tensors + FLATBUFFER.per_op * n_ops)
+    arena = (arena_activation_peak(graph, scratch) + ARENA.fixed + ARENA.per_tensor * n_tensors
+             + ARENA.per_op * n_ops + ARENA.per_channel * sum(op.out_channels for op in graph.layers))
+    cycles = sum(layer.cycles for layer in layers) + sum(
+        _op_cycles(op, 8, board, graph) for op in graph.ops if not op.weighted)
+    return CostReport(
+        board=board.name, layers=layers, model_flash_bytes=model_flash, arena_bytes=arena, cycles=cycles,
+        reserve_flash_bytes=int(board.reserve.flash_kb * 1024), reserve_ram_bytes=int(board.reserve.ram_kb * 1024),
+        flash_budget_bytes=flash_budget_bytes if flash_budget_bytes is not None else int(board.budgets.flash_kb * 1024),
+        ram_budget_bytes=ram_budget_bytes if ram_budget_bytes is not None else int(board.budgets.ram_kb * 1024),
+        cycle_budget=cycle_budget if cycle_budget is not None else board.cycle_budget,
+        clock_mhz=board.clock_mhz,
+    )
+
+
+def uniform(graph: Graph, bits: int) -> dict[str, int]:
+    return {op.name: bits for op in graph.layers}

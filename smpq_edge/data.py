@@ -1,0 +1,182 @@
+"""Data sets: built-in ones that work offline, and the user's ``.npz`` files.
+
+Every data set comes out as float32 NCHW arrays with fixed, seeded train/val/test splits, so the
+search, the finetune and the emulator all see the same samples for a given seed.
+"""
+
+from __future__ import annotations
+
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from smpq_edge.errors import UserError
+
+MAX_CLASSES = 1000
+
+
+@dataclass(frozen=True)
+class Dataset:
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_val: np.ndarray
+    y_val: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        """Shape of one sample, channels first: (C, H, W)."""
+        return tuple(self.x_train.shape[1:])
+
+    def summary(self) -> dict:
+        return {
+            "name": self.name,
+            "input_shape": list(self.input_shape),
+            "num_classes": self.num_classes,
+            "train": len(self.y_train),
+            "val": len(self.y_val),
+            "test": len(self.y_test),
+        }
+
+
+def _split(x: np.ndarray, y: np.ndarray, fractions: tuple[float, float], seed: int):
+    """Seeded shuffle, then cut into (train, val, test) with the given val and test fractions."""
+    order = np.random.default_rng(seed).permutation(len(y))
+    n_val, n_test = (int(round(f * len(y))) for f in fractions)
+    val, test, train = np.split(order, [n_val, n_val + n_test])
+    return x[train], y[train], x[val], y[val], x[test], y[test]
+
+
+def _digits(seed: int) -> Dataset:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    x = (digits.images / 16.0).astype(np.float32)[:, None, :, :]  # pixel values are 0..16
+    return Dataset("digits", *_split(x, digits.target.astype(np.int64), (0.2, 0.2), seed), num_classes=10)
+
+
+def _mnist1d(seed: int) -> Dataset:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.seed = seed  # the generator's own seed, so a different seed is a different draw
+    raw = make_dataset(args)
+    # Sequences become (C=1, H=40, W=1) images so that TFLite sees plain 2-D convolutions.
+    def as_images(a: np.ndarray) -> np.ndarray:
+        return a.astype(np.float32)[:, None, :, None]
+
+    x_train, y_train = as_images(raw["x"]), raw["y"].astype(np.int64)
+    n_val = len(y_train) // 5
+    order = np.random.default_rng(seed).permutation(len(y_train))
+    val, train = order[:n_val], order[n_val:]
+    return Dataset(
+        "mnist1d",
+        x_train[train], y_train[train], x_train[val], y_train[val],
+        as_images(raw["x_test"]), raw["y_test"].astype(np.int64), num_classes=10,
+    )
+
+
+def _synthetic(name: str, shape: tuple[int, int, int], num_classes: int, size: int) -> Callable[[int], Dataset]:
+    """Learnable stand-in data of a real model's input shape, for speed and pipeline checks only:
+    each class is a fixed random pattern plus noise. No download is possible here."""
+
+    def make(seed: int) -> Dataset:
+        rng = np.random.default_rng(seed)
+        patterns = rng.normal(size=(num_classes, *shape)).astype(np.float32)
+        y = rng.integers(0, num_classes, size=size)
+        x = 0.6 * patterns[y] + rng.normal(size=(size, *shape)).astype(np.float32)
+        return Dataset(name, *_split(x.astype(np.float32), y.astype(np.int64), (0.1, 0.2), seed), num_classes=num_classes)
+
+    return make
+
+
+BUILTIN_DATASETS: dict[str, Callable[[int], Dataset]] = {
+    "digits": _digits,
+    "mnist1d": _mnist1d,
+    "synthetic-cifar": _synthetic("synthetic-cifar", (3, 32, 32), 10, 4000),
+    "synthetic-kws": _synthetic("synthetic-kws", (1, 49, 10), 12, 4000),
+}
+
+
+def _check_arrays(source: str, x: np.ndarray, y: np.ndarray, split: str) -> None:
+    if x.ndim not in (2, 3, 4):
+        raise UserError(f"{source}: {split} x has shape {x.shape}; expected (N, C, H, W), (N, H, W) or (N, L)")
+    if len(x) == 0:
+        raise UserError(f"{source}: {split} split has no samples")
+    if y.ndim != 1 or len(y) != len(x):
+        raise UserError(f"{source}: {split} y has shape {y.shape}; expected ({len(x)},) to match x")
+    if not np.issubdtype(x.dtype, np.number):
+        raise UserError(f"{source}: {split} x has dtype {x.dtype}; expected numbers")
+    if not np.isfinite(x).all():
+        raise UserError(f"{source}: {split} x contains NaN or infinite values")
+    if not np.issubdtype(y.dtype, np.integer):
+        if not np.issubdtype(y.dtype, np.floating) or not np.array_equal(y, np.round(y)):
+            raise UserError(f"{source}: {split} y must hold integer class labels")
+    if y.min() < 0 or y.max() >= MAX_CLASSES:
+        raise UserError(f"{source}: {split} y has labels outside 0..{MAX_CLASSES - 1}")
+
+
+def _as_nchw(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float32)
+    if x.ndim == 2:  # (N, L) sequences, like mnist1d
+        return x[:, None, :, None]
+    if x.ndim == 3:  # (N, H, W) single-channel images
+        return x[:, None, :, :]
+    return x
+
+
+def load_npz(path: Path, seed: int) -> Dataset:
+    """A user's data: ``x``, ``y`` and optionally ``x_val``/``y_val`` and ``x_test``/``y_test``.
+    Missing splits are cut from ``x``/``y`` with the seed (val 20 %, test 20 %)."""
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except FileNotFoundError:
+        raise UserError(f"{path}: data file not found") from None
+    except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+        raise UserError(f"{path}: not a readable .npz file ({exc.__class__.__name__})") from None
+    for required in ("x", "y"):
+        if required not in arrays:
+            raise UserError(f"{path}: missing array '{required}' (found: {', '.join(sorted(arrays)) or 'none'})")
+    splits = {"train": ("x", "y"), "val": ("x_val", "y_val"), "test": ("x_test", "y_test")}
+    for split, (xk, yk) in splits.items():
+        if (xk in arrays) != (yk in arrays):
+            raise UserError(f"{path}: '{xk}' and '{yk}' must be given together")
+        if xk in arrays:
+            _check_arrays(str(path), arrays[xk], arrays[yk], split)
+    given = {s: (_as_nchw(arrays[xk]), arrays[yk].astype(np.int64)) for s, (xk, yk) in splits.items() if xk in arrays}
+    shapes = {s: xy[0].shape[1:] for s, xy in given.items()}
+    if len(set(shapes.values())) > 1:
+        raise UserError(f"{path}: splits have different sample shapes {shapes}")
+    x, y = given["train"]
+    if "val" in given and "test" in given:
+        parts = (x, y, *given["val"], *given["test"])
+    else:
+        fractions = (0.0 if "val" in given else 0.2, 0.0 if "test" in given else 0.2)
+        x_tr, y_tr, x_va, y_va, x_te, y_te = _split(x, y, fractions, seed)
+        x_va, y_va = given.get("val", (x_va, y_va))
+        x_te, y_te = given.get("test", (x_te, y_te))
+        parts = (x_tr, y_tr, x_va, y_va, x_te, y_te)
+    for split, labels in zip(("train", "val", "test"), parts[1::2]):
+        if len(labels) == 0:
+            raise UserError(f"{path}: too few samples to make a {split} split")
+    num_classes = int(max(labels.max() for labels in parts[1::2])) + 1
+    if num_classes < 2:
+        raise UserError(f"{path}: y holds a single class; a classifier needs at least two")
+    return Dataset(path.stem, *parts, num_classes=num_classes)
+
+
+def load_dataset(name_or_path: str | Path, seed: int = 0) -> Dataset:
+    """A built-in data set by name (``digits``, ``mnist1d``, ...) or an ``.npz`` file by path."""
+    text = str(name_or_path)
+    if text in BUILTIN_DATASETS:
+        return BUILTIN_DATASETS[text](seed)
+    if text.endswith(".npz") or Path(text).exists():
+        return load_npz(Path(text), seed)
+    raise UserError(f"unknown data set '{text}'; built-in: {', '.join(BUILTIN_DATASETS)} (or give an .npz path)")

@@ -1,0 +1,80 @@
+"""Models: the built-in examples by name, a user's model file (.py) by path, or an ONNX file.
+
+A model file defines ``build_model()`` (returning a ``torch.nn.Module``) and ``INPUT_SHAPE``
+(channels, height, width); optionally ``DATASET`` (the data it is meant for) and
+``PRETRAINED = True`` when ``build_model()`` returns trained weights.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from torch import nn
+
+from smpq_edge.errors import UserError
+
+EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
+
+
+@dataclass
+class ModelSource:
+    name: str
+    module: nn.Module
+    input_shape: tuple[int, ...]
+    default_data: str | None
+    pretrained: bool
+    origin: str
+
+
+def example_names() -> list[str]:
+    return sorted(p.stem for p in EXAMPLES_DIR.glob("*.py") if not p.stem.startswith("_"))
+
+
+def _load_python(path: Path, num_classes: int | None) -> ModelSource:
+    spec = importlib.util.spec_from_file_location(f"smpq_user_model_{path.stem}", path)
+    namespace = importlib.util.module_from_spec(spec)
+    try:
+        spec.loader.exec_module(namespace)
+    except FileNotFoundError:
+        raise UserError(f"{path}: model file not found") from None
+    except SyntaxError as exc:
+        raise UserError(f"{path}:{exc.lineno}: syntax error in model file: {exc.msg}") from None
+    except Exception as exc:  # the user's module code failed; name the file and the error in one line
+        raise UserError(f"{path}: loading the model file failed: {exc.__class__.__name__}: {exc}") from None
+    for required in ("build_model", "INPUT_SHAPE"):
+        if not hasattr(namespace, required):
+            raise UserError(f"{path}: model file must define {required}")
+    shape = tuple(namespace.INPUT_SHAPE)
+    if len(shape) != 3 or not all(isinstance(d, int) and 0 < d <= 4096 for d in shape):
+        raise UserError(f"{path}: INPUT_SHAPE must be (channels, height, width) of positive ints, got {shape}")
+    try:
+        module = namespace.build_model(num_classes) if num_classes is not None else namespace.build_model()
+    except Exception as exc:
+        raise UserError(f"{path}: build_model() failed: {exc.__class__.__name__}: {exc}") from None
+    if not isinstance(module, nn.Module):
+        raise UserError(f"{path}: build_model() must return a torch.nn.Module, got {type(module).__name__}")
+    return ModelSource(path.stem, module, shape, getattr(namespace, "DATASET", None),
+                       bool(getattr(namespace, "PRETRAINED", False)), str(path))
+
+
+def load_model(name_or_path: str | Path, num_classes: int | None = None) -> ModelSource:
+    """A built-in example by name (``digits_cnn``), a model ``.py`` file, or an ``.onnx`` file.
+
+    ``num_classes`` is passed to ``build_model`` so an example fits the data set it is paired with.
+    """
+    text = str(name_or_path)
+    if text in example_names():
+        return _load_python(EXAMPLES_DIR / f"{text}.py", num_classes)
+    path = Path(text)
+    if path.suffix == ".py":
+        if not path.is_file():
+            raise UserError(f"{path}: model file not found")
+        return _load_python(path, num_classes)
+    if path.suffix == ".onnx":
+        from smpq_edge.models.onnx_import import load_onnx
+
+        return load_onnx(path)
+    raise UserError(f"unknown model '{text}'; examples: {', '.join(example_names())} (or give a .py or .onnx path)")

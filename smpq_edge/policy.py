@@ -1,0 +1,58 @@
+"""The policy file: each quantisable layer's weight bit-width, with the figures behind the choice.
+
+The search writes it; export reads it. It is meant to be edited by hand: change a layer's
+``weight_bits`` and run ``export`` to try a policy without searching again.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from smpq_edge.errors import UserError
+from smpq_edge.fileio import read_json, write_json
+
+
+class LayerChoice(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    kind: Literal["conv", "depthwise", "fc"]
+    weight_bits: Literal[4, 8]
+    params: int = Field(ge=0)
+    flash_bytes: int | None = Field(default=None, ge=0)
+    cycles: int | None = Field(default=None, ge=0)
+    shapley: dict[str, float] | None = None  # candidate ("w4a8") -> Shapley value
+
+
+class Policy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    board: str
+    model: str
+    method: str = "smpq"
+    layers: list[LayerChoice] = Field(min_length=1)
+
+    @property
+    def bits(self) -> dict[str, int]:
+        return {layer.name: layer.weight_bits for layer in self.layers}
+
+
+def load_policy(path: str | Path) -> Policy:
+    raw = read_json(Path(path), "policy file")
+    try:
+        policy = Policy.model_validate(raw)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        where = ".".join(str(p) for p in error["loc"])
+        raise UserError(f"{path}: {where}: {error['msg']}") from None
+    names = [layer.name for layer in policy.layers]
+    if len(set(names)) != len(names):
+        raise UserError(f"{path}: a layer is listed twice")
+    return policy
+
+
+def save_policy(policy: Policy, path: Path) -> Path:
+    return write_json(path, policy.model_dump(mode="json"))
