@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from typing import Callable
 
 from smpq_edge.errors import UserError
@@ -102,6 +103,74 @@ def _cost(parser: argparse.ArgumentParser):
               f"of {report.ram_budget_bytes} B ({'ok' if fits['ram'] else 'OVER'})")
         print(f"{report.cycles} cycles = {report.latency_ms:.2f} ms at {board.clock_mhz:g} MHz, budget "
               f"{board.budgets.latency_ms:g} ms ({'ok' if fits['cycles'] else 'OVER'})")
+        return 0
+
+    return run
+
+
+def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--flash-kb", type=float, help="whole-firmware flash budget (default: the board's)")
+    parser.add_argument("--ram-kb", type=float, help="whole-firmware RAM budget (default: the board's)")
+    parser.add_argument("--latency-ms", type=float, help="latency budget (default: the board's)")
+
+
+def budgets_from(args: argparse.Namespace, board):
+    from smpq_edge.search.budget import Budgets
+
+    for name in ("flash_kb", "ram_kb", "latency_ms"):
+        value = getattr(args, name)
+        if value is not None and not value > 0:
+            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value:g}")
+    return Budgets.of_board(
+        board,
+        flash_bytes=int(args.flash_kb * 1024) if args.flash_kb else None,
+        ram_bytes=int(args.ram_kb * 1024) if args.ram_kb else None,
+        cycles=int(args.latency_ms * 1e-3 * board.clock_mhz * 1e6) if args.latency_ms else None,
+    )
+
+
+def load_inputs(args: argparse.Namespace):
+    """Board, data set and model of a command, with the model sized to the data's classes."""
+    from smpq_edge.boards import load_board
+    from smpq_edge.data import load_dataset
+    from smpq_edge.models import load_model
+
+    board = load_board(args.board)
+    probe = load_model(args.model) if args.data is None else None
+    data = load_dataset(args.data or probe.default_data or "digits", seed=args.seed)
+    source = load_model(args.model, num_classes=data.num_classes) if not str(args.model).endswith(".onnx") \
+        else load_model(args.model)
+    return board, data, source
+
+
+@command("search")
+def _search(parser: argparse.ArgumentParser):
+    """Find per-layer weight bit-widths with SMPQ under the board's budgets; write policy.json."""
+    add_model_arguments(parser)
+    add_budget_arguments(parser)
+    parser.add_argument("--out", default="out", help="output folder (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="a few epochs only: a first look, not final accuracy")
+    parser.add_argument("--no-baselines", action="store_true", help="skip the DMPQ, HAWQ and uniform baselines")
+
+    def run(args: argparse.Namespace) -> int:
+        from pathlib import Path
+
+        from smpq_edge.fileio import ensure_dir
+        from smpq_edge.search.runner import SearchConfig, run_search, save_search
+
+        out = ensure_dir(Path(args.out))
+        board, data, source = load_inputs(args)
+        config = SearchConfig.quick() if args.quick else SearchConfig()
+        if args.no_baselines:
+            config = replace(config, baselines=())
+        result = run_search(source, data, board, budgets=budgets_from(args, board), config=config, seed=args.seed)
+        save_search(result, out)
+        rows = [[m["method"], f"{m['test_acc_before_finetune']:.4f}", f"{m['test_acc']:.4f}",
+                 m["cost"]["flash_total_bytes"], m["cost"]["ram_total_bytes"], m["cost"]["cycles"],
+                 " ".join(str(b) for b in m["bits"].values())]
+                for m in result.record["methods"]]
+        _print_table(rows, ["method", "acc PTQ", "acc QAT", "flash B", "RAM B", "cycles", "bits per layer"])
+        print(f"wrote {out / 'policy.json'}, {out / 'search.json'}")
         return 0
 
     return run

@@ -1,0 +1,1 @@
+"""Shapley-based mixed-precision search (SMPQ) under board budgets, with baselines."""

@@ -1,0 +1,66 @@
+"""Baselines that pick per-layer bit-widths under the same budgets as SMPQ.
+
+* DMPQ (DNAS / EdMIPS style): alpha trained by gradient together with the weights, with a
+  differentiable penalty on the expected flash over budget; the per-layer probabilities are then
+  the scores of the same budgeted selector (which repairs an argmax that does not fit).
+* HAWQ-style: Hessian trace of each layer (Hutchinson's estimator) times the quantisation
+  perturbation ||Q_b(W) - W||^2 as the expected loss increase; same selector, minimising it.
+* Uniform int8 and uniform int4.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from smpq_edge.data import Dataset
+from smpq_edge.quant import QuantNet
+from smpq_edge.search.budget import Knapsack
+from smpq_edge.search.train import TrainConfig, batches, train
+
+
+def dmpq_scores(net: QuantNet, data: Dataset, config: TrainConfig, knapsack: Knapsack, seed: int,
+                penalty: float = 1.0, progress: bool = True) -> tuple[np.ndarray, list[dict]]:
+    """Train weights and alpha by gradient; return log softmax(alpha) per layer as scores."""
+    layers = net.mixed_layers()
+    flash = [torch.from_numpy(cost[:, 0]).float() for cost in knapsack.costs]
+    flash_budget = float(knapsack.budgets[0])
+
+    def expected_flash_over_budget() -> torch.Tensor:
+        expected = sum(torch.softmax(layer.alpha, 0) @ f for layer, f in zip(layers, flash))
+        return penalty * torch.relu(expected / flash_budget - 1.0)
+
+    history = train(net, data, config, seed, desc="DMPQ search", extra_loss=expected_flash_over_budget,
+                    progress=progress)
+    scores = np.array([torch.log_softmax(layer.alpha.detach(), 0).numpy() for layer in layers])
+    return scores, history
+
+
+def hawq_scores(net: QuantNet, data: Dataset, seed: int, batches_used: int = 4, probes: int = 8) -> np.ndarray:
+    """Minus the expected loss increase (trace/n x ||Q_b(W) - W||^2) per (layer, candidate)."""
+    generator = torch.Generator().manual_seed(seed)
+    layers = net.mixed_layers()
+    weights = [layer.weight for layer in layers]
+    traces = np.zeros(len(layers))
+    net.set_policy({layer.op.name: max(net.candidates) for layer in layers})
+    net.eval()
+    rng = np.random.default_rng(seed)
+    for step, (xb, yb) in enumerate(batches(data.x_train, data.y_train, 128, rng)):
+        if step == batches_used:
+            break
+        loss = F.cross_entropy(net(xb), yb)
+        grads = torch.autograd.grad(loss, weights, create_graph=True)
+        for _ in range(probes):
+            vs = [torch.randint(0, 2, w.shape, generator=generator).float() * 2 - 1 for w in weights]
+            hvs = torch.autograd.grad(grads, weights, grad_outputs=vs, retain_graph=True)
+            traces += np.array([float((hv * v).sum()) for hv, v in zip(hvs, vs)]) / (probes * batches_used)
+    net.set_policy(None)
+    scores = np.zeros((len(layers), len(net.candidates)))
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            mean_trace = traces[i] / layer.weight.numel()
+            for k, bits in enumerate(net.candidates):
+                perturbation = float(((layer.quantised_weight(bits) - layer.weight) ** 2).sum())
+                scores[i, k] = -mean_trace * perturbation
+    return scores

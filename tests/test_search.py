@@ -1,0 +1,141 @@
+"""The supernet's numerics, batched coalition evaluation, and a short search under a tight budget."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from smpq_edge.boards import load_board
+from smpq_edge.cost import estimate, uniform
+from smpq_edge.data import load_dataset
+from smpq_edge.errors import UserError
+from smpq_edge.graph import trace
+from smpq_edge.models import load_model
+from smpq_edge.quant import ActQuant, QuantNet, fake_quant_weight, fold_batchnorm, quantize_weight
+from smpq_edge.search.budget import Budgets
+from smpq_edge.search.runner import SearchConfig, run_search, save_search
+from smpq_edge.search.smpq import CoalitionValue, validation_batch
+from smpq_edge.search.train import TrainConfig, train
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", seed=0)
+
+
+@pytest.fixture(scope="module")
+def trained_digits_net(digits):
+    torch.manual_seed(0)
+    source = load_model("digits_cnn")
+    train(source.module, digits, TrainConfig(epochs=4, lr=1e-2), seed=0, progress=False)
+    source.module.eval()
+    graph = trace(source.module, source.input_shape)
+    net = QuantNet(graph, source.module, (4, 8))
+    net.train()
+    with torch.no_grad():
+        net(torch.from_numpy(digits.x_train[:256]))
+    net.eval()
+    return net
+
+
+def test_batchnorm_folding_matches_conv_then_bn():
+    torch.manual_seed(0)
+    conv, bn = nn.Conv2d(3, 5, 3, bias=True), nn.BatchNorm2d(5)
+    bn.running_mean.uniform_(-1, 1), bn.running_var.uniform_(0.5, 2), bn.weight.data.uniform_(0.5, 1.5)
+    bn.eval()
+    x = torch.randn(2, 3, 7, 7)
+    w, b = fold_batchnorm(conv.weight, conv.bias, bn)
+    torch.testing.assert_close(nn.functional.conv2d(x, w, b), bn(conv(x)), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("bits,qmax", [(8, 127), (4, 7)])
+def test_weights_symmetric_per_channel_on_the_integer_grid(bits, qmax):
+    w = torch.randn(6, 3, 3, 3) * torch.arange(1, 7).reshape(6, 1, 1, 1)
+    q, scale = quantize_weight(w, bits, per_channel=True)
+    assert q.abs().max() == qmax and q.min() >= -qmax
+    assert scale.shape == (6,)
+    torch.testing.assert_close(scale, w.abs().flatten(1).amax(1) / qmax)
+    torch.testing.assert_close(fake_quant_weight(w, bits, True), q.float() * scale.reshape(-1, 1, 1, 1))
+
+
+def test_fc_weights_are_per_tensor(trained_digits_net):
+    fc = trained_digits_net.layer("11")
+    assert not fc.per_channel
+    q = fc.quantised_weight(4)
+    scale = fc.weight.abs().max() / 7
+    assert torch.allclose(q / scale, torch.round(q / scale), atol=1e-4)
+
+
+def test_activation_quantiser_represents_zero_and_clamps():
+    act = ActQuant()
+    act.train()
+    act(torch.linspace(0.5, 3.0, 100))  # range observed as [0, 3]: zero is always included
+    act.eval()
+    params = act.params()
+    assert params.zero_point == -128
+    out = act(torch.tensor([0.0, 1.0, 10.0, -1.0]))
+    assert out[0] == 0.0 and out[2] == pytest.approx(3.0, abs=params.scale) and out[3] == 0.0
+    grid = out / params.scale
+    torch.testing.assert_close(grid, torch.round(grid))
+
+
+def test_batched_coalitions_equal_one_at_a_time(trained_digits_net, digits):
+    x, y = validation_batch(digits, 128, seed=0)
+    value = CoalitionValue(trained_digits_net, x, y)
+    rng = np.random.default_rng(0)
+    masks = rng.random((12, len(trained_digits_net.players()))) < 0.6
+    masks[:, 1::2] |= ~masks[:, 0::2]  # never a layer without a candidate
+    np.testing.assert_array_equal(value(masks), value.one_at_a_time(masks))
+
+
+def test_coalition_with_one_candidate_equals_that_policy(trained_digits_net, digits):
+    x, y = validation_batch(digits, 128, seed=0)
+    value = CoalitionValue(trained_digits_net, x, y)
+    only_int4 = np.tile([True, False], len(trained_digits_net.graph.layers))
+    trained_digits_net.set_policy({op.name: 4 for op in trained_digits_net.graph.layers})
+    with torch.no_grad():
+        expected = float((trained_digits_net(torch.from_numpy(x)).argmax(1).numpy() == y).mean())
+    trained_digits_net.set_policy(None)
+    assert value(only_int4[None, :])[0] == expected
+
+
+def _tight_flash_budget(board, graph) -> Budgets:
+    """Halfway between all-int4 and all-int8 flash: a budget that forces a mixed policy."""
+    int8 = estimate(graph, uniform(graph, 8), board).flash_total_bytes
+    int4 = estimate(graph, uniform(graph, 4), board).flash_total_bytes
+    return Budgets.of_board(board, flash_bytes=(int8 + int4) // 2)
+
+
+def test_quick_search_fits_a_tight_budget_and_writes_outputs(digits, tmp_path):
+    board = load_board("nucleo-l4r5zi")
+    source = load_model("digits_cnn")
+    graph = trace(source.module, source.input_shape)
+    budgets = _tight_flash_budget(board, graph)
+    result = run_search(source, digits, board, budgets=budgets, config=SearchConfig.quick(), seed=0,
+                        progress=False, log=lambda _: None)
+    bits = result.policy.bits
+    assert set(bits.values()) == {4, 8}, "halfway budget: some layers must be int4, the best fit keeps some int8"
+    assert estimate(graph, bits, board).flash_total_bytes <= budgets.flash_bytes
+    methods = {m["method"]: m for m in result.record["methods"]}
+    assert {"smpq", "dmpq", "hawq", "uniform4"} <= set(methods), "uniform8 is over this budget"
+    assert "uniform8" not in methods
+    for m in methods.values():
+        assert m["cost"]["flash_total_bytes"] <= budgets.flash_bytes
+        assert 0.5 < m["test_acc"] <= 1.0
+    save_search(result, tmp_path)
+    saved = json.loads((tmp_path / "policy.json").read_text())
+    assert {layer["name"]: layer["weight_bits"] for layer in saved["layers"]} == bits
+    record = json.loads((tmp_path / "search.json").read_text())
+    assert len(record["shapley"]["players"]) == 2 * len(graph.layers)
+    assert record["seed"] == 0 and record["versions"]["torch"]
+
+
+def test_budget_no_policy_meets_names_the_smallest(digits):
+    board = load_board("nucleo-l4r5zi")
+    source = load_model("digits_cnn")
+    config = SearchConfig.quick()
+    budgets = Budgets.of_board(board, flash_bytes=int(board.reserve.flash_kb * 1024) + 100)
+    with pytest.raises(UserError, match=r"smallest achievable: flash \d+"):
+        run_search(source, digits, board, budgets=budgets, config=config, seed=0, progress=False, log=lambda _: None)
