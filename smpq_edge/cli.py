@@ -176,6 +176,128 @@ def _search(parser: argparse.ArgumentParser):
     return run
 
 
+@command("build")
+def _build(parser: argparse.ArgumentParser):
+    """Search, export, emulate, generate firmware and report, in one output folder."""
+    add_model_arguments(parser)
+    add_budget_arguments(parser)
+    parser.add_argument("--out", default="build", help="output folder (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="a few epochs only: a first look, not final accuracy")
+    parser.add_argument("--resume", action="store_true", help="skip stages whose inputs are unchanged")
+
+    def run(args: argparse.Namespace) -> int:
+        from pathlib import Path
+
+        from smpq_edge.build import Stage, report_stage, run_stages
+        from smpq_edge.fileio import ensure_dir
+        from smpq_edge.search.runner import SearchConfig, run_search, save_search
+
+        out = ensure_dir(Path(args.out))
+        board, data, source = load_inputs(args)
+        budgets = budgets_from(args, board)
+        config = SearchConfig.quick() if args.quick else SearchConfig()
+
+        def search(folder: Path) -> None:
+            save_search(run_search(source, data, board, budgets=budgets, config=config, seed=args.seed), folder)
+
+        stages = [
+            Stage("search", (), ("policy.json", "search.json", "quantnet.pt"), search),
+            Stage("report", ("search.json",), ("report.md", "report.html"), report_stage),
+        ]
+        arguments = {k: v for k, v in vars(args).items() if k not in ("run", "resume", "out")}
+        arguments["board_profile"] = board.model_dump(mode="json")
+        run_stages(stages, out, arguments, args.resume)
+        print(f"build folder: {out}  (report: {out / 'report.html'})")
+        return 0
+
+    return run
+
+
+@command("export")
+def _export(parser: argparse.ArgumentParser):
+    """Export the searched policy to a mixed int4/int8 .tflite (reads policy.json and quantnet.pt)."""
+    add_model_arguments(parser)
+    parser.add_argument("--out", default="out", help="folder holding policy.json and quantnet.pt (default: %(default)s)")
+    parser.add_argument("--calibration", type=int, default=256, help="training samples for onnx2tf's calibration")
+
+    def run(args: argparse.Namespace) -> int:
+        from pathlib import Path
+
+        import torch
+
+        from smpq_edge.export.exporter import export_model
+        from smpq_edge.fileio import write_bytes, write_json
+        from smpq_edge.graph import trace
+        from smpq_edge.policy import load_policy
+        from smpq_edge.quant import QuantNet
+
+        out = Path(args.out)
+        policy = load_policy(out / "policy.json")
+        weights_path = out / "quantnet.pt"
+        try:
+            checkpoint = torch.load(weights_path, map_location="cpu", weights_only=True)
+            state = checkpoint["quantnet"]
+        except FileNotFoundError:
+            raise UserError(f"{weights_path}: not found; run `search --out {out}` first") from None
+        except Exception as exc:
+            raise UserError(f"{weights_path}: not a quantnet checkpoint ({exc.__class__.__name__})") from None
+        board, data, source = load_inputs(args)
+        graph = trace(source.module, data.input_shape)
+        net = QuantNet(graph, source.module, board.weight_bits)
+        try:
+            net.load_state_dict(state)
+        except RuntimeError as exc:
+            raise UserError(f"{weights_path}: does not match model {source.name} on board {board.name} "
+                            f"({str(exc).splitlines()[0]})") from None
+        bits = policy.bits
+        net.set_policy(bits)
+        result = export_model(net, bits, data.x_train[:args.calibration])
+        write_bytes(out / "model.tflite", result.tflite)
+        write_bytes(out / "model_int8.tflite", result.tflite_int8)
+        write_json(out / "export.json", result.to_dict())
+        print(f"wrote {out / 'model.tflite'} ({len(result.tflite)} B), "
+              f"{out / 'model_int8.tflite'} ({len(result.tflite_int8)} B)")
+        for note in result.notes:
+            print(f"note: {note}")
+        return 0
+
+    return run
+
+
+@command("emulate")
+def _emulate(parser: argparse.ArgumentParser):
+    """Run a .tflite in TFLM over the test split: on-device accuracy, arena and speed."""
+    parser.add_argument("model_file", metavar="MODEL.tflite", help="the .tflite to run")
+    parser.add_argument("--data", default="digits", help="built-in data set name or .npz file (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the data split (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print the result as JSON")
+
+    def run(args: argparse.Namespace) -> int:
+        from pathlib import Path
+
+        from smpq_edge.data import load_dataset
+        from smpq_edge.emulator import emulate
+        from smpq_edge.fileio import write_json
+
+        path = Path(args.model_file)
+        try:
+            model_bytes = path.read_bytes()
+        except OSError as exc:
+            raise UserError(f"{path}: cannot read TFLite file ({exc.strerror})") from None
+        data = load_dataset(args.data, seed=args.seed)
+        result = emulate(model_bytes, data.x_test, data.y_test, source=str(path))
+        write_json(path.parent / "emulation.json", result.to_dict())
+        if args.json:
+            print(json.dumps(result.to_dict(), indent=2))
+        else:
+            print(f"{path}: TFLM accuracy {result.accuracy:.4f} on {result.samples} test samples, "
+                  f"arena {result.arena_bytes} B, model {result.model_bytes} B, "
+                  f"{result.inferences_per_second:.0f} inferences/s on the host")
+        return 0
+
+    return run
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m smpq_edge",
