@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import replace
 from typing import Callable
@@ -129,15 +130,24 @@ def budgets_from(args: argparse.Namespace, board):
     )
 
 
+def torch_cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
 def load_inputs(args: argparse.Namespace):
     """Board, data set and model of a command, with the model sized to the data's classes."""
     from smpq_edge.boards import load_board
     from smpq_edge.data import load_dataset
     from smpq_edge.models import load_model
+    from smpq_edge.search.train import seed_everything
 
     board = load_board(args.board)
+    seed_everything(args.seed)  # the model's initial weights are part of what the seed fixes
     probe = load_model(args.model) if args.data is None else None
     data = load_dataset(args.data or probe.default_data or "digits", seed=args.seed)
+    seed_everything(args.seed)
     source = load_model(args.model, num_classes=data.num_classes) if not str(args.model).endswith(".onnx") \
         else load_model(args.model)
     return board, data, source
@@ -151,19 +161,39 @@ def _search(parser: argparse.ArgumentParser):
     parser.add_argument("--out", default="out", help="output folder (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="a few epochs only: a first look, not final accuracy")
     parser.add_argument("--no-baselines", action="store_true", help="skip the DMPQ, HAWQ and uniform baselines")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                        help="where to train and score coalitions (default: %(default)s); under torchrun, "
+                             "cuda uses one GPU per rank with NCCL, cpu uses gloo")
+    parser.add_argument("--shards", type=int, default=None,
+                        help="gradient shards per batch (default: the number of torchrun processes); the same "
+                             "seed and shard count give the same result on any number of processes")
 
     def run(args: argparse.Namespace) -> int:
         from pathlib import Path
 
         from smpq_edge.fileio import ensure_dir
+        from smpq_edge.distributed import init_from_environment, shutdown
         from smpq_edge.search.runner import SearchConfig, run_search, save_search
 
         out = ensure_dir(Path(args.out))
         board, data, source = load_inputs(args)
         config = SearchConfig.quick() if args.quick else SearchConfig()
+        if args.device == "cuda" and not torch_cuda_available():
+            raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
+        shards = args.shards or int(os.environ.get("WORLD_SIZE", "1"))
+        if shards < 1:
+            raise UserError(f"--shards must be at least 1, got {shards}")
+        config = config.with_shards(shards)
         if args.no_baselines:
             config = replace(config, baselines=())
-        result = run_search(source, data, board, budgets=budgets_from(args, board), config=config, seed=args.seed)
+        context = init_from_environment(args.device)
+        try:
+            result = run_search(source, data, board, budgets=budgets_from(args, board), config=config, seed=args.seed,
+                                context=context)
+        finally:
+            shutdown(context)
+        if not context.is_main:
+            return 0
         save_search(result, out)
         rows = [[m["method"], f"{m['test_acc_before_finetune']:.4f}", f"{m['test_acc']:.4f}",
                  m["cost"]["flash_total_bytes"], m["cost"]["ram_total_bytes"], m["cost"]["cycles"],
@@ -293,6 +323,44 @@ def _emulate(parser: argparse.ArgumentParser):
             print(f"{path}: TFLM accuracy {result.accuracy:.4f} on {result.samples} test samples, "
                   f"arena {result.arena_bytes} B, model {result.model_bytes} B, "
                   f"{result.inferences_per_second:.0f} inferences/s on the host")
+        return 0
+
+    return run
+
+
+@command("firmware")
+def _firmware(parser: argparse.ArgumentParser):
+    """C/C++ firmware sources for a board from a .tflite: model array, op resolver, arena, self-check."""
+    parser.add_argument("model", help="int8-in/int8-out .tflite file")
+    parser.add_argument("--board", default="nucleo-l4r5zi", help="board name or YAML path (default: %(default)s)")
+    parser.add_argument("--out", required=True, help="output folder for the sources")
+    parser.add_argument("--data", default=None,
+                        help="data set for the self-check vectors (its test split); default: random int8 inputs")
+    parser.add_argument("--vectors", type=int, default=20, help="test vectors to embed (default: %(default)s)")
+    parser.add_argument("--seed", type=int, default=0, help="seed for the data split or random inputs")
+    parser.add_argument("--margin", type=int, default=None,
+                        help="tensor arena margin in bytes over the measured arena (default: 25%%, at least 1024)")
+
+    def run(args: argparse.Namespace) -> int:
+        from smpq_edge.boards import load_board
+        from smpq_edge.firmware import generate_from_tflite
+
+        board = load_board(args.board)
+        x = labels = origin = None
+        if args.data is not None:
+            from smpq_edge.data import load_dataset
+
+            dataset = load_dataset(args.data, seed=args.seed)
+            x, labels = dataset.x_test, dataset.y_test
+            origin = f"{dataset.name} test split (seed {args.seed}), first {min(args.vectors, len(labels))} samples"
+        result = generate_from_tflite(args.model, board, args.out, x=x, labels=labels, vectors=args.vectors,
+                                      seed=args.seed, margin=args.margin, origin=origin)
+        print(f"firmware for {result.board} ({result.port} port) in {result.out_dir}")
+        for registration in result.registrations:
+            print(f"  {registration.call}: {registration.reason}")
+        print(f"tensor arena {result.arena_size} B = measured {result.arena_measured} B + margin "
+              f"{result.arena_margin} B; {result.vectors} test vectors; {len(result.files)} files")
+        print(f"build: make -C {result.out_dir} TFLM_DIR=/path/to/tflite-micro (see README.md there)")
         return 0
 
     return run

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smpq_edge.graph import Graph, Op
+from smpq_edge.distributed import SINGLE_PROCESS, Context
 
 INT8_MIN, INT8_MAX = -128, 127
 
@@ -70,7 +71,10 @@ class ActQuant(nn.Module):
     """Asymmetric int8 per-tensor fake quantiser with a running min/max range.
 
     The range always includes 0 (TFLite needs zero exactly representable). While ``observing``,
-    training batches widen the range with an exponential moving average.
+    training batches move the range by an exponential moving average, once per batch: forward
+    passes only record the batch's min and max, and ``commit`` (called after the batch's last
+    gradient shard, on every rank) applies them. So every shard of a batch, on any rank, is
+    quantised with the same range, which keeps sharded and distributed training exact.
     """
 
     def __init__(self, momentum: float = 0.9):
@@ -81,14 +85,23 @@ class ActQuant(nn.Module):
         self.register_buffer("initialised", torch.tensor(False))
         self.observing = True
         self.enabled = True
+        self._pending: tuple[float, float] | None = None
 
-    def observe(self, x: torch.Tensor) -> None:
-        lo, hi = x.detach().min().clamp(max=0.0), x.detach().max().clamp(min=0.0)
+    def _update(self, lo: float, hi: float) -> None:
+        lo, hi = min(lo, 0.0), max(hi, 0.0)
         if not bool(self.initialised):
-            self.lo.copy_(lo), self.hi.copy_(hi), self.initialised.fill_(True)
+            self.lo.fill_(lo), self.hi.fill_(hi), self.initialised.fill_(True)
         else:
             self.lo.mul_(self.momentum).add_((1 - self.momentum) * lo)
             self.hi.mul_(self.momentum).add_((1 - self.momentum) * hi)
+
+    def commit(self, context: Context) -> None:
+        """Apply the batch's recorded range (the min and max over all ranks' shards)."""
+        lo, hi = self._pending if self._pending is not None else (math.inf, -math.inf)
+        self._pending = None
+        lo, hi = context.min(lo), context.max(hi)
+        if math.isfinite(lo):
+            self._update(lo, hi)
 
     def params(self) -> ActivationParams:
         lo, hi = float(self.lo), float(self.hi)
@@ -97,8 +110,13 @@ class ActQuant(nn.Module):
         return ActivationParams(scale, zero_point)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observing and (self.training or not bool(self.initialised)):
-            self.observe(x)
+        if self.observing and x.numel():
+            lo, hi = float(x.detach().min()), float(x.detach().max())
+            if not bool(self.initialised):
+                self._update(lo, hi)  # the very first batch sets the range it is quantised with
+            elif self.training:
+                seen = self._pending or (lo, hi)
+                self._pending = (min(seen[0], lo), max(seen[1], hi))
         if not self.enabled:
             return x
         p = self.params()
@@ -150,11 +168,11 @@ class MixedLayer(nn.Module):
         # that share the same active subset share one convolution call.
         chunks = coalition_active.shape[0]
         rows_per_chunk = x.shape[0] // chunks
-        codes = (coalition_active.long() * (2 ** torch.arange(len(self.candidates)))).sum(1)
+        codes = (coalition_active.long() * (2 ** torch.arange(len(self.candidates), device=x.device))).sum(1)
         out = None
         for code in torch.unique(codes).tolist():
             chunk_ids = torch.nonzero(codes == code).flatten()
-            rows = (chunk_ids[:, None] * rows_per_chunk + torch.arange(rows_per_chunk)).flatten()
+            rows = (chunk_ids[:, None] * rows_per_chunk + torch.arange(rows_per_chunk, device=x.device)).flatten()
             y = self.apply(x[rows], self.mixed_weight(coalition_active[chunk_ids[0]]))
             if out is None:
                 out = y.new_empty((x.shape[0], *y.shape[1:]))
@@ -229,6 +247,11 @@ class QuantNet(nn.Module):
         for quantiser in self.act.values():
             quantiser.enabled = enabled
 
+    def commit_observations(self, context: Context = SINGLE_PROCESS) -> None:
+        """End of a training batch: move every activation range by the batch's min and max."""
+        for quantiser in self.act.values():
+            quantiser.commit(context)
+
     def set_observing(self, observing: bool) -> None:
         for quantiser in self.act.values():
             quantiser.observing = observing
@@ -240,7 +263,7 @@ class QuantNet(nn.Module):
             if bits is None:
                 layer.active.fill_(True)
             else:
-                layer.active.copy_(torch.tensor([b == bits[op.name] for b in layer.candidates]))
+                layer.active.copy_(torch.tensor([b == bits[op.name] for b in layer.candidates], device=layer.active.device))
 
     def players(self) -> list[tuple[str, int]]:
         """Shapley players: (layer, candidate bits) in layer order."""

@@ -17,14 +17,16 @@ import torch.nn.functional as F
 from smpq_edge.data import Dataset
 from smpq_edge.quant import QuantNet
 from smpq_edge.search.budget import Knapsack
-from smpq_edge.search.train import TrainConfig, batches, train
+from smpq_edge.distributed import SINGLE_PROCESS, Context
+from smpq_edge.search.train import TrainConfig, batches, device_of, train
 
 
 def dmpq_scores(net: QuantNet, data: Dataset, config: TrainConfig, knapsack: Knapsack, seed: int,
-                penalty: float = 1.0, progress: bool = True) -> tuple[np.ndarray, list[dict]]:
+                penalty: float = 1.0, progress: bool = True,
+                context: Context = SINGLE_PROCESS) -> tuple[np.ndarray, list[dict]]:
     """Train weights and alpha by gradient; return log softmax(alpha) per layer as scores."""
     layers = net.mixed_layers()
-    flash = [torch.from_numpy(cost[:, 0]).float() for cost in knapsack.costs]
+    flash = [torch.from_numpy(cost[:, 0]).float().to(device_of(net)) for cost in knapsack.costs]
     flash_budget = float(knapsack.budgets[0])
 
     def expected_flash_over_budget() -> torch.Tensor:
@@ -32,8 +34,8 @@ def dmpq_scores(net: QuantNet, data: Dataset, config: TrainConfig, knapsack: Kna
         return penalty * torch.relu(expected / flash_budget - 1.0)
 
     history = train(net, data, config, seed, desc="DMPQ search", extra_loss=expected_flash_over_budget,
-                    progress=progress)
-    scores = np.array([torch.log_softmax(layer.alpha.detach(), 0).numpy() for layer in layers])
+                    progress=progress, context=context)
+    scores = np.array([torch.log_softmax(layer.alpha.detach(), 0).cpu().numpy() for layer in layers])
     return scores, history
 
 
@@ -46,13 +48,15 @@ def hawq_scores(net: QuantNet, data: Dataset, seed: int, batches_used: int = 4, 
     net.set_policy({layer.op.name: max(net.candidates) for layer in layers})
     net.eval()
     rng = np.random.default_rng(seed)
-    for step, (xb, yb) in enumerate(batches(data.x_train, data.y_train, 128, rng)):
+    device = device_of(net)
+    for step, idx in enumerate(batches(data.x_train, data.y_train, 128, rng)):
         if step == batches_used:
             break
+        xb, yb = torch.from_numpy(data.x_train[idx]).to(device), torch.from_numpy(data.y_train[idx]).to(device)
         loss = F.cross_entropy(net(xb), yb)
         grads = torch.autograd.grad(loss, weights, create_graph=True)
         for _ in range(probes):
-            vs = [torch.randint(0, 2, w.shape, generator=generator).float() * 2 - 1 for w in weights]
+            vs = [(torch.randint(0, 2, w.shape, generator=generator).float() * 2 - 1).to(device) for w in weights]
             hvs = torch.autograd.grad(grads, weights, grad_outputs=vs, retain_graph=True)
             traces += np.array([float((hv * v).sum()) for hv, v in zip(hvs, vs)]) / (probes * batches_used)
     net.set_policy(None)

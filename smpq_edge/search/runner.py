@@ -26,6 +26,7 @@ from smpq_edge.policy import LayerChoice, Policy, save_policy
 from smpq_edge.quant import QuantNet
 from smpq_edge.search.baselines import dmpq_scores, hawq_scores
 from smpq_edge.search.budget import DIMENSIONS, Budgets, cost_of, knapsack
+from smpq_edge.distributed import SINGLE_PROCESS, Context
 from smpq_edge.search.select import Selection, k_best
 from smpq_edge.search.smpq import AlphaUpdater, ShapleyConfig, estimate_shapley, shapley_scores, validation_batch
 from smpq_edge.search.train import TrainConfig, accuracy, seed_everything, train
@@ -50,6 +51,11 @@ class SearchConfig:
         return cls(float_train=TrainConfig(epochs=8, lr=1e-2), warmup=TrainConfig(epochs=2, lr=2e-3),
                    search=TrainConfig(epochs=2, lr=1e-3), finetune=TrainConfig(epochs=2, lr=5e-4),
                    shapley=ShapleyConfig(permutations=8, final_permutations=24, val_samples=256), k_best=3)
+
+    def with_shards(self, shards: int) -> SearchConfig:
+        """Gradient shards for the quantised training stages (the float model trains on one rank)."""
+        return replace(self, warmup=replace(self.warmup, shards=shards), search=replace(self.search, shards=shards),
+                       finetune=replace(self.finetune, shards=shards))
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -82,7 +88,8 @@ def _calibrate(net: QuantNet, data: Dataset, seed: int) -> None:
         for i, idx in enumerate(np.array_split(rng.permutation(len(data.y_train)), max(1, len(data.y_train) // 128))):
             if i == CALIBRATION_BATCHES:
                 break
-            net(torch.from_numpy(data.x_train[idx]))
+            net(torch.from_numpy(data.x_train[idx]).to(next(net.parameters()).device))
+            net.commit_observations()
 
 
 def weight_params(net: QuantNet) -> list[torch.nn.Parameter]:
@@ -90,13 +97,13 @@ def weight_params(net: QuantNet) -> list[torch.nn.Parameter]:
 
 
 def finetune(net: QuantNet, bits: dict[str, int], data: Dataset, config: TrainConfig, seed: int,
-             progress: bool, desc: str) -> tuple[QuantNet, float, float]:
+             progress: bool, desc: str, context: Context = SINGLE_PROCESS) -> tuple[QuantNet, float, float]:
     """A copy of ``net`` fixed to ``bits`` and QAT-trained; test accuracy before and after."""
     tuned = copy.deepcopy(net)
     tuned.set_policy(bits)
     before = accuracy(tuned, data.x_test, data.y_test)
     if config.epochs:
-        train(tuned, data, config, seed, params=weight_params(tuned), desc=desc, progress=progress)
+        train(tuned, data, config, seed, params=weight_params(tuned), desc=desc, progress=progress, context=context)
     return tuned, before, accuracy(tuned, data.x_test, data.y_test)
 
 
@@ -106,7 +113,10 @@ def _bits(graph: Graph, candidates: tuple[int, ...], selection: Selection) -> di
 
 def run_search(source: ModelSource, data: Dataset, board: Board, *, budgets: Budgets | None = None,
                config: SearchConfig = SearchConfig(), seed: int = 0, progress: bool = True,
-               log: Callable[[str], None] = print) -> SearchResult:
+               log: Callable[[str], None] = print, context: Context = SINGLE_PROCESS) -> SearchResult:
+    """Every rank of a ``torchrun`` job calls this with the same arguments; see ``distributed``."""
+    if not context.is_main:
+        progress, log = False, (lambda _: None)
     started = time.perf_counter()
     timings: dict[str, float] = {}
     seed_everything(seed)
@@ -120,28 +130,33 @@ def run_search(source: ModelSource, data: Dataset, board: Board, *, budgets: Bud
     k_best([[0.0] * len(candidates)] * len(graph.layers), sack.costs, sack.budgets, 1, aggregate=sack.aggregate,
            names=sack.names)
 
-    model = source.module
+    model = source.module.to(context.device)
     if not source.pretrained:
         log(f"training the float model ({config.float_train.epochs} epochs)")
-        train(model, data, config.float_train, seed, desc="float", progress=progress)
+        # BatchNorm statistics depend on the batch, so one rank trains the float model and shares it.
+        if context.is_main:
+            train(model, data, config.float_train, seed, desc="float", progress=progress)
+        context.broadcast_module(model)
     model.eval()
     float_acc = accuracy(model, data.x_test, data.y_test)
     timings["float_train_s"] = time.perf_counter() - started
     log(f"float test accuracy {float_acc:.4f}")
 
-    net = QuantNet(graph, model, candidates)
+    net = QuantNet(graph, model, candidates).to(context.device)
     _calibrate(net, data, seed)
     log(f"supernet warm-up ({config.warmup.epochs} epochs, {len(graph.layers)} layers x {len(candidates)} candidates)")
-    train(net, data, config.warmup, seed, params=weight_params(net), desc="warm-up", progress=progress)
+    train(net, data, config.warmup, seed, params=weight_params(net), desc="warm-up", progress=progress,
+          context=context)
     warm = copy.deepcopy(net)
     timings["warmup_s"] = time.perf_counter() - started - sum(timings.values())
 
     x_val, y_val = validation_batch(data, config.shapley.val_samples, seed)
-    updater = AlphaUpdater(net, x_val, y_val, config.shapley, seed)
+    updater = AlphaUpdater(net, x_val, y_val, config.shapley, seed, context)
     log(f"SMPQ search ({config.search.epochs} epochs, {config.shapley.permutations} permutations per update)")
     train(net, data, config.search, seed + 1, params=weight_params(net), after_epoch=updater, desc="SMPQ search",
-          progress=progress)
-    table = estimate_shapley(net, x_val, y_val, config.shapley.final_permutations, config.shapley.truncation, seed)
+          progress=progress, context=context)
+    table = estimate_shapley(net, x_val, y_val, config.shapley.final_permutations, config.shapley.truncation, seed,
+                             context)
     scores = shapley_scores(table, len(graph.layers), len(candidates))
     timings["smpq_search_s"] = time.perf_counter() - started - sum(timings.values())
 
@@ -159,7 +174,7 @@ def run_search(source: ModelSource, data: Dataset, board: Board, *, budgets: Bud
     val_acc, chosen, chosen_bits = max(ranked, key=lambda r: (r[0], r[1].score))
 
     methods: list[MethodResult] = []
-    tuned, before, after = finetune(net, chosen_bits, data, config.finetune, seed, progress, "finetune SMPQ")
+    tuned, before, after = finetune(net, chosen_bits, data, config.finetune, seed, progress, "finetune SMPQ", context)
     methods.append(MethodResult("smpq", chosen_bits, cost_of(graph, chosen_bits, board, budgets).to_dict(),
                                 chosen.score, before, after))
     log(f"SMPQ: test accuracy {before:.4f} before finetune, {after:.4f} after")
@@ -170,12 +185,13 @@ def run_search(source: ModelSource, data: Dataset, board: Board, *, budgets: Bud
     for method in config.baselines:
         t0 = time.perf_counter()
         try:
-            bits, score, start = _baseline(method, warm, graph, candidates, data, config, sack, seed, progress)
+            bits, score, start = _baseline(method, warm, graph, candidates, data, config, sack, seed, progress,
+                                           context)
         except UserError as exc:  # e.g. uniform int4 over budget: recorded, not fatal
             log(f"{method}: {exc}")
             continue
         epochs = config.finetune if method == "dmpq" else long_finetune
-        _, before, after = finetune(start, bits, data, epochs, seed, progress, f"finetune {method}")
+        _, before, after = finetune(start, bits, data, epochs, seed, progress, f"finetune {method}", context)
         methods.append(MethodResult(method, bits, cost_of(graph, bits, board, budgets).to_dict(), score, before, after))
         log(f"{method}: test accuracy {before:.4f} before finetune, {after:.4f} after")
         timings[f"{method}_s"] = time.perf_counter() - t0
@@ -203,7 +219,8 @@ def run_search(source: ModelSource, data: Dataset, board: Board, *, budgets: Bud
 
 
 def _baseline(method: str, warm: QuantNet, graph: Graph, candidates: tuple[int, ...], data: Dataset,
-              config: SearchConfig, sack, seed: int, progress: bool) -> tuple[dict[str, int], float | None, QuantNet]:
+              config: SearchConfig, sack, seed: int, progress: bool,
+              context: Context) -> tuple[dict[str, int], float | None, QuantNet]:
     """A baseline's bits, its selection score and the network its finetune starts from."""
     if method.startswith("uniform"):
         bits = int(method.removeprefix("uniform"))
@@ -218,7 +235,7 @@ def _baseline(method: str, warm: QuantNet, graph: Graph, candidates: tuple[int, 
         return {op.name: bits for op in graph.layers}, None, warm
     if method == "dmpq":
         net = copy.deepcopy(warm)
-        scores, _ = dmpq_scores(net, data, config.search, sack, seed + 2, progress=progress)
+        scores, _ = dmpq_scores(net, data, config.search, sack, seed + 2, progress=progress, context=context)
         start = net
     elif method == "hawq":
         scores = hawq_scores(warm, data, seed)

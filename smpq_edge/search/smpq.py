@@ -15,6 +15,7 @@ import torch
 
 from smpq_edge.data import Dataset
 from smpq_edge.quant import QuantNet
+from smpq_edge.distributed import SINGLE_PROCESS, Context
 from smpq_edge.search.shapley import ShapleyEstimate, monte_carlo_shapley
 
 # Rows (samples x coalitions) times the largest activation, kept under this many floats per
@@ -35,20 +36,30 @@ class ShapleyConfig:
 class CoalitionValue:
     """value_fn for the Shapley estimator: accuracy of the supernet under each coalition."""
 
-    def __init__(self, net: QuantNet, x: np.ndarray, y: np.ndarray):
+    def __init__(self, net: QuantNet, x: np.ndarray, y: np.ndarray, context: Context = SINGLE_PROCESS):
         self.net = net
-        self.x = torch.from_numpy(x)
-        self.y = torch.from_numpy(y)
+        self.context = context
+        device = next(net.parameters()).device
+        self.x = torch.from_numpy(x).to(device)
+        self.y = torch.from_numpy(y).to(device)
         largest = max(op.out_elements for op in net.graph.ops)
         self.max_batch = max(1, _MAX_ELEMENTS_PER_PASS // (len(y) * largest))
 
     @torch.no_grad()
     def __call__(self, masks: np.ndarray) -> np.ndarray:
+        """Accuracy per coalition; under torchrun each rank scores its share of the coalitions."""
+        local = self.context.shard(np.arange(len(masks)))
+        return self.context.gather_values(self._accuracies(masks[local]), len(masks))
+
+    def _accuracies(self, masks: np.ndarray) -> np.ndarray:
         self.net.eval()
         c = len(masks)
-        logits = self.net(self.x.repeat(c, *([1] * (self.x.dim() - 1))), torch.from_numpy(masks))
+        if c == 0:
+            return np.zeros(0)
+        coalitions = torch.from_numpy(masks).to(self.x.device)
+        logits = self.net(self.x.repeat(c, *([1] * (self.x.dim() - 1))), coalitions)
         correct = (logits.argmax(1) == self.y.repeat(c)).reshape(c, -1)
-        return correct.double().mean(1).numpy()
+        return correct.double().mean(1).cpu().numpy()
 
     @torch.no_grad()
     def one_at_a_time(self, masks: np.ndarray) -> np.ndarray:
@@ -58,7 +69,7 @@ class CoalitionValue:
         k = len(self.net.candidates)
         for mask in masks:
             for i, layer in enumerate(self.net.mixed_layers()):
-                layer.active.copy_(torch.from_numpy(mask[i * k:(i + 1) * k]))
+                layer.active.copy_(torch.from_numpy(mask[i * k:(i + 1) * k]).to(layer.active.device))
             values.append(float((self.net(self.x).argmax(1) == self.y).double().mean()))
         self.net.set_policy(None)
         return np.array(values)
@@ -72,12 +83,12 @@ def validation_batch(data: Dataset, samples: int, seed: int) -> tuple[np.ndarray
 
 
 def estimate_shapley(net: QuantNet, x: np.ndarray, y: np.ndarray, permutations: int, truncation: float,
-                     seed: int) -> ShapleyEstimate:
-    value = CoalitionValue(net, x, y)
+                     seed: int, context: Context = SINGLE_PROCESS) -> ShapleyEstimate:
+    value = CoalitionValue(net, x, y, context)
     groups = np.repeat(np.arange(len(net.graph.layers)), len(net.candidates))
     net.set_policy(None)
     return monte_carlo_shapley(value, len(net.players()), permutations, groups=groups, truncation=truncation,
-                               seed=seed, max_batch=value.max_batch)
+                               seed=seed, max_batch=value.max_batch * context.world)
 
 
 def shapley_scores(estimate: ShapleyEstimate, n_layers: int, n_candidates: int) -> np.ndarray:
@@ -88,21 +99,22 @@ def shapley_scores(estimate: ShapleyEstimate, n_layers: int, n_candidates: int) 
 class AlphaUpdater:
     """Shapley-NAS's alpha update: standardised Shapley values, accumulated with momentum."""
 
-    def __init__(self, net: QuantNet, x: np.ndarray, y: np.ndarray, config: ShapleyConfig, seed: int):
-        self.net, self.x, self.y, self.config, self.seed = net, x, y, config, seed
+    def __init__(self, net: QuantNet, x: np.ndarray, y: np.ndarray, config: ShapleyConfig, seed: int,
+                 context: Context = SINGLE_PROCESS):
+        self.net, self.x, self.y, self.config, self.seed, self.context = net, x, y, config, seed, context
         self.accum = np.zeros((len(net.graph.layers), len(net.candidates)))
         self.history: list[dict] = []
 
     def __call__(self, epoch: int) -> dict:
         estimate = estimate_shapley(self.net, self.x, self.y, self.config.permutations, self.config.truncation,
-                                    self.seed * 1000 + epoch)
+                                    self.seed * 1000 + epoch, self.context)
         phi = shapley_scores(estimate, *self.accum.shape)
         standardised = (phi - phi.mean()) / (phi.std() + 1e-12)
         self.accum = self.config.momentum * self.accum + (1 - self.config.momentum) * standardised
         with torch.no_grad():
             for layer, delta in zip(self.net.mixed_layers(), self.accum):
-                layer.alpha.add_(torch.from_numpy(self.config.step * delta).float())
-        alphas = [layer.alpha.detach().tolist() for layer in self.net.mixed_layers()]
+                layer.alpha.add_(torch.from_numpy(self.config.step * delta).float().to(layer.alpha.device))
+        alphas = [layer.alpha.detach().cpu().tolist() for layer in self.net.mixed_layers()]
         self.history.append({"epoch": epoch, "alpha": alphas, "shapley_mean": phi.tolist(),
                              "full_value": estimate.full_value, "coalitions": estimate.n_coalitions})
         return {"supernet_acc": estimate.full_value}

@@ -13,6 +13,8 @@ from torch import nn
 from tqdm import tqdm
 
 from smpq_edge.data import Dataset
+from smpq_edge.quant import QuantNet
+from smpq_edge.distributed import SINGLE_PROCESS, Context
 
 
 @dataclass(frozen=True)
@@ -21,6 +23,7 @@ class TrainConfig:
     lr: float = 3e-3
     batch_size: int = 64
     weight_decay: float = 1e-4
+    shards: int = 1  # gradient shards per batch; ranks split them (see distributed)
 
 
 def seed_everything(seed: int) -> None:
@@ -29,31 +32,51 @@ def seed_everything(seed: int) -> None:
 
 
 def batches(x: np.ndarray, y: np.ndarray, batch_size: int, rng: np.random.Generator | None):
+    """Index arrays of mini-batches, shuffled when ``rng`` is given."""
     order = rng.permutation(len(y)) if rng is not None else np.arange(len(y))
     for start in range(0, len(y), batch_size):
-        idx = order[start:start + batch_size]
-        yield torch.from_numpy(x[idx]), torch.from_numpy(y[idx])
+        yield order[start:start + batch_size]
+
+
+def device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters()).device
 
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> float:
     model.eval()
+    device = device_of(model)
     correct = 0
-    for xb, yb in batches(x, y, batch_size, None):
-        correct += int((model(xb).argmax(1) == yb).sum())
+    for idx in batches(x, y, batch_size, None):
+        logits = model(torch.from_numpy(x[idx]).to(device))
+        correct += int((logits.argmax(1).cpu() == torch.from_numpy(y[idx])).sum())
     return correct / len(y)
+
+
+def _flat_gradient(params: list[nn.Parameter]) -> torch.Tensor:
+    return torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params])
+
+
+def _set_gradient(params: list[nn.Parameter], flat: torch.Tensor) -> None:
+    offset = 0
+    for p in params:
+        p.grad = flat[offset:offset + p.numel()].reshape(p.shape).clone()
+        offset += p.numel()
 
 
 def train(model: nn.Module, data: Dataset, config: TrainConfig, seed: int, *, desc: str = "train",
           params: list[nn.Parameter] | None = None, extra_loss: Callable[[], torch.Tensor] | None = None,
-          after_epoch: Callable[[int], dict] | None = None, progress: bool = True) -> list[dict]:
+          after_epoch: Callable[[int], dict] | None = None, progress: bool = True,
+          context: Context = SINGLE_PROCESS) -> list[dict]:
     """Adam with a cosine learning rate; returns one record per epoch.
 
     ``params`` restricts what is trained (the supernet trains weights, not alpha, here);
     ``extra_loss`` adds a term such as DMPQ's cost penalty; ``after_epoch`` runs between epochs
-    (the Shapley update of alpha) and its returned dict joins the epoch's record.
+    (the Shapley update of alpha) and its returned dict joins the epoch's record. Under
+    ``torchrun`` each rank computes its shards of every batch and gradients are summed across ranks.
     """
     rng = np.random.default_rng(seed)
+    device = device_of(model)
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     steps = config.epochs * -(-len(data.y_train) // config.batch_size)
@@ -62,17 +85,29 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig, seed: int, *, de
     bar = tqdm(range(config.epochs), desc=desc, leave=False, disable=None if progress else True, unit="epoch")
     for epoch in bar:
         model.train()
-        total, count = 0.0, 0
-        for xb, yb in batches(data.x_train, data.y_train, config.batch_size, rng):
-            loss = F.cross_entropy(model(xb), yb)
-            if extra_loss is not None:
-                loss = loss + extra_loss()
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
+        total = 0.0
+        for idx in batches(data.x_train, data.y_train, config.batch_size, rng):
+            shards = np.array_split(idx, config.shards)
+            flats = []
+            for shard in context.shard_ids(len(shards)):
+                part = shards[shard]
+                xb = torch.from_numpy(data.x_train[part]).to(device)
+                yb = torch.from_numpy(data.y_train[part]).to(device)
+                # This shard's share of the batch mean: the shards' gradients sum to the batch's.
+                loss = F.cross_entropy(model(xb), yb, reduction="sum") / len(idx)
+                if extra_loss is not None and shard == 0:
+                    loss = loss + extra_loss()
+                optimiser.zero_grad(set_to_none=True)
+                loss.backward()
+                flats.append(_flat_gradient(params))
+                total += loss.item() * len(idx)
+            _set_gradient(params, context.sum_shards(flats, len(shards)))
+            if isinstance(model, QuantNet):
+                model.commit_observations(context)
             optimiser.step()
             schedule.step()
-            total, count = total + loss.item() * len(yb), count + len(yb)
-        record = {"epoch": epoch, "loss": total / max(count, 1), "val_acc": accuracy(model, data.x_val, data.y_val)}
+        record = {"epoch": epoch, "loss": context.sum(total) / len(data.y_train),
+                  "val_acc": accuracy(model, data.x_val, data.y_val)}
         if after_epoch is not None:
             record.update(after_epoch(epoch))
         history.append(record)
