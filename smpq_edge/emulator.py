@@ -1,0 +1,141 @@
+"""The emulate stage: run a ``.tflite`` in TFLM (the host build of the on-device runtime) over a
+data split, and compare it with the torch fake-quant network it was exported from.
+
+Inputs are quantised exactly as the firmware does it (NCHW -> NHWC, round(x / scale) + zero
+point, clamped to int8). The split is cut into chunks that two worker processes run, each with its
+own TFLM interpreter (the interpreter is single-threaded and not shareable across processes).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from tqdm import tqdm
+
+from smpq_edge.errors import UserError
+from smpq_edge.export.tflite_file import TfliteModel
+from smpq_edge.tflm import TflmRunner, smallest_arena
+
+WORKERS = 2
+CHUNK = 64
+
+_runner: TflmRunner | None = None  # one per worker process
+
+
+@dataclass(frozen=True)
+class EmulationResult:
+    samples: int
+    accuracy: float  # TFLM top-1 on the split
+    torch_accuracy: float | None  # the fake-quant QuantNet's, when given
+    label_agreement: float | None  # fraction of samples where TFLM and torch pick the same class
+    mean_abs_output_delta: float | None  # mean |TFLM - torch| over dequantised logits
+    max_abs_output_delta: float | None
+    arena_bytes: int  # smallest tensor arena TFLM runs the model in
+    model_bytes: int
+    inferences_per_second: float  # host TFLM, all workers together
+    workers: int
+    input_scale: float
+    input_zero_point: int
+    output_scale: float
+    output_zero_point: int
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def quantise_input(x_nchw: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    """Float NCHW batch -> the int8 NHWC batch the firmware feeds the model."""
+    q = np.round(np.asarray(x_nchw, dtype=np.float32).transpose(0, 2, 3, 1) / np.float32(scale)) + zero_point
+    return np.clip(q, -128, 127).astype(np.int8)
+
+
+def _init_worker(model_bytes: bytes, source: str) -> None:
+    global _runner
+    _runner = TflmRunner(model_bytes, source=source)
+
+
+def _run_chunk(batch: np.ndarray) -> np.ndarray:
+    return _runner.run(batch)
+
+
+def run_tflm(model_bytes: bytes, batch: np.ndarray, *, source: str = "<model>", workers: int = WORKERS,
+             progress: bool = True) -> tuple[np.ndarray, float]:
+    """Raw int8 outputs of TFLM for an input-ready int8 ``batch``, and the wall time it took."""
+    chunks = [batch[i:i + CHUNK] for i in range(0, len(batch), CHUNK)]
+    outputs: list[np.ndarray] = []
+    bar = tqdm(total=len(batch), desc="TFLM", unit="inf", leave=False, disable=None if progress else True)
+    started = time.perf_counter()
+    if workers <= 1 or len(chunks) <= 1:
+        runner = TflmRunner(model_bytes, source=source)
+        for chunk in chunks:
+            outputs.append(runner.run(chunk))
+            bar.update(len(chunk))
+    else:
+        # fork, not spawn: spawn re-imports the caller's __main__, which breaks unguarded scripts.
+        # The children only run numpy and TFLM, never torch, so torch's threads do not matter.
+        context = multiprocessing.get_context("fork")
+        with ProcessPoolExecutor(workers, mp_context=context, initializer=_init_worker,
+                                 initargs=(model_bytes, source)) as pool:
+            for out in pool.map(_run_chunk, chunks):
+                outputs.append(out)
+                bar.update(len(out))
+    elapsed = time.perf_counter() - started
+    bar.close()
+    return np.concatenate(outputs), elapsed
+
+
+def _torch_logits(net, x: np.ndarray) -> np.ndarray:
+    import torch
+
+    net.eval()
+    with torch.no_grad():
+        return torch.cat([net(torch.from_numpy(np.ascontiguousarray(x[i:i + 1024])))
+                          for i in range(0, len(x), 1024)]).numpy()
+
+
+def emulate(tflite_bytes: bytes, x: np.ndarray, y: np.ndarray, net=None, *, source: str = "<model>",
+            workers: int = WORKERS, progress: bool = True, measure_arena: bool = True) -> EmulationResult:
+    """On-device numbers of ``tflite_bytes`` on the split (``x`` float32 NCHW, ``y`` labels).
+
+    ``net`` (a ``QuantNet`` set to the model's policy) adds the torch fake-quant comparison.
+    """
+    model = TfliteModel.from_bytes(tflite_bytes, source)  # one-line UserError on a bad file
+    (in_index,), (out_index,) = model.inputs, model.outputs
+    inp, out = model.tensor(in_index), model.tensor(out_index)
+    if inp.type != "INT8" or out.type != "INT8" or inp.quantization is None or out.quantization is None:
+        raise UserError(f"{source}: expected an int8 input and output, got {inp.type} and {out.type}")
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim != 4 or tuple(x.shape[i] for i in (2, 3, 1)) != tuple(inp.shape[1:]):
+        raise UserError(f"{source}: model input is NHWC {inp.shape}, data is NCHW {x.shape}")
+    in_scale, in_zp = inp.quantization.scales[0], inp.quantization.zero_points[0]
+    out_scale, out_zp = out.quantization.scales[0], out.quantization.zero_points[0]
+    raw, elapsed = run_tflm(tflite_bytes, quantise_input(x, in_scale, in_zp), source=source, workers=workers,
+                            progress=progress)
+    logits = (raw.reshape(len(x), -1).astype(np.float64) - out_zp) * out_scale
+    labels = logits.argmax(1)
+    y = np.asarray(y)
+    torch_acc = agreement = mean_delta = max_delta = None
+    if net is not None:
+        reference = _torch_logits(net, x).astype(np.float64)
+        torch_acc = float((reference.argmax(1) == y).mean())
+        agreement = float((reference.argmax(1) == labels).mean())
+        delta = np.abs(reference - logits)
+        mean_delta, max_delta = float(delta.mean()), float(delta.max())
+    return EmulationResult(
+        samples=len(x),
+        accuracy=float((labels == y).mean()),
+        torch_accuracy=torch_acc,
+        label_agreement=agreement,
+        mean_abs_output_delta=mean_delta,
+        max_abs_output_delta=max_delta,
+        arena_bytes=smallest_arena(tflite_bytes, source) if measure_arena else -1,
+        model_bytes=len(tflite_bytes),
+        inferences_per_second=len(x) / elapsed if elapsed > 0 else float("inf"),
+        workers=workers if len(x) > CHUNK else 1,
+        input_scale=float(in_scale), input_zero_point=int(in_zp),
+        output_scale=float(out_scale), output_zero_point=int(out_zp),
+    )

@@ -1,0 +1,339 @@
+"""The export stage: a finetuned ``QuantNet`` and its policy -> a mixed int4/int8 ``.tflite``.
+
+onnx2tf lays out the operators, tensors and options of a full-integer model; it is run once on a
+plain float copy of the network whose weights already lie on the policy's integer grid and whose
+activations are not quantised. That model is then rewritten so it carries *our* numbers exactly:
+
+- every CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED gets the ``QuantNet``'s integer weights and
+  scales (``quantize_weight``): per-channel for conv (quantized_dimension 0) and depthwise
+  (dimension 3, layout [1, H, W, C]), per tensor for fully connected; int4 layers become packed
+  INT4 tensors (type 17);
+- each bias becomes int32 at input_scale x weight_scale[c];
+- every activation tensor (graph input, op outputs) gets the ``ActQuant`` scale and zero point;
+  ops that TFLite runs with the same scale in and out (pooling, reshape) keep their input's;
+- MEAN over H and W (onnx2tf's global average pooling) becomes AVERAGE_POOL_2D with the full
+  window, which CMSIS-NN has a kernel for (MEAN has none) and which TFLM computes identically
+  for equal input and output quantisation.
+
+The same onnx2tf layout is rewritten twice: with the policy's bits and with int8 everywhere
+(the reference model). Any mismatch between the traced graph and onnx2tf's operators stops with a
+``UserError`` naming the layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from ai_edge_litert import schema_py_generated as schema
+from torch import nn
+
+from smpq_edge.errors import UserError
+from smpq_edge.export.int4 import pack_int4
+from smpq_edge.export.onnx_to_tflite import export_int8
+from smpq_edge.export.tflite_file import TfliteModel
+from smpq_edge.graph import Graph, Op
+from smpq_edge.quant import QuantNet, quantize_weight
+
+_WEIGHTED_OPS = {"CONV_2D": "conv", "DEPTHWISE_CONV_2D": "depthwise", "FULLY_CONNECTED": "fc"}
+# Operators that TFLite runs with the same input and output quantisation.
+_SAME_SCALE_OPS = {"PAD", "RESHAPE", "SQUEEZE", "EXPAND_DIMS", "TRANSPOSE", "MEAN", "AVERAGE_POOL_2D", "MAX_POOL_2D"}
+_STANDALONE = {"ADD": "add", "RELU": "relu", "RELU6": "relu"}
+_INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+
+
+@dataclass(frozen=True)
+class ExportedLayer:
+    name: str
+    kind: str
+    weight_bits: int
+    operator: int  # index of the TFLite operator
+    weight_tensor: int
+    bias_tensor: int  # -1 when the operator has none
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    tflite: bytes  # the mixed model (the policy's bits)
+    tflite_int8: bytes  # the all-int8 reference, same layout and activation scales
+    bits: dict[str, int]
+    layers: list[ExportedLayer]
+    mean_to_avgpool: int  # MEAN operators rewritten to AVERAGE_POOL_2D
+    input_scale: float
+    input_zero_point: int
+    output_scale: float
+    output_zero_point: int
+    notes: list[str] = field(default_factory=list)
+    # onnx2tf's layout, matched to the graph: lets ``variant`` rewrite it for another policy.
+    _layout: tuple = field(default=(), repr=False, compare=False)
+
+    def variant(self, net: QuantNet, bits: dict[str, int]) -> bytes:
+        """The same model under another policy (same layout and activation scales), no onnx2tf run."""
+        template, matched, acts = self._layout
+        return _rewrite(template, net, bits, matched, acts)[0]
+
+    def to_dict(self) -> dict:
+        return {
+            "bits": dict(self.bits),
+            "model_bytes": len(self.tflite),
+            "model_int8_bytes": len(self.tflite_int8),
+            "layers": [vars(layer) for layer in self.layers],
+            "mean_to_avgpool": self.mean_to_avgpool,
+            "input": {"scale": self.input_scale, "zero_point": self.input_zero_point},
+            "output": {"scale": self.output_scale, "zero_point": self.output_zero_point},
+            "notes": list(self.notes),
+        }
+
+
+class FloatGraphModule(nn.Module):
+    """The traced graph in plain float torch ops, weights on the policy's integer grid (as floats),
+    BatchNorm folded, fused ReLU kept, activations not quantised: what onnx2tf converts."""
+
+    def __init__(self, net: QuantNet, bits: dict[str, int]):
+        super().__init__()
+        self.graph = net.graph
+        self.layers = nn.ModuleDict()
+        with torch.no_grad():
+            for op in net.graph.layers:
+                layer = net.layer(op.name)
+                weight = layer.quantised_weight(bits[op.name]).detach().clone()
+                if op.kind == "fc":
+                    module = nn.Linear(weight.shape[1], weight.shape[0])
+                else:
+                    groups = weight.shape[0] if op.kind == "depthwise" else 1
+                    module = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
+                                       stride=op.stride, padding=op.padding, groups=groups)
+                module.weight.copy_(weight)
+                module.bias.copy_(layer.bias.detach())
+                self.layers[QuantNet.key(op.name)] = module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        values: dict[str, torch.Tensor] = {}
+        for op in self.graph.ops:
+            src = values[op.inputs[0]] if op.inputs else None
+            if op.kind == "input":
+                y = x
+            elif op.weighted:
+                y = self.layers[QuantNet.key(op.name)](src)
+            elif op.kind == "add":
+                y = src + values[op.inputs[1]]
+            elif op.kind == "avgpool":
+                y = F.avg_pool2d(src, op.kernel, op.stride, op.padding)
+            elif op.kind == "global_avgpool":
+                y = src.mean(dim=(2, 3), keepdim=True)
+            elif op.kind == "maxpool":
+                y = F.max_pool2d(src, op.kernel, op.stride, op.padding)
+            elif op.kind == "reshape":
+                y = torch.flatten(src, 1) if len(op.out_shape) == 1 else src.reshape(src.shape[0], *op.out_shape)
+            elif op.kind == "relu":
+                y = src
+            else:
+                raise UserError(f"op '{op.name}' ({op.kind}) cannot be exported")
+            if op.activation == "relu":
+                y = torch.relu(y)
+            elif op.activation == "relu6":
+                y = torch.clamp(y, 0.0, 6.0)
+            values[op.name] = y
+        return values[self.graph.output]
+
+
+def _tflite_layout(op: Op, torch_array: np.ndarray) -> np.ndarray:
+    """A torch weight (OIHW / C1HW / [out, in]) in TFLite's layout (OHWI / [1,H,W,C] / [out, in])."""
+    if op.kind == "conv":
+        return torch_array.transpose(0, 2, 3, 1)
+    if op.kind == "depthwise":
+        return torch_array.transpose(1, 2, 3, 0)
+    return torch_array
+
+
+def _quant_axis(op: Op) -> int:
+    return 3 if op.kind == "depthwise" else 0
+
+
+def _dequantise(data: bytes, shape: tuple[int, ...], scales: tuple[float, ...], axis: int) -> np.ndarray:
+    values = np.frombuffer(data, dtype=np.int8).reshape(shape).astype(np.float64)
+    scale = np.asarray(scales, dtype=np.float64)
+    if scale.size > 1:
+        view = [1] * len(shape)
+        view[axis] = -1
+        scale = scale.reshape(view)
+    return values * scale
+
+
+def _match_layers(model: TfliteModel, graph: Graph, reference: FloatGraphModule) -> list[tuple[Op, int, int, int]]:
+    """(graph layer, operator index, weight tensor, bias tensor) in order, checked against onnx2tf."""
+    weighted = [o for o in model.operators() if o.name in _WEIGHTED_OPS]
+    layers = graph.layers
+    if len(weighted) != len(layers):
+        raise UserError(f"onnx2tf produced {len(weighted)} conv/depthwise/fully-connected operators for "
+                        f"{len(layers)} layers ({', '.join(o.name for o in weighted)})")
+    matched = []
+    for op, tfl in zip(layers, weighted):
+        if _WEIGHTED_OPS[tfl.name] != op.kind:
+            raise UserError(f"layer '{op.name}' ({op.kind}) matched TFLite operator {tfl.index} {tfl.name}")
+        w_index = tfl.inputs[1]
+        b_index = tfl.inputs[2] if len(tfl.inputs) > 2 else -1
+        w = model.tensor(w_index)
+        if tuple(w.shape) != tuple(op.weight_shape):
+            raise UserError(f"layer '{op.name}': TFLite weight shape {w.shape}, expected {op.weight_shape}")
+        if w.type != "INT8" or w.data is None or w.quantization is None:
+            raise UserError(f"layer '{op.name}': onnx2tf weights are not constant int8 ({w.type})")
+        ours = _tflite_layout(op, reference.layers[QuantNet.key(op.name)].weight.detach().numpy().astype(np.float64))
+        theirs = _dequantise(w.data, w.shape, w.quantization.scales, w.quantization.quantized_dimension)
+        tolerance = 0.51 * max(w.quantization.scales) + 1e-7
+        error = float(np.abs(theirs - ours).max())
+        if error > tolerance:
+            raise UserError(f"layer '{op.name}': onnx2tf's weights differ from the network's by {error:.3g} "
+                            f"(more than half a quantisation step); the layer order or layout does not match")
+        matched.append((op, tfl.index, w_index, b_index))
+    return matched
+
+
+def _activation_params(model: TfliteModel, net: QuantNet) -> dict[int, tuple[float, int]]:
+    """TFLite activation tensor index -> (scale, zero point) from the network's quantisers."""
+    params: dict[int, tuple[float, int]] = {}
+
+    def of(name: str) -> tuple[float, int]:
+        p = net.activation_quantiser(name).params()
+        return float(p.scale), int(p.zero_point)
+
+    (input_index,) = model.inputs
+    params[input_index] = of("input")
+    queues = {kind: [op for op in net.graph.ops if op.kind == kind] for kind in ("add", "relu")}
+    layers = iter(net.graph.layers)
+    for tfl in model.operators():
+        out = tfl.outputs[0]
+        if tfl.name in _WEIGHTED_OPS:
+            params[out] = of(next(layers).name)
+        elif tfl.name in _STANDALONE:
+            kind = _STANDALONE[tfl.name]
+            if not queues[kind]:
+                raise UserError(f"onnx2tf output: TFLite operator {tfl.index} {tfl.name} has no counterpart in the model")
+            params[out] = of(queues[kind].pop(0).name)
+        elif tfl.name in _SAME_SCALE_OPS:
+            if tfl.inputs[0] not in params:
+                raise UserError(f"onnx2tf output: operator {tfl.index} {tfl.name} reads a tensor of unknown scale")
+            params[out] = params[tfl.inputs[0]]
+        else:
+            raise UserError(f"onnx2tf output: operator {tfl.index} {tfl.name} is not supported by the exporter")
+    return params
+
+
+def _mean_to_avgpool(model: TfliteModel) -> int:
+    """Rewrite MEAN over H and W of an NHWC tensor (same scale in and out) to AVERAGE_POOL_2D."""
+    raw = model._model  # the exporter owns this rewrite; TfliteModel exposes no opcode edit
+    graph = raw.subgraphs[0]
+    rewritten = 0
+    for info in model.operators():
+        if info.name != "MEAN":
+            continue
+        source, axes_t, out = model.tensor(info.inputs[0]), model.tensor(info.inputs[1]), model.tensor(info.outputs[0])
+        if len(source.shape) != 4 or axes_t.data is None:
+            continue
+        axes = sorted(int(a) % 4 for a in np.frombuffer(axes_t.data, dtype=np.int32))
+        if axes != [1, 2] or source.quantization != out.quantization:
+            continue
+        n, h, w, c = source.shape
+        op = graph.operators[info.index]
+        op.opcodeIndex = _opcode_index(raw, schema.BuiltinOperator.AVERAGE_POOL_2D)
+        options = schema.Pool2DOptionsT()
+        options.padding = schema.Padding.VALID
+        options.strideW, options.strideH = w, h
+        options.filterWidth, options.filterHeight = w, h
+        options.fusedActivationFunction = schema.ActivationFunctionType.NONE
+        op.builtinOptionsType = schema.BuiltinOptions.Pool2DOptions
+        op.builtinOptions = options
+        op.inputs = np.asarray([info.inputs[0]], dtype=np.int32)
+        # AVERAGE_POOL_2D writes [N, 1, 1, C]; a consumer of MEAN's [N, C] output (RESHAPE or
+        # FULLY_CONNECTED) reads the same bytes.
+        graph.tensors[info.outputs[0]].shape = np.asarray([n, 1, 1, c], dtype=np.int32)
+        rewritten += 1
+    return rewritten
+
+
+def _opcode_index(raw: schema.ModelT, builtin: int) -> int:
+    for i, code in enumerate(raw.operatorCodes):
+        if max(code.builtinCode, code.deprecatedBuiltinCode) == builtin:
+            return i
+    code = schema.OperatorCodeT()
+    code.builtinCode = builtin
+    code.deprecatedBuiltinCode = min(builtin, 127)
+    code.version = 1
+    raw.operatorCodes.append(code)
+    return len(raw.operatorCodes) - 1
+
+
+def _rewrite(template: bytes, net: QuantNet, bits: dict[str, int], matched, acts) -> tuple[bytes, int]:
+    model = TfliteModel.from_bytes(template, source="onnx2tf output")
+    for index, (scale, zero_point) in acts.items():
+        model.set_tensor_quantization(index, [scale], [zero_point])
+    for op, op_index, w_index, b_index in matched:
+        layer = net.layer(op.name)
+        b = bits[op.name]
+        q, scales = quantize_weight(layer.weight, b, layer.per_channel)
+        q = _tflite_layout(op, q.numpy().astype(np.int8))
+        scales = scales.detach().numpy().astype(np.float64)
+        axis = _quant_axis(op)
+        model.set_tensor_quantization(w_index, scales.tolist(), [0] * len(scales), axis if len(scales) > 1 else 0)
+        if b == 4:
+            model.set_tensor_type(w_index, "INT4")
+            model.set_tensor_data(w_index, pack_int4(q))
+        elif b == 8:
+            model.set_tensor_type(w_index, "INT8")
+            model.set_tensor_data(w_index, np.ascontiguousarray(q).tobytes())
+        else:
+            raise UserError(f"layer '{op.name}': {b}-bit weights cannot be exported (TFLM runs int4 and int8)")
+        tfl = model.operators()[op_index]
+        input_scale = acts[tfl.inputs[0]][0]
+        bias = layer.bias.detach().numpy().astype(np.float64)
+        bias_scales = input_scale * (scales if len(scales) > 1 else np.full(1, scales[0]))
+        per_channel_scale = bias_scales if len(scales) > 1 else np.full(len(bias), bias_scales[0])
+        q_bias = np.clip(np.round(bias / per_channel_scale), _INT32_MIN, _INT32_MAX).astype(np.int32)
+        if b_index < 0:
+            if np.any(q_bias):
+                raise UserError(f"layer '{op.name}': onnx2tf dropped a non-zero bias")
+            continue
+        model.set_tensor_type(b_index, "INT32")
+        model.set_tensor_data(b_index, q_bias.tobytes())
+        model.set_tensor_quantization(b_index, bias_scales.tolist(), [0] * len(bias_scales), 0)
+    rewritten = _mean_to_avgpool(model)
+    return model.to_bytes(), rewritten
+
+
+def export_model(net: QuantNet, bits: dict[str, int], calibration: np.ndarray) -> ExportResult:
+    """The mixed ``.tflite`` of ``net`` under ``bits`` (layer -> 4 or 8) and its int8 reference.
+
+    ``calibration`` (float32 NCHW) only lets onnx2tf finish its own int8 conversion; every scale
+    in the result comes from ``net``.
+    """
+    graph = net.graph
+    missing = [op.name for op in graph.layers if op.name not in bits]
+    unknown = sorted(set(bits) - {op.name for op in graph.layers})
+    if missing or unknown:
+        raise UserError(f"policy does not match the model: missing layers {missing}, unknown layers {unknown}")
+    bad = {name: b for name, b in bits.items() if b not in (4, 8)}
+    if bad:
+        raise UserError(f"TFLM runs int4 or int8 weights only; policy has {bad}")
+    net.eval()
+    float_module = FloatGraphModule(net, bits).eval()
+    int8 = export_int8(float_module, (1, *graph.input_shape), np.ascontiguousarray(calibration, dtype=np.float32))
+    template = TfliteModel.from_bytes(int8.tflite, source="onnx2tf output")
+    matched = _match_layers(template, graph, float_module)
+    acts = _activation_params(template, net)
+    mixed, rewritten = _rewrite(int8.tflite, net, bits, matched, acts)
+    reference, _ = _rewrite(int8.tflite, net, {op.name: 8 for op in graph.layers}, matched, acts)
+    notes = []
+    if any(o.name == "MEAN" for o in TfliteModel.from_bytes(mixed).operators()):
+        notes.append("a MEAN operator could not be rewritten to AVERAGE_POOL_2D and was kept")
+    (in_index,), (out_index,) = template.inputs, template.outputs
+    return ExportResult(
+        tflite=mixed, tflite_int8=reference, bits=dict(bits),
+        layers=[ExportedLayer(op.name, op.kind, bits[op.name], i, w, b) for op, i, w, b in matched],
+        mean_to_avgpool=rewritten,
+        input_scale=acts[in_index][0], input_zero_point=acts[in_index][1],
+        output_scale=acts[out_index][0], output_zero_point=acts[out_index][1],
+        notes=notes,
+        _layout=(int8.tflite, matched, acts),
+    )
