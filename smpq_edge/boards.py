@@ -9,10 +9,10 @@ from __future__ import annotations
 
 from enum import Enum
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, ValidationError, model_validator
 
 from smpq_edge.errors import UserError
 
@@ -24,6 +24,9 @@ MAX_RAM_KB = 16 * 1024
 MAX_CLOCK_MHZ = 2000
 
 BitWidthCandidate = Literal["w4a8", "w8a8"]
+
+# Strict: a YAML `true` or a quoted "120" is a mistake, not a number (lax pydantic read `true` as 1).
+Number = Annotated[float, Strict()]
 
 
 class Core(str, Enum):
@@ -46,31 +49,31 @@ class _Strict(BaseModel):
 class Reserve(_Strict):
     """What the firmware needs besides the model: TFLM runtime, kernels, application, stack."""
 
-    flash_kb: float = Field(ge=0, le=MAX_FLASH_KB)
-    ram_kb: float = Field(ge=0, le=MAX_RAM_KB)
+    flash_kb: Number = Field(ge=0, le=MAX_FLASH_KB)
+    ram_kb: Number = Field(ge=0, le=MAX_RAM_KB)
 
 
 class Budgets(_Strict):
     """Whole-firmware limits (model plus reserve); each must fit the board."""
 
-    flash_kb: float = Field(gt=0, le=MAX_FLASH_KB)
-    ram_kb: float = Field(gt=0, le=MAX_RAM_KB)
-    latency_ms: float = Field(gt=0, le=1e6)
+    flash_kb: Number = Field(gt=0, le=MAX_FLASH_KB)
+    ram_kb: Number = Field(gt=0, le=MAX_RAM_KB)
+    latency_ms: Number = Field(gt=0, le=1e6)
 
 
 class OpCycles(_Strict):
     """Cycles per multiply-accumulate by weight bit-width, and a fixed cost per operator call."""
 
-    w8: float = Field(gt=0, le=1000)
-    w4: float = Field(gt=0, le=1000)
-    per_op: float = Field(ge=0, le=1e7)
+    w8: Number = Field(gt=0, le=1000)
+    w4: Number = Field(gt=0, le=1000)
+    per_op: Number = Field(ge=0, le=1e7)
 
 
 class ElementwiseCycles(_Strict):
     """Cycles per output element of an op without weights, and a fixed cost per call."""
 
-    per_element: float = Field(gt=0, le=10000)
-    per_op: float = Field(ge=0, le=1e7)
+    per_element: Number = Field(gt=0, le=10000)
+    per_op: Number = Field(ge=0, le=1e7)
 
 
 class CycleModel(_Strict):
@@ -87,11 +90,11 @@ class Board(_Strict):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9._-]{0,63}$")
     description: str = Field(max_length=200)
     core: Core
-    fpu: bool
-    dsp: bool
-    clock_mhz: float = Field(gt=0, le=MAX_CLOCK_MHZ)
-    flash_kb: float = Field(gt=0, le=MAX_FLASH_KB)
-    ram_kb: float = Field(gt=0, le=MAX_RAM_KB)
+    fpu: StrictBool
+    dsp: StrictBool
+    clock_mhz: Number = Field(gt=0, le=MAX_CLOCK_MHZ)
+    flash_kb: Number = Field(gt=0, le=MAX_FLASH_KB)
+    ram_kb: Number = Field(gt=0, le=MAX_RAM_KB)
     kernels: Literal["cmsis_nn", "reference"]
     reserve: Reserve
     budgets: Budgets
@@ -137,17 +140,36 @@ class Board(_Strict):
 
 
 def _describe(error: dict) -> str:
-    where = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    where = ".".join(str(part) for part in error["loc"])
     message = error["msg"].removeprefix("Value error, ")
     if error["type"] == "extra_forbidden":
         message = "unknown field"
-    return f"{where}: {message}"
+    # The cross-field checks (budget vs board) have no location but name their fields themselves.
+    return f"{where}: {message}" if where else message
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML keeps the last of two equal keys; a repeated `flash_kb` is a mistake, so refuse it."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue  # `<<: *base` may be overridden on purpose; odd keys are refused by the base class
+            key = self.construct_scalar(key_node)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(None, None, f"field '{key}' given twice", key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep)
 
 
 def parse_board(text: str, source: str) -> Board:
     """Validate a board profile's YAML text; ``source`` names it in errors."""
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except yaml.constructor.ConstructorError as exc:
+        mark = exc.problem_mark
+        raise UserError(f"{source}: {exc.problem}" + (f" at line {mark.line + 1}" if mark else "")) from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""

@@ -135,7 +135,10 @@ def load_npz(path: Path, seed: int) -> Dataset:
     """A user's data: ``x``, ``y`` and optionally ``x_val``/``y_val`` and ``x_test``/``y_test``.
     Missing splits are cut from ``x``/``y`` with the seed (val 20 %, test 20 %)."""
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        loaded = np.load(path, allow_pickle=False)
+        if not isinstance(loaded, np.lib.npyio.NpzFile):  # np.load also reads a bare .npy array
+            raise UserError(f"{path}: a single array, not an .npz archive; save with numpy.savez(path, x=..., y=...)")
+        with loaded as npz:
             arrays = {key: npz[key] for key in npz.files}
     except FileNotFoundError:
         raise UserError(f"{path}: data file not found") from None

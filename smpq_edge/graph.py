@@ -188,11 +188,18 @@ class _Tracer:
                 has_bias=module.bias is not None, stride=_pair(module.stride), padding=padding)
         return op
 
+    def _sole_reader(self, source: str) -> bool:
+        """Whether op ``source``'s output has exactly one reader, looking through the nodes that
+        alias it (Dropout, Identity, a folded BatchNorm or fused ReLU: each reads it once itself),
+        so that folding into ``source`` cannot change what another reader sees."""
+        group = [name for name, op_name in self.alias.items() if op_name == source]
+        return sum(self.users[name] for name in group) - (len(group) - 1) == 1
+
     def _fold_batchnorm(self, node: fx.Node) -> None:
         source = self.alias[node.args[0].name]
         producer = self._last_producer(source)
         if producer.kind not in ("conv", "depthwise") or producer.bn_module or producer.activation != "none" \
-                or self.users[node.args[0].name] != 1:
+                or not self._sole_reader(source):
             raise UserError(f"layer '{node.target}': BatchNorm2d must directly follow a convolution to be folded")
         producer.bn_module = node.target
         self.alias[node.name] = source
@@ -201,7 +208,7 @@ class _Tracer:
         source = self.alias[node.args[0].name]
         producer = self._last_producer(source)
         if producer.kind in ("conv", "depthwise", "fc", "add") and producer.activation == "none" \
-                and self.users[node.args[0].name] == 1:
+                and self._sole_reader(source):
             producer.activation = kind
             self.alias[node.name] = source
         else:

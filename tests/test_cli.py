@@ -1,0 +1,131 @@
+"""The command line, called in-process (fast) except for one run that checks the real exit path."""
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from smpq_edge.boards import board_names, load_board
+from smpq_edge.cli import main
+from smpq_edge.cost import estimate, uniform
+from smpq_edge.graph import trace
+from smpq_edge.models import load_model
+from smpq_edge.policy import LayerChoice, Policy, save_policy
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def table_rows(out: str) -> list[list[str]]:
+    """Cells of the rows between a table's dashed rule and the first blank line."""
+    lines = out.splitlines()
+    start = next(i for i, line in enumerate(lines) if set(line.replace(" ", "")) == {"-"}) + 1
+    body = []
+    for line in lines[start:]:
+        if not line.strip():
+            break
+        body.append(line.split())
+    return body
+
+
+def digits_graph():
+    source = load_model("digits_cnn")
+    return trace(source.module, source.input_shape)
+
+
+def test_no_command_prints_help(capsys):
+    code, out, _ = run(capsys)
+    assert code == 0 and "boards" in out and "cost" in out
+
+
+def test_boards_lists_every_board(capsys):
+    code, out, err = run(capsys, "boards")
+    assert code == 0 and err == ""
+    rows = table_rows(out)
+    assert [row[0] for row in rows] == board_names()
+    for row in rows:
+        board = load_board(row[0])
+        assert row[1:6] == [board.core.value, f"{board.clock_mhz:g}", f"{board.flash_kb:g}", f"{board.ram_kb:g}",
+                            board.kernels]
+
+
+def test_boards_show_prints_json(capsys):
+    code, out, err = run(capsys, "boards", "show", "nucleo-l4r5zi")
+    assert code == 0 and err == ""
+    shown = json.loads(out)
+    assert shown == load_board("nucleo-l4r5zi").model_dump(mode="json")
+    assert shown["name"] == "nucleo-l4r5zi" and shown["kernels"] == "cmsis_nn"
+
+
+def test_boards_show_needs_a_name(capsys):
+    code, out, err = run(capsys, "boards", "show")
+    assert code == 2 and out == ""
+    assert err == "error: boards show: give a board name or YAML path\n"
+
+
+def test_cost_table_has_every_layer(capsys):
+    code, out, err = run(capsys, "cost", "--model", "digits_cnn", "--bits", "4")
+    assert code == 0 and err == ""
+    rows = table_rows(out)
+    graph = digits_graph()
+    report = estimate(graph, uniform(graph, 4), load_board("nucleo-l4r5zi"))
+    assert [(r[0], r[1], r[2]) for r in rows] == [(op.name, op.kind, "4") for op in graph.layers]
+    assert [[int(v) for v in r[3:]] for r in rows] == [
+        [l.params, l.macs, l.flash_bytes, l.scratch_bytes, l.cycles] for l in report.layers]
+    summary = out.split("\n\n", 1)[1]
+    assert f"model {report.model_flash_bytes} B" in summary
+    assert f"arena {report.arena_bytes} B" in summary
+    assert f"{report.cycles} cycles" in summary
+
+
+def test_cost_json(capsys):
+    code, out, err = run(capsys, "cost", "--model", "digits_cnn", "--bits", "8", "--board", "rpi-pico", "--json")
+    assert code == 0 and err == ""
+    report = json.loads(out)
+    graph = digits_graph()
+    expected = estimate(graph, uniform(graph, 8), load_board("rpi-pico"))
+    assert report["board"] == "rpi-pico"
+    assert [layer["name"] for layer in report["layers"]] == [op.name for op in graph.layers]
+    assert {layer["weight_bits"] for layer in report["layers"]} == {8}
+    assert report["model_flash_bytes"] == expected.model_flash_bytes
+    assert report["arena_bytes"] == expected.arena_bytes
+    assert report["fits"] == {"flash": True, "ram": True, "cycles": True}
+
+
+def test_cost_with_a_policy_file(tmp_path, capsys):
+    graph = digits_graph()
+    bits = [4, 8, 4, 8]
+    policy = Policy(board="nucleo-l4r5zi", model="digits_cnn", method="manual", layers=[
+        LayerChoice(name=op.name, kind=op.kind, weight_bits=b, params=op.weight_count)
+        for op, b in zip(graph.layers, bits)])
+    path = save_policy(policy, tmp_path / "policy.json")
+    code, out, _ = run(capsys, "cost", "--bits", str(path), "--json")
+    assert code == 0
+    assert [layer["weight_bits"] for layer in json.loads(out)["layers"]] == bits
+
+
+@pytest.mark.parametrize("argv,expected", [
+    (["cost", "--board", "nucleo-x"], "error: unknown board 'nucleo-x'"),
+    (["cost", "--model", "no_such_model"], "error: unknown model 'no_such_model'"),
+    (["cost", "--bits", "missing.json"], "error: missing.json: policy file not found"),
+    (["boards", "show", "nowhere.yaml"], "error: nowhere.yaml: board file not found"),
+    (["cost", "--model", "net.onnx"], "error: net.onnx: "),
+])
+def test_user_errors_are_one_line(capsys, argv, expected):
+    code, out, err = run(capsys, *argv)
+    assert code == 2 and out == ""
+    assert len(err.splitlines()) == 1 and err.startswith(expected)
+
+
+def test_subprocess_unknown_board_has_no_traceback():
+    # Through `python -m`, so the real exit code and stderr are checked, not just main()'s return.
+    result = subprocess.run([sys.executable, "-m", "smpq_edge", "cost", "--board", "nucleo-x"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    assert len(result.stderr.splitlines()) == 1
+    assert result.stderr.startswith("error: unknown board 'nucleo-x'; known boards: ")
