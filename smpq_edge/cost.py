@@ -23,23 +23,26 @@ QUANT_PARAM_BYTES = 4 + 8
 ARENA_ALIGNMENT = 16
 
 
+# Both fitted (non-negative least squares) to 12 exported models, 4 examples x 3 policies, by
+# `python bench/cost_model.py --fit`; bench/RESULTS.md has the resulting errors. The arena's are
+# for TFLM on a 64-bit host, whose pointers make its persistent structures larger than on an MCU.
 @dataclass(frozen=True)
 class FlatbufferOverhead:
     """Bytes of a .tflite beyond tensor data and quantisation parameters (tables, shapes, names)."""
 
-    fixed: int = 1200
-    per_tensor: int = 96
-    per_op: int = 48
+    fixed: int = 912
+    per_tensor: int = 113
+    per_op: int = 0
 
 
 @dataclass(frozen=True)
 class ArenaOverhead:
-    """TFLM arena bytes beyond activations and scratch: interpreter tables, per-op data."""
+    """TFLM arena bytes beyond planned activations and scratch: interpreter tables, per-op data."""
 
-    fixed: int = 600
-    per_tensor: int = 32
-    per_op: int = 64
-    per_channel: int = 8  # requantisation multiplier and shift, int32 each, per output channel
+    fixed: int = 715
+    per_tensor: int = 51
+    per_op: int = 93
+    per_channel: int = 8  # requantisation multiplier and shift, int32 each, per conv output channel
 
 
 FLATBUFFER = FlatbufferOverhead()
@@ -156,19 +159,81 @@ def _op_cycles(op: Op, bits: int, board: Board, graph: Graph) -> int:
     return int(source_elements * cost.per_element + cost.per_op)
 
 
+def needs_pad_op(op: Op, input_shape: tuple[int, ...]) -> bool:
+    """Whether a convolution's symmetric torch padding cannot be TFLite's SAME or VALID, so the
+    converter puts an explicit PAD operator in front of it (seen for stride-2 convolutions)."""
+    if op.padding == (0, 0):
+        return False
+    for n, k, s, p in zip(input_shape[1:], op.weight_shape[1:3], op.stride, op.padding):
+        out = (n + 2 * p - k) // s + 1
+        same_out = -(-n // s)
+        same_total = max((same_out - 1) * s + k - n, 0)
+        if out != same_out or p != same_total // 2:
+            return True
+    return False
+
+
+@dataclass(frozen=True)
+class TfliteTensor:
+    """An activation tensor of the exported model: its bytes and the ops (by index) using it."""
+
+    name: str
+    elements: int
+    first: int
+    last: int
+
+
+def tflite_layout(graph: Graph) -> tuple[int, int, list[TfliteTensor]]:
+    """Operator count, tensor count and activation tensors of the model as the exporter writes it:
+    a PAD before a convolution that needs one, no RESHAPE in front of a FULLY_CONNECTED (which
+    flattens its input itself), no operator for the input."""
+    producer_of: dict[str, int] = {}
+    activations: dict[str, list] = {}
+    n_ops = 0
+    n_tensors = 0
+    alias: dict[str, str] = {}
+    for op in graph.ops:
+        sources = [alias.get(s, s) for s in op.inputs]
+        if op.kind == "input":
+            activations[op.name] = [op.out_elements, 0, 0]
+            n_tensors += 1
+            continue
+        if op.kind == "reshape" and all(graph.op(c).kind == "fc" for c in graph.consumers[op.name]):
+            alias[op.name] = sources[0]
+            continue
+        if op.weighted and needs_pad_op(op, graph.op(sources[0]).out_shape):
+            padded = tuple(d + 2 * p for d, p in zip(graph.op(sources[0]).out_shape[1:], op.padding))
+            pad_name = f"{op.name}/pad"
+            activations[sources[0]][2] = n_ops
+            activations[pad_name] = [graph.op(sources[0]).out_shape[0] * math.prod(padded), n_ops, n_ops]
+            n_ops += 1
+            n_tensors += 2  # the padded activation and the paddings constant
+            sources = [pad_name]
+        for source in sources:
+            activations[source][2] = n_ops
+        activations[op.name] = [op.out_elements, n_ops, n_ops]
+        producer_of[op.name] = n_ops
+        n_ops += 1
+        n_tensors += 1 + (2 if op.weighted else 0)  # output, plus weights and bias
+    activations[alias.get(graph.output, graph.output)][2] = n_ops  # the output lives to the end
+    tensors = [TfliteTensor(name, size, first, last) for name, (size, first, last) in activations.items()]
+    return n_ops, n_tensors, tensors
+
+
 def arena_activation_peak(graph: Graph, scratch: dict[str, int]) -> int:
     """Peak of TFLM's greedy planner: buffers sorted by size, each put at the lowest offset that
     does not overlap a placed buffer alive at the same time. Lifetimes are op indices."""
-    index = {op.name: i for i, op in enumerate(graph.ops)}
-    buffers = []  # (size, first, last)
-    for i, op in enumerate(graph.ops):
-        last = max((index[c] for c in graph.consumers[op.name]), default=len(graph.ops))
-        buffers.append((op.out_elements, i, last))
-        if scratch.get(op.name):
-            buffers.append((scratch[op.name], i, i))
+    _, _, tensors = tflite_layout(graph)
+    op_index = {t.name: t.first for t in tensors}
+    buffers = [(t.elements, t.first, t.last) for t in tensors]  # (size, first, last)
+    for name, size in scratch.items():
+        if size:
+            buffers.append((size, op_index[name], op_index[name]))
     placed: list[tuple[int, int, int, int]] = []  # (offset, end, first, last)
     peak = 0
-    for size, first, last in sorted(buffers, key=lambda b: (-b[0], b[1])):
+    # Largest first; among equal sizes TFLM's sort leaves the later-added buffer first.
+    order = sorted(range(len(buffers)), key=lambda i: (-buffers[i][0], -i))
+    for size, first, last in (buffers[i] for i in order):
         size = -(-size // ARENA_ALIGNMENT) * ARENA_ALIGNMENT
         offset = 0
         for other_offset, other_end, other_first, other_last in sorted(placed):
@@ -208,13 +273,14 @@ def estimate(graph: Graph, bits: dict[str, int], board: Board, flash_budget_byte
             scratch_bytes=scratch[op.name],
             cycles=_op_cycles(op, b, board, graph),
         ))
-    n_tensors = len(graph.ops) + 2 * len(graph.layers)  # activations, plus a weight and a bias per layer
-    n_ops = len(graph.ops) - 1  # the input is a tensor, not an op
-    activation_quant_bytes = QUANT_PARAM_BYTES * len(graph.ops)
-    model_flash = (sum(layer.flash_bytes for layer in layers) + activation_quant_bytes + FLATBUFFER.fixed
-                   + FLATBUFFER.per_tensor * n_tensors + FLATBUFFER.per_op * n_ops)
+    n_ops, n_tensors, activations = tflite_layout(graph)
+    # Every activation carries one scale and zero point; a PAD's paddings are 8 int32 values.
+    pad_bytes = 32 * sum(1 for t in activations if t.name.endswith("/pad"))
+    model_flash = (sum(layer.flash_bytes for layer in layers) + QUANT_PARAM_BYTES * len(activations) + pad_bytes
+                   + FLATBUFFER.fixed + FLATBUFFER.per_tensor * n_tensors + FLATBUFFER.per_op * n_ops)
+    requantised_channels = sum(op.out_channels for op in graph.layers if op.kind != "fc")
     arena = (arena_activation_peak(graph, scratch) + ARENA.fixed + ARENA.per_tensor * n_tensors
-             + ARENA.per_op * n_ops + ARENA.per_channel * sum(op.out_channels for op in graph.layers))
+             + ARENA.per_op * n_ops + ARENA.per_channel * requantised_channels)
     cycles = sum(layer.cycles for layer in layers) + sum(
         _op_cycles(op, 8, board, graph) for op in graph.ops if not op.weighted)
     return CostReport(

@@ -9,9 +9,9 @@ input's scale. Gradients pass straight through the rounding.
 
 Each weighted layer holds its candidate weight bit-widths. Its output mixes the candidates'
 quantised weights by softmax(alpha) over the *active* candidates; by linearity of convolution,
-mixing the weights equals mixing the branch outputs. For the Shapley search, ``forward`` takes
-per-coalition masks: the batch is then C copies of the validation batch, and each copy runs with
-its own set of active candidates in one pass.
+mixing the weights equals mixing the branch outputs. For the Shapley search,
+``coalition_logits`` scores many coalitions of active candidates in one pass, computing each
+layer once per distinct prefix of choices.
 """
 
 from __future__ import annotations
@@ -34,10 +34,6 @@ def weight_qmax(bits: int) -> int:
     return 2 ** (bits - 1) - 1
 
 
-def _round_ste(x: torch.Tensor) -> torch.Tensor:
-    return x + (torch.round(x) - x).detach()
-
-
 def weight_scale(weight: torch.Tensor, bits: int, per_channel: bool) -> torch.Tensor:
     """Scale per output channel (dim 0 of a torch weight) or per tensor, from max |w|."""
     if per_channel:
@@ -48,17 +44,21 @@ def weight_scale(weight: torch.Tensor, bits: int, per_channel: bool) -> torch.Te
 
 
 def fake_quant_weight(weight: torch.Tensor, bits: int, per_channel: bool) -> torch.Tensor:
-    scale = weight_scale(weight, bits, per_channel).reshape(-1, *([1] * (weight.dim() - 1)))
+    """Weights on the symmetric integer grid (torch's fused kernel; straight-through gradient)."""
+    scale = weight_scale(weight, bits, per_channel)
     qmax = weight_qmax(bits)
-    return torch.clamp(_round_ste(weight / scale), -qmax, qmax) * scale
+    zero = torch.zeros(len(scale), dtype=torch.int32, device=weight.device)
+    if per_channel:
+        return torch.fake_quantize_per_channel_affine(weight, scale, zero, 0, -qmax, qmax)
+    return torch.fake_quantize_per_tensor_affine(weight, scale, zero, -qmax, qmax)
 
 
 def quantize_weight(weight: torch.Tensor, bits: int, per_channel: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Integer weights and their scales, exactly as ``fake_quant_weight`` rounds them."""
+    """Integer weights and their scales, read back from ``fake_quant_weight`` so the two agree."""
     scale = weight_scale(weight, bits, per_channel)
     shaped = scale.reshape(-1, *([1] * (weight.dim() - 1)))
-    qmax = weight_qmax(bits)
-    return torch.clamp(torch.round(weight.detach() / shaped), -qmax, qmax).to(torch.int8), scale
+    fake = fake_quant_weight(weight.detach(), bits, per_channel)
+    return torch.round(fake / shaped).to(torch.int8), scale
 
 
 @dataclass(frozen=True)
@@ -110,18 +110,20 @@ class ActQuant(nn.Module):
         return ActivationParams(scale, zero_point)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observing and x.numel():
+        initialised = bool(self.initialised)
+        if self.observing and x.numel() and (self.training or not initialised):
             lo, hi = float(x.detach().min()), float(x.detach().max())
-            if not bool(self.initialised):
+            if not initialised:
                 self._update(lo, hi)  # the very first batch sets the range it is quantised with
-            elif self.training:
+            else:
                 seen = self._pending or (lo, hi)
                 self._pending = (min(seen[0], lo), max(seen[1], hi))
         if not self.enabled:
             return x
         p = self.params()
-        q = torch.clamp(_round_ste(x / p.scale) + p.zero_point, INT8_MIN, INT8_MAX)
-        return (q - p.zero_point) * p.scale
+        # torch's fused kernel: round half to even, clamp, dequantise; gradient straight through
+        # inside the range and zero outside it.
+        return torch.fake_quantize_per_tensor_affine(x, p.scale, p.zero_point, INT8_MIN, INT8_MAX)
 
 
 class MixedLayer(nn.Module):
@@ -161,23 +163,8 @@ class MixedLayer(nn.Module):
         groups = self.weight.shape[0] if self.op.kind == "depthwise" else 1
         return F.conv2d(x, weight, bias, stride=self.op.stride, padding=self.op.padding, groups=groups)
 
-    def forward(self, x: torch.Tensor, coalition_active: torch.Tensor | None = None) -> torch.Tensor:
-        if coalition_active is None:
-            return self.apply(x, self.mixed_weight(self.active))
-        # coalition_active: (C, K); x holds C equal-sized chunks, one per coalition. Coalitions
-        # that share the same active subset share one convolution call.
-        chunks = coalition_active.shape[0]
-        rows_per_chunk = x.shape[0] // chunks
-        codes = (coalition_active.long() * (2 ** torch.arange(len(self.candidates), device=x.device))).sum(1)
-        out = None
-        for code in torch.unique(codes).tolist():
-            chunk_ids = torch.nonzero(codes == code).flatten()
-            rows = (chunk_ids[:, None] * rows_per_chunk + torch.arange(rows_per_chunk, device=x.device)).flatten()
-            y = self.apply(x[rows], self.mixed_weight(coalition_active[chunk_ids[0]]))
-            if out is None:
-                out = y.new_empty((x.shape[0], *y.shape[1:]))
-            out[rows] = y
-        return out
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.apply(x, self.mixed_weight(self.active))
 
 
 def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -269,32 +256,81 @@ class QuantNet(nn.Module):
         """Shapley players: (layer, candidate bits) in layer order."""
         return [(op.name, bits) for op in self.graph.layers for bits in self.candidates]
 
-    def forward(self, x: torch.Tensor, coalitions: torch.Tensor | None = None) -> torch.Tensor:
-        """``coalitions``: optional (C, players) bool masks; ``x`` then holds C copies of a batch."""
-        k = len(self.candidates)
+    def _execute(self, op: Op, inputs: list[torch.Tensor], weight: torch.Tensor | None = None) -> torch.Tensor:
+        """One op on its (already quantised) inputs, then its fused activation and output quantiser."""
+        if op.kind == "input":
+            y = inputs[0]
+        elif op.weighted:
+            layer = self.layer(op.name)
+            y = layer.apply(inputs[0], weight) if weight is not None else layer(inputs[0])
+        elif op.kind == "add":
+            y = inputs[0] + inputs[1]
+        elif op.kind == "avgpool":
+            y = F.avg_pool2d(inputs[0], op.kernel, op.stride, op.padding)
+        elif op.kind == "global_avgpool":
+            y = inputs[0].mean(dim=(2, 3), keepdim=True)
+        elif op.kind == "maxpool":
+            y = F.max_pool2d(inputs[0], op.kernel, op.stride, op.padding)
+        elif op.kind == "reshape":
+            y = inputs[0].reshape(inputs[0].shape[0], *op.out_shape)
+        elif op.kind == "relu":
+            y = inputs[0]
+        else:
+            raise AssertionError(f"op kind {op.kind} has no executor")
+        return self.activation_quantiser(op.name)(_apply_activation(y, op.activation))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         values: dict[str, torch.Tensor] = {}
         for op in self.graph.ops:
+            values[op.name] = self._execute(op, [values[s] for s in op.inputs] if op.inputs else [x])
+        return values[self.graph.output]
+
+    @torch.no_grad()
+    def coalition_logits(self, x: torch.Tensor, coalitions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits of batch ``x`` under each of C coalitions ((C, players) bool masks).
+
+        Coalitions that agree on every layer up to some op have identical activations there, so
+        each op runs once per *distinct* history, not once per coalition: a tensor is held as
+        ``blocks`` (U distinct versions of the batch) and ``index`` (coalition -> block). Removing
+        one player from a coalition changes only what follows that layer, so a permutation's
+        coalitions share most of the network. Returns (blocks (U, B, classes), index (C,)).
+        """
+        k = len(self.candidates)
+        n_codes = 2 ** k
+        bit_values = 2 ** torch.arange(k, device=x.device)
+        n, batch = coalitions.shape[0], x.shape[0]
+        values: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        for op in self.graph.ops:
             if op.kind == "input":
-                y = x
-            elif op.weighted:
+                values[op.name] = (self._execute(op, [x]).unsqueeze(0), torch.zeros(n, dtype=torch.long, device=x.device))
+                continue
+            sources = [values[s] for s in op.inputs]
+            if op.weighted:
+                blocks, index = sources[0]
                 i = self.layer_index[op.name]
-                active = None if coalitions is None else coalitions[:, i * k:(i + 1) * k]
-                y = self.layer(op.name)(values[op.inputs[0]], active)
-            elif op.kind == "add":
-                y = values[op.inputs[0]] + values[op.inputs[1]]
-            elif op.kind == "avgpool":
-                y = F.avg_pool2d(values[op.inputs[0]], op.kernel, op.stride, op.padding)
-            elif op.kind == "global_avgpool":
-                y = values[op.inputs[0]].mean(dim=(2, 3), keepdim=True)
-            elif op.kind == "maxpool":
-                y = F.max_pool2d(values[op.inputs[0]], op.kernel, op.stride, op.padding)
-            elif op.kind == "reshape":
-                y = values[op.inputs[0]].reshape(values[op.inputs[0]].shape[0], *op.out_shape)
-            elif op.kind == "relu":
-                y = values[op.inputs[0]]
-            else:
-                raise AssertionError(f"op kind {op.kind} has no executor")
-            y = _apply_activation(y, op.activation)
-            y = self.activation_quantiser(op.name)(y)
-            values[op.name] = y
+                codes = (coalitions[:, i * k:(i + 1) * k].long() * bit_values).sum(1)
+                keys, inverse = torch.unique(index * n_codes + codes, return_inverse=True)
+                out = None
+                for code in torch.unique(keys % n_codes).tolist():
+                    chosen = torch.nonzero(keys % n_codes == code).flatten()
+                    active = ((code >> torch.arange(k, device=x.device)) & 1).bool()
+                    weight = self.layer(op.name).mixed_weight(active)
+                    y = self._execute(op, [blocks[keys[chosen] // n_codes].flatten(0, 1)], weight)
+                    if out is None:
+                        out = y.new_empty((len(keys), batch, *y.shape[1:]))
+                    out[chosen] = y.view(len(chosen), batch, *y.shape[1:])
+                values[op.name] = (out, inverse)
+                continue
+            if len(sources) == 1:
+                (blocks, index), = sources
+            else:  # a join (add): one block per distinct pair of input histories
+                (blocks_a, index_a), (blocks_b, index_b) = sources
+                pairs, index = torch.unique(index_a * len(blocks_b) + index_b, return_inverse=True)
+                blocks = None
+                inputs = [blocks_a[pairs // len(blocks_b)].flatten(0, 1), blocks_b[pairs % len(blocks_b)].flatten(0, 1)]
+                y = self._execute(op, inputs)
+                values[op.name] = (y.view(len(pairs), batch, *y.shape[1:]), index)
+                continue
+            y = self._execute(op, [blocks.flatten(0, 1)])
+            values[op.name] = (y.view(len(blocks), batch, *y.shape[1:]), index)
         return values[self.graph.output]

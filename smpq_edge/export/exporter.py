@@ -299,6 +299,7 @@ def _rewrite(template: bytes, net: QuantNet, bits: dict[str, int], matched, acts
         model.set_tensor_data(b_index, q_bias.tobytes())
         model.set_tensor_quantization(b_index, bias_scales.tolist(), [0] * len(bias_scales), 0)
     rewritten = _mean_to_avgpool(model)
+    model.compact()
     return model.to_bytes(), rewritten
 
 

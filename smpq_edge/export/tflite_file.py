@@ -226,6 +226,36 @@ class TfliteModel:
         q.quantizedDimension = int(quantized_dimension)
         self._graph.tensors[index].quantization = q
 
+    def compact(self) -> None:
+        """Drop what TFLM never reads and flash would still hold: tensors no operator uses (e.g.
+        MEAN's axes after a rewrite), their buffers, converter-chosen tensor names (often 100
+        bytes each; replaced by short ones) and signature definitions (index maps to names)."""
+        graph = self._graph
+        used = set(self.inputs) | set(self.outputs)
+        for op in graph.operators or []:
+            used |= {i for i in list(op.inputs) + list(op.outputs) if i >= 0}
+        keep = sorted(used)
+        new_index = {old: new for new, old in enumerate(keep)}
+        graph.tensors = [graph.tensors[i] for i in keep]
+        for op in graph.operators or []:
+            op.inputs = [new_index[i] if i >= 0 else i for i in op.inputs]
+            op.outputs = [new_index[i] for i in op.outputs]
+        graph.inputs = [new_index[i] for i in graph.inputs]
+        graph.outputs = [new_index[i] for i in graph.outputs]
+        named = {graph.inputs[0]: "input", graph.outputs[0]: "output"} if len(graph.inputs) == len(graph.outputs) == 1 else {}
+        for i, tensor in enumerate(graph.tensors):
+            tensor.name = named.get(i, f"t{i}")
+        buffers_used = {0} | {t.buffer for t in graph.tensors} | {
+            m.buffer for m in (self._model.metadata or [])}
+        buffer_index = {old: new for new, old in enumerate(sorted(buffers_used))}
+        self._model.buffers = [self._model.buffers[i] for i in sorted(buffers_used)]
+        for tensor in graph.tensors:
+            tensor.buffer = buffer_index[tensor.buffer]
+        for entry in self._model.metadata or []:
+            entry.buffer = buffer_index[entry.buffer]
+        self._model.signatureDefs = []
+        graph.name = "main"
+
     def _buffer_is_shared(self, buffer: int, owner: int) -> bool:
         if buffer == 0:  # the schema's shared empty sentinel
             return True

@@ -53,13 +53,11 @@ class CoalitionValue:
 
     def _accuracies(self, masks: np.ndarray) -> np.ndarray:
         self.net.eval()
-        c = len(masks)
-        if c == 0:
+        if len(masks) == 0:
             return np.zeros(0)
-        coalitions = torch.from_numpy(masks).to(self.x.device)
-        logits = self.net(self.x.repeat(c, *([1] * (self.x.dim() - 1))), coalitions)
-        correct = (logits.argmax(1) == self.y.repeat(c)).reshape(c, -1)
-        return correct.double().mean(1).cpu().numpy()
+        blocks, index = self.net.coalition_logits(self.x, torch.from_numpy(masks).to(self.x.device))
+        block_accuracy = (blocks.argmax(-1) == self.y).double().mean(1)
+        return block_accuracy[index].cpu().numpy()
 
     @torch.no_grad()
     def one_at_a_time(self, masks: np.ndarray) -> np.ndarray:
