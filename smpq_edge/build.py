@@ -15,7 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from smpq_edge.boards import Board
+from smpq_edge.data import Dataset
+from smpq_edge.emulator import emulate
+from smpq_edge.export.exporter import ExportResult, export_model
 from smpq_edge.fileio import ensure_dir, read_json, write_bytes, write_json, write_text
+from smpq_edge.firmware import generate_from_tflite
+from smpq_edge.models import ModelSource
+from smpq_edge.policy import load_policy
+from smpq_edge.search.runner import load_quantnet
 from smpq_edge.versions import versions
 
 
@@ -96,3 +104,36 @@ def report_stage(out: Path) -> None:
         write_bytes(out / name, png)
     write_text(out / "report.md", report.markdown)
     write_text(out / "report.html", report.html)
+
+
+CALIBRATION_SAMPLES = 256
+FIRMWARE_VECTORS = 20
+
+
+def export_stage(out: Path, source: ModelSource, data: Dataset, board: Board,
+                 calibration: int = CALIBRATION_SAMPLES) -> ExportResult:
+    """policy.json + quantnet.pt -> model.tflite (the policy), model_int8.tflite, export.json."""
+    policy = load_policy(out / "policy.json")
+    net = load_quantnet(out, source, board, data.input_shape)
+    net.set_policy(policy.bits)
+    result = export_model(net, policy.bits, data.x_train[:calibration])
+    write_bytes(out / "model.tflite", result.tflite)
+    write_bytes(out / "model_int8.tflite", result.tflite_int8)
+    write_json(out / "export.json", result.to_dict())
+    return result
+
+
+def emulate_stage(out: Path, source: ModelSource, data: Dataset, board: Board) -> dict:
+    """model.tflite on the TFLM interpreter over the test split, against the fake-quant network."""
+    net = load_quantnet(out, source, board, data.input_shape)
+    net.set_policy(load_policy(out / "policy.json").bits)
+    result = emulate((out / "model.tflite").read_bytes(), data.x_test, data.y_test, net, source=str(out / "model.tflite"))
+    record = result.to_dict()
+    write_json(out / "emulation.json", record)
+    return record
+
+
+def firmware_stage(out: Path, data: Dataset, board: Board, seed: int) -> None:
+    generate_from_tflite(out / "model.tflite", board, out / "firmware", x=data.x_test, labels=data.y_test,
+                         vectors=FIRMWARE_VECTORS, seed=seed,
+                         origin=f"{data.name} test split (seed {seed}), first {FIRMWARE_VECTORS} samples")

@@ -206,6 +206,27 @@ def _search(parser: argparse.ArgumentParser):
     return run
 
 
+def _print_build_summary(out) -> None:
+    from smpq_edge.fileio import read_json
+
+    search = read_json(out / "search.json", "search record")
+    emulation = read_json(out / "emulation.json", "emulation record")
+    smpq = search["methods"][0]
+    cost = smpq["cost"]
+    print()
+    _print_table([
+        ["accuracy", f"float {100 * search['float_test_acc']:.2f} %", f"fake-quant {100 * smpq['test_acc']:.2f} %",
+         f"emulator {100 * emulation['accuracy']:.2f} %"],
+        ["flash", f"{cost['flash_total_bytes']:,} B", f"budget {cost['flash_budget_bytes']:,} B",
+         f"model {emulation['model_bytes']:,} B (.tflite)"],
+        ["RAM", f"{cost['ram_total_bytes']:,} B", f"budget {cost['ram_budget_bytes']:,} B",
+         f"arena {emulation['arena_bytes']:,} B (TFLM)"],
+        ["cycles", f"{cost['cycles']:,}", f"budget {cost['cycle_budget']:,}", f"{cost['latency_ms']:.2f} ms"],
+        ["bits", " ".join(str(b) for b in smpq["bits"].values()), "", ""],
+    ], ["", "predicted / measured", "budget", "TFLM emulator"])
+    print(f"\nbuild folder: {out}  (report: {out / 'report.html'}, firmware: {out / 'firmware'})")
+
+
 @command("build")
 def _build(parser: argparse.ArgumentParser):
     """Search, export, emulate, generate firmware and report, in one output folder."""
@@ -214,11 +235,12 @@ def _build(parser: argparse.ArgumentParser):
     parser.add_argument("--out", default="build", help="output folder (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="a few epochs only: a first look, not final accuracy")
     parser.add_argument("--resume", action="store_true", help="skip stages whose inputs are unchanged")
+    parser.add_argument("--no-baselines", action="store_true", help="skip the DMPQ, HAWQ and uniform baselines")
 
     def run(args: argparse.Namespace) -> int:
         from pathlib import Path
 
-        from smpq_edge.build import Stage, report_stage, run_stages
+        from smpq_edge.build import Stage, emulate_stage, export_stage, firmware_stage, report_stage, run_stages
         from smpq_edge.fileio import ensure_dir
         from smpq_edge.search.runner import SearchConfig, run_search, save_search
 
@@ -226,18 +248,25 @@ def _build(parser: argparse.ArgumentParser):
         board, data, source = load_inputs(args)
         budgets = budgets_from(args, board)
         config = SearchConfig.quick() if args.quick else SearchConfig()
+        if args.no_baselines:
+            config = replace(config, baselines=())
 
         def search(folder: Path) -> None:
             save_search(run_search(source, data, board, budgets=budgets, config=config, seed=args.seed), folder)
 
         stages = [
             Stage("search", (), ("policy.json", "search.json", "quantnet.pt"), search),
-            Stage("report", ("search.json",), ("report.md", "report.html"), report_stage),
+            Stage("export", ("policy.json", "quantnet.pt"), ("model.tflite", "model_int8.tflite", "export.json"),
+                  lambda folder: export_stage(folder, source, data, board)),
+            Stage("emulate", ("model.tflite", "quantnet.pt"), ("emulation.json",),
+                  lambda folder: emulate_stage(folder, source, data, board)),
+            Stage("firmware", ("model.tflite",), ("firmware",), lambda folder: firmware_stage(folder, data, board, args.seed)),
+            Stage("report", ("search.json", "emulation.json"), ("report.md", "report.html"), report_stage),
         ]
         arguments = {k: v for k, v in vars(args).items() if k not in ("run", "resume", "out")}
         arguments["board_profile"] = board.model_dump(mode="json")
         run_stages(stages, out, arguments, args.resume)
-        print(f"build folder: {out}  (report: {out / 'report.html'})")
+        _print_build_summary(out)
         return 0
 
     return run
@@ -253,38 +282,11 @@ def _export(parser: argparse.ArgumentParser):
     def run(args: argparse.Namespace) -> int:
         from pathlib import Path
 
-        import torch
-
-        from smpq_edge.export.exporter import export_model
-        from smpq_edge.fileio import write_bytes, write_json
-        from smpq_edge.graph import trace
-        from smpq_edge.policy import load_policy
-        from smpq_edge.quant import QuantNet
+        from smpq_edge.build import export_stage
 
         out = Path(args.out)
-        policy = load_policy(out / "policy.json")
-        weights_path = out / "quantnet.pt"
-        try:
-            checkpoint = torch.load(weights_path, map_location="cpu", weights_only=True)
-            state = checkpoint["quantnet"]
-        except FileNotFoundError:
-            raise UserError(f"{weights_path}: not found; run `search --out {out}` first") from None
-        except Exception as exc:
-            raise UserError(f"{weights_path}: not a quantnet checkpoint ({exc.__class__.__name__})") from None
         board, data, source = load_inputs(args)
-        graph = trace(source.module, data.input_shape)
-        net = QuantNet(graph, source.module, board.weight_bits)
-        try:
-            net.load_state_dict(state)
-        except RuntimeError as exc:
-            raise UserError(f"{weights_path}: does not match model {source.name} on board {board.name} "
-                            f"({str(exc).splitlines()[0]})") from None
-        bits = policy.bits
-        net.set_policy(bits)
-        result = export_model(net, bits, data.x_train[:args.calibration])
-        write_bytes(out / "model.tflite", result.tflite)
-        write_bytes(out / "model_int8.tflite", result.tflite_int8)
-        write_json(out / "export.json", result.to_dict())
+        result = export_stage(out, source, data, board, args.calibration)
         print(f"wrote {out / 'model.tflite'} ({len(result.tflite)} B), "
               f"{out / 'model_int8.tflite'} ({len(result.tflite_int8)} B)")
         for note in result.notes:

@@ -252,3 +252,21 @@ def save_search(result: SearchResult, out_dir: Path) -> None:
     buffer = io.BytesIO()
     torch.save({"quantnet": result.net.state_dict(), "bits": result.policy.bits}, buffer)
     write_bytes(out_dir / "quantnet.pt", buffer.getvalue())
+
+
+def load_quantnet(folder: Path, source: ModelSource, board: Board, input_shape: tuple[int, ...]) -> QuantNet:
+    """The finetuned network ``save_search`` wrote, rebuilt for ``source`` on ``board``."""
+    path = folder / "quantnet.pt"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)["quantnet"]
+    except FileNotFoundError:
+        raise UserError(f"{path}: not found; run `search --out {folder}` first") from None
+    except Exception as exc:  # torch raises many types for a damaged or foreign file
+        raise UserError(f"{path}: not a quantnet checkpoint ({exc.__class__.__name__})") from None
+    net = QuantNet(trace(source.module, input_shape), source.module, board.weight_bits)
+    try:
+        net.load_state_dict(state)
+    except RuntimeError as exc:
+        raise UserError(f"{path}: does not match model {source.name} on board {board.name} "
+                        f"({str(exc).splitlines()[0]})") from None
+    return net.eval()

@@ -1,0 +1,745 @@
+"""Firmware stage: a .tflite and a board profile -> C/C++ sources and build files for TFLM.
+
+The output folder holds the model as a C array, a runner with exactly the model's ops in a
+``MicroMutableOpResolver`` (the CMSIS-NN INT4/INT8 kernel variants where the board uses
+CMSIS-NN), a tensor arena sized from the TFLM host interpreter's measurement plus a stated
+margin, embedded test vectors with the host interpreter's outputs, a self-check ``main.cc``,
+the board port (start-up code and linker script where the repo has a bare-metal port) and a
+``Makefile``/``CMakeLists.txt`` that take the TFLM tree from ``TFLM_DIR``.
+
+Files come from hand-written templates in the repo's ``firmware/`` folder (``common/`` for
+every board, ``ports/<port>/`` per port), filled whole with ``FileTemplate`` (``@@name@@``
+placeholders; every placeholder must be given and every value used). Output is deterministic:
+the same spec, board and margin give byte-identical files.
+
+Use ``build_spec`` (a .tflite's bytes, optional float samples) to measure and describe a model,
+then ``generate_firmware`` (or the pure ``render_firmware``) to produce the files.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import string
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from smpq_edge.boards import Board, Core
+from smpq_edge.errors import UserError
+from smpq_edge.fileio import ensure_dir, write_json, write_text
+
+FIRMWARE_DIR = Path(__file__).resolve().parent.parent / "firmware"
+BYTES_PER_LINE = 12  # model_data.cc: hex bytes per line
+VALUES_PER_LINE = 16  # test_vectors.cc: decimal values per line
+DEFAULT_VECTORS = 20
+ARENA_ALIGNMENT = 16
+# Default arena margin: a fraction of the host measurement, at least a floor. The host
+# interpreter runs TFLM's reference kernels with 64-bit pointers; on the target, pointers are
+# 32-bit (smaller), but CMSIS-NN kernels request scratch buffers (im2col, packed weights) that
+# the reference kernels do not.
+DEFAULT_MARGIN_FRACTION = 0.25
+DEFAULT_MARGIN_MIN_BYTES = 1024
+DEFAULT_MARGIN_REASON = "default: 25 % of the measurement, at least 1024 bytes"
+
+# Builtin op -> MicroMutableOpResolver method, from tensorflow/lite/micro/micro_mutable_op_resolver.h.
+ADD_METHODS: dict[str, str] = {
+    "ABS": "AddAbs", "ADD": "AddAdd", "ADD_N": "AddAddN", "ARG_MAX": "AddArgMax",
+    "ARG_MIN": "AddArgMin", "ASSIGN_VARIABLE": "AddAssignVariable",
+    "AVERAGE_POOL_2D": "AddAveragePool2D", "BATCH_MATMUL": "AddBatchMatMul",
+    "BATCH_TO_SPACE_ND": "AddBatchToSpaceNd", "BROADCAST_ARGS": "AddBroadcastArgs",
+    "BROADCAST_TO": "AddBroadcastTo", "CALL_ONCE": "AddCallOnce", "CAST": "AddCast",
+    "CEIL": "AddCeil", "CONCATENATION": "AddConcatenation", "CONV_2D": "AddConv2D",
+    "COS": "AddCos", "CUMSUM": "AddCumSum", "DEPTH_TO_SPACE": "AddDepthToSpace",
+    "DEPTHWISE_CONV_2D": "AddDepthwiseConv2D", "DEQUANTIZE": "AddDequantize", "DIV": "AddDiv",
+    "DYNAMIC_UPDATE_SLICE": "AddDynamicUpdateSlice", "EMBEDDING_LOOKUP": "AddEmbeddingLookup",
+    "ELU": "AddElu", "EQUAL": "AddEqual", "EXP": "AddExp", "EXPAND_DIMS": "AddExpandDims",
+    "FILL": "AddFill", "FLOOR": "AddFloor", "FLOOR_DIV": "AddFloorDiv", "FLOOR_MOD": "AddFloorMod",
+    "FULLY_CONNECTED": "AddFullyConnected", "GATHER": "AddGather", "GATHER_ND": "AddGatherNd",
+    "GREATER": "AddGreater", "GREATER_EQUAL": "AddGreaterEqual", "HARD_SWISH": "AddHardSwish",
+    "IF": "AddIf", "L2_NORMALIZATION": "AddL2Normalization", "L2_POOL_2D": "AddL2Pool2D",
+    "LEAKY_RELU": "AddLeakyRelu", "LESS": "AddLess", "LESS_EQUAL": "AddLessEqual", "LOG": "AddLog",
+    "LOGICAL_AND": "AddLogicalAnd", "LOGICAL_NOT": "AddLogicalNot", "LOGICAL_OR": "AddLogicalOr",
+    "LOGISTIC": "AddLogistic", "LOG_SOFTMAX": "AddLogSoftmax", "MAXIMUM": "AddMaximum",
+    "MAX_POOL_2D": "AddMaxPool2D", "MIRROR_PAD": "AddMirrorPad", "MEAN": "AddMean",
+    "MINIMUM": "AddMinimum", "MUL": "AddMul", "NEG": "AddNeg", "NOT_EQUAL": "AddNotEqual",
+    "PACK": "AddPack", "PAD": "AddPad", "PADV2": "AddPadV2", "PRELU": "AddPrelu",
+    "QUANTIZE": "AddQuantize", "READ_VARIABLE": "AddReadVariable", "REDUCE_ALL": "AddReduceAll",
+    "REDUCE_MAX": "AddReduceMax", "REDUCE_MIN": "AddReduceMin", "RELU": "AddRelu",
+    "RELU6": "AddRelu6", "RESHAPE": "AddReshape", "RESIZE_BILINEAR": "AddResizeBilinear",
+    "RESIZE_NEAREST_NEIGHBOR": "AddResizeNearestNeighbor", "REVERSE_V2": "AddReverseV2",
+    "ROUND": "AddRound", "RSQRT": "AddRsqrt", "SELECT_V2": "AddSelectV2", "SHAPE": "AddShape",
+    "SIN": "AddSin", "SLICE": "AddSlice", "SOFTMAX": "AddSoftmax",
+    "SPACE_TO_BATCH_ND": "AddSpaceToBatchNd", "SPACE_TO_DEPTH": "AddSpaceToDepth",
+    "SPLIT": "AddSplit", "SPLIT_V": "AddSplitV", "SQUEEZE": "AddSqueeze", "SQRT": "AddSqrt",
+    "SQUARE": "AddSquare", "SQUARED_DIFFERENCE": "AddSquaredDifference",
+    "STRIDED_SLICE": "AddStridedSlice", "SUB": "AddSub", "SUM": "AddSum", "SVDF": "AddSvdf",
+    "TANH": "AddTanh", "TRANSPOSE_CONV": "AddTransposeConv", "TRANSPOSE": "AddTranspose",
+    "UNPACK": "AddUnpack", "UNIDIRECTIONAL_SEQUENCE_LSTM": "AddUnidirectionalSequenceLSTM",
+    "VAR_HANDLE": "AddVarHandle", "WHILE": "AddWhile", "ZEROS_LIKE": "AddZerosLike",
+}
+
+# Ops with weight-type-specific CMSIS-NN registrations (int8 activations): Register_<OP>_INT4()
+# and Register_<OP>_INT8(), declared in these headers (TFLM kernels/conv.h, depthwise_conv.h,
+# fully_connected.h; defined in kernels/cmsis_nn/*.cc). With reference kernels they are inline
+# aliases of the generic registration, so plain AddXxx() is used there.
+VARIANT_HEADERS: dict[str, str] = {
+    "CONV_2D": "tensorflow/lite/micro/kernels/conv.h",
+    "DEPTHWISE_CONV_2D": "tensorflow/lite/micro/kernels/depthwise_conv.h",
+    "FULLY_CONNECTED": "tensorflow/lite/micro/kernels/fully_connected.h",
+}
+VARIANT_WEIGHT_TYPES = ("INT4", "INT8")
+WEIGHT_INPUT = 1  # the filter is input 1 of CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED
+
+
+# ---- plain data in and out ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TensorQuant:
+    """A model input or output as the firmware sees it (batch 1)."""
+
+    shape: tuple[int, ...]
+    dtype: str  # "int8"
+    scale: float
+    zero_point: int
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape[1:], dtype=np.int64))
+
+
+@dataclass(frozen=True)
+class OpUse:
+    """One builtin op of the model with the tensor types its instances use."""
+
+    name: str  # builtin name, "CONV_2D"
+    count: int  # instances in the graph
+    input_types: tuple[str, ...]  # distinct types of input 0 ("INT8", "INT16")
+    weight_types: tuple[str, ...]  # distinct filter types ("INT4", "INT8"); () for ops without
+
+
+@dataclass(frozen=True, eq=False)
+class TestVectors:
+    """Self-check vectors: model-ready int8 inputs, labels (-1: none), expected int8 outputs."""
+
+    inputs: np.ndarray  # (N, *input.shape[1:]) int8
+    labels: np.ndarray  # (N,) int, -1 where unknown
+    expected: np.ndarray  # (N, *output.shape[1:]) int8, from the TFLM host interpreter
+    origin: str  # where the inputs came from, for the generated comment
+
+    def __len__(self) -> int:
+        return len(self.inputs)
+
+
+@dataclass(frozen=True, eq=False)
+class FirmwareSpec:
+    """Everything the generator needs to know about a model."""
+
+    model_bytes: bytes
+    name: str  # the model's file name, for comments
+    operators: tuple[str, ...]  # op names in execution order
+    ops: tuple[OpUse, ...]  # distinct ops, in order of first use
+    arena_bytes: int  # measured with the TFLM host interpreter
+    input: TensorQuant
+    output: TensorQuant
+    vectors: TestVectors
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One resolver line: ``resolver.<method>(<registration>())``."""
+
+    op: str
+    method: str  # "AddConv2D"
+    registration: str | None  # "Register_CONV_2D_INT4", or None for the method's default
+    header: str | None  # header declaring the registration
+    reason: str
+
+    @property
+    def call(self) -> str:
+        argument = f"tflite::{self.registration}()" if self.registration else ""
+        return f"resolver.{self.method}({argument})"
+
+
+@dataclass(frozen=True)
+class Memory:
+    origin: int
+    length: int
+
+
+@dataclass(frozen=True)
+class Port:
+    """How a board's firmware is built and run: a bare-metal image or a library for its SDK."""
+
+    name: str  # folder under firmware/ports/ with its README part (and run rules)
+    kind: Literal["baremetal", "library"]
+    flash: Memory | None = None
+    ram: Memory | None = None
+    stack_bytes: int = 8192
+    instructions_per_tick: int = 0  # QEMU with -icount shift=0: executed instructions per SysTick tick
+    pyocd_target: str | None = None
+    dwt_unlock: bool = False  # Cortex-M7: the DWT's CoreSight lock must be opened
+    use_systick: bool = True  # SysTick fallback (else the SDK may own SysTick)
+    systick_handler: str = "SysTick_Handler"
+    sdk_hint: str = ""
+    flash_hint: str = ""
+
+
+KB = 1024
+_STM32_FLASH = 0x0800_0000
+PORTS: dict[str, Port] = {
+    # QEMU mps2-an386: 4 MB code SSRAM at 0 (boot vectors), 4 MB data SSRAM at 0x20000000.
+    "qemu-mps2-an386": Port("qemu-mps2-an386", "baremetal", Memory(0, 4096 * KB),
+                            Memory(0x2000_0000, 4096 * KB), stack_bytes=16 * KB, instructions_per_tick=40),
+    # ST reference manuals: RM0432 (L4R5: SRAM1+2+3 contiguous), RM0385 (F746: DTCM+SRAM1+2),
+    # RM0433 (H743: AXI SRAM, the largest contiguous block), RM0402 (F412).
+    "nucleo-l4r5zi": Port("stm32", "baremetal", Memory(_STM32_FLASH, 2048 * KB), Memory(0x2000_0000, 640 * KB),
+                          pyocd_target="stm32l4r5zitx"),
+    "nucleo-f746zg": Port("stm32", "baremetal", Memory(_STM32_FLASH, 1024 * KB), Memory(0x2000_0000, 320 * KB),
+                          pyocd_target="stm32f746zgtx", dwt_unlock=True),
+    "nucleo-h743zi2": Port("stm32", "baremetal", Memory(_STM32_FLASH, 2048 * KB), Memory(0x2400_0000, 512 * KB),
+                           pyocd_target="stm32h743zitx", dwt_unlock=True),
+    "stm32f412": Port("stm32", "baremetal", Memory(_STM32_FLASH, 1024 * KB), Memory(0x2000_0000, 256 * KB),
+                      pyocd_target="stm32f412zgtx"),
+    "rpi-pico": Port("library", "library", systick_handler="isr_systick",
+                     sdk_hint=" (pico-sdk: add the sources to an `add_executable`, link `pico_stdlib` "
+                              "and call `stdio_init_all()` first; the SysTick vector is `isr_systick`)",
+                     flash_hint=" (`picotool load -x app.uf2`, or copy the .uf2 to the RPI-RP2 drive)"),
+    "arduino-nano-33-ble": Port("library", "library", use_systick=False,
+                                sdk_hint=" (Arduino Mbed OS core or nRF Connect SDK)",
+                                flash_hint=" (`arduino-cli upload`, or `pyocd flash -t nrf52840`)"),
+}
+GENERIC_PORT = Port("library", "library", use_systick=False)
+
+
+@dataclass(frozen=True)
+class FirmwareResult:
+    out_dir: Path
+    board: str
+    port: str
+    files: tuple[str, ...]  # written, relative to out_dir, sorted
+    registrations: tuple[Registration, ...]
+    arena_measured: int
+    arena_margin: int
+    arena_size: int
+    vectors: int
+    model_bytes: int
+
+    def to_dict(self) -> dict:
+        """JSON-ready description (without the output folder, so it is reproducible)."""
+        return {
+            "board": self.board,
+            "port": self.port,
+            "model_bytes": self.model_bytes,
+            "arena": {"measured": self.arena_measured, "margin": self.arena_margin, "size": self.arena_size},
+            "resolver": [
+                {"op": r.op, "call": r.call, "reason": r.reason} for r in self.registrations
+            ],
+            "test_vectors": self.vectors,
+            "files": list(self.files),
+        }
+
+
+# ---- templates ------------------------------------------------------------------------------
+
+
+class FileTemplate(string.Template):
+    """``@@name@@`` placeholders, so C's and make's ``$`` and make's ``$@`` pass through."""
+
+    delimiter = "@@"
+    pattern = r"""
+        @@(?:
+          (?P<escaped>@@) |
+          (?P<named>[a-z][a-z0-9_]*)@@ |
+          (?P<braced>(?!)) |
+          (?P<invalid>)
+        )
+    """
+    flags = re.VERBOSE  # placeholders are lower case
+
+
+def fill_template(relative: str, values: dict[str, object]) -> str:
+    """A template under firmware/ filled whole; each placeholder given, each value used."""
+    path = FIRMWARE_DIR / relative
+    template = FileTemplate(path.read_text(encoding="utf-8"))
+    wanted = set(template.get_identifiers())
+    given = set(values)
+    if wanted != given or not template.is_valid():
+        raise RuntimeError(
+            f"template {relative}: missing {sorted(wanted - given)}, unused {sorted(given - wanted)}"
+        )
+    return template.substitute({k: str(v) for k, v in values.items()})
+
+
+# ---- C text helpers -------------------------------------------------------------------------
+
+
+def c_identifier(text: str) -> str:
+    """A valid C identifier from any text: other characters become '_', no leading digit."""
+    ident = re.sub(r"[^A-Za-z0-9_]", "_", text)
+    if not ident or ident[0].isdigit():
+        ident = "_" + ident
+    return ident
+
+
+def c_string(text: str) -> str:
+    """Contents for a C string literal: quotes, backslashes and non-printables escaped."""
+    out = []
+    for byte in text.encode("utf-8"):
+        char = chr(byte)
+        if char in "\\\"":
+            out.append("\\" + char)
+        elif 0x20 <= byte < 0x7F and char != "?":  # '?' escaped: no trigraphs
+            out.append(char)
+        else:
+            out.append(f"\\{byte:03o}")
+    return "".join(out)
+
+
+def comment_text(text: str) -> str:
+    """Text safe inside a // comment or Markdown code span: printable ASCII on one line."""
+    return "".join(c if 0x20 <= ord(c) < 0x7F and c != "`" else "?" for c in text)
+
+
+def c_float(value: float) -> str:
+    """A float32 literal that round-trips (9 significant digits)."""
+    text = f"{float(np.float32(value)):.9g}"
+    if not any(c in text for c in ".eEn"):
+        text += ".0"
+    return text + "f"
+
+
+def c_int(value: int) -> str:
+    return f"({value})" if value < 0 else str(value)
+
+
+def hex_bytes(data: bytes, per_line: int = BYTES_PER_LINE) -> str:
+    lines = []
+    for start in range(0, len(data), per_line):
+        chunk = data[start:start + per_line]
+        lines.append("  " + " ".join(f"0x{b:02x}," for b in chunk))
+    return "\n".join(lines)
+
+
+def _int_lines(values: np.ndarray, indent: str) -> list[str]:
+    flat = [int(v) for v in np.asarray(values).reshape(-1)]
+    return [
+        indent + " ".join(f"{v:4d}," for v in flat[i:i + VALUES_PER_LINE])
+        for i in range(0, len(flat), VALUES_PER_LINE)
+    ]
+
+
+def int_rows(rows: np.ndarray) -> str:
+    """A 2-D C initialiser body: one braced row per sample, wrapped."""
+    out = []
+    for index, row in enumerate(rows):
+        out.append(f"  {{  // {index}")
+        out.extend(_int_lines(row, "    "))
+        out.append("  },")
+    return "\n".join(out)
+
+
+# ---- model -> spec --------------------------------------------------------------------------
+
+
+def quantize_input(x: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
+    """Float samples -> int8 as the emulator feeds them: round(x / scale) + zero point, clamped."""
+    q = np.round(np.asarray(x, dtype=np.float32) / np.float32(scale)) + zero_point
+    return np.clip(q, -128, 127).astype(np.int8)
+
+
+def to_model_layout(x: np.ndarray, model_shape: tuple[int, ...], source: str) -> np.ndarray:
+    """Data-set samples (N, C, H, W) into the model's layout (N, H, W, C) where that is the fit."""
+    target = tuple(model_shape[1:])
+    if x.ndim == 4 and (x.shape[2], x.shape[3], x.shape[1]) == target:
+        return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
+    if tuple(x.shape[1:]) == target:
+        return x
+    raise UserError(
+        f"{source}: data samples have shape {tuple(x.shape[1:])} (channels first); the model "
+        f"takes {target} (channels last)"
+    )
+
+
+def operator_uses(model) -> tuple[tuple[str, ...], tuple[OpUse, ...]]:
+    """Op names in execution order, and the distinct ops with the tensor types they use."""
+    order: list[str] = []
+    uses: dict[str, dict] = {}
+    for op in model.operators():
+        order.append(op.name)
+        use = uses.setdefault(op.name, {"count": 0, "inputs": [], "weights": []})
+        use["count"] += 1
+        if op.inputs and op.inputs[0] >= 0:
+            use["inputs"].append(model.tensor(op.inputs[0]).type)
+        if op.name in VARIANT_HEADERS and len(op.inputs) > WEIGHT_INPUT and op.inputs[WEIGHT_INPUT] >= 0:
+            use["weights"].append(model.tensor(op.inputs[WEIGHT_INPUT]).type)
+
+    def distinct(items: list[str]) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(items))
+
+    return tuple(order), tuple(
+        OpUse(name, u["count"], distinct(u["inputs"]), distinct(u["weights"])) for name, u in uses.items()
+    )
+
+
+def build_test_vectors(
+    model_bytes: bytes,
+    x: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+    count: int = DEFAULT_VECTORS,
+    seed: int = 0,
+    source: str = "<model>",
+    origin: str | None = None,
+) -> TestVectors:
+    """The first ``count`` samples of ``x`` (float, channels first) quantised with the model's
+    input scale and zero point, or seeded random int8 inputs without labels when ``x`` is None;
+    expected outputs from the TFLM host interpreter."""
+    from smpq_edge.tflm import TflmRunner
+
+    if count < 1:
+        raise UserError(f"test vectors: need at least 1, got {count}")
+    runner = TflmRunner(model_bytes, source=source)
+    spec = runner.input
+    if spec.dtype != np.int8 or runner.output.dtype != np.int8:
+        raise UserError(f"{source}: firmware needs int8 input and output, got {spec.dtype} and {runner.output.dtype}")
+    if x is None:
+        rng = np.random.default_rng(seed)
+        inputs = rng.integers(-128, 128, size=(count, *spec.shape[1:])).astype(np.int8)
+        label_array = np.full(count, -1, dtype=np.int16)
+        origin = origin or f"random int8 (seed {seed})"
+    else:
+        x = np.asarray(x)[:count]
+        inputs = quantize_input(to_model_layout(x, spec.shape, source), spec.scale, spec.zero_point)
+        if labels is None:
+            label_array = np.full(len(inputs), -1, dtype=np.int16)
+        else:
+            label_array = np.asarray(labels)[:count].astype(np.int16)
+            if len(label_array) != len(inputs):
+                raise UserError(f"{source}: {len(inputs)} samples but {len(label_array)} labels")
+        origin = origin or "caller's samples"
+    expected = runner.run(inputs)
+    return TestVectors(inputs=inputs, labels=label_array, expected=expected, origin=origin)
+
+
+def build_spec(
+    model_bytes: bytes,
+    vectors: TestVectors,
+    name: str = "model.tflite",
+    arena_bytes: int | None = None,
+) -> FirmwareSpec:
+    """Describe a .tflite for the generator; measures the arena when ``arena_bytes`` is None."""
+    from smpq_edge.export.tflite_file import TfliteModel
+    from smpq_edge.tflm import TflmRunner, smallest_arena
+
+    model = TfliteModel.from_bytes(model_bytes, source=name)
+    if len(model.inputs) != 1 or len(model.outputs) != 1:
+        raise UserError(f"{name}: firmware supports one input and one output, the model has "
+                        f"{len(model.inputs)} and {len(model.outputs)}")
+    operators, ops = operator_uses(model)
+    runner = TflmRunner(model_bytes, source=name)
+    io = []
+    for what, t in (("input", runner.input), ("output", runner.output)):
+        if t.dtype != np.int8:
+            raise UserError(f"{name}: firmware needs an int8 {what}, the model's is {t.dtype}")
+        io.append(TensorQuant(tuple(t.shape), "int8", float(t.scale), int(t.zero_point)))
+    measured = smallest_arena(model_bytes, name) if arena_bytes is None else int(arena_bytes)
+    spec = FirmwareSpec(
+        model_bytes=bytes(model_bytes), name=name, operators=operators, ops=ops,
+        arena_bytes=measured, input=io[0], output=io[1], vectors=vectors,
+    )
+    _check_vectors(spec)
+    return spec
+
+
+def _check_vectors(spec: FirmwareSpec) -> None:
+    v = spec.vectors
+    n = len(v)
+    if n < 1:
+        raise UserError(f"{spec.name}: the self-check needs at least one test vector")
+    shapes = {
+        "inputs": (v.inputs, (n, *spec.input.shape[1:])),
+        "expected": (v.expected, (n, *spec.output.shape[1:])),
+    }
+    for what, (array, shape) in shapes.items():
+        if array.dtype != np.int8 or tuple(array.shape) != shape:
+            raise ValueError(f"test vector {what}: expected int8 {shape}, got {array.dtype} {array.shape}")
+    if v.labels.shape != (n,) or v.labels.min() < -1 or v.labels.max() > np.iinfo(np.int16).max:
+        raise ValueError(f"test vector labels: expected ({n},) in -1..32767, got {v.labels.shape}")
+
+
+# ---- spec -> files --------------------------------------------------------------------------
+
+
+def registrations(ops: tuple[OpUse, ...], kernels: str) -> tuple[Registration, ...]:
+    """The resolver line for each op: a weight-type variant where CMSIS-NN has one."""
+    out = []
+    for use in ops:
+        method = ADD_METHODS.get(use.name)
+        if method is None:
+            raise UserError(
+                f"model op {use.name}: TFLM's MicroMutableOpResolver has no AddXxx() for it"
+                + (" (custom ops need hand-written registration)" if use.name.startswith("CUSTOM") else "")
+            )
+        registration = header = None
+        if use.name not in VARIANT_HEADERS:
+            reason = "no weight-type variants for this op"
+        elif kernels != "cmsis_nn":
+            reason = "reference kernels: the variants alias the generic kernel"
+        elif use.input_types != ("INT8",):
+            reason = f"generic: activations {'/'.join(use.input_types)}, variants are for int8"
+        elif len(use.weight_types) != 1:
+            reason = f"generic: instances mix {'/'.join(use.weight_types)} weights, one variant cannot run both"
+        elif use.weight_types[0] not in VARIANT_WEIGHT_TYPES:
+            reason = f"generic: {use.weight_types[0]} weights have no variant"
+        else:
+            weights = use.weight_types[0]
+            registration = f"Register_{use.name}_{weights}"
+            header = VARIANT_HEADERS[use.name]
+            reason = f"CMSIS-NN int8 activations, {weights} weights"
+        out.append(Registration(use.name, method, registration, header, reason))
+    return tuple(out)
+
+
+def default_arena_margin(measured: int) -> int:
+    """25 % of the measured arena, at least 1024 bytes, topped up so the sum is 16-aligned."""
+    margin = max(DEFAULT_MARGIN_MIN_BYTES, math.ceil(measured * DEFAULT_MARGIN_FRACTION))
+    return _align(measured + margin) - measured
+
+
+def _align(size: int) -> int:
+    return -(-size // ARENA_ALIGNMENT) * ARENA_ALIGNMENT
+
+
+def port_for(board: Board) -> Port:
+    return PORTS.get(board.name, GENERIC_PORT)
+
+
+def cpu_flags(board: Board) -> list[str]:
+    """GCC flags for the board's core: -mcpu (with +nofp/+nodsp), -mthumb, FPU and float ABI."""
+    core = board.core.value
+    if board.core == Core.cortex_m0plus or board.core == Core.cortex_m3:
+        return [f"-mcpu={core}", "-mthumb", "-mfloat-abi=soft"]
+    suffix = ""
+    if board.core in (Core.cortex_m33, Core.cortex_m55) and not board.dsp:
+        suffix += "+nodsp"
+    if not board.fpu:
+        return [f"-mcpu={core}{suffix}+nofp", "-mthumb", "-mfloat-abi=soft"]
+    fpu = {
+        Core.cortex_m4: "fpv4-sp-d16",
+        Core.cortex_m7: "fpv5-sp-d16",  # single precision: runs on the -sp and the -d16 FPUs
+        Core.cortex_m33: "fpv5-sp-d16",
+        Core.cortex_m55: "auto",
+    }[board.core]
+    return [f"-mcpu={core}{suffix}", "-mthumb", f"-mfpu={fpu}", "-mfloat-abi=hard"]
+
+
+def _defines(board: Board, port: Port) -> list[str]:
+    defines = [
+        f"SMPQ_HAS_DWT={int(board.has_dwt)}",
+        f"SMPQ_USE_SYSTICK={int(port.use_systick or not board.has_dwt)}",
+        f"SMPQ_DWT_UNLOCK={int(port.dwt_unlock)}",
+    ]
+    if port.systick_handler != "SysTick_Handler":
+        defines.append(f"SMPQ_SYSTICK_HANDLER={c_identifier(port.systick_handler)}")
+    return defines
+
+
+def _shape_text(shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(d) for d in shape) + "]"
+
+
+def render_firmware(
+    spec: FirmwareSpec, board: Board, margin: int | None = None
+) -> tuple[dict[str, str], FirmwareResult]:
+    """All generated files as {name: text}, and the result (with out_dir left as '.')."""
+    _check_vectors(spec)
+    port = port_for(board)
+    regs = registrations(spec.ops, board.kernels)
+    if margin is None:
+        margin_bytes, margin_reason = default_arena_margin(spec.arena_bytes), DEFAULT_MARGIN_REASON
+    else:
+        if margin < 0:
+            raise UserError(f"arena margin must be >= 0 bytes, got {margin}")
+        margin_bytes, margin_reason = int(margin), "set by the caller"
+    arena_size = _align(spec.arena_bytes + margin_bytes)
+    margin_bytes = arena_size - spec.arena_bytes  # rounding up to the alignment adds to the margin
+    app_name = c_identifier(f"smpq_{board.name}")
+    name = comment_text(spec.name)
+    board_text = comment_text(board.name)
+    common = {"model_name_comment": name, "board": board_text}
+
+    files: dict[str, str] = {}
+    files["model_data.h"] = fill_template("common/model_data.h.in", {**common, "model_len": len(spec.model_bytes)})
+    files["model_data.cc"] = fill_template(
+        "common/model_data.cc.in", {**common, "model_bytes": hex_bytes(spec.model_bytes)}
+    )
+    v = spec.vectors
+    files["test_vectors.h"] = fill_template("common/test_vectors.h.in", {
+        **common, "vector_source_comment": comment_text(v.origin), "count": len(v),
+        "input_size": spec.input.size, "output_size": spec.output.size,
+    })
+    files["test_vectors.cc"] = fill_template("common/test_vectors.cc.in", {
+        **common,
+        "inputs": int_rows(v.inputs.reshape(len(v), -1)),
+        "labels": "\n".join(_int_lines(v.labels, "  ")),
+        "expected": int_rows(v.expected.reshape(len(v), -1)),
+    })
+    arena = {
+        "arena_measured": spec.arena_bytes, "arena_margin": margin_bytes,
+        "arena_margin_reason": margin_reason, "arena_size": arena_size,
+    }
+    files["model_runner.h"] = fill_template("common/model_runner.h.in", {
+        **common, **arena,
+        "input_shape": _shape_text(spec.input.shape), "input_size": spec.input.size,
+        "input_scale": c_float(spec.input.scale), "input_zero_point": c_int(spec.input.zero_point),
+        "output_shape": _shape_text(spec.output.shape), "output_size": spec.output.size,
+        "output_scale": c_float(spec.output.scale), "output_zero_point": c_int(spec.output.zero_point),
+        "operator_count": len(spec.operators), "op_count": len(regs),
+    })
+    headers = sorted({r.header for r in regs if r.header})
+    files["model_runner.cc"] = fill_template("common/model_runner.cc.in", {
+        **common, **arena, "kernels": board.kernels,
+        "kernel_includes": "".join(f'#include "{h}"\n' for h in headers),
+        "op_list": ", ".join(r.op for r in regs), "op_count": len(regs),
+        "registrations": "\n".join(
+            f"  // {r.op}: {r.reason}\n  if ({r.call} != kTfLiteOk) return kTfLiteError;" for r in regs
+        ),
+    })
+    files["main.cc"] = fill_template("common/main.cc.in", {
+        **common, "board_c_string": c_string(board.name), "instructions_per_tick": port.instructions_per_tick,
+    })
+    for static in ("smpq_timer.h", "smpq_timer.c", "smpq_micro_time.cc"):
+        files[static] = (FIRMWARE_DIR / "common" / static).read_text(encoding="utf-8")
+
+    port_rows = ""
+    if port.kind == "baremetal":
+        files["startup_cortex_m.c"] = (FIRMWARE_DIR / "ports/baremetal/startup_cortex_m.c").read_text(encoding="utf-8")
+        files["linker.ld"] = fill_template("ports/baremetal/linker.ld.in", {
+            "board": board_text,
+            "memory_comment": f"flash {port.flash.length // KB} KB at 0x{port.flash.origin:08x}, "
+                              f"RAM {port.ram.length // KB} KB at 0x{port.ram.origin:08x}",
+            "flash_origin": f"0x{port.flash.origin:08x}", "flash_length": f"{port.flash.length // KB}K",
+            "ram_origin": f"0x{port.ram.origin:08x}", "ram_length": f"{port.ram.length // KB}K",
+            "stack_size": f"0x{port.stack_bytes:x}",
+        })
+        port_rows = "| `startup_cortex_m.c`, `linker.ld` | bare-metal start-up (vector table, FPU, .data/.bss) and memory map |\n"
+
+    cxx_srcs = ["main.cc", "model_data.cc", "model_runner.cc", "smpq_micro_time.cc", "test_vectors.cc"]
+    c_srcs = ["smpq_timer.c"] + (["startup_cortex_m.c"] if port.kind == "baremetal" else [])
+    flags = cpu_flags(board)
+    defines = _defines(board, port)
+    build_values = {
+        "board": board_text, "core": board.core.value, "kernels": board.kernels,
+        "fpu": "yes" if board.fpu else "no", "dsp": "yes" if board.dsp else "no",
+        "cpu_flags": " ".join(flags), "clock_hz": int(round(board.clock_mhz * 1e6)), "app_name": app_name,
+    }
+    files["Makefile"] = fill_template("common/Makefile.in", {
+        **build_values,
+        "defines": " \\\n  ".join(f"-D{d}" for d in defines),
+        "app_cxx_srcs": " ".join(cxx_srcs), "app_c_srcs": " ".join(c_srcs),
+        "default_target": "$(BUILD_DIR)/$(APP).elf" if port.kind == "baremetal"
+        else "$(BUILD_DIR)/libsmpq_model.a $(BUILD_DIR)/libtflm.a",
+        "link_rules": _link_rules(port),
+    })
+    files["CMakeLists.txt"] = fill_template("common/CMakeLists.txt.in", {
+        **{k: build_values[k] for k in ("board", "core", "kernels", "fpu", "dsp", "clock_hz", "app_name")},
+        "cpu_flags": " ".join(flags),
+        "cmake_defines": "\n  ".join(defines),
+        "cmake_app_srcs": " ".join(cxx_srcs + c_srcs),
+        "cmake_link_rules": fill_template(f"ports/{port.kind}/link.cmake.in", {}),
+    })
+    cmsis = board.kernels == "cmsis_nn"
+    files["README.md"] = fill_template("common/README.md.in", {
+        **{k: build_values[k] for k in ("board", "core", "kernels", "cpu_flags")},
+        "board_description": comment_text(board.description), "model_name": name,
+        "model_len": len(spec.model_bytes), "op_count": len(regs), "vector_count": len(v),
+        "port_files_rows": port_rows,
+        "registration_list": "\n".join(f"- `{r.call}`: {r.reason}" for r in regs),
+        **arena,
+        "input_shape": _shape_text(spec.input.shape), "input_scale_text": f"{spec.input.scale:.9g}",
+        "input_zero_point": spec.input.zero_point,
+        "output_shape": _shape_text(spec.output.shape), "output_scale_text": f"{spec.output.scale:.9g}",
+        "output_zero_point": spec.output.zero_point,
+        "cmsis_needs": ", CMSIS and CMSIS-NN" if cmsis else "",
+        "cmsis_make_vars": " CMSIS_DIR=... CMSIS_NN_DIR=..." if cmsis else "",
+        "run_section": _run_section(board, port, app_name),
+    }).rstrip("\n") + "\n"
+
+    result = FirmwareResult(
+        out_dir=Path("."), board=board.name, port=port.name,
+        files=tuple(sorted([*files, "firmware.json"])), registrations=regs,
+        arena_measured=spec.arena_bytes, arena_margin=margin_bytes, arena_size=arena_size,
+        vectors=len(v), model_bytes=len(spec.model_bytes),
+    )
+    return files, result
+
+
+def _link_rules(port: Port) -> str:
+    if port.kind == "library":
+        return fill_template("ports/library/link.mk.in", {})
+    run_rules = ""
+    if (FIRMWARE_DIR / f"ports/{port.name}/run.mk.in").exists():
+        values = {"pyocd_target": port.pyocd_target} if port.pyocd_target else {}
+        run_rules = "\n" + fill_template(f"ports/{port.name}/run.mk.in", values)
+    return fill_template("ports/baremetal/link.mk.in", {"run_rules": run_rules})
+
+
+def _run_section(board: Board, port: Port, app_name: str) -> str:
+    relative = f"ports/{port.name}/README.run.md.in"
+    if port.name == "qemu-mps2-an386":
+        return fill_template(relative, {"app_name": app_name})
+    if port.name == "stm32":
+        return fill_template(relative, {
+            "app_name": app_name, "board_description": comment_text(board.description),
+            "flash_origin": f"0x{port.flash.origin:08x}", "ram_origin": f"0x{port.ram.origin:08x}",
+            "ram_length_kb": port.ram.length // KB, "pyocd_target": port.pyocd_target,
+        })
+    timer_hint = (
+        "Cycles come from DWT CYCCNT." if board.has_dwt and not port.use_systick
+        else f"Cycles come from SysTick: `{port.systick_handler}` (in smpq_timer.c) must be the SDK's "
+             "SysTick vector, and nothing else may use SysTick."
+    )
+    return fill_template(relative, {
+        "board": comment_text(board.name), "core": board.core.value,
+        "cmsis_lib": " and CMSIS-NN" if board.kernels == "cmsis_nn" else "",
+        "sdk_hint": port.sdk_hint, "timer_hint": timer_hint, "flash_hint": port.flash_hint,
+    })
+
+
+def generate_firmware(
+    spec: FirmwareSpec, board: Board, out_dir: str | Path, margin: int | None = None
+) -> FirmwareResult:
+    """Write the firmware sources for ``spec`` on ``board`` into ``out_dir`` (atomically, file by
+    file) plus ``firmware.json``; returns what was written."""
+    out = ensure_dir(Path(out_dir))
+    files, result = render_firmware(spec, board, margin)
+    for name, text in files.items():
+        write_text(out / name, text)
+    write_json(out / "firmware.json", result.to_dict())
+    return replace(result, out_dir=out)
+
+
+def generate_from_tflite(
+    model_path: str | Path,
+    board: Board,
+    out_dir: str | Path,
+    x: np.ndarray | None = None,
+    labels: np.ndarray | None = None,
+    vectors: int = DEFAULT_VECTORS,
+    seed: int = 0,
+    margin: int | None = None,
+    origin: str | None = None,
+) -> FirmwareResult:
+    """A .tflite file -> firmware folder: test vectors from ``x``/``labels`` (float, channels
+    first; seeded random int8 inputs when None), arena measured, files written."""
+    path = Path(model_path)
+    try:
+        model_bytes = path.read_bytes()
+    except OSError as exc:
+        raise UserError(f"{path}: cannot read TFLite file ({exc.strerror or exc.__class__.__name__})") from None
+    test_vectors = build_test_vectors(model_bytes, x, labels, count=vectors, seed=seed, source=str(path), origin=origin)
+    spec = build_spec(model_bytes, test_vectors, name=path.name)
+    return generate_firmware(spec, board, out_dir, margin=margin)
