@@ -70,6 +70,8 @@ def run_stages(stages: list[Stage], out: Path, arguments: dict, resume: bool,
                log: Callable[[str], None] = print) -> dict:
     """Run the stages in order; with ``resume``, skip those whose inputs and outputs are unchanged."""
     ensure_dir(out)
+    for stale in out.rglob(".*.tmp"):  # left by a write that a kill cut short (see fileio)
+        stale.unlink()
     record_path = out / "build.json"
     previous = read_json(record_path, "build record").get("stages", {}) if resume and record_path.exists() else {}
     build = BuildLog(arguments)

@@ -50,7 +50,7 @@ def _shapley_plot(search: dict) -> bytes:
 
 def _bits_plot(methods: list[dict]) -> bytes:
     layers = list(methods[0]["bits"])
-    figure, axis = plt.subplots(figsize=(max(6, 0.5 * len(layers)), 0.6 + 0.45 * len(methods)))
+    figure, axis = plt.subplots(figsize=(max(6, 0.5 * len(layers)), 1.8 + 0.45 * len(methods)))
     grid = np.array([[m["bits"][name] for name in layers] for m in methods])
     axis.imshow(grid, cmap="coolwarm", vmin=4, vmax=8, aspect="auto")
     for (row, col), value in np.ndenumerate(grid):
