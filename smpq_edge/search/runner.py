@@ -156,7 +156,7 @@ def run_search(source: ModelSource, data: Dataset, board: Board, *, budgets: Bud
     train(net, data, config.search, seed + 1, params=weight_params(net), after_epoch=updater, desc="SMPQ search",
           progress=progress, context=context)
     table = estimate_shapley(net, x_val, y_val, config.shapley.final_permutations, config.shapley.truncation, seed,
-                             context)
+                             context, config.shapley.value)
     scores = shapley_scores(table, len(graph.layers), len(candidates))
     timings["smpq_search_s"] = time.perf_counter() - started - sum(timings.values())
 

@@ -29,16 +29,31 @@ class ShapleyConfig:
     final_permutations: int = 96  # for the table the selection uses
     val_samples: int = 512
     truncation: float = 0.5
+    # "top1": accuracy, as the paper; "soft": mean softmax probability of the true class, the
+    # same quantity made continuous, so small changes of a coalition are not lost in rounding.
+    value: str = "top1"
     momentum: float = 0.8  # accum = momentum * accum + (1 - momentum) * phi
     step: float = 0.1  # alpha += step * accum
 
 
-class CoalitionValue:
-    """value_fn for the Shapley estimator: accuracy of the supernet under each coalition."""
+def score(logits: torch.Tensor, y: torch.Tensor, value: str) -> torch.Tensor:
+    """Mean over the last-but-one axis: top-1 accuracy or true-class softmax probability."""
+    if value == "top1":
+        return (logits.argmax(-1) == y).double().mean(-1)
+    if value == "soft":
+        probabilities = torch.softmax(logits.double(), dim=-1)
+        return probabilities.gather(-1, y.expand(*logits.shape[:-1]).unsqueeze(-1)).squeeze(-1).mean(-1)
+    raise ValueError(f"unknown coalition value {value!r}")
 
-    def __init__(self, net: QuantNet, x: np.ndarray, y: np.ndarray, context: Context = SINGLE_PROCESS):
+
+class CoalitionValue:
+    """value_fn for the Shapley estimator: the supernet's score under each coalition."""
+
+    def __init__(self, net: QuantNet, x: np.ndarray, y: np.ndarray, context: Context = SINGLE_PROCESS,
+                 value: str = "top1"):
         self.net = net
         self.context = context
+        self.value = value
         device = next(net.parameters()).device
         self.x = torch.from_numpy(x).to(device)
         self.y = torch.from_numpy(y).to(device)
@@ -56,8 +71,7 @@ class CoalitionValue:
         if len(masks) == 0:
             return np.zeros(0)
         blocks, index = self.net.coalition_logits(self.x, torch.from_numpy(masks).to(self.x.device))
-        block_accuracy = (blocks.argmax(-1) == self.y).double().mean(1)
-        return block_accuracy[index].cpu().numpy()
+        return score(blocks, self.y, self.value)[index].cpu().numpy()
 
     @torch.no_grad()
     def one_at_a_time(self, masks: np.ndarray) -> np.ndarray:
@@ -68,7 +82,7 @@ class CoalitionValue:
         for mask in masks:
             for i, layer in enumerate(self.net.mixed_layers()):
                 layer.active.copy_(torch.from_numpy(mask[i * k:(i + 1) * k]).to(layer.active.device))
-            values.append(float((self.net(self.x).argmax(1) == self.y).double().mean()))
+            values.append(float(score(self.net(self.x), self.y, self.value)))
         self.net.set_policy(None)
         return np.array(values)
 
@@ -81,8 +95,8 @@ def validation_batch(data: Dataset, samples: int, seed: int) -> tuple[np.ndarray
 
 
 def estimate_shapley(net: QuantNet, x: np.ndarray, y: np.ndarray, permutations: int, truncation: float,
-                     seed: int, context: Context = SINGLE_PROCESS) -> ShapleyEstimate:
-    value = CoalitionValue(net, x, y, context)
+                     seed: int, context: Context = SINGLE_PROCESS, value: str = "top1") -> ShapleyEstimate:
+    value = CoalitionValue(net, x, y, context, value)
     groups = np.repeat(np.arange(len(net.graph.layers)), len(net.candidates))
     net.set_policy(None)
     return monte_carlo_shapley(value, len(net.players()), permutations, groups=groups, truncation=truncation,
@@ -105,7 +119,7 @@ class AlphaUpdater:
 
     def __call__(self, epoch: int) -> dict:
         estimate = estimate_shapley(self.net, self.x, self.y, self.config.permutations, self.config.truncation,
-                                    self.seed * 1000 + epoch, self.context)
+                                    self.seed * 1000 + epoch, self.context, self.config.value)
         phi = shapley_scores(estimate, *self.accum.shape)
         standardised = (phi - phi.mean()) / (phi.std() + 1e-12)
         self.accum = self.config.momentum * self.accum + (1 - self.config.momentum) * standardised

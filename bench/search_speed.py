@@ -1,0 +1,215 @@
+"""Search speed: batched vs one-at-a-time Shapley coalition evaluation, and a full run_search's wall time.
+
+Part (a): on a quickly trained supernet (a couple of float epochs, one warm-up epoch), the same
+``monte_carlo_shapley`` call (same permutations, same seed, same groups and truncation as the
+search) is run twice: ``batched=True`` with ``CoalitionValue.__call__`` (C coalitions in one
+forward pass, ``max_batch=value.max_batch``), and ``batched=False`` with
+``CoalitionValue.one_at_a_time`` (one ordinary forward per coalition, sequential walk). Reports
+coalitions per second for both, the speed ratio, and whether the estimates are identical.
+
+Part (b): wall time of a full ``run_search`` of resnet8 on synthetic-cifar with the default
+``SearchConfig`` minus baselines (``--full-config quick`` uses ``SearchConfig.quick()`` instead,
+reported as such).
+
+    python bench/search_speed.py                      # (a) and (b)
+    python bench/search_speed.py --skip-full          # (a) only
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from smpq_edge.boards import load_board  # noqa: E402
+from smpq_edge.data import load_dataset  # noqa: E402
+from smpq_edge.graph import trace  # noqa: E402
+from smpq_edge.models import load_model  # noqa: E402
+from smpq_edge.quant import QuantNet  # noqa: E402
+from smpq_edge.search.runner import SearchConfig, _calibrate, run_search, weight_params  # noqa: E402
+from smpq_edge.search.shapley import monte_carlo_shapley  # noqa: E402
+from smpq_edge.search.smpq import CoalitionValue, ShapleyConfig, validation_batch  # noqa: E402
+from smpq_edge.search.train import TrainConfig, seed_everything, train  # noqa: E402
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "RESULTS.md"
+SECTION = "## Search speed (bench/search_speed.py)"
+
+CASES = [  # (model, data, permutations)
+    ("digits_cnn", "digits", 24),
+    ("mnist1d_dscnn", "mnist1d", 24),
+    ("resnet8", "synthetic-cifar", 4),
+]
+
+
+def quick_supernet(model: str, data_name: str, seed: int, float_epochs: int, warmup_epochs: int):
+    seed_everything(seed)
+    data = load_dataset(data_name, seed)
+    source = load_model(model, num_classes=data.num_classes)
+    graph = trace(source.module, data.input_shape)
+    train(source.module, data, TrainConfig(epochs=float_epochs, lr=1e-2), seed, progress=False)
+    source.module.eval()
+    net = QuantNet(graph, source.module, load_board("nucleo-l4r5zi").weight_bits)
+    _calibrate(net, data, seed)
+    train(net, data, TrainConfig(epochs=warmup_epochs, lr=2e-3), seed, params=weight_params(net), progress=False)
+    return net, data
+
+
+def timed_shapley(net: QuantNet, value: CoalitionValue, permutations: int, truncation: float, seed: int,
+                  batched: bool, max_batch: int | None = None):
+    groups = np.repeat(np.arange(len(net.graph.layers)), len(net.candidates))
+    net.set_policy(None)
+    fn = value if batched else value.one_at_a_time
+    t0 = time.perf_counter()
+    est = monte_carlo_shapley(fn, len(net.players()), permutations, groups=groups, truncation=truncation, seed=seed,
+                              max_batch=max_batch or value.max_batch, batched=batched)
+    return est, time.perf_counter() - t0
+
+
+def speed_case(model: str, data_name: str, permutations: int, seed: int, args) -> dict:
+    t0 = time.perf_counter()
+    net, data = quick_supernet(model, data_name, seed, args.float_epochs, args.warmup_epochs)
+    prep = time.perf_counter() - t0
+    shapley = ShapleyConfig()
+    x, y = validation_batch(data, shapley.val_samples, seed)
+    value = CoalitionValue(net, x, y)
+    batched, t_b = timed_shapley(net, value, permutations, shapley.truncation, seed, batched=True)
+    single, t_s = timed_shapley(net, value, permutations, shapley.truncation, seed, batched=False)
+    sweep = {}
+    for mb in args.max_batch_sweep:  # smaller passes: is the default per-pass size the right one?
+        est, t = timed_shapley(net, value, permutations, shapley.truncation, seed, batched=True, max_batch=mb)
+        sweep[mb] = {"seconds": t, "coalitions_per_s": est.n_coalitions / t,
+                     "identical": bool(np.array_equal(est.mean, batched.mean, equal_nan=True))}
+    both = ~np.isnan(batched.mean) | ~np.isnan(single.mean)
+    same_nan = np.array_equal(np.isnan(batched.mean), np.isnan(single.mean))
+    diff = float(np.nanmax(np.abs(batched.mean - single.mean))) if both.any() else 0.0
+    identical = bool(same_nan and np.array_equal(batched.mean[both], single.mean[both])
+                     and np.array_equal(batched.count, single.count))
+    row = {
+        "model": model, "data": data_name, "layers": len(net.graph.layers), "players": len(net.players()),
+        "val_samples": len(y), "permutations": permutations, "max_batch": value.max_batch,
+        "full_value": batched.full_value,
+        "batched": {"coalitions": batched.n_coalitions, "calls": batched.n_calls, "seconds": t_b,
+                    "coalitions_per_s": batched.n_coalitions / t_b},
+        "one_at_a_time": {"coalitions": single.n_coalitions, "calls": single.n_calls, "seconds": t_s,
+                          "coalitions_per_s": single.n_coalitions / t_s},
+        # Work-normalised: the batched path evaluates each distinct coalition once.
+        "speedup_wall": t_s / t_b,
+        "speedup_per_coalition": (single.n_coalitions / t_s) and (batched.n_coalitions / t_b) / (single.n_coalitions / t_s),
+        "identical": identical, "max_abs_diff": diff, "prep_seconds": prep, "sweep": sweep,
+    }
+    print(json.dumps(row), flush=True)
+    return row
+
+
+def full_search(args) -> dict:
+    config = SearchConfig() if args.full_config == "default" else SearchConfig.quick()
+    config = replace(config, baselines=())
+    data = load_dataset("synthetic-cifar", args.seed)
+    source = load_model("resnet8", num_classes=data.num_classes)
+    t0 = time.perf_counter()
+    result = run_search(source, data, load_board("nucleo-l4r5zi"), config=config, seed=args.seed, progress=False)
+    wall = time.perf_counter() - t0
+    out = {"config": args.full_config, "wall_s": wall, "timings": result.record["timings"],
+           "smpq_test_acc": result.record["methods"][0]["test_acc"],
+           "float_test_acc": result.record["float_test_acc"], "bits": result.record["methods"][0]["bits"]}
+    print(json.dumps(out), flush=True)
+    return out
+
+
+def write_results(rows: list[dict], full: dict | None, args, command: str) -> None:
+    lines = [SECTION, "",
+             f"Command: `{command}`  ",
+             f"Machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores "
+             f"(torch threads {torch.get_num_threads()}), CPU only; torch {torch.__version__}. Date: "
+             f"{datetime.date.today().isoformat()}.  ",
+             f"Supernets: {args.float_epochs} float epochs + {args.warmup_epochs} warm-up epoch(s), seed {args.seed}, "
+             f"board nucleo-l4r5zi (w4a8/w8a8), validation batch {ShapleyConfig().val_samples} samples (or the whole "
+             f"val split if smaller), truncation {ShapleyConfig().truncation}, never-empty-layer groups. Same "
+             "`monte_carlo_shapley` call both ways: batched = `CoalitionValue.__call__` with "
+             "`max_batch=value.max_batch` (each distinct coalition once); one at a time = "
+             "`CoalitionValue.one_at_a_time` with `batched=False` (sequential walk, one forward per coalition).", "",
+             "| model | players | perms | batched coalitions | batched s | batched coal/s | one-at-a-time coalitions "
+             "| one-at-a-time s | one-at-a-time coal/s | wall speed-up | per-coalition speed-up | identical | max abs diff |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        b, s = r["batched"], r["one_at_a_time"]
+        lines.append(f"| {r['model']} ({r['data']}) | {r['players']} | {r['permutations']} | {b['coalitions']} | "
+                     f"{b['seconds']:.2f} | {b['coalitions_per_s']:.1f} | {s['coalitions']} | {s['seconds']:.2f} | "
+                     f"{s['coalitions_per_s']:.1f} | {r['speedup_wall']:.2f}x | {r['speedup_per_coalition']:.2f}x | "
+                     f"{'yes' if r['identical'] else 'NO'} | {r['max_abs_diff']:.3g} |")
+    lines += ["", "Batched path with a smaller `max_batch` (same estimate; seconds, coalitions/s, identical to the "
+              "default batched estimate):", "", "| model | " + " | ".join(f"max_batch={mb}" for mb in args.max_batch_sweep)
+              + " |", "|---|" + "---|" * len(args.max_batch_sweep)]
+    for r in rows:
+        lines.append(f"| {r['model']} | " + " | ".join(
+            f"{v['seconds']:.2f} s, {v['coalitions_per_s']:.1f}/s, {'yes' if v['identical'] else 'NO'}"
+            for v in r["sweep"].values()) + " |")
+    lines += ["", "Wall speed-up = one-at-a-time seconds / batched seconds for the same estimate (the batched path "
+              "also skips duplicate coalitions); per-coalition speed-up compares coalitions per second."]
+    if full is not None:
+        t = full["timings"]
+        lines += ["", f"Full `run_search`, resnet8 on synthetic-cifar, seed {args.seed}, "
+                  f"{'default `SearchConfig()`' if full['config'] == 'default' else '**reduced** `SearchConfig.quick()` (NOT the default config)'}"
+                  f" with `baselines=()`: **{full['wall_s'] / 60:.1f} min** wall on {os.cpu_count()} cores "
+                  "(target for the default config: under 15 min).", "",
+                  "| stage | seconds |", "|---|---|"]
+        lines += [f"| {k} | {v:.1f} |" for k, v in t.items()]
+        lines += ["", f"Float test accuracy {full['float_test_acc']:.4f}, SMPQ after finetune {full['smpq_test_acc']:.4f}."]
+    elif args.full_note:
+        lines += ["", args.full_note]
+    _replace_section(RESULTS, SECTION, "\n".join(lines) + "\n")
+
+
+def _replace_section(path: Path, heading: str, body: str) -> None:
+    """Replace (or append) the section that starts at ``heading``, up to the next '## ' heading."""
+    text = path.read_text(encoding="utf-8") if path.exists() else "# Measured results\n"
+    if heading in text:
+        start = text.index(heading)
+        nxt = text.find("\n## ", start + len(heading))
+        end = len(text) if nxt == -1 else nxt + 1
+        text = text[:start] + body + ("\n" + text[end:] if end < len(text) else "")
+    else:
+        text = text.rstrip("\n") + "\n\n" + body
+    path.write_text(text, encoding="utf-8")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--float-epochs", type=int, default=2)
+    p.add_argument("--warmup-epochs", type=int, default=1)
+    p.add_argument("--permutations", type=int, nargs=3, metavar=("DIGITS", "MNIST1D", "RESNET8"),
+                   default=[c[2] for c in CASES])
+    p.add_argument("--max-batch-sweep", type=int, nargs="*", default=[1, 8, 32])
+    p.add_argument("--skip-full", action="store_true", help="skip part (b), the full resnet8 run_search")
+    p.add_argument("--full-config", choices=("default", "quick"), default="default")
+    p.add_argument("--full-note", default="", help="text for RESULTS.md when --skip-full")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--no-write", action="store_true")
+    args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = "python bench/search_speed.py " + " ".join(sys.argv[1:])
+    rows = [speed_case(m, d, n, args.seed, args) for (m, d, _), n in zip(CASES, args.permutations)]
+    full = None if args.skip_full else full_search(args)
+    if not args.no_write:
+        write_results(rows, full, args, command.strip())
+    if not all(r["identical"] for r in rows):
+        print("WARNING: batched and one-at-a-time Shapley estimates differ", file=sys.stderr)
+
+
+if __name__ == "__main__":
+    main()
