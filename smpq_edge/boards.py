@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, Strict, StrictBool, ValidationError, model_validator
+from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, Strict, StrictBool, ValidationError, model_validator
 
 from smpq_edge.errors import UserError
 
@@ -26,7 +26,11 @@ MAX_CLOCK_MHZ = 2000
 BitWidthCandidate = Literal["w4a8", "w8a8"]
 
 # Strict: a YAML `true` or a quoted "120" is a mistake, not a number (lax pydantic read `true` as 1).
-Number = Annotated[float, Strict()]
+# `.nan` and `.inf` are refused as "not a finite number" rather than by a misleading range check.
+Number = Annotated[float, Strict(), AllowInfNan(False)]
+
+# A board file is a few KB; reading stops beyond this, so `--board /dev/zero` cannot hang or fill memory.
+MAX_BOARD_FILE_BYTES = 1 << 20
 
 
 class Core(str, Enum):
@@ -174,6 +178,10 @@ def parse_board(text: str, source: str) -> Board:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark else ""
         raise UserError(f"{source}: not valid YAML{where}") from None
+    except RecursionError:  # PyYAML's composer recurses once per nesting level
+        raise UserError(f"{source}: YAML nested too deeply for a board profile") from None
+    except ValueError:  # PyYAML's int() of a number with more than 4300 digits
+        raise UserError(f"{source}: a number in the file has too many digits") from None
     if not isinstance(raw, dict):
         raise UserError(f"{source}: expected a mapping of board fields, got {type(raw).__name__}")
     try:
@@ -197,7 +205,11 @@ def load_board(name_or_path: str | Path) -> Board:
     else:
         raise UserError(f"unknown board '{text_name}'; known boards: {', '.join(board_names())} (or give a .yaml path)")
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_BOARD_FILE_BYTES + 1)
+        if len(raw) > MAX_BOARD_FILE_BYTES:
+            raise UserError(f"{path}: board file is larger than {MAX_BOARD_FILE_BYTES // 1024} KB; not a board profile")
+        text = raw.decode("utf-8")
     except FileNotFoundError:
         raise UserError(f"{path}: board file not found") from None
     except (OSError, UnicodeDecodeError) as exc:

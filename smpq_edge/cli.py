@@ -87,9 +87,16 @@ def _cost(parser: argparse.ArgumentParser):
         graph = trace(source.module, source.input_shape)
         if args.bits in ("4", "8"):
             bits = uniform(graph, int(args.bits))
-        else:
+        elif args.bits.endswith(".json") or os.path.exists(args.bits):
             bits = load_policy(args.bits).bits
-        report = estimate(graph, bits, board)
+        else:
+            raise UserError(f"--bits: expected 4, 8 or a policy .json file, got '{args.bits}'")
+        try:
+            report = estimate(graph, bits, board)
+        except UserError as exc:
+            if args.bits in ("4", "8"):
+                raise
+            raise UserError(f"{args.bits}: {exc}") from None  # name the policy file at fault
         if args.json:
             print(json.dumps(report.to_dict(), indent=2))
             return 0
@@ -118,10 +125,14 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
 def budgets_from(args: argparse.Namespace, board):
     from smpq_edge.search.budget import Budgets
 
-    for name in ("flash_kb", "ram_kb", "latency_ms"):
+    limits = {"flash_kb": board.flash_kb, "ram_kb": board.ram_kb, "latency_ms": None}
+    for name, limit in limits.items():
         value = getattr(args, name)
-        if value is not None and not value > 0:
-            raise UserError(f"--{name.replace('_', '-')} must be positive, got {value:g}")
+        option = f"--{name.replace('_', '-')}"
+        if value is not None and not 0 < value < float("inf"):
+            raise UserError(f"{option} must be a positive number, got {value:g}")
+        if value is not None and limit is not None and value > limit:
+            raise UserError(f"{option} {value:g} is more than board {board.name} has ({name} {limit:g})")
     return Budgets.of_board(
         board,
         flash_bytes=int(args.flash_kb * 1024) if args.flash_kb else None,
@@ -175,8 +186,8 @@ def _search(parser: argparse.ArgumentParser):
         from smpq_edge.distributed import init_from_environment, shutdown
         from smpq_edge.search.runner import SearchConfig, run_search, save_search
 
-        out = ensure_dir(Path(args.out))
         board, data, source = load_inputs(args)
+        out = ensure_dir(Path(args.out))  # after the inputs, so a bad input leaves no folder behind
         config = SearchConfig.quick() if args.quick else SearchConfig()
         if args.device == "cuda" and not torch_cuda_available():
             raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
@@ -390,7 +401,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.run(args)
     except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        # One line, whatever the message holds (a user's exception text, a file name with a newline).
+        message = " ".join(str(exc).splitlines())
+        print(f"error: {message}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)

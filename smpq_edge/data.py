@@ -111,7 +111,7 @@ def _check_arrays(source: str, x: np.ndarray, y: np.ndarray, split: str) -> None
         raise UserError(f"{source}: {split} split has no samples")
     if y.ndim != 1 or len(y) != len(x):
         raise UserError(f"{source}: {split} y has shape {y.shape}; expected ({len(x)},) to match x")
-    if not np.issubdtype(x.dtype, np.number):
+    if not np.issubdtype(x.dtype, np.number) or np.issubdtype(x.dtype, np.complexfloating):
         raise UserError(f"{source}: {split} x has dtype {x.dtype}; expected numbers")
     if not np.isfinite(x).all():
         raise UserError(f"{source}: {split} x contains NaN or infinite values")

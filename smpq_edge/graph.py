@@ -9,6 +9,8 @@ int8 stops here with the layer's name.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import math
 import operator
 from dataclasses import asdict, dataclass, field
@@ -136,9 +138,13 @@ class _Tracer:
             raise UserError(f"model cannot be traced (data-dependent control flow?): {str(exc).splitlines()[0]}") from None
         example = torch.zeros(1, *input_shape)
         try:
-            ShapeProp(self.gm).propagate(example)
+            # ShapeProp prints the traceback of a failing node itself; the user gets one line instead.
+            with contextlib.redirect_stderr(io.StringIO()):
+                ShapeProp(self.gm).propagate(example)
         except Exception as exc:
-            raise UserError(f"model does not accept input of shape {tuple(input_shape)}: {str(exc).splitlines()[0]}") from None
+            cause = exc.__cause__ or exc  # ShapeProp wraps the real error (e.g. a shape mismatch)
+            message = (str(cause).strip().splitlines() or [cause.__class__.__name__])[0]
+            raise UserError(f"model does not accept input of shape {tuple(input_shape)}: {message}") from None
         self.ops: list[Op] = []
         self.alias: dict[str, str] = {}  # fx node name -> name of the op whose output it is
         self.users = {node.name: len(node.users) for node in self.gm.graph.nodes}

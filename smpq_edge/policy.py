@@ -46,7 +46,7 @@ def load_policy(path: str | Path) -> Policy:
         policy = Policy.model_validate(raw)
     except ValidationError as exc:
         error = exc.errors()[0]
-        where = ".".join(str(p) for p in error["loc"])
+        where = ".".join(str(p) for p in error["loc"]) or "top level"
         raise UserError(f"{path}: {where}: {error['msg']}") from None
     names = [layer.name for layer in policy.layers]
     if len(set(names)) != len(names):

@@ -33,6 +33,12 @@ def example_names() -> list[str]:
     return sorted(p.stem for p in EXAMPLES_DIR.glob("*.py") if not p.stem.startswith("_"))
 
 
+def _one_line(exc: BaseException) -> str:
+    """``Type: first line of the message``: the user's exception, fit for a one-line error."""
+    lines = str(exc).strip().splitlines()
+    return f"{exc.__class__.__name__}: {lines[0]}" if lines else exc.__class__.__name__
+
+
 def _load_python(path: Path, num_classes: int | None) -> ModelSource:
     spec = importlib.util.spec_from_file_location(f"smpq_user_model_{path.stem}", path)
     namespace = importlib.util.module_from_spec(spec)
@@ -42,18 +48,21 @@ def _load_python(path: Path, num_classes: int | None) -> ModelSource:
         raise UserError(f"{path}: model file not found") from None
     except SyntaxError as exc:
         raise UserError(f"{path}:{exc.lineno}: syntax error in model file: {exc.msg}") from None
-    except Exception as exc:  # the user's module code failed; name the file and the error in one line
-        raise UserError(f"{path}: loading the model file failed: {exc.__class__.__name__}: {exc}") from None
+    except (Exception, SystemExit) as exc:  # the user's module code failed (or called sys.exit): one line
+        raise UserError(f"{path}: loading the model file failed: {_one_line(exc)}") from None
     for required in ("build_model", "INPUT_SHAPE"):
         if not hasattr(namespace, required):
             raise UserError(f"{path}: model file must define {required}")
-    shape = tuple(namespace.INPUT_SHAPE)
+    try:
+        shape = tuple(namespace.INPUT_SHAPE)
+    except TypeError:
+        raise UserError(f"{path}: INPUT_SHAPE must be (channels, height, width), got {namespace.INPUT_SHAPE!r:.60}") from None
     if len(shape) != 3 or not all(isinstance(d, int) and 0 < d <= 4096 for d in shape):
         raise UserError(f"{path}: INPUT_SHAPE must be (channels, height, width) of positive ints, got {shape}")
     try:
         module = namespace.build_model(num_classes) if num_classes is not None else namespace.build_model()
-    except Exception as exc:
-        raise UserError(f"{path}: build_model() failed: {exc.__class__.__name__}: {exc}") from None
+    except (Exception, SystemExit) as exc:
+        raise UserError(f"{path}: build_model() failed: {_one_line(exc)}") from None
     if not isinstance(module, nn.Module):
         raise UserError(f"{path}: build_model() must return a torch.nn.Module, got {type(module).__name__}")
     return ModelSource(path.stem, module, shape, getattr(namespace, "DATASET", None),

@@ -27,7 +27,7 @@ from smpq_edge.quant import QuantNet
 from smpq_edge.search.baselines import dmpq_scores, hawq_scores
 from smpq_edge.search.budget import DIMENSIONS, Budgets, cost_of, knapsack
 from smpq_edge.distributed import SINGLE_PROCESS, Context
-from smpq_edge.search.select import Selection, k_best
+from smpq_edge.search.select import Selection, k_best, smallest_achievable
 from smpq_edge.search.smpq import AlphaUpdater, ShapleyConfig, estimate_shapley, shapley_scores, validation_batch
 from smpq_edge.search.train import TrainConfig, accuracy, seed_everything, train
 from smpq_edge.versions import versions
@@ -127,8 +127,11 @@ def run_search(source: ModelSource, data: Dataset, board: Board, *, budgets: Bud
     candidates = board.weight_bits
     sack = knapsack(graph, board, budgets, candidates)
     # Fail before any training when no policy can meet the budgets (the message names the minima).
-    k_best([[0.0] * len(candidates)] * len(graph.layers), sack.costs, sack.budgets, 1, aggregate=sack.aggregate,
-           names=sack.names)
+    try:
+        k_best([[0.0] * len(candidates)] * len(graph.layers), sack.costs, sack.budgets, 1, aggregate=sack.aggregate,
+               names=sack.names)
+    except UserError:
+        raise UserError(_infeasible_message(sack, budgets, board)) from None
 
     model = source.module.to(context.device)
     if not source.pretrained:
@@ -216,6 +219,26 @@ def run_search(source: ModelSource, data: Dataset, board: Board, *, budgets: Bud
         "timings": timings, "versions": versions(),
     }
     return SearchResult(policy=policy, net=tuned, float_model=model, graph=graph, record=record)
+
+
+def _infeasible_message(sack, budgets: Budgets, board: Board) -> str:
+    """One line, in the units of the budget options, of the smallest whole-firmware figure each
+    budget could reach on its own. The knapsack's own budgets are net of the policy-independent
+    part (reserve, tables, pooling), which would read as a negative flash budget to a user."""
+    whole = (budgets.flash_bytes, budgets.ram_bytes, budgets.cycles)
+    parts, over = [], False
+    minima = smallest_achievable(sack.costs, sack.aggregate)
+    for name, layers_least, left, budget in zip(sack.names, minima, sack.budgets, whole):
+        least = layers_least + (budget - left)  # add back the policy-independent part
+        over |= least > budget
+        if name == "cycles":
+            per_ms = board.clock_mhz * 1e3
+            parts.append(f"latency {least / per_ms:.4g} ms = {int(least)} cycles (budget {budget / per_ms:.4g} ms)")
+        else:
+            parts.append(f"{name} {least / 1024:.1f} KB (budget {budget / 1024:.1f} KB)")
+    reason = "over budget" if over else "each budget is reachable alone but not all at once"
+    return (f"no per-layer choice fits the budgets ({reason}); smallest achievable: " + ", ".join(parts)
+            + f" (whole firmware on {board.name}, reserve included)")
 
 
 def _baseline(method: str, warm: QuantNet, graph: Graph, candidates: tuple[int, ...], data: Dataset,

@@ -189,16 +189,21 @@ class _Problem:
         """One line: per budgeted dimension, its smallest achievable value on its own."""
         parts = []
         alone_ok = True
-        for j, (budget, how, name) in enumerate(zip(self.budgets, self.aggregate, self.names)):
+        minima = smallest_achievable([self.cost[self.layer == l] for l in range(self.n_layers)], self.aggregate)
+        for budget, least, name in zip(self.budgets, minima, self.names):
             if budget is None:
                 continue
-            # Each layer's cheapest candidate minimises a sum and a peak alike.
-            cheapest = np.array([self.cost[self.layer == l, j].min() for l in range(self.n_layers)])
-            least = cheapest.max() if how == "max" else cheapest.sum()
             alone_ok &= least <= budget
             parts.append(f"{name} {_number(least)} (budget {_number(budget)})")
         reason = "each budget is reachable alone but not all at once" if alone_ok else "over budget"
         return f"no per-layer choice fits the budgets ({reason}); smallest achievable: " + ", ".join(parts)
+
+
+def smallest_achievable(costs: Sequence[np.ndarray], aggregate: Sequence[Aggregate]) -> list[float]:
+    """Per dimension, the least total any selection reaches (each dimension on its own): each
+    layer's cheapest candidate minimises a sum and a peak alike."""
+    cheapest = np.array([np.asarray(c, dtype=np.float64).min(axis=0) for c in costs])
+    return [float(cheapest[:, j].max() if how == "max" else cheapest[:, j].sum()) for j, how in enumerate(aggregate)]
 
 
 def _number(value: float) -> str:
