@@ -8,6 +8,8 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
 def write_section(heading: str, body: str) -> None:
+    """Replace (or append) the section that starts at ``heading``, up to the next '## ' heading."""
+    body = body.strip().removeprefix(heading)
     current = RESULTS.read_text() if RESULTS.exists() else "# Measured results\n"
     if heading in current:
         start = current.index(heading)

@@ -23,6 +23,7 @@ from scipy.optimize import nnls
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._results import write_section  # noqa: E402
 from smpq_edge.boards import load_board  # noqa: E402
 from smpq_edge.cost import ARENA, FLATBUFFER, arena_activation_peak, estimate, tflite_layout  # noqa: E402
 from smpq_edge.data import load_dataset  # noqa: E402
@@ -98,16 +99,6 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_results(text: str) -> None:
-    path = Path(__file__).resolve().parent / "RESULTS.md"
-    current = path.read_text() if path.exists() else "# Measured results\n"
-    if SECTION in current:
-        start = current.index(SECTION)
-        end = current.find("\n## ", start + len(SECTION))
-        current = current[:start] + current[end + 1:] if end != -1 else current[:start]
-    path.write_text(current.rstrip() + "\n\n" + text + "\n")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--fit", action="store_true", help="print fitted overhead constants")
@@ -119,8 +110,8 @@ def main() -> None:
     if args.fit:
         fit(rows)
     if not args.no_write:
-        write_results(
-            f"{SECTION}\n\nCommand: `python bench/cost_model.py` ({datetime.date.today()}, 2-core machine). Predicted "
+        write_section(SECTION,
+            f"Command: `python bench/cost_model.py` ({datetime.date.today()}, 2-core machine). Predicted "
             "by `smpq_edge.cost.estimate` for a reference-kernel board (rpi-pico, as the host TFLM runs); real: "
             "`len(model.tflite)` and the smallest arena the `tflite-micro` host interpreter accepts (64-bit host: "
             "TFLM's persistent structures hold 8-byte pointers there, so a 32-bit MCU needs somewhat less). "

@@ -43,6 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._results import write_section  # noqa: E402
 from smpq_edge.boards import load_board  # noqa: E402
 from smpq_edge.cost import estimate, uniform  # noqa: E402
 from smpq_edge.data import load_dataset  # noqa: E402
@@ -56,7 +57,6 @@ from smpq_edge.search.smpq import ShapleyConfig  # noqa: E402
 from smpq_edge.search.train import TrainConfig, accuracy, seed_everything, train  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "RESULTS.md"
 SECTION = "## Search quality (bench/search_quality.py)"
 MODELS = {"digits": "digits_cnn", "mnist1d": "mnist1d_dscnn"}
 METHODS = ("smpq", "dmpq", "hawq", "uniform8", "uniform4")
@@ -259,7 +259,7 @@ def _save(args, config, runs, budgets_info, oracle_rows, command, started) -> st
     if runs:
         _plot(runs, args.plot)
     if not args.no_write:
-        _replace_section(RESULTS, SECTION, text)
+        write_section(SECTION, text)
     return text
 
 
@@ -373,19 +373,6 @@ def _plot(runs: list[dict], path: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
-
-
-def _replace_section(path: Path, heading: str, body: str) -> None:
-    """Replace (or append) the section that starts at ``heading``, up to the next '## ' heading."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Measured results\n"
-    if heading in text:
-        start = text.index(heading)
-        nxt = text.find("\n## ", start + len(heading))
-        end = len(text) if nxt == -1 else nxt + 1
-        text = text[:start] + body + ("\n" + text[end:] if end < len(text) else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + body
-    path.write_text(text, encoding="utf-8")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench._results import write_section  # noqa: E402
 from smpq_edge.boards import load_board  # noqa: E402
 from smpq_edge.data import load_dataset  # noqa: E402
 from smpq_edge.graph import trace  # noqa: E402
@@ -44,7 +45,6 @@ from smpq_edge.search.smpq import CoalitionValue, ShapleyConfig, validation_batc
 from smpq_edge.search.train import TrainConfig, seed_everything, train  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-RESULTS = HERE / "RESULTS.md"
 SECTION = "## Search speed (bench/search_speed.py)"
 
 CASES = [  # (model, data, permutations)
@@ -170,20 +170,7 @@ def write_results(rows: list[dict], full: dict | None, args, command: str) -> No
         lines += ["", f"Float test accuracy {full['float_test_acc']:.4f}, SMPQ after finetune {full['smpq_test_acc']:.4f}."]
     elif args.full_note:
         lines += ["", args.full_note]
-    _replace_section(RESULTS, SECTION, "\n".join(lines) + "\n")
-
-
-def _replace_section(path: Path, heading: str, body: str) -> None:
-    """Replace (or append) the section that starts at ``heading``, up to the next '## ' heading."""
-    text = path.read_text(encoding="utf-8") if path.exists() else "# Measured results\n"
-    if heading in text:
-        start = text.index(heading)
-        nxt = text.find("\n## ", start + len(heading))
-        end = len(text) if nxt == -1 else nxt + 1
-        text = text[:start] + body + ("\n" + text[end:] if end < len(text) else "")
-    else:
-        text = text.rstrip("\n") + "\n\n" + body
-    path.write_text(text, encoding="utf-8")
+    write_section(SECTION, "\n".join(lines) + "\n")
 
 
 def main() -> None:

@@ -122,6 +122,21 @@ def add_budget_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--latency-ms", type=float, help="latency budget (default: the board's)")
 
 
+def add_search_arguments(parser: argparse.ArgumentParser, out_default: str) -> None:
+    add_model_arguments(parser)
+    add_budget_arguments(parser)
+    parser.add_argument("--out", default=out_default, help="output folder (default: %(default)s)")
+    parser.add_argument("--quick", action="store_true", help="a few epochs only: a first look, not final accuracy")
+    parser.add_argument("--no-baselines", action="store_true", help="skip the DMPQ, HAWQ and uniform baselines")
+
+
+def search_config(args: argparse.Namespace):
+    from smpq_edge.search.runner import SearchConfig
+
+    config = SearchConfig.quick() if args.quick else SearchConfig()
+    return replace(config, baselines=()) if args.no_baselines else config
+
+
 def budgets_from(args: argparse.Namespace, board):
     from smpq_edge.search.budget import Budgets
 
@@ -167,11 +182,7 @@ def load_inputs(args: argparse.Namespace):
 @command("search")
 def _search(parser: argparse.ArgumentParser):
     """Find per-layer weight bit-widths with SMPQ under the board's budgets; write policy.json."""
-    add_model_arguments(parser)
-    add_budget_arguments(parser)
-    parser.add_argument("--out", default="out", help="output folder (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="a few epochs only: a first look, not final accuracy")
-    parser.add_argument("--no-baselines", action="store_true", help="skip the DMPQ, HAWQ and uniform baselines")
+    add_search_arguments(parser, out_default="out")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                         help="where to train and score coalitions (default: %(default)s); under torchrun, "
                              "cuda uses one GPU per rank with NCCL, cpu uses gloo")
@@ -184,23 +195,20 @@ def _search(parser: argparse.ArgumentParser):
 
         from smpq_edge.fileio import ensure_dir
         from smpq_edge.distributed import init_from_environment, shutdown
-        from smpq_edge.search.runner import SearchConfig, run_search, save_search
+        from smpq_edge.search.runner import run_search, save_search
 
         board, data, source = load_inputs(args)
+        budgets = budgets_from(args, board)
         out = ensure_dir(Path(args.out))  # after the inputs, so a bad input leaves no folder behind
-        config = SearchConfig.quick() if args.quick else SearchConfig()
         if args.device == "cuda" and not torch_cuda_available():
             raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
         shards = args.shards or int(os.environ.get("WORLD_SIZE", "1"))
         if shards < 1:
             raise UserError(f"--shards must be at least 1, got {shards}")
-        config = config.with_shards(shards)
-        if args.no_baselines:
-            config = replace(config, baselines=())
+        config = search_config(args).with_shards(shards)
         context = init_from_environment(args.device)
         try:
-            result = run_search(source, data, board, budgets=budgets_from(args, board), config=config, seed=args.seed,
-                                context=context)
+            result = run_search(source, data, board, budgets=budgets, config=config, seed=args.seed, context=context)
         finally:
             shutdown(context)
         if not context.is_main:
@@ -241,26 +249,20 @@ def _print_build_summary(out) -> None:
 @command("build")
 def _build(parser: argparse.ArgumentParser):
     """Search, export, emulate, generate firmware and report, in one output folder."""
-    add_model_arguments(parser)
-    add_budget_arguments(parser)
-    parser.add_argument("--out", default="build", help="output folder (default: %(default)s)")
-    parser.add_argument("--quick", action="store_true", help="a few epochs only: a first look, not final accuracy")
+    add_search_arguments(parser, out_default="build")
     parser.add_argument("--resume", action="store_true", help="skip stages whose inputs are unchanged")
-    parser.add_argument("--no-baselines", action="store_true", help="skip the DMPQ, HAWQ and uniform baselines")
 
     def run(args: argparse.Namespace) -> int:
         from pathlib import Path
 
         from smpq_edge.build import Stage, emulate_stage, export_stage, firmware_stage, report_stage, run_stages
         from smpq_edge.fileio import ensure_dir
-        from smpq_edge.search.runner import SearchConfig, run_search, save_search
+        from smpq_edge.search.runner import run_search, save_search
 
-        out = ensure_dir(Path(args.out))
         board, data, source = load_inputs(args)
         budgets = budgets_from(args, board)
-        config = SearchConfig.quick() if args.quick else SearchConfig()
-        if args.no_baselines:
-            config = replace(config, baselines=())
+        out = ensure_dir(Path(args.out))  # after the inputs, so a bad input leaves no folder behind
+        config = search_config(args)
 
         def search(folder: Path) -> None:
             save_search(run_search(source, data, board, budgets=budgets, config=config, seed=args.seed), folder)
