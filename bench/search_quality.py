@@ -268,6 +268,17 @@ def _mean_std(values: list[float]) -> str:
     return f"{a.mean():.1f} ± {a.std(ddof=1) if len(a) > 1 else 0.0:.1f}"
 
 
+def _paired(runs: list[dict], baseline: str) -> str:
+    pairs = [(r["methods"]["smpq"], r["methods"][baseline]) for r in runs]
+    diffs = np.array([100 * (s["test_acc"] - b["test_acc"]) for s, b in pairs if s is not None and b is not None
+                      and b["fits"]["flash"]])
+    if not len(diffs):
+        return "infeasible"
+    spread = diffs.std(ddof=1) if len(diffs) > 1 else 0.0
+    wins, ties = int((diffs > 1e-9).sum()), int((abs(diffs) <= 1e-9).sum())
+    return f"{diffs.mean():+.2f} ± {spread:.2f} ({wins}/{ties}/{len(diffs) - wins - ties})"
+
+
 def _tables(args, config, runs, budgets_info, regrets, oracle_rows, command, wall) -> str:
     c = config
     lines = [SECTION, "",
@@ -322,6 +333,14 @@ def _tables(args, config, runs, budgets_info, regrets, oracle_rows, command, wal
             rank = 1 + sum(v > means.get("smpq", -1) for m, v in means.items() if m != "smpq")
             lines.append(f"| {name} | {fraction} | " + " | ".join(cells) + f" | {rank} of {len(means)} |")
     lines += ["", "SMPQ rank: among the methods that fit the budget (uniform8 excluded), by mean accuracy."]
+    lines += ["", "Paired differences, SMPQ minus each baseline on the same seed (same split, float model and "
+              "warm-up, so seed-to-seed variation cancels): mean ± std in points, and SMPQ wins / ties / losses.", "",
+              "| dataset | f | " + " | ".join(f"smpq − {m}" for m in METHODS[1:]) + " |", "|---|---|" + "---|" * (len(METHODS) - 1)]
+    for name in args.datasets:
+        for fraction in args.fractions:
+            sel = [r for r in runs if r["dataset"] == name and r["fraction"] == fraction]
+            if sel:
+                lines.append(f"| {name} | {fraction} | " + " | ".join(_paired(sel, m) for m in METHODS[1:]) + " |")
     if regrets:
         lines += ["", f"Oracle (mnist1d_dscnn, seed {args.oracle_seed} only): all 256 policies, each finetuned "
                   f"**{args.oracle_epochs} epoch(s)** from the same warm-up weights (not the methods' own longer "

@@ -49,12 +49,10 @@ FLATBUFFER = FlatbufferOverhead()
 ARENA = ArenaOverhead()
 
 
-def int4_fc_is_per_tensor(op: Op, bits: int) -> bool:
-    """TFLM's per-channel FULLY_CONNECTED path rejects INT4 weights, so an int4 FC is per tensor."""
-    return op.kind == "fc" and bits == 4
-
-
-def quant_channels(op: Op, bits: int) -> int:
+def quant_channels(op: Op) -> int:
+    """Scales stored for a layer's weights: per output channel for conv and depthwise, one for a
+    fully connected layer (TFLM's per-channel FULLY_CONNECTED path rejects INT4, and the exporter
+    writes int8 FC weights per tensor too, so one policy change never moves the scale layout)."""
     return 1 if op.kind == "fc" else op.out_channels
 
 
@@ -262,7 +260,7 @@ def estimate(graph: Graph, bits: dict[str, int], board: Board, flash_budget_byte
         b = bits[op.name]
         if b not in board.weight_bits:
             raise UserError(f"layer '{op.name}': {b}-bit weights are not a candidate on board {board.name}")
-        channels = quant_channels(op, b)
+        channels = quant_channels(op)
         scratch[op.name] = _scratch_bytes(op, b, board)
         layers.append(LayerCost(
             name=op.name, kind=op.kind, weight_bits=b, params=op.weight_count, macs=op.macs,

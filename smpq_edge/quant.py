@@ -154,7 +154,8 @@ class MixedLayer(nn.Module):
         return sum(weights[k] * self.quantised_weight(bits)
                    for k, bits in enumerate(self.candidates) if bool(active[k]))
 
-    def apply(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def forward_with(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The layer with the given (already quantised) weight; not named apply, which nn.Module owns."""
         # The bias stays float: TFLite stores it as int32 at scale input_scale x weight_scale,
         # whose rounding error (half of that scale) is orders of magnitude below an output step.
         bias = self.bias
@@ -164,7 +165,7 @@ class MixedLayer(nn.Module):
         return F.conv2d(x, weight, bias, stride=self.op.stride, padding=self.op.padding, groups=groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.apply(x, self.mixed_weight(self.active))
+        return self.forward_with(x, self.mixed_weight(self.active))
 
 
 def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -262,7 +263,7 @@ class QuantNet(nn.Module):
             y = inputs[0]
         elif op.weighted:
             layer = self.layer(op.name)
-            y = layer.apply(inputs[0], weight) if weight is not None else layer(inputs[0])
+            y = layer.forward_with(inputs[0], weight) if weight is not None else layer(inputs[0])
         elif op.kind == "add":
             y = inputs[0] + inputs[1]
         elif op.kind == "avgpool":

@@ -55,8 +55,8 @@ def test_int8_reference_matches_torch(case):
 
 
 def test_cost_model_against_real_flash_and_arena(case):
-    """Prints predicted vs actual; the fidelity targets (2 % flash, 5 % arena) are not asserted
-    until the cost model's constants are fitted to these numbers."""
+    """The cost model's targets: model bytes within 2 % of the .tflite, arena within 5 % of TFLM's
+    smallest working arena (reference kernels, as the host interpreter runs)."""
     board = load_board(REFERENCE_BOARD)
     graph = case.net.graph
     for label, bits in (("int8", uniform(graph, 8)), ("int4", uniform(graph, 4)), ("mixed", case.bits)):
@@ -66,5 +66,5 @@ def test_cost_model_against_real_flash_and_arena(case):
         print(f"\n{case.name} {label}: flash predicted {report.model_flash_bytes} actual {len(blob)} "
               f"({report.model_flash_bytes / len(blob) - 1:+.1%}); arena predicted {report.arena_bytes} "
               f"actual {arena} ({report.arena_bytes / arena - 1:+.1%})")
-        assert 0.5 < report.model_flash_bytes / len(blob) < 2
-        assert 0.5 < report.arena_bytes / arena < 2
+        assert abs(report.model_flash_bytes / len(blob) - 1) <= 0.02
+        assert abs(report.arena_bytes / arena - 1) <= 0.05

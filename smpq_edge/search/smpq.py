@@ -18,9 +18,11 @@ from smpq_edge.quant import QuantNet
 from smpq_edge.distributed import SINGLE_PROCESS, Context
 from smpq_edge.search.shapley import ShapleyEstimate, monte_carlo_shapley
 
-# Rows (samples x coalitions) times the largest activation, kept under this many floats per
-# forward pass, so a batch of coalitions fits in memory on a 24 GB machine with room to spare.
-_MAX_ELEMENTS_PER_PASS = 40_000_000
+# Rows (samples x coalitions) times the largest activation, per forward pass. On a CPU, passes
+# larger than the caches run slower per coalition than one coalition at a time (measured in
+# bench/search_speed.py: mnist1d 0.55x at 40M elements, 2x at ~3M); a GPU wants them large.
+_MAX_ELEMENTS_PER_PASS = {"cpu": 4_000_000, "cuda": 40_000_000}
+_MIN_COALITIONS_PER_PASS = 8
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,8 @@ class CoalitionValue:
         self.x = torch.from_numpy(x).to(device)
         self.y = torch.from_numpy(y).to(device)
         largest = max(op.out_elements for op in net.graph.ops)
-        self.max_batch = max(1, _MAX_ELEMENTS_PER_PASS // (len(y) * largest))
+        # At least a few coalitions per pass even for large models: their early layers are shared.
+        self.max_batch = max(_MIN_COALITIONS_PER_PASS, _MAX_ELEMENTS_PER_PASS[device.type] // (len(y) * largest))
 
     @torch.no_grad()
     def __call__(self, masks: np.ndarray) -> np.ndarray:
