@@ -154,7 +154,13 @@ def run_search(source: ModelSource, data: Dataset, board: Board, *, budgets: Bud
     timings["warmup_s"] = time.perf_counter() - started - sum(timings.values())
 
     x_val, y_val = validation_batch(data, config.shapley.val_samples, seed)
-    updater = AlphaUpdater(net, x_val, y_val, config.shapley, seed, context)
+    def budget_use(bits: dict[str, int]) -> dict:
+        cost = cost_of(graph, bits, board, budgets)
+        return {"flash": f"{cost.flash_total_bytes / cost.flash_budget_bytes:.0%}",
+                "RAM": f"{cost.ram_total_bytes / cost.ram_budget_bytes:.0%}",
+                "cycles": f"{cost.cycles / cost.cycle_budget:.0%}"}
+
+    updater = AlphaUpdater(net, x_val, y_val, config.shapley, seed, context, describe_policy=budget_use)
     log(f"SMPQ search ({config.search.epochs} epochs, {config.shapley.permutations} permutations per update)")
     train(net, data, config.search, seed + 1, params=weight_params(net), after_epoch=updater, desc="SMPQ search",
           progress=progress, context=context)

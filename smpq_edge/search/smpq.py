@@ -9,6 +9,7 @@ validation batch run in one forward pass, each copy with its own active candidat
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -115,8 +116,9 @@ class AlphaUpdater:
     """Shapley-NAS's alpha update: standardised Shapley values, accumulated with momentum."""
 
     def __init__(self, net: QuantNet, x: np.ndarray, y: np.ndarray, config: ShapleyConfig, seed: int,
-                 context: Context = SINGLE_PROCESS):
+                 context: Context = SINGLE_PROCESS, describe_policy: Callable[[dict[str, int]], dict] | None = None):
         self.net, self.x, self.y, self.config, self.seed, self.context = net, x, y, config, seed, context
+        self.describe_policy = describe_policy  # the argmax-alpha policy's cost, for the progress bar
         self.accum = np.zeros((len(net.graph.layers), len(net.candidates)))
         self.history: list[dict] = []
 
@@ -132,4 +134,8 @@ class AlphaUpdater:
         alphas = [layer.alpha.detach().cpu().tolist() for layer in self.net.mixed_layers()]
         self.history.append({"epoch": epoch, "alpha": alphas, "shapley_mean": phi.tolist(),
                              "full_value": estimate.full_value, "coalitions": estimate.n_coalitions})
-        return {"supernet_acc": estimate.full_value}
+        shown = {"supernet_acc": estimate.full_value}
+        if self.describe_policy is not None:
+            argmax = {layer.op.name: layer.candidates[int(np.argmax(a))] for layer, a in zip(self.net.mixed_layers(), alphas)}
+            shown.update(self.describe_policy(argmax))
+        return shown
