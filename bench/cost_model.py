@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench._results import write_section  # noqa: E402
 from smpq_edge.boards import load_board  # noqa: E402
-from smpq_edge.cost import ARENA, FLATBUFFER, arena_activation_peak, estimate, tflite_layout  # noqa: E402
+from smpq_edge.cost import FLATBUFFER, arena_activation_peak, estimate, tflite_layout  # noqa: E402
 from smpq_edge.data import load_dataset  # noqa: E402
 from smpq_edge.export.exporter import export_model  # noqa: E402
 from smpq_edge.graph import trace  # noqa: E402

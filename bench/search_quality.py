@@ -51,9 +51,8 @@ from smpq_edge.errors import UserError  # noqa: E402
 from smpq_edge.graph import trace  # noqa: E402
 from smpq_edge.models import ModelSource, load_model  # noqa: E402
 from smpq_edge.quant import QuantNet  # noqa: E402
-from smpq_edge.search.budget import Budgets, cost_of  # noqa: E402
+from smpq_edge.search.budget import Budgets  # noqa: E402
 from smpq_edge.search.runner import SearchConfig, _calibrate, finetune, run_search, weight_params  # noqa: E402
-from smpq_edge.search.smpq import ShapleyConfig  # noqa: E402
 from smpq_edge.search.train import TrainConfig, accuracy, seed_everything, train  # noqa: E402
 
 HERE = Path(__file__).resolve().parent

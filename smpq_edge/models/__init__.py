@@ -8,7 +8,6 @@ A model file defines ``build_model()`` (returning a ``torch.nn.Module``) and ``I
 from __future__ import annotations
 
 import importlib.util
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 

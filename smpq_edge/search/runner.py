@@ -74,9 +74,7 @@ class MethodResult:
 @dataclass
 class SearchResult:
     policy: Policy
-    net: QuantNet  # SMPQ's finetuned network, for the exporter
-    float_model: torch.nn.Module
-    graph: Graph
+    net: QuantNet  # SMPQ's finetuned network (its graph is net.graph), for the exporter
     record: dict = field(default_factory=dict)  # everything search.json holds
 
 
@@ -180,7 +178,7 @@ def run_search(source: ModelSource, data: Dataset, board: Board, *, budgets: Bud
     ranked = [r for r in ranked if all(cost_of(graph, r[2], board, budgets).fits.values())]
     if not ranked:
         raise UserError("no policy among the best by Shapley fits every budget under the full cost model")
-    val_acc, chosen, chosen_bits = max(ranked, key=lambda r: (r[0], r[1].score))
+    _, chosen, chosen_bits = max(ranked, key=lambda r: (r[0], r[1].score))
 
     methods: list[MethodResult] = []
     tuned, before, after = finetune(net, chosen_bits, data, config.finetune, seed, progress, "finetune SMPQ", context)
@@ -224,7 +222,7 @@ def run_search(source: ModelSource, data: Dataset, board: Board, *, budgets: Bud
         "methods": [asdict(m) for m in methods],
         "timings": timings, "versions": versions(),
     }
-    return SearchResult(policy=policy, net=tuned, float_model=model, graph=graph, record=record)
+    return SearchResult(policy=policy, net=tuned, record=record)
 
 
 def _infeasible_message(sack, budgets: Budgets, board: Board) -> str:
