@@ -139,3 +139,15 @@ def test_budget_no_policy_meets_names_the_smallest(digits):
     budgets = Budgets.of_board(board, flash_bytes=int(board.reserve.flash_kb * 1024) + 100)
     with pytest.raises(UserError, match=r"smallest achievable: flash \d+"):
         run_search(source, digits, board, budgets=budgets, config=config, seed=0, progress=False, log=lambda _: None)
+
+
+def test_monotone_scores_never_rank_a_narrower_width_above_a_wider_one():
+    from smpq_edge.search.smpq import monotone_scores
+
+    scores = np.array([[0.30, 0.10], [0.00, 0.20], [-0.10, -0.30]])  # columns: int4, int8
+    out = monotone_scores(scores, (4, 8))
+    assert np.all(out[:, 1] > out[:, 0]), "int8 wins every tie"
+    np.testing.assert_allclose(out[:, 0], scores[:, 0])
+    np.testing.assert_allclose(out[:, 1], [0.30, 0.20, -0.10], atol=1e-4)
+    swapped = monotone_scores(scores[:, ::-1].copy(), (8, 4))  # column order follows the candidates
+    np.testing.assert_allclose(swapped, out[:, ::-1])

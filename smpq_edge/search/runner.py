@@ -28,7 +28,8 @@ from smpq_edge.search.baselines import dmpq_scores, hawq_scores
 from smpq_edge.search.budget import DIMENSIONS, Budgets, cost_of, knapsack
 from smpq_edge.distributed import SINGLE_PROCESS, Context
 from smpq_edge.search.select import Selection, k_best, smallest_achievable
-from smpq_edge.search.smpq import AlphaUpdater, ShapleyConfig, estimate_shapley, shapley_scores, validation_batch
+from smpq_edge.search.smpq import (AlphaUpdater, ShapleyConfig, estimate_shapley, monotone_scores, shapley_scores,
+                                   validation_batch)
 from smpq_edge.search.train import TrainConfig, accuracy, seed_everything, train
 from smpq_edge.versions import versions
 
@@ -165,6 +166,8 @@ def run_search(source: ModelSource, data: Dataset, board: Board, *, budgets: Bud
     table = estimate_shapley(net, x_val, y_val, config.shapley.final_permutations, config.shapley.truncation, seed,
                              context, config.shapley.value)
     scores = shapley_scores(table, len(graph.layers), len(candidates))
+    if config.shapley.monotone:
+        scores = monotone_scores(scores, candidates)
     timings["smpq_search_s"] = time.perf_counter() - started - sum(timings.values())
 
     # K best by summed Shapley, re-ranked by measured validation accuracy of the supernet's path.
