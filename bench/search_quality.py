@@ -210,6 +210,7 @@ def main() -> None:
                        "seconds": time.perf_counter() - t0, "budget": info,
                        "methods": {m: None if m not in methods else
                                    {"bits": methods[m]["bits"], "test_acc": methods[m]["test_acc"],
+                                    "test_acc_same_finetune": methods[m]["test_acc_same_finetune"],
                                     "test_acc_before_finetune": methods[m]["test_acc_before_finetune"],
                                     "layer_flash": sum(layer["flash_bytes"] for layer in methods[m]["cost"]["layers"]),
                                     "fits": methods[m]["cost"]["fits"]}
@@ -267,12 +268,13 @@ def _mean_std(values: list[float]) -> str:
     return f"{a.mean():.1f} ± {a.std(ddof=1) if len(a) > 1 else 0.0:.1f}"
 
 
-def _paired(runs: list[dict], baseline: str) -> str:
+def _paired(runs: list[dict], baseline: str, key: str = "test_acc") -> str:
     pairs = [(r["methods"]["smpq"], r["methods"][baseline]) for r in runs]
-    diffs = np.array([100 * (s["test_acc"] - b["test_acc"]) for s, b in pairs if s is not None and b is not None
-                      and b["fits"]["flash"]])
+    diffs = np.array([100 * (s[key] - b[key]) for s, b in pairs if s is not None and b is not None
+                      and b["fits"]["flash"] and s.get(key) is not None and b.get(key) is not None])
     if not len(diffs):
-        return "infeasible"
+        feasible = any(b is not None and b["fits"]["flash"] for _, b in pairs)
+        return "n/a" if feasible else "infeasible"
     spread = diffs.std(ddof=1) if len(diffs) > 1 else 0.0
     wins, ties = int((diffs > 1e-9).sum()), int((abs(diffs) <= 1e-9).sum())
     return f"{diffs.mean():+.2f} ± {spread:.2f} ({wins}/{ties}/{len(diffs) - wins - ties})"
@@ -340,6 +342,16 @@ def _tables(args, config, runs, budgets_info, regrets, oracle_rows, command, wal
             sel = [r for r in runs if r["dataset"] == name and r["fraction"] == fraction]
             if sel:
                 lines.append(f"| {name} | {fraction} | " + " | ".join(_paired(sel, m) for m in METHODS[1:]) + " |")
+    lines += ["", "The same, with every method's pick finetuned identically (from the shared warm-up weights, "
+              "search + finetune epochs; `test_acc_same_finetune`): selection alone, without the methods' own "
+              "training schedules.", "",
+              "| dataset | f | " + " | ".join(f"smpq − {m}" for m in METHODS[1:]) + " |", "|---|---|" + "---|" * (len(METHODS) - 1)]
+    for name in args.datasets:
+        for fraction in args.fractions:
+            sel = [r for r in runs if r["dataset"] == name and r["fraction"] == fraction]
+            if sel:
+                lines.append(f"| {name} | {fraction} | "
+                             + " | ".join(_paired(sel, m, "test_acc_same_finetune") for m in METHODS[1:]) + " |")
     if regrets:
         lines += ["", f"Oracle (mnist1d_dscnn, seed {args.oracle_seed} only): all 256 policies, each finetuned "
                   f"**{args.oracle_epochs} epoch(s)** from the same warm-up weights (not the methods' own longer "

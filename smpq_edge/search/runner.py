@@ -69,7 +69,10 @@ class MethodResult:
     cost: dict
     score: float | None
     test_acc_before_finetune: float
-    test_acc: float  # fake-quant, after finetune
+    test_acc: float  # fake-quant, after the method's own finetune
+    # The pick finetuned from the shared warm-up weights for search + finetune epochs, the same
+    # for every method: what separates the selections from the training schedules around them.
+    test_acc_same_finetune: float | None
 
 
 @dataclass
@@ -185,13 +188,19 @@ def run_search(source: ModelSource, data: Dataset, board: Board, *, budgets: Bud
 
     methods: list[MethodResult] = []
     tuned, before, after = finetune(net, chosen_bits, data, config.finetune, seed, progress, "finetune SMPQ", context)
-    methods.append(MethodResult("smpq", chosen_bits, cost_of(graph, chosen_bits, board, budgets).to_dict(),
-                                chosen.score, before, after))
     log(f"SMPQ: test accuracy {before:.4f} before finetune, {after:.4f} after")
     timings["smpq_finetune_s"] = time.perf_counter() - started - sum(timings.values())
 
     # Baselines get the same weight-training epochs after the warm-up: search + finetune.
     long_finetune = replace(config.finetune, epochs=config.finetune.epochs + config.search.epochs)
+
+    def same_finetune(bits: dict[str, int]) -> float | None:
+        if not config.baselines:
+            return None  # only compared when there are baselines
+        return finetune(warm, bits, data, long_finetune, seed, progress, "same finetune", context)[2]
+
+    methods.append(MethodResult("smpq", chosen_bits, cost_of(graph, chosen_bits, board, budgets).to_dict(),
+                                chosen.score, before, after, same_finetune(chosen_bits)))
     for method in config.baselines:
         t0 = time.perf_counter()
         try:
@@ -202,7 +211,10 @@ def run_search(source: ModelSource, data: Dataset, board: Board, *, budgets: Bud
             continue
         epochs = config.finetune if method == "dmpq" else long_finetune
         _, before, after = finetune(start, bits, data, epochs, seed, progress, f"finetune {method}", context)
-        methods.append(MethodResult(method, bits, cost_of(graph, bits, board, budgets).to_dict(), score, before, after))
+        # HAWQ and the uniform policies already finetune from the warm-up for the long schedule.
+        same = same_finetune(bits) if method == "dmpq" else after
+        methods.append(MethodResult(method, bits, cost_of(graph, bits, board, budgets).to_dict(), score, before, after,
+                                    same))
         log(f"{method}: test accuracy {before:.4f} before finetune, {after:.4f} after")
         timings[f"{method}_s"] = time.perf_counter() - t0
     timings["total_s"] = time.perf_counter() - started
