@@ -280,6 +280,17 @@ def _paired(runs: list[dict], baseline: str, key: str = "test_acc") -> str:
     return f"{diffs.mean():+.2f} ± {spread:.2f} ({wins}/{ties}/{len(diffs) - wins - ties})"
 
 
+def _paired_table(args, runs: list[dict], key: str, caption: str) -> list[str]:
+    lines = ["", caption, "", "| dataset | f | " + " | ".join(f"smpq − {m}" for m in METHODS[1:]) + " |",
+             "|---|---|" + "---|" * (len(METHODS) - 1)]
+    for name in args.datasets:
+        for fraction in args.fractions:
+            sel = [r for r in runs if r["dataset"] == name and r["fraction"] == fraction]
+            if sel:
+                lines.append(f"| {name} | {fraction} | " + " | ".join(_paired(sel, m, key) for m in METHODS[1:]) + " |")
+    return lines
+
+
 def _tables(args, config, runs, budgets_info, regrets, oracle_rows, command, wall) -> str:
     c = config
     lines = [SECTION, "",
@@ -334,24 +345,12 @@ def _tables(args, config, runs, budgets_info, regrets, oracle_rows, command, wal
             rank = 1 + sum(v > means.get("smpq", -1) for m, v in means.items() if m != "smpq")
             lines.append(f"| {name} | {fraction} | " + " | ".join(cells) + f" | {rank} of {len(means)} |")
     lines += ["", "SMPQ rank: among the methods that fit the budget (uniform8 excluded), by mean accuracy."]
-    lines += ["", "Paired differences, SMPQ minus each baseline on the same seed (same split, float model and "
-              "warm-up, so seed-to-seed variation cancels): mean ± std in points, and SMPQ wins / ties / losses.", "",
-              "| dataset | f | " + " | ".join(f"smpq − {m}" for m in METHODS[1:]) + " |", "|---|---|" + "---|" * (len(METHODS) - 1)]
-    for name in args.datasets:
-        for fraction in args.fractions:
-            sel = [r for r in runs if r["dataset"] == name and r["fraction"] == fraction]
-            if sel:
-                lines.append(f"| {name} | {fraction} | " + " | ".join(_paired(sel, m) for m in METHODS[1:]) + " |")
-    lines += ["", "The same, with every method's pick finetuned identically (from the shared warm-up weights, "
-              "search + finetune epochs; `test_acc_same_finetune`): selection alone, without the methods' own "
-              "training schedules.", "",
-              "| dataset | f | " + " | ".join(f"smpq − {m}" for m in METHODS[1:]) + " |", "|---|---|" + "---|" * (len(METHODS) - 1)]
-    for name in args.datasets:
-        for fraction in args.fractions:
-            sel = [r for r in runs if r["dataset"] == name and r["fraction"] == fraction]
-            if sel:
-                lines.append(f"| {name} | {fraction} | "
-                             + " | ".join(_paired(sel, m, "test_acc_same_finetune") for m in METHODS[1:]) + " |")
+    lines += _paired_table(args, runs, "test_acc", "Paired differences, SMPQ minus each baseline on the same seed "
+                           "(same split, float model and warm-up, so seed-to-seed variation cancels): mean ± std in "
+                           "points, and SMPQ wins / ties / losses.")
+    lines += _paired_table(args, runs, "test_acc_same_finetune", "The same, with every method's pick finetuned "
+                           "identically (from the shared warm-up weights, search + finetune epochs; "
+                           "`test_acc_same_finetune`): selection alone, without the methods' own training schedules.")
     if regrets:
         lines += ["", f"Oracle (mnist1d_dscnn, seed {args.oracle_seed} only): all 256 policies, each finetuned "
                   f"**{args.oracle_epochs} epoch(s)** from the same warm-up weights (not the methods' own longer "
