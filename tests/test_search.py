@@ -124,6 +124,13 @@ def test_quick_search_fits_a_tight_budget_and_writes_outputs(digits, tmp_path):
     for m in methods.values():
         assert m["cost"]["flash_total_bytes"] <= budgets.flash_bytes
         assert 0.5 < m["test_acc"] <= 1.0
+        assert 0.5 < m["test_acc_same_finetune"] <= 1.0
+    # HAWQ's own finetune is the shared one (from the warm-up, same epochs), so the two agree; and a
+    # pick shared by two methods scores the same under the shared finetune.
+    assert methods["hawq"]["test_acc_same_finetune"] == methods["hawq"]["test_acc"]
+    for other in ("dmpq", "hawq", "uniform4"):
+        if methods[other]["bits"] == bits:
+            assert methods[other]["test_acc_same_finetune"] == methods["smpq"]["test_acc_same_finetune"]
     save_search(result, tmp_path)
     saved = json.loads((tmp_path / "policy.json").read_text())
     assert {layer["name"]: layer["weight_bits"] for layer in saved["layers"]} == bits
