@@ -151,13 +151,21 @@ def test_loosening_a_budget_never_lowers_the_best_score(problem, data):
         assert loose.score >= tight.score - 1e-6
 
 
+def k_best_or_none(problem, k: int):
+    """The k best selections, or None when nothing fits (k_best raises UserError then)."""
+    scores, costs, budgets, aggregate = problem
+    try:
+        return k_best(scores, costs, budgets, k, aggregate=aggregate)
+    except UserError:
+        return None
+
+
 @settings(deadline=None, max_examples=80)
 @given(problems(), st.integers(1, 8))
 def test_every_selection_of_k_best_is_within_every_budget(problem, k):
     scores, costs, budgets, aggregate = problem
-    try:
-        found = k_best(scores, costs, budgets, k, aggregate=aggregate)
-    except UserError:
+    found = k_best_or_none(problem, k)
+    if found is None:
         return
     assert 1 <= len(found) <= k
     assert [s.score for s in found] == sorted((s.score for s in found), reverse=True)
@@ -172,12 +180,10 @@ def test_every_selection_of_k_best_is_within_every_budget(problem, k):
 @settings(deadline=None, max_examples=60)
 @given(problems(), st.integers(1, 5))
 def test_k_best_is_a_prefix_of_k_plus_one_best(problem, k):
-    scores, costs, budgets, aggregate = problem
-    try:
-        shorter = k_best(scores, costs, budgets, k, aggregate=aggregate)
-    except UserError:
+    shorter = k_best_or_none(problem, k)
+    if shorter is None:
         return
-    longer = k_best(scores, costs, budgets, k + 1, aggregate=aggregate)
+    longer = k_best_or_none(problem, k + 1)
     assert len(longer) >= len(shorter)
     np.testing.assert_allclose([s.score for s in longer[: len(shorter)]], [s.score for s in shorter], atol=1e-6)
 
