@@ -1,11 +1,13 @@
 """Search speed: batched vs one-at-a-time Shapley coalition evaluation, and a full run_search's wall time.
 
 Part (a): on a quickly trained supernet (a couple of float epochs, one warm-up epoch), the same
-``monte_carlo_shapley`` call (same permutations, same seed, same groups and truncation as the
-search) is run twice: ``batched=True`` with ``CoalitionValue.__call__`` (C coalitions in one
-forward pass, ``max_batch=value.max_batch``), and ``batched=False`` with
+``monte_carlo_shapley`` call as one alpha update of the search (its permutations, truncation and
+groups) is run twice: ``batched=True`` with ``CoalitionValue.__call__`` (each call's coalitions
+walked as a prefix tree, ``QuantNet.coalition_logits``), and ``batched=False`` with
 ``CoalitionValue.one_at_a_time`` (one ordinary forward per coalition, sequential walk). Reports
-coalitions per second for both, the speed ratio, and whether the estimates are identical.
+coalitions per second for both, the speed ratio, whether the estimates are identical, and the
+ratio of the layer MACs each way computes for the coalitions it was given: the speed-up an exact
+evaluation could reach if time were proportional to MACs.
 
 Part (b): wall time of a full ``run_search`` of resnet8 on synthetic-cifar with the default
 ``SearchConfig`` minus baselines (``--full-config quick`` uses ``SearchConfig.quick()`` instead,
@@ -47,11 +49,7 @@ from smpq_edge.search.train import TrainConfig, seed_everything, train  # noqa: 
 HERE = Path(__file__).resolve().parent
 SECTION = "## Search speed (bench/search_speed.py)"
 
-CASES = [  # (model, data, permutations)
-    ("digits_cnn", "digits", 24),
-    ("mnist1d_dscnn", "mnist1d", 24),
-    ("resnet8", "synthetic-cifar", 4),
-]
+CASES = [("digits_cnn", "digits"), ("mnist1d_dscnn", "mnist1d"), ("resnet8", "synthetic-cifar")]
 
 
 def quick_supernet(model: str, data_name: str, seed: int, float_epochs: int, warmup_epochs: int):
@@ -68,14 +66,33 @@ def quick_supernet(model: str, data_name: str, seed: int, float_epochs: int, war
 
 
 def timed_shapley(net: QuantNet, value: CoalitionValue, permutations: int, truncation: float, seed: int,
-                  batched: bool, max_batch: int | None = None):
+                  batched: bool):
+    """The estimate, its seconds, and the layer MACs its evaluations computed."""
     groups = np.repeat(np.arange(len(net.graph.layers)), len(net.candidates))
-    net.set_policy(None)
+    calls: list[np.ndarray] = []
     fn = value if batched else value.one_at_a_time
+
+    def recorded(masks: np.ndarray) -> np.ndarray:
+        calls.append(masks)
+        return fn(masks)
+
+    net.set_policy(None)
     t0 = time.perf_counter()
-    est = monte_carlo_shapley(fn, len(net.players()), permutations, groups=groups, truncation=truncation, seed=seed,
-                              max_batch=max_batch or value.max_batch, batched=batched)
-    return est, time.perf_counter() - t0
+    est = monte_carlo_shapley(recorded, len(net.players()), permutations, groups=groups, truncation=truncation,
+                              seed=seed, max_batch=value.max_batch, batched=batched)
+    seconds = time.perf_counter() - t0
+    return est, seconds, sum(computed_macs(net, masks, shared=batched) for masks in calls)
+
+
+def computed_macs(net: QuantNet, masks: np.ndarray, shared: bool) -> int:
+    """Layer MACs (per sample) to score ``masks`` in one call: each layer once per coalition, or,
+    shared, once per distinct prefix of layer choices (what ``coalition_logits`` runs)."""
+    macs = np.array([op.macs for op in net.graph.layers])
+    if not shared:
+        return int(len(masks) * macs.sum())
+    choices = masks.reshape(len(masks), len(macs), -1)
+    prefixes = [len(np.unique(choices[:, :d + 1].reshape(len(masks), -1), axis=0)) for d in range(len(macs))]
+    return int(np.dot(prefixes, macs))
 
 
 def speed_case(model: str, data_name: str, permutations: int, seed: int, args) -> dict:
@@ -85,13 +102,8 @@ def speed_case(model: str, data_name: str, permutations: int, seed: int, args) -
     shapley = ShapleyConfig()
     x, y = validation_batch(data, shapley.val_samples, seed)
     value = CoalitionValue(net, x, y)
-    batched, t_b = timed_shapley(net, value, permutations, shapley.truncation, seed, batched=True)
-    single, t_s = timed_shapley(net, value, permutations, shapley.truncation, seed, batched=False)
-    sweep = {}
-    for mb in args.max_batch_sweep:  # smaller passes: is the default per-pass size the right one?
-        est, t = timed_shapley(net, value, permutations, shapley.truncation, seed, batched=True, max_batch=mb)
-        sweep[mb] = {"seconds": t, "coalitions_per_s": est.n_coalitions / t,
-                     "identical": bool(np.array_equal(est.mean, batched.mean, equal_nan=True))}
+    batched, t_b, macs_b = timed_shapley(net, value, permutations, shapley.truncation, seed, batched=True)
+    single, t_s, macs_s = timed_shapley(net, value, permutations, shapley.truncation, seed, batched=False)
     both = ~np.isnan(batched.mean) | ~np.isnan(single.mean)
     same_nan = np.array_equal(np.isnan(batched.mean), np.isnan(single.mean))
     diff = float(np.nanmax(np.abs(batched.mean - single.mean))) if both.any() else 0.0
@@ -99,7 +111,7 @@ def speed_case(model: str, data_name: str, permutations: int, seed: int, args) -
                      and np.array_equal(batched.count, single.count))
     row = {
         "model": model, "data": data_name, "layers": len(net.graph.layers), "players": len(net.players()),
-        "val_samples": len(y), "permutations": permutations, "max_batch": value.max_batch,
+        "val_samples": len(y), "permutations": permutations,
         "full_value": batched.full_value,
         "batched": {"coalitions": batched.n_coalitions, "calls": batched.n_calls, "seconds": t_b,
                     "coalitions_per_s": batched.n_coalitions / t_b},
@@ -108,7 +120,8 @@ def speed_case(model: str, data_name: str, permutations: int, seed: int, args) -
         # Work-normalised: the batched path evaluates each distinct coalition once.
         "speedup_wall": t_s / t_b,
         "speedup_per_coalition": (single.n_coalitions / t_s) and (batched.n_coalitions / t_b) / (single.n_coalitions / t_s),
-        "identical": identical, "max_abs_diff": diff, "prep_seconds": prep, "sweep": sweep,
+        "mac_ratio": macs_s / macs_b,
+        "identical": identical, "max_abs_diff": diff, "prep_seconds": prep,
     }
     print(json.dumps(row), flush=True)
     return row
@@ -138,27 +151,25 @@ def write_results(rows: list[dict], full: dict | None, args, command: str) -> No
              f"Supernets: {args.float_epochs} float epochs + {args.warmup_epochs} warm-up epoch(s), seed {args.seed}, "
              f"board nucleo-l4r5zi (w4a8/w8a8), validation batch {ShapleyConfig().val_samples} samples (or the whole "
              f"val split if smaller), truncation {ShapleyConfig().truncation}, never-empty-layer groups. Same "
-             "`monte_carlo_shapley` call both ways: batched = `CoalitionValue.__call__` with "
-             "`max_batch=value.max_batch` (each distinct coalition once); one at a time = "
-             "`CoalitionValue.one_at_a_time` with `batched=False` (sequential walk, one forward per coalition).", "",
+             "`monte_carlo_shapley` call both ways, as one alpha update: batched = `CoalitionValue.__call__` "
+             "(each call's distinct coalitions walked as a prefix tree, each layer once per distinct prefix); one "
+             "at a time = `CoalitionValue.one_at_a_time` with `batched=False` (sequential walk, one forward per "
+             "coalition).", "",
              "| model | players | perms | batched coalitions | batched s | batched coal/s | one-at-a-time coalitions "
-             "| one-at-a-time s | one-at-a-time coal/s | wall speed-up | per-coalition speed-up | identical | max abs diff |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| one-at-a-time s | one-at-a-time coal/s | wall speed-up | per-coalition speed-up | MAC ratio (bound) "
+             "| identical | max abs diff |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         b, s = r["batched"], r["one_at_a_time"]
         lines.append(f"| {r['model']} ({r['data']}) | {r['players']} | {r['permutations']} | {b['coalitions']} | "
                      f"{b['seconds']:.2f} | {b['coalitions_per_s']:.1f} | {s['coalitions']} | {s['seconds']:.2f} | "
                      f"{s['coalitions_per_s']:.1f} | {r['speedup_wall']:.2f}x | {r['speedup_per_coalition']:.2f}x | "
-                     f"{'yes' if r['identical'] else 'NO'} | {r['max_abs_diff']:.3g} |")
-    lines += ["", "Batched path with a smaller `max_batch` (same estimate; seconds, coalitions/s, identical to the "
-              "default batched estimate):", "", "| model | " + " | ".join(f"max_batch={mb}" for mb in args.max_batch_sweep)
-              + " |", "|---|" + "---|" * len(args.max_batch_sweep)]
-    for r in rows:
-        lines.append(f"| {r['model']} | " + " | ".join(
-            f"{v['seconds']:.2f} s, {v['coalitions_per_s']:.1f}/s, {'yes' if v['identical'] else 'NO'}"
-            for v in r["sweep"].values()) + " |")
+                     f"{r['mac_ratio']:.2f}x | {'yes' if r['identical'] else 'NO'} | {r['max_abs_diff']:.3g} |")
     lines += ["", "Wall speed-up = one-at-a-time seconds / batched seconds for the same estimate (the batched path "
-              "also skips duplicate coalitions); per-coalition speed-up compares coalitions per second."]
+              "also skips duplicate coalitions); per-coalition speed-up compares coalitions per second. MAC ratio = "
+              "layer MACs of the one-at-a-time evaluations / layer MACs of the batched ones (each layer once per "
+              "distinct prefix of choices, per call): the wall speed-up any exact evaluation could reach on a "
+              "machine where time follows MACs, as a CPU's does for these convolutions."]
     if full is not None:
         t = full["timings"]
         lines += ["", f"Full `run_search`, resnet8 on synthetic-cifar, seed {args.seed}, "
@@ -178,9 +189,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--float-epochs", type=int, default=2)
     p.add_argument("--warmup-epochs", type=int, default=1)
-    p.add_argument("--permutations", type=int, nargs=3, metavar=("DIGITS", "MNIST1D", "RESNET8"),
-                   default=[c[2] for c in CASES])
-    p.add_argument("--max-batch-sweep", type=int, nargs="*", default=[1, 8, 32])
+    p.add_argument("--permutations", type=int, default=ShapleyConfig().permutations,
+                   help="permutations per estimate (default: the search's, per alpha update)")
     p.add_argument("--skip-full", action="store_true", help="skip part (b), the full resnet8 run_search")
     p.add_argument("--full-config", choices=("default", "quick"), default="default")
     p.add_argument("--full-note", default="", help="text for RESULTS.md when --skip-full")
@@ -190,7 +200,7 @@ def main() -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     command = "python bench/search_speed.py " + " ".join(sys.argv[1:])
-    rows = [speed_case(m, d, n, args.seed, args) for (m, d, _), n in zip(CASES, args.permutations)]
+    rows = [speed_case(m, d, args.permutations, args.seed, args) for m, d in CASES]
     full = None if args.skip_full else full_search(args)
     if not args.no_write:
         write_results(rows, full, args, command.strip())

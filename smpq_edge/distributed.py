@@ -41,6 +41,20 @@ class Context:
         """This rank's share of a batch (a strided slice, so shares differ by at most one)."""
         return indices[self.rank::self.world]
 
+    def runs(self, order: np.ndarray) -> np.ndarray:
+        """Items laid out so that ``shard`` gives each rank a contiguous run of ``order``.
+
+        Returns ``slots``: slot i holds item ``slots[i]``; the ranks' strided shares of the slots
+        are, in rank order, consecutive runs of ``order`` (so ``gather_values`` still applies).
+        """
+        slots = np.empty(len(order), dtype=np.int64)
+        start = 0
+        for rank in range(self.world):
+            count = len(range(rank, len(order), self.world))
+            slots[rank::self.world] = order[start:start + count]
+            start += count
+        return slots
+
     def shard_ids(self, n_shards: int) -> range:
         """The shards of a batch this rank computes: every world-th, starting at its rank."""
         return range(self.rank, n_shards, self.world)

@@ -5,6 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from smpq_edge.boards import load_board
@@ -13,7 +15,7 @@ from smpq_edge.data import load_dataset
 from smpq_edge.errors import UserError
 from smpq_edge.graph import trace
 from smpq_edge.models import load_model
-from smpq_edge.quant import ActQuant, QuantNet, fake_quant_weight, fold_batchnorm, quantize_weight
+from smpq_edge.quant import INT8_MIN, ActQuant, QuantNet, fake_quant_weight, fold_batchnorm, quantize_weight
 from smpq_edge.search.budget import Budgets
 from smpq_edge.search.runner import SearchConfig, run_search, save_search
 from smpq_edge.search.smpq import CoalitionValue, validation_batch
@@ -79,6 +81,46 @@ def test_activation_quantiser_represents_zero_and_clamps():
     assert out[0] == 0.0 and out[2] == pytest.approx(3.0, abs=params.scale) and out[3] == 0.0
     grid = out / params.scale
     torch.testing.assert_close(grid, torch.round(grid))
+
+
+@settings(max_examples=60, deadline=None)
+@given(scale=st.floats(1e-3, 0.3), zero_point=st.integers(-128, 127), spread=st.floats(0.1, 50.0),
+       activation=st.sampled_from(["none", "relu", "relu6"]), seed=st.integers(0, 2**16))
+def test_inference_quantiser_equals_the_fused_kernel(scale, zero_point, spread, activation, seed):
+    act = ActQuant()
+    lo = (INT8_MIN - zero_point) * scale  # a range whose params() give this scale and zero point
+    act.lo.fill_(lo), act.hi.fill_(lo + 255 * scale), act.initialised.fill_(True)
+    act.eval()
+    x = torch.randn(4000, generator=torch.Generator().manual_seed(seed)) * spread
+    x[:3] = torch.tensor([0.0, 6.0, -0.0])
+    with torch.no_grad():
+        fast = act(x, activation)
+    with torch.enable_grad():
+        reference = act(x, activation)  # the training path: activation, then torch's fused kernel
+    assert torch.equal(fast, reference.detach())
+
+
+def test_coalition_tree_walk_gives_each_coalition_its_own_logits_on_a_residual_net():
+    torch.manual_seed(0)
+    source = load_model("resnet8", num_classes=10)
+    source.module.eval()
+    net = QuantNet(trace(source.module, source.input_shape), source.module, (4, 8))
+    x = torch.randn(6, *source.input_shape)
+    net.train()
+    with torch.no_grad():
+        net(x)  # calibrates the activation ranges
+    net.eval()
+    masks = np.random.default_rng(0).random((10, len(net.players()))) < 0.5
+    masks[:, 1::2] |= ~masks[:, 0::2]  # never a layer without a candidate
+    masks[7] = masks[2]
+    logits, index = net.coalition_logits(x, masks)
+    assert len(logits) == 9 and index[7] == index[2]
+    with torch.no_grad():
+        for mask, row in zip(masks, index):
+            for layer, active in zip(net.mixed_layers(), mask.reshape(-1, 2)):
+                layer.active.copy_(torch.from_numpy(active))
+            assert torch.equal(logits[row], net(x))
+    net.set_policy(None)
 
 
 def test_batched_coalitions_equal_one_at_a_time(trained_digits_net, digits):
@@ -158,3 +200,4 @@ def test_monotone_scores_never_rank_a_narrower_width_above_a_wider_one():
     np.testing.assert_allclose(out[:, 1], [0.30, 0.20, -0.10], atol=1e-4)
     swapped = monotone_scores(scores[:, ::-1].copy(), (8, 4))  # column order follows the candidates
     np.testing.assert_allclose(swapped, out[:, ::-1])
+

@@ -1,11 +1,13 @@
 """Monte Carlo Shapley estimator against exact values on small synthetic games."""
 
 import itertools
+import math
 import json
 
 import numpy as np
 import pytest
 
+from smpq_edge.search import shapley
 from smpq_edge.search.shapley import exact_shapley, monte_carlo_shapley
 
 N = 6
@@ -203,7 +205,7 @@ def test_truncation_zeroes_contributions_after_threshold(batched, truncation, li
     # v(S) = |S|: values walk 6, 5, 4, 3, 2, 1, 0. A removal counts while the value before it is
     # at least truncation * 6 (3, or exactly 4); every permutation then gives `live_steps` 1s and
     # 0s after. The walk evaluates no coalition past the first one below the threshold; the
-    # batched path evaluates whole stages (a quarter of the steps), but never the last one here.
+    # batched path evaluates whole stages of steps, but no stage after that one.
     sizes = []
 
     def count_players(masks):
@@ -213,7 +215,10 @@ def test_truncation_zeroes_contributions_after_threshold(batched, truncation, li
     estimate = monte_carlo_shapley(count_players, N, 500, truncation=truncation, seed=0, batched=batched)
     assert np.all(estimate.count == 500)
     assert np.sum(estimate.mean * estimate.count) == pytest.approx(live_steps * 500, abs=1e-9)
-    assert min(sizes) == (2 if batched else N - live_steps)
+    first_below = next(t for t in range(N) if N - 1 - t < truncation * N)
+    stage = math.ceil(N / shapley._TRUNCATION_STAGES)
+    last_evaluated = min(N, stage * (first_below // stage + 1)) - 1 if batched else first_below
+    assert min(sizes) == N - 1 - last_evaluated
     untruncated = monte_carlo_shapley(count_players, N, 500, seed=0, batched=batched)
     np.testing.assert_allclose(untruncated.mean, 1.0)
 

@@ -36,8 +36,10 @@ ValueFn = Callable[[np.ndarray], np.ndarray]
 
 # With truncation on, each permutation's coalitions are evaluated in this many stages, and a
 # stage is skipped for permutations that are already truncated: fewer wasted evaluations for a
-# few more value_fn calls.
-_TRUNCATION_STAGES = 4
+# few more value_fn calls. Each call shares less (a value_fn may share work between the
+# coalitions of one call): 4 stages cost 30-40 % more than 1 on a supernet that never truncates
+# (bench/search_speed.py's supernets), 2 is the compromise.
+_TRUNCATION_STAGES = 2
 # Most coalitions (rows of the bool matrix) built in memory at once.
 _CHUNK_COALITIONS = 65536
 # exact_shapley enumerates 2**n coalitions: keep that to what fits a laptop.

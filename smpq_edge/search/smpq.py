@@ -19,11 +19,9 @@ from smpq_edge.quant import QuantNet
 from smpq_edge.distributed import SINGLE_PROCESS, Context
 from smpq_edge.search.shapley import ShapleyEstimate, monte_carlo_shapley
 
-# Rows (samples x coalitions) times the largest activation, per forward pass. On a CPU, passes
-# larger than the caches run slower per coalition than one coalition at a time (measured in
-# bench/search_speed.py: mnist1d 0.55x at 40M elements, 2x at ~3M); a GPU wants them large.
-_MAX_ELEMENTS_PER_PASS = {"cpu": 4_000_000, "cuda": 40_000_000}
-_MIN_COALITIONS_PER_PASS = 8
+# Coalitions per value_fn call: the more in one call, the more prefixes they share (memory
+# does not grow with it, see QuantNet.coalition_logits).
+_MAX_COALITIONS_PER_CALL = 4096
 _TIE_BREAK = 1e-5
 
 
@@ -63,21 +61,26 @@ class CoalitionValue:
         device = next(net.parameters()).device
         self.x = torch.from_numpy(x).to(device)
         self.y = torch.from_numpy(y).to(device)
-        largest = max(op.out_elements for op in net.graph.ops)
-        # At least a few coalitions per pass even for large models: their early layers are shared.
-        self.max_batch = max(_MIN_COALITIONS_PER_PASS, _MAX_ELEMENTS_PER_PASS[device.type] // (len(y) * largest))
+        self.max_batch = _MAX_COALITIONS_PER_CALL
 
     @torch.no_grad()
     def __call__(self, masks: np.ndarray) -> np.ndarray:
-        """Accuracy per coalition; under torchrun each rank scores its share of the coalitions."""
-        local = self.context.shard(np.arange(len(masks)))
-        return self.context.gather_values(self._accuracies(masks[local]), len(masks))
+        """Accuracy per coalition; under torchrun each rank scores its share of the coalitions.
+
+        Each rank gets a contiguous run of the coalitions in sorted order (not a strided one), so
+        the coalitions on one rank share as many layer prefixes as they can.
+        """
+        slots = self.context.runs(np.lexsort(masks.T[::-1]))
+        by_slot = self.context.gather_values(self._accuracies(masks[self.context.shard(slots)]), len(masks))
+        values = np.empty(len(masks))
+        values[slots] = by_slot
+        return values
 
     def _accuracies(self, masks: np.ndarray) -> np.ndarray:
         self.net.eval()
         if len(masks) == 0:
             return np.zeros(0)
-        blocks, index = self.net.coalition_logits(self.x, torch.from_numpy(masks).to(self.x.device))
+        blocks, index = self.net.coalition_logits(self.x, masks)
         return score(blocks, self.y, self.value)[index].cpu().numpy()
 
     @torch.no_grad()
