@@ -18,7 +18,7 @@ from smpq_edge.models import load_model
 from smpq_edge.quant import INT8_MIN, ActQuant, QuantNet, fake_quant_weight, fold_batchnorm, quantize_weight
 from smpq_edge.search.budget import Budgets
 from smpq_edge.search.runner import SearchConfig, run_search, save_search
-from smpq_edge.search.smpq import CoalitionValue, validation_batch
+from smpq_edge.search.smpq import CoalitionValue, pick_by_validation, validation_batch
 from smpq_edge.search.train import TrainConfig, train
 
 
@@ -201,3 +201,15 @@ def test_monotone_scores_never_rank_a_narrower_width_above_a_wider_one():
     swapped = monotone_scores(scores[:, ::-1].copy(), (8, 4))  # column order follows the candidates
     np.testing.assert_allclose(swapped, out[:, ::-1])
 
+def test_validation_rerank_keeps_the_shapley_optimum_unless_clearly_beaten():
+    rng = np.random.default_rng(0)
+    optimum = rng.random(500) < 0.9
+    noisy = optimum.copy()  # 42 disagreements, a lead of 2 samples
+    noisy[np.flatnonzero(optimum)[:20]] = False
+    noisy[np.flatnonzero(~optimum)[:22]] = True
+    clearly = optimum | (rng.random(500) < 0.5)  # only gains
+    more_clearly = optimum | (rng.random(500) < 0.9)
+    assert pick_by_validation([optimum, optimum.copy()], margin=1.0) == 0
+    assert pick_by_validation([optimum, noisy], margin=1.0) == 0
+    assert pick_by_validation([optimum, noisy], margin=0.0) == 1  # any lead wins without a margin
+    assert pick_by_validation([optimum, noisy, clearly, more_clearly], margin=1.0) == 3

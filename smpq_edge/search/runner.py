@@ -28,9 +28,9 @@ from smpq_edge.search.baselines import dmpq_scores, hawq_scores
 from smpq_edge.search.budget import DIMENSIONS, Budgets, cost_of, knapsack
 from smpq_edge.distributed import SINGLE_PROCESS, Context
 from smpq_edge.search.select import Selection, k_best, smallest_achievable
-from smpq_edge.search.smpq import (AlphaUpdater, ShapleyConfig, estimate_shapley, monotone_scores, shapley_scores,
-                                   validation_batch)
-from smpq_edge.search.train import TrainConfig, accuracy, seed_everything, train
+from smpq_edge.search.smpq import (AlphaUpdater, ShapleyConfig, estimate_shapley, monotone_scores,
+                                   pick_by_validation, shapley_scores, validation_batch)
+from smpq_edge.search.train import TrainConfig, accuracy, correct, seed_everything, train
 from smpq_edge.versions import versions
 
 CALIBRATION_BATCHES = 8
@@ -44,6 +44,7 @@ class SearchConfig:
     finetune: TrainConfig = TrainConfig(epochs=6, lr=5e-4)
     shapley: ShapleyConfig = ShapleyConfig()
     k_best: int = 5  # summed-Shapley policies re-ranked by measured validation accuracy
+    rerank_margin: float = 1.0  # standard errors a re-ranked policy must lead by (pick_by_validation)
     baselines: tuple[str, ...] = ("dmpq", "hawq", "uniform8", "uniform4")
 
     @classmethod
@@ -178,13 +179,13 @@ def run_search(source: ModelSource, data: Dataset, board: Board, *, budgets: Bud
     for selection in k_best(scores.tolist(), sack.costs, sack.budgets, config.k_best, aggregate=sack.aggregate,
                             names=sack.names):
         bits = _bits(graph, candidates, selection)
-        net.set_policy(bits)
-        ranked.append((accuracy(net, x_val, y_val), selection, bits))
+        if all(cost_of(graph, bits, board, budgets).fits.values()):
+            net.set_policy(bits)
+            ranked.append((correct(net, x_val, y_val), selection, bits))
     net.set_policy(None)
-    ranked = [r for r in ranked if all(cost_of(graph, r[2], board, budgets).fits.values())]
     if not ranked:
         raise UserError("no policy among the best by Shapley fits every budget under the full cost model")
-    _, chosen, chosen_bits = max(ranked, key=lambda r: (r[0], r[1].score))
+    _, chosen, chosen_bits = ranked[pick_by_validation([r[0] for r in ranked], config.rerank_margin)]
 
     methods: list[MethodResult] = []
     tuned, before, after = finetune(net, chosen_bits, data, config.finetune, seed, progress, "finetune SMPQ", context)
@@ -232,8 +233,8 @@ def run_search(source: ModelSource, data: Dataset, board: Board, *, budgets: Bud
         "config": config.to_dict(), "float_test_acc": float_acc,
         "shapley": {"players": players, **table.to_dict()},
         "alpha_history": updater.history,
-        "k_best": [{"bits": bits, "summed_shapley": sel.score, "val_acc": acc, "cost": list(sel.cost)}
-                   for acc, sel, bits in ranked],
+        "k_best": [{"bits": bits, "summed_shapley": sel.score, "val_acc": float(hits.mean()), "cost": list(sel.cost),
+                    "chosen": sel is chosen} for hits, sel, bits in ranked],
         "methods": [asdict(m) for m in methods],
         "timings": timings, "versions": versions(),
     }

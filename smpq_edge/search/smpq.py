@@ -135,6 +135,26 @@ def monotone_scores(scores: np.ndarray, candidates: tuple[int, ...]) -> np.ndarr
     return out
 
 
+def pick_by_validation(correct: list[np.ndarray], margin: float) -> int:
+    """Which of the K best policies by summed Shapley to keep (0: the selector's optimum), given
+    each one's per-sample correctness on the validation batch.
+
+    Another policy replaces the optimum only if it is better on the validation batch by more
+    than ``margin`` standard errors of the paired difference. A few hundred validation samples
+    resolve about 0.2 points, the size of the int4/int8 differences compared here, so a smaller
+    lead is noise, and taking it would trade int8 for int4 where the budget has room for int8.
+    """
+    best, best_gain = 0, 0.0
+    base = correct[0].astype(np.float64)
+    for i, hits in enumerate(correct[1:], start=1):
+        difference = hits.astype(np.float64) - base
+        gain = difference.mean()
+        stderr = difference.std(ddof=1) / np.sqrt(len(difference)) if len(difference) > 1 else np.inf
+        if gain > margin * stderr and gain > best_gain:
+            best, best_gain = i, gain
+    return best
+
+
 class AlphaUpdater:
     """Shapley-NAS's alpha update: standardised Shapley values, accumulated with momentum."""
 

@@ -43,14 +43,17 @@ def device_of(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> float:
+def correct(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> np.ndarray:
+    """Per sample: is the model's top-1 class the label?"""
     model.eval()
     device = device_of(model)
-    correct = 0
-    for idx in batches(x, y, batch_size, None):
-        logits = model(torch.from_numpy(x[idx]).to(device))
-        correct += int((logits.argmax(1).cpu() == torch.from_numpy(y[idx])).sum())
-    return correct / len(y)
+    hits = [model(torch.from_numpy(x[idx]).to(device)).argmax(1).cpu().numpy() == y[idx]
+            for idx in batches(x, y, batch_size, None)]
+    return np.concatenate(hits) if hits else np.zeros(0, dtype=bool)
+
+
+def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> float:
+    return float(correct(model, x, y, batch_size).mean())
 
 
 def _flat_gradient(params: list[nn.Parameter]) -> torch.Tensor:
