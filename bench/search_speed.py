@@ -156,7 +156,7 @@ def write_results(rows: list[dict], full: dict | None, args, command: str) -> No
              "at a time = `CoalitionValue.one_at_a_time` with `batched=False` (sequential walk, one forward per "
              "coalition).", "",
              "| model | players | perms | batched coalitions | batched s | batched coal/s | one-at-a-time coalitions "
-             "| one-at-a-time s | one-at-a-time coal/s | wall speed-up | per-coalition speed-up | MAC ratio (bound) "
+             "| one-at-a-time s | one-at-a-time coal/s | wall speed-up | per-coalition speed-up | MAC ratio "
              "| identical | max abs diff |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -168,8 +168,9 @@ def write_results(rows: list[dict], full: dict | None, args, command: str) -> No
     lines += ["", "Wall speed-up = one-at-a-time seconds / batched seconds for the same estimate (the batched path "
               "also skips duplicate coalitions); per-coalition speed-up compares coalitions per second. MAC ratio = "
               "layer MACs of the one-at-a-time evaluations / layer MACs of the batched ones (each layer once per "
-              "distinct prefix of choices, per call): the wall speed-up any exact evaluation could reach on a "
-              "machine where time follows MACs, as a CPU's does for these convolutions."]
+              "distinct prefix of choices, per call): how much less arithmetic the batched path does. It is the "
+              "most an exact evaluation can save by sharing work; the rest of a wall speed-up comes from cheaper "
+              "work per layer."]
     if full is not None:
         t = full["timings"]
         lines += ["", f"Full `run_search`, resnet8 on synthetic-cifar, seed {args.seed}, "
