@@ -8,11 +8,14 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
 def write_section(heading: str, body: str) -> None:
-    """Replace (or append) the section that starts at ``heading``, up to the next '## ' heading."""
-    body = body.strip().removeprefix(heading)
+    """Replace the section that starts at ``heading`` (up to the next '## ' heading) where it
+    stands, or append it, so the file keeps its order."""
+    section = heading + "\n\n" + body.strip().removeprefix(heading).strip() + "\n"
     current = RESULTS.read_text() if RESULTS.exists() else "# Measured results\n"
-    if heading in current:
-        start = current.index(heading)
-        end = current.find("\n## ", start + len(heading))
-        current = current[:start] + (current[end + 1:] if end != -1 else "")
-    RESULTS.write_text(current.rstrip() + "\n\n" + heading + "\n\n" + body.strip() + "\n")
+    if heading not in current:
+        RESULTS.write_text(current.rstrip() + "\n\n" + section)
+        return
+    start = current.index(heading)
+    end = current.find("\n## ", start + len(heading))
+    rest = "" if end == -1 else "\n" + current[end + 1:]
+    RESULTS.write_text(current[:start] + section + rest)
