@@ -379,14 +379,31 @@ def _tables(args, config, runs, budgets_info, regrets, oracle_rows, command, wal
                 cells.append(shown + (f", {len(picks)}/{len(rows)} feasible" if len(picks) < len(rows) else ""))
             lines.append(f"| {fraction} | {np.mean([r['feasible'] for r in rows]):.0f} | "
                          f"{100 * np.mean([r['best_acc'] for r in rows]):.1f} | " + " | ".join(cells) + " |")
+        lines += ["", "How much the choice of layers can matter at all: per seed, the spread of the 256 oracle "
+                  "accuracies, and a least-squares fit of them on one int8-vs-int4 effect per layer (points; what "
+                  "the fit leaves is finetune noise and interactions).", "",
+                  "| seed | min / median / max (%) | int8 effect per layer (points) | R² | residual std (points) |",
+                  "|---|---|---|---|---|"]
         for seed in seeds:
             accs = np.array([r["acc"] for r in oracle_rows[seed]]) * 100
-            lines += ["", f"Seed {seed}: spread of the 256 oracle accuracies min {accs.min():.1f}, "
-                      f"median {np.median(accs):.1f}, max {accs.max():.1f} %."]
+            effects, r2, residual = _layer_effects(oracle_rows[seed])
+            lines.append(f"| {seed} | {accs.min():.1f} / {np.median(accs):.1f} / {accs.max():.1f} | "
+                         + " ".join(f"{e:+.2f}" for e in effects) + f" | {r2:.2f} | {residual:.2f} |")
         lines += ["", "(uniform8's regret is measured against the budget's feasible set, so it can be negative "
                   "when it is over budget.)"]
     lines += ["", f"Plot: `bench/{Path(args.plot).name}`; raw numbers: `bench/{Path(args.out).name}`."]
     return "\n".join(lines) + "\n"
+
+
+def _layer_effects(oracle_rows: list[dict]) -> tuple[np.ndarray, float, float]:
+    """Oracle accuracy (points) fitted as a constant plus one int8 effect per layer: the effects,
+    the fit's R² and the standard deviation of what it leaves."""
+    names = list(oracle_rows[0]["bits"])
+    design = np.array([[1.0] + [float(r["bits"][n] == 8) for n in names] for r in oracle_rows])
+    accs = np.array([r["acc"] for r in oracle_rows]) * 100
+    coef = np.linalg.lstsq(design, accs, rcond=None)[0]
+    residual = accs - design @ coef
+    return coef[1:], 1 - (residual ** 2).sum() / ((accs - accs.mean()) ** 2).sum(), float(residual.std())
 
 
 def _plot(runs: list[dict], path: str) -> None:
