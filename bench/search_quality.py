@@ -302,8 +302,9 @@ def _tables(args, config, runs, budgets_info, regrets, oracle_rows, command, wal
              f"Wall time {wall / 60:.1f} min{' (longest of the merged parallel runs)' if args.merge else ''}.  ",
              f"Config (`SearchConfig.quick()` x epochs-scale {args.epochs_scale}, float epochs set by --float-epochs): float {c.float_train.epochs} epochs "
              f"(trained once per dataset and seed, passed to `run_search` as pretrained), warm-up {c.warmup.epochs}, "
-             f"SMPQ search {c.search.epochs}, finetune {c.finetune.epochs} (baselines except DMPQ get "
-             f"search+finetune = {c.search.epochs + c.finetune.epochs} epochs, as `run_search` does), Shapley "
+             f"SMPQ search {c.search.epochs}, finetune {c.finetune.epochs} (every pick but DMPQ's is trained "
+             f"search+finetune = {c.search.epochs + c.finetune.epochs} epochs from the warm-up, DMPQ's finetune "
+             f"epochs from its search weights, as `run_search` does), Shapley "
              f"{c.shapley.permutations} permutations per update, {c.shapley.final_permutations} final, "
              f"{c.shapley.val_samples} val samples, k_best {c.k_best}. Board {args.board}; RAM and cycle budgets "
              "the board's (never binding here). These are far fewer epochs than the default `SearchConfig()`: "
