@@ -167,8 +167,9 @@ def test_quick_search_fits_a_tight_budget_and_writes_outputs(digits, tmp_path):
         assert m["cost"]["flash_total_bytes"] <= budgets.flash_bytes
         assert 0.5 < m["test_acc"] <= 1.0
         assert 0.5 < m["test_acc_same_finetune"] <= 1.0
-    # HAWQ's own finetune is the shared one (from the warm-up, same epochs), so the two agree; and a
-    # pick shared by two methods scores the same under the shared finetune.
+    # SMPQ's and HAWQ's own training is the shared one (from the warm-up, same epochs), so the two
+    # agree; and a pick shared by two methods scores the same under the shared finetune.
+    assert methods["smpq"]["test_acc_same_finetune"] == methods["smpq"]["test_acc"]
     assert methods["hawq"]["test_acc_same_finetune"] == methods["hawq"]["test_acc"]
     for other in ("dmpq", "hawq", "uniform4"):
         if methods[other]["bits"] == bits:
@@ -179,6 +180,8 @@ def test_quick_search_fits_a_tight_budget_and_writes_outputs(digits, tmp_path):
     record = json.loads((tmp_path / "search.json").read_text())
     assert len(record["shapley"]["players"]) == 2 * len(graph.layers)
     assert record["seed"] == 0 and record["versions"]["torch"]
+    chosen = [entry["bits"] for entry in record["k_best"] if entry["chosen"]]
+    assert chosen == [bits], "exactly one of the K best is the shipped policy"
 
 
 def test_budget_no_policy_meets_names_the_smallest(digits):
