@@ -136,10 +136,10 @@ def monotone_scores(scores: np.ndarray, candidates: tuple[int, ...]) -> np.ndarr
 
 
 def pick_by_validation(correct: list[np.ndarray], margin: float) -> int:
-    """Which of the K best policies by summed Shapley to keep (0: the selector's optimum), given
-    each one's per-sample correctness on the validation batch.
+    """Which of the K best policies by summed Shapley to keep, given each one's per-sample
+    correctness on the validation batch, in order of summed Shapley (0: the best that fits).
 
-    Another policy replaces the optimum only if it is better on the validation batch by more
+    Another policy replaces policy 0 only if it is better on the validation batch by more
     than ``margin`` standard errors of the paired difference. A few hundred validation samples
     resolve about 0.2 points, the size of the int4/int8 differences compared here, so a smaller
     lead is noise, and taking it would trade int8 for int4 where the budget has room for int8.
