@@ -71,8 +71,8 @@ class ActivationParams:
 class ActQuant(nn.Module):
     """Asymmetric int8 per-tensor fake quantiser with a running min/max range.
 
-    The range always includes 0 (TFLite needs zero exactly representable). While ``observing``,
-    training batches move the range by an exponential moving average, once per batch: forward
+    The range always includes 0 (TFLite needs zero exactly representable). In training mode
+    batches move the range by an exponential moving average, once per batch: forward
     passes only record the batch's min and max, and ``commit`` (called after the batch's last
     gradient shard, on every rank) applies them. So every shard of a batch, on any rank, is
     quantised with the same range, which keeps sharded and distributed training exact.
@@ -84,8 +84,6 @@ class ActQuant(nn.Module):
         self.register_buffer("lo", torch.tensor(0.0))
         self.register_buffer("hi", torch.tensor(0.0))
         self.register_buffer("initialised", torch.tensor(False))
-        self.observing = True
-        self.enabled = True
         self._pending: tuple[float, float] | None = None
 
     def _update(self, lo: float, hi: float) -> None:
@@ -113,8 +111,8 @@ class ActQuant(nn.Module):
     def forward(self, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
         """The fused activation (none, relu, relu6) applied to ``x``, then quantisation."""
         initialised = bool(self.initialised)
-        observes = self.observing and x.numel() and (self.training or not initialised)
-        if self.enabled and not observes and not torch.is_grad_enabled():
+        observes = x.numel() and (self.training or not initialised)
+        if not observes and not torch.is_grad_enabled():
             return self._inference(x, activation)
         x = _apply_activation(x, activation)
         if observes:
@@ -124,8 +122,6 @@ class ActQuant(nn.Module):
             else:
                 seen = self._pending or (lo, hi)
                 self._pending = (min(seen[0], lo), max(seen[1], hi))
-        if not self.enabled:
-            return x
         p = self.params()
         # torch's fused kernel: round half to even, clamp, dequantise; gradient straight through
         # inside the range and zero outside it.
@@ -217,7 +213,6 @@ class QuantNet(nn.Module):
         self.graph = graph
         self.candidates = tuple(sorted(candidates))
         modules = dict(source.named_modules())
-        self.layer_index = {op.name: i for i, op in enumerate(graph.layers)}
         self.layers = nn.ModuleDict()
         self.act = nn.ModuleDict()
         # Ops that keep their input's quantisation (TFLite requires the same scale in and out).
@@ -253,18 +248,10 @@ class QuantNet(nn.Module):
             name = self.graph.op(name).inputs[0]
         return self.act[self.key(name)]
 
-    def set_quantise_activations(self, enabled: bool) -> None:
-        for quantiser in self.act.values():
-            quantiser.enabled = enabled
-
     def commit_observations(self, context: Context = SINGLE_PROCESS) -> None:
         """End of a training batch: move every activation range by the batch's min and max."""
         for quantiser in self.act.values():
             quantiser.commit(context)
-
-    def set_observing(self, observing: bool) -> None:
-        for quantiser in self.act.values():
-            quantiser.observing = observing
 
     def set_policy(self, bits: dict[str, int] | None) -> None:
         """Activate one candidate per layer (``bits``), or all candidates (None) for the supernet."""
@@ -303,10 +290,8 @@ class QuantNet(nn.Module):
         return self.activation_quantiser(op.name)(y, op.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        values: dict[str, torch.Tensor] = {}
-        for op in self.graph.ops:
-            values[op.name] = self._execute(op, [values[s] for s in op.inputs] if op.inputs else [x])
-        return values[self.graph.output]
+        whole = _Segment(self.graph.ops, frozenset({self.graph.output}))
+        return self._run_segment(whole, {"": x})[self.graph.output]
 
     @torch.no_grad()
     def coalition_logits(self, x: torch.Tensor, coalitions: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
@@ -325,27 +310,31 @@ class QuantNet(nn.Module):
         # np.unique sorts the rows, so coalitions sharing a prefix of layer choices are contiguous.
         distinct, index = np.unique(codes, axis=0, return_inverse=True)
         segments = self._segments()
+        # Each layer's mixed weight per distinct choice, computed once per call.
+        weights = {}
+        for depth, layer in enumerate(self.mixed_layers()):
+            for code in np.unique(distinct[:, depth]).tolist():
+                active = torch.tensor([(code >> j) & 1 == 1 for j in range(k)], device=layer.alpha.device)
+                weights[depth, code] = layer.mixed_weight(active)
         leaves: list[torch.Tensor] = []
-        self._descend(segments, 0, distinct, self._run_segment(segments[0], {"": x}), leaves, {})
+        self._descend(segments, 0, distinct, self._run_segment(segments[0], {"": x}), leaves, weights)
         return torch.stack(leaves), index.reshape(-1)
 
     def _descend(self, segments: list[_Segment], depth: int, codes: np.ndarray, env: dict[str, torch.Tensor],
                  leaves: list[torch.Tensor], weights: dict[tuple[int, int], torch.Tensor]) -> None:
         """For each distinct choice of layer ``depth`` among ``codes`` (rows sharing the choices of
-        the layers before it), run that layer's segment, then the child's subtree."""
+        the layers before it, so each choice is one contiguous run), run that layer's segment,
+        then the child's subtree."""
         if depth == len(segments) - 1:
             leaves.append(env[self.graph.output])
             return
-        column = codes[:, depth]
-        starts = np.flatnonzero(np.r_[True, column[1:] != column[:-1]])
-        layer = self.mixed_layers()[depth]
-        for start, stop in zip(starts, np.r_[starts[1:], len(codes)]):
-            code = int(column[start])
-            if (depth, code) not in weights:
-                active = torch.tensor([(code >> j) & 1 == 1 for j in range(len(self.candidates))])
-                weights[depth, code] = layer.mixed_weight(active.to(layer.alpha.device))
-            child = self._run_segment(segments[depth + 1], env, weights[depth, code])
-            self._descend(segments, depth + 1, codes[start:stop], child, leaves, weights)
+        column = codes[:, depth].tolist()
+        start = 0
+        for stop in range(1, len(column) + 1):
+            if stop == len(column) or column[stop] != column[start]:
+                child = self._run_segment(segments[depth + 1], env, weights[depth, column[start]])
+                self._descend(segments, depth + 1, codes[start:stop], child, leaves, weights)
+                start = stop
 
     def _segments(self) -> list[_Segment]:
         """The ops before the first layer, then per layer the ops from it up to the next layer,
