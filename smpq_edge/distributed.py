@@ -37,23 +37,9 @@ class Context:
     def is_main(self) -> bool:
         return self.rank == 0
 
-    def shard(self, indices: np.ndarray) -> np.ndarray:
-        """This rank's share of a batch (a strided slice, so shares differ by at most one)."""
-        return indices[self.rank::self.world]
-
-    def runs(self, order: np.ndarray) -> np.ndarray:
-        """Items laid out so that ``shard`` gives each rank a contiguous run of ``order``.
-
-        Returns ``slots``: slot i holds item ``slots[i]``; the ranks' strided shares of the slots
-        are, in rank order, consecutive runs of ``order`` (so ``gather_values`` still applies).
-        """
-        slots = np.empty(len(order), dtype=np.int64)
-        start = 0
-        for rank in range(self.world):
-            count = len(range(rank, len(order), self.world))
-            slots[rank::self.world] = order[start:start + count]
-            start += count
-        return slots
+    def share(self, items: np.ndarray) -> np.ndarray:
+        """This rank's contiguous run of ``items`` (runs differ in length by at most one)."""
+        return np.array_split(items, self.world)[self.rank]
 
     def shard_ids(self, n_shards: int) -> range:
         """The shards of a batch this rank computes: every world-th, starting at its rank."""
@@ -92,18 +78,15 @@ class Context:
         return float(tensor[0])
 
     def gather_values(self, local: np.ndarray, total: int) -> np.ndarray:
-        """Values computed for ``shard(arange(total))`` on each rank, back in the original order."""
+        """The values every rank computed for its ``share`` of ``total`` items, in item order."""
         if not self.active:
             return local
-        padded = np.zeros(-(-total // self.world))
+        counts = [len(run) for run in np.array_split(np.arange(total), self.world)]
+        padded = np.zeros(max(counts))
         padded[:len(local)] = local
         gathered = [torch.zeros(len(padded), dtype=torch.float64, device=self.device) for _ in range(self.world)]
         dist.all_gather(gathered, torch.from_numpy(padded).to(self.device))
-        out = np.empty(total)
-        for rank, values in enumerate(gathered):
-            count = len(range(rank, total, self.world))
-            out[rank::self.world] = values.cpu().numpy()[:count]
-        return out
+        return np.concatenate([values.cpu().numpy()[:count] for values, count in zip(gathered, counts)])
 
     def broadcast_module(self, module: nn.Module) -> None:
         """Rank 0's parameters and buffers on every rank."""

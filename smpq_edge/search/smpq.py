@@ -67,13 +67,12 @@ class CoalitionValue:
     def __call__(self, masks: np.ndarray) -> np.ndarray:
         """Accuracy per coalition; under torchrun each rank scores its share of the coalitions.
 
-        Each rank gets a contiguous run of the coalitions in sorted order (not a strided one), so
-        the coalitions on one rank share as many layer prefixes as they can.
+        Each rank gets a contiguous run of the coalitions in sorted order, so the coalitions on
+        one rank share as many layer prefixes as they can.
         """
-        slots = self.context.runs(np.lexsort(masks.T[::-1]))
-        by_slot = self.context.gather_values(self._accuracies(masks[self.context.shard(slots)]), len(masks))
+        order = np.lexsort(masks.T[::-1])
         values = np.empty(len(masks))
-        values[slots] = by_slot
+        values[order] = self.context.gather_values(self._accuracies(masks[self.context.share(order)]), len(masks))
         return values
 
     def _accuracies(self, masks: np.ndarray) -> np.ndarray:
