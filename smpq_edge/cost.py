@@ -121,7 +121,7 @@ def weight_bytes(count: int, bits: int) -> int:
     return math.ceil(count / 2) if bits == 4 else count
 
 
-def _scratch_bytes(op: Op, bits: int, board: Board) -> int:
+def scratch_bytes(op: Op, bits: int, board: Board) -> int:
     """Per-op scratch that TFLM plans into the arena for the duration of the op."""
     if board.kernels == "reference":
         # Reference kernels unpack an INT4 filter into an int8 copy of the whole filter per invoke.
@@ -261,7 +261,7 @@ def estimate(graph: Graph, bits: dict[str, int], board: Board, flash_budget_byte
         if b not in board.weight_bits:
             raise UserError(f"layer '{op.name}': {b}-bit weights are not a candidate on board {board.name}")
         channels = quant_channels(op)
-        scratch[op.name] = _scratch_bytes(op, b, board)
+        scratch[op.name] = scratch_bytes(op, b, board)
         layers.append(LayerCost(
             name=op.name, kind=op.kind, weight_bits=b, params=op.weight_count, macs=op.macs,
             weight_bytes=weight_bytes(op.weight_count, b),

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from smpq_edge.boards import Board
-from smpq_edge.cost import CostReport, estimate
+from smpq_edge.cost import CostReport, estimate, scratch_bytes
 from smpq_edge.graph import Graph
 
 DIMENSIONS = ("flash", "RAM", "cycles")
@@ -59,11 +59,7 @@ def knapsack(graph: Graph, board: Board, budgets: Budgets, candidates: tuple[int
     flash_fixed = base.flash_total_bytes - sum(layer.flash_bytes for layer in base.layers)
     cycles_fixed = base.cycles - sum(layer.cycles for layer in base.layers)
     # Each layer's least-scratch candidate, so an option's RAM reflects that option's own scratch.
-    least_scratch = {}
-    for op in graph.layers:
-        scratch = {b: estimate(graph, {**base_bits, op.name: b}, board).layers[graph.layers.index(op)].scratch_bytes
-                   for b in candidates}
-        least_scratch[op.name] = min(candidates, key=lambda b: (scratch[b], -b))
+    least_scratch = {op.name: min(candidates, key=lambda b: (scratch_bytes(op, b, board), -b)) for op in graph.layers}
     costs = []
     for i, op in enumerate(graph.layers):
         rows = []
