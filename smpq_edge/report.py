@@ -130,11 +130,13 @@ def make_report(search: dict, emulation: dict | None, build: dict | None = None)
         + "\n\n![accuracy vs flash](accuracy_vs_flash.png)",
     ]
     if emulation:
-        sections.append("## TFLM emulator (model.tflite on the tflite-micro interpreter)\n\n" + _table(["figure", "value"], [
-            ["test samples", f"{emulation['samples']:,}"],
-            ["label agreement with the fake-quant network", f"{100 * emulation['label_agreement']:.2f} %"],
-            ["mean / max |output difference| (dequantised logits)",
-             f"{emulation['mean_abs_output_delta']:.4f} / {emulation['max_abs_output_delta']:.4f}"],
+        rows = [["test samples", f"{emulation['samples']:,}"]]
+        # `emulate` run on its own has no fake-quant network to compare with and leaves these None.
+        if emulation.get("label_agreement") is not None:
+            rows += [["label agreement with the fake-quant network", f"{100 * emulation['label_agreement']:.2f} %"],
+                     ["mean / max |output difference| (dequantised logits)",
+                      f"{emulation['mean_abs_output_delta']:.4f} / {emulation['max_abs_output_delta']:.4f}"]]
+        sections.append("## TFLM emulator (model.tflite on the tflite-micro interpreter)\n\n" + _table(["figure", "value"], rows + [
             ["model size (.tflite)", f"{emulation['model_bytes']:,} B (predicted {cost['model_flash_bytes']:,} B)"],
             ["smallest tensor arena (host TFLM, reference kernels)", f"{emulation['arena_bytes']:,} B"],
             ["host emulator speed", f"{emulation['inferences_per_second']:.0f} inferences/s"],

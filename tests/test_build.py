@@ -18,6 +18,7 @@ from smpq_edge.boards import BOARDS_DIR
 from smpq_edge.cli import main
 from smpq_edge.data import load_dataset
 from smpq_edge.models import load_model
+from smpq_edge.report import make_report
 from smpq_edge.search.train import TrainConfig, train
 
 QUICK = ["--quick", "--no-baselines"]
@@ -43,6 +44,17 @@ def test_default_build_writes_every_artefact(default_build):
     assert list(record["stages"]) == ["search", "export", "emulate", "firmware", "report"]
     assert record["arguments"]["board"] == "nucleo-l4r5zi" and record["versions"]["torch"]
     assert not list(default_build.rglob(".*.tmp")), "no temporary file may be left behind"
+
+
+def test_report_takes_an_emulation_record_from_emulate_alone(default_build):
+    # `emulate MODEL.tflite` writes emulation.json beside the model without the fake-quant
+    # comparison; a report made from a build folder after that must still come out.
+    search = json.loads((default_build / "search.json").read_text())
+    emulation = json.loads((default_build / "emulation.json").read_text())
+    alone = {**emulation, "label_agreement": None, "mean_abs_output_delta": None, "max_abs_output_delta": None}
+    markdown = make_report(search, alone).markdown
+    assert "label agreement" not in markdown and "smallest tensor arena" in markdown
+    assert "label agreement" in make_report(search, emulation).markdown
 
 
 def test_report_html_embeds_its_images(default_build):
