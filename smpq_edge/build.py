@@ -136,6 +136,8 @@ def emulate_stage(out: Path, source: ModelSource, data: Dataset, board: Board) -
 
 
 def firmware_stage(out: Path, data: Dataset, board: Board, seed: int) -> None:
+    """Firmware sources for model.tflite, with the arena the emulate stage measured (not measured again)."""
+    arena = read_json(out / "emulation.json", "emulation record")["arena_bytes"]
     generate_from_tflite(out / "model.tflite", board, out / "firmware", x=data.x_test, labels=data.y_test,
-                         vectors=FIRMWARE_VECTORS, seed=seed,
+                         vectors=FIRMWARE_VECTORS, seed=seed, arena_bytes=arena,
                          origin=f"{data.name} test split (seed {seed}), first {FIRMWARE_VECTORS} samples")

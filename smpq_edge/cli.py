@@ -273,7 +273,8 @@ def _build(parser: argparse.ArgumentParser):
                   lambda folder: export_stage(folder, source, data, board)),
             Stage("emulate", ("model.tflite", "quantnet.pt"), ("emulation.json",),
                   lambda folder: emulate_stage(folder, source, data, board)),
-            Stage("firmware", ("model.tflite",), ("firmware",), lambda folder: firmware_stage(folder, data, board, args.seed)),
+            Stage("firmware", ("model.tflite", "emulation.json"), ("firmware",),
+                  lambda folder: firmware_stage(folder, data, board, args.seed)),
             Stage("report", ("search.json", "emulation.json"), ("report.md", "report.html"), report_stage),
         ]
         arguments = {k: v for k, v in vars(args).items() if k not in ("run", "resume", "out")}

@@ -732,14 +732,16 @@ def generate_from_tflite(
     seed: int = 0,
     margin: int | None = None,
     origin: str | None = None,
+    arena_bytes: int | None = None,
 ) -> FirmwareResult:
     """A .tflite file -> firmware folder: test vectors from ``x``/``labels`` (float, channels
-    first; seeded random int8 inputs when None), arena measured, files written."""
+    first; seeded random int8 inputs when None), arena measured unless ``arena_bytes`` (the
+    emulator's measurement of the same model) is given, files written."""
     path = Path(model_path)
     try:
         model_bytes = path.read_bytes()
     except OSError as exc:
         raise UserError(f"{path}: cannot read TFLite file ({exc.strerror or exc.__class__.__name__})") from None
     test_vectors = build_test_vectors(model_bytes, x, labels, count=vectors, seed=seed, source=str(path), origin=origin)
-    spec = build_spec(model_bytes, test_vectors, name=path.name)
+    spec = build_spec(model_bytes, test_vectors, name=path.name, arena_bytes=arena_bytes)
     return generate_firmware(spec, board, out_dir, margin=margin)

@@ -40,6 +40,9 @@ def test_default_build_writes_every_artefact(default_build):
     emulation = json.loads((default_build / "emulation.json").read_text())
     assert emulation["label_agreement"] >= 0.99
     assert emulation["model_bytes"] == (default_build / "model.tflite").stat().st_size
+    # The firmware is sized from the emulate stage's arena measurement of the same model.
+    firmware = json.loads((default_build / "firmware" / "firmware.json").read_text())
+    assert firmware["arena"]["measured"] == emulation["arena_bytes"] > 0
     record = json.loads((default_build / "build.json").read_text())
     assert list(record["stages"]) == ["search", "export", "emulate", "firmware", "report"]
     assert record["arguments"]["board"] == "nucleo-l4r5zi" and record["versions"]["torch"]
