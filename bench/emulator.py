@@ -23,13 +23,14 @@ sys.path.insert(0, str(ROOT))
 
 from bench._results import write_section  # noqa: E402
 from smpq_edge.data import load_dataset  # noqa: E402
-from smpq_edge.emulator import emulate, quantise_input, run_tflm  # noqa: E402
+from smpq_edge.emulator import emulate, run_tflm  # noqa: E402
 from smpq_edge.export.exporter import export_model  # noqa: E402
 from smpq_edge.graph import trace  # noqa: E402
 from smpq_edge.models import load_model  # noqa: E402
 from smpq_edge.quant import QuantNet  # noqa: E402
 from smpq_edge.search.runner import weight_params  # noqa: E402
 from smpq_edge.search.train import TrainConfig, seed_everything, train  # noqa: E402
+from smpq_edge.tflm import TflmRunner, quantise_input  # noqa: E402
 
 SPEED_SAMPLES = 10_000
 
@@ -73,7 +74,7 @@ def speed_rows() -> list[str]:
     net, bits = mixed_net("resnet8", data, float_epochs=0, qat_epochs=0)
     exported = export_model(net, bits, data.x_train[:64])
     x = np.random.default_rng(0).normal(size=(SPEED_SAMPLES, 3, 32, 32)).astype(np.float32)
-    batch = quantise_input(x, exported.input_scale, exported.input_zero_point)
+    batch = quantise_input(x, TflmRunner(exported.tflite).input)
     rows, seconds = [], {}
     for workers in (1, 2):
         outputs, seconds[workers] = run_tflm(exported.tflite, batch, source="resnet8", workers=workers, progress=False)

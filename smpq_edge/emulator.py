@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from smpq_edge.errors import UserError
 from smpq_edge.export.tflite_file import TfliteModel
-from smpq_edge.tflm import TflmRunner, smallest_arena
+from smpq_edge.tflm import TensorSpec, TflmRunner, quantise_input, smallest_arena
 
 WORKERS = 2
 CHUNK = 64
@@ -45,12 +45,6 @@ class EmulationResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
-
-
-def quantise_input(x_nchw: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
-    """Float NCHW batch -> the int8 NHWC batch the firmware feeds the model."""
-    q = np.round(np.asarray(x_nchw, dtype=np.float32).transpose(0, 2, 3, 1) / np.float32(scale)) + zero_point
-    return np.clip(q, -128, 127).astype(np.int8)
 
 
 def _init_worker(model_bytes: bytes, source: str) -> None:
@@ -109,11 +103,10 @@ def emulate(tflite_bytes: bytes, x: np.ndarray, y: np.ndarray, net=None, *, sour
     if inp.type != "INT8" or out.type != "INT8" or inp.quantization is None or out.quantization is None:
         raise UserError(f"{source}: expected an int8 input and output, got {inp.type} and {out.type}")
     x = np.asarray(x, dtype=np.float32)
-    if x.ndim != 4 or tuple(x.shape[i] for i in (2, 3, 1)) != tuple(inp.shape[1:]):
-        raise UserError(f"{source}: model input is NHWC {inp.shape}, data is NCHW {x.shape}")
-    in_scale, in_zp = inp.quantization.scales[0], inp.quantization.zero_points[0]
+    in_spec = TensorSpec(tuple(inp.shape), np.dtype(np.int8), inp.quantization.scales[0],
+                         inp.quantization.zero_points[0])
     out_scale, out_zp = out.quantization.scales[0], out.quantization.zero_points[0]
-    raw, elapsed = run_tflm(tflite_bytes, quantise_input(x, in_scale, in_zp), source=source, workers=workers,
+    raw, elapsed = run_tflm(tflite_bytes, quantise_input(x, in_spec, source), source=source, workers=workers,
                             progress=progress)
     logits = (raw.reshape(len(x), -1).astype(np.float64) - out_zp) * out_scale
     labels = logits.argmax(1)
@@ -136,6 +129,6 @@ def emulate(tflite_bytes: bytes, x: np.ndarray, y: np.ndarray, net=None, *, sour
         model_bytes=len(tflite_bytes),
         inferences_per_second=len(x) / elapsed if elapsed > 0 else float("inf"),
         workers=workers if len(x) > CHUNK else 1,
-        input_scale=float(in_scale), input_zero_point=int(in_zp),
+        input_scale=float(in_spec.scale), input_zero_point=int(in_spec.zero_point),
         output_scale=float(out_scale), output_zero_point=int(out_zp),
     )

@@ -345,25 +345,6 @@ def int_rows(rows: np.ndarray) -> str:
 # ---- model -> spec --------------------------------------------------------------------------
 
 
-def quantize_input(x: np.ndarray, scale: float, zero_point: int) -> np.ndarray:
-    """Float samples -> int8 as the emulator feeds them: round(x / scale) + zero point, clamped."""
-    q = np.round(np.asarray(x, dtype=np.float32) / np.float32(scale)) + zero_point
-    return np.clip(q, -128, 127).astype(np.int8)
-
-
-def to_model_layout(x: np.ndarray, model_shape: tuple[int, ...], source: str) -> np.ndarray:
-    """Data-set samples (N, C, H, W) into the model's layout (N, H, W, C) where that is the fit."""
-    target = tuple(model_shape[1:])
-    if x.ndim == 4 and (x.shape[2], x.shape[3], x.shape[1]) == target:
-        return np.ascontiguousarray(x.transpose(0, 2, 3, 1))
-    if tuple(x.shape[1:]) == target:
-        return x
-    raise UserError(
-        f"{source}: data samples have shape {tuple(x.shape[1:])} (channels first); the model "
-        f"takes {target} (channels last)"
-    )
-
-
 def operator_uses(model) -> tuple[tuple[str, ...], tuple[OpUse, ...]]:
     """Op names in execution order, and the distinct ops with the tensor types they use."""
     order: list[str] = []
@@ -397,7 +378,7 @@ def build_test_vectors(
     """The first ``count`` samples of ``x`` (float, channels first) quantised with the model's
     input scale and zero point, or seeded random int8 inputs without labels when ``x`` is None;
     expected outputs from the TFLM host interpreter."""
-    from smpq_edge.tflm import TflmRunner
+    from smpq_edge.tflm import TflmRunner, quantise_input
 
     if count < 1:
         raise UserError(f"test vectors: need at least 1, got {count}")
@@ -412,7 +393,7 @@ def build_test_vectors(
         origin = origin or f"random int8 (seed {seed})"
     else:
         x = np.asarray(x)[:count]
-        inputs = quantize_input(to_model_layout(x, spec.shape, source), spec.scale, spec.zero_point)
+        inputs = quantise_input(x, spec, source)
         if labels is None:
             label_array = np.full(len(inputs), -1, dtype=np.int16)
         else:

@@ -62,6 +62,21 @@ class TensorSpec:
     zero_point: int
 
 
+def quantise_input(x: np.ndarray, spec: TensorSpec, source: str = "<model>") -> np.ndarray:
+    """Float data-set samples -> the int8 batch the model takes, exactly as the firmware's test
+    vectors and the emulator feed it: channels-first samples (N, C, H, W) go channels last where
+    the model's input is (N, H, W, C); then round(x / scale) + zero point (half to even), clamped."""
+    target = tuple(spec.shape[1:])
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 4 and (x.shape[2], x.shape[3], x.shape[1]) == target:
+        x = x.transpose(0, 2, 3, 1)
+    elif tuple(x.shape[1:]) != target:
+        raise UserError(f"{source}: data samples have shape {tuple(x.shape[1:])} (channels first); the model "
+                        f"takes {target} (channels last)")
+    q = np.round(x / np.float32(spec.scale)) + spec.zero_point
+    return np.ascontiguousarray(np.clip(q, -128, 127).astype(np.int8))
+
+
 @contextlib.contextmanager
 def _captured_native_output() -> Iterator[list[str]]:
     """Send fds 1 and 2 to a temp file for the block; the list receives the captured text."""

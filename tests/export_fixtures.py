@@ -16,6 +16,7 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
+from smpq_edge import tflm
 from smpq_edge.export.onnx_to_tflite import Int8Tflite, export_int8
 
 CALIBRATION_SAMPLES = 64
@@ -85,10 +86,8 @@ def digits_case() -> DigitsCase:
 
 
 def quantise_input(case: DigitsCase, x_nchw: np.ndarray) -> np.ndarray:
-    """Float NCHW batch -> the int8 NHWC batch the .tflite takes."""
-    e = case.export
-    q = np.round(x_nchw.transpose(0, 2, 3, 1) / e.input_scale) + e.input_zero_point
-    return np.clip(q, -128, 127).astype(np.int8)
+    """Float NCHW batch -> the int8 NHWC batch the .tflite takes (the product's quantiser)."""
+    return tflm.quantise_input(x_nchw, tflm.TflmRunner(case.export.tflite).input)
 
 
 @pytest.fixture(scope="session")

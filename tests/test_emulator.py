@@ -8,8 +8,8 @@ import pytest
 
 from smpq_edge.boards import load_board
 from smpq_edge.cost import estimate, uniform
-from smpq_edge.emulator import emulate, quantise_input
-from smpq_edge.tflm import smallest_arena
+from smpq_edge.emulator import emulate
+from smpq_edge.tflm import TensorSpec, quantise_input, smallest_arena
 
 from test_export import CASES, trained_case
 
@@ -22,9 +22,9 @@ def case(request):
     return trained_case(request.param)
 
 
-def test_quantise_input_matches_firmware_rounding():
+def test_quantise_input_goes_channels_last_rounds_and_clamps():
     x = np.array([[[[0.0, 0.25], [1.0, -2.0]]]], np.float32)  # NCHW (1, 1, 2, 2)
-    q = quantise_input(x, 1 / 255, -128)
+    q = quantise_input(x, TensorSpec((1, 2, 2, 1), np.dtype(np.int8), 1 / 255, -128))
     assert q.dtype == np.int8 and q.shape == (1, 2, 2, 1)
     np.testing.assert_array_equal(q[0, :, :, 0], [[-128, -64], [127, -128]])
 

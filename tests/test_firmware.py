@@ -16,7 +16,6 @@ import pytest
 from smpq_edge.boards import board_names, load_board, parse_board
 from smpq_edge.cli import main
 from smpq_edge.data import load_dataset
-from smpq_edge.emulator import quantise_input as emulator_quantise
 from smpq_edge.errors import UserError
 from smpq_edge.export.int4 import pack_int4
 from smpq_edge.export.tflite_file import TfliteModel
@@ -34,11 +33,10 @@ from smpq_edge.firmware import (
     default_arena_margin,
     fill_template,
     generate_firmware,
-    quantize_input,
     registrations,
     render_firmware,
 )
-from smpq_edge.tflm import TflmRunner, smallest_arena
+from smpq_edge.tflm import TensorSpec, TflmRunner, quantise_input, smallest_arena
 
 VECTORS = 12
 QEMU_BOARD = "qemu-mps2-an386"
@@ -256,11 +254,10 @@ def test_default_margin():
 def test_embedded_vectors_equal_the_tflm_interpreters(int8_firmware, int8_model, digits):
     text = (int8_firmware.out_dir / "test_vectors.cc").read_text()
     runner = TflmRunner(int8_model)
-    # Quantised exactly as the emulate stage feeds TFLM.
-    inputs = emulator_quantise(digits.x_test[:VECTORS], runner.input.scale, runner.input.zero_point)
-    np.testing.assert_array_equal(
-        inputs, quantize_input(digits.x_test[:VECTORS].transpose(0, 2, 3, 1), runner.input.scale,
-                               runner.input.zero_point))
+    # Quantised exactly as the emulate stage feeds TFLM: round(x / scale) + zero point, channels last.
+    inputs = quantise_input(digits.x_test[:VECTORS], runner.input)
+    reference = np.round(digits.x_test[:VECTORS].transpose(0, 2, 3, 1) / np.float32(runner.input.scale))
+    np.testing.assert_array_equal(inputs, np.clip(reference + runner.input.zero_point, -128, 127))
     embedded = np.array(_c_array(text, "g_test_inputs"), dtype=np.int8).reshape(inputs.shape)
     np.testing.assert_array_equal(embedded, inputs)
     np.testing.assert_array_equal(_c_array(text, "g_test_labels"), digits.y_test[:VECTORS])
@@ -278,11 +275,15 @@ def test_int4_vectors_run_through_the_interpreter(int4_model):
     np.testing.assert_array_equal(vectors.expected, TflmRunner(int4_model).run(vectors.inputs))
 
 
-def test_quantize_input_rounds_and_clamps():
-    x = np.array([-100.0, -0.26, 0.0, 0.24, 0.26, 10.0], dtype=np.float32)
-    np.testing.assert_array_equal(quantize_input(x, 0.5, 3), [-128, 2, 3, 3, 4, 23])
-    np.testing.assert_array_equal(quantize_input(x, 0.01, -128), [-128, -128, -128, -104, -102, 127])
-    np.testing.assert_array_equal(quantize_input(np.float32([0.5, 1.5, -0.5]), 1.0, 0), [0, 2, 0])  # half to even, as np.round
+def test_quantise_input_rounds_and_clamps():
+    def spec(n: int, scale: float, zero_point: int) -> TensorSpec:
+        return TensorSpec((1, n), np.dtype(np.int8), scale, zero_point)
+
+    x = np.array([[-100.0, -0.26, 0.0, 0.24, 0.26, 10.0]], dtype=np.float32)
+    np.testing.assert_array_equal(quantise_input(x, spec(6, 0.5, 3))[0], [-128, 2, 3, 3, 4, 23])
+    np.testing.assert_array_equal(quantise_input(x, spec(6, 0.01, -128))[0], [-128, -128, -128, -104, -102, 127])
+    half = np.float32([[0.5, 1.5, -0.5]])
+    np.testing.assert_array_equal(quantise_input(half, spec(3, 1.0, 0))[0], [0, 2, 0])  # half to even, as np.round
 
 
 def test_data_layout_mismatch_is_a_user_error(int8_model):
