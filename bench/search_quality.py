@@ -53,7 +53,7 @@ from smpq_edge.graph import trace  # noqa: E402
 from smpq_edge.models import ModelSource, load_model  # noqa: E402
 from smpq_edge.quant import QuantNet  # noqa: E402
 from smpq_edge.search.budget import Budgets  # noqa: E402
-from smpq_edge.search.runner import SearchConfig, _calibrate, finetune, run_search, weight_params  # noqa: E402
+from smpq_edge.search.runner import SearchConfig, finetune, run_search, warm_supernet  # noqa: E402
 from smpq_edge.search.train import TrainConfig, accuracy, seed_everything, train  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -107,19 +107,16 @@ def pretrained(source: ModelSource) -> ModelSource:
     return replace(source, module=copy.deepcopy(source.module), pretrained=True)
 
 
-def warm_supernet(source: ModelSource, data, board, config: SearchConfig, seed: int) -> QuantNet:
-    """The warm-up weights run_search starts SMPQ and the baselines from (same steps, same seed)."""
+def warm_start(source: ModelSource, data, board, config: SearchConfig, seed: int) -> QuantNet:
+    """The warm-up weights run_search starts SMPQ and the baselines from: its seeding, then its
+    own ``warm_supernet`` on a copy of the pretrained float model."""
     seed_everything(seed)
     model = copy.deepcopy(source.module).eval()
-    graph = trace(model, data.input_shape)
-    net = QuantNet(graph, model, board.weight_bits)
-    _calibrate(net, data, seed)
-    train(net, data, config.warmup, seed, params=weight_params(net), desc="warm-up", progress=False)
-    return net
+    return warm_supernet(model, trace(model, data.input_shape), data, board.weight_bits, config.warmup, seed)
 
 
 def oracle(source: ModelSource, data, board, config: SearchConfig, seed: int, epochs: int, log) -> list[dict]:
-    warm = warm_supernet(source, data, board, config, seed)
+    warm = warm_start(source, data, board, config, seed)
     graph = warm.graph
     tune = replace(config.finetune, epochs=epochs)
     rows = []

@@ -41,7 +41,7 @@ from smpq_edge.data import load_dataset  # noqa: E402
 from smpq_edge.graph import trace  # noqa: E402
 from smpq_edge.models import load_model  # noqa: E402
 from smpq_edge.quant import QuantNet  # noqa: E402
-from smpq_edge.search.runner import SearchConfig, _calibrate, run_search, weight_params  # noqa: E402
+from smpq_edge.search.runner import SearchConfig, run_search, warm_supernet  # noqa: E402
 from smpq_edge.search.shapley import monte_carlo_shapley  # noqa: E402
 from smpq_edge.search.smpq import CoalitionValue, ShapleyConfig, validation_batch  # noqa: E402
 from smpq_edge.search.train import TrainConfig, seed_everything, train  # noqa: E402
@@ -59,9 +59,8 @@ def quick_supernet(model: str, data_name: str, seed: int, float_epochs: int, war
     graph = trace(source.module, data.input_shape)
     train(source.module, data, TrainConfig(epochs=float_epochs, lr=1e-2), seed, progress=False)
     source.module.eval()
-    net = QuantNet(graph, source.module, load_board("nucleo-l4r5zi").weight_bits)
-    _calibrate(net, data, seed)
-    train(net, data, TrainConfig(epochs=warmup_epochs, lr=2e-3), seed, params=weight_params(net), progress=False)
+    net = warm_supernet(source.module, graph, data, load_board("nucleo-l4r5zi").weight_bits,
+                        TrainConfig(epochs=warmup_epochs, lr=2e-3), seed)
     return net, data
 
 

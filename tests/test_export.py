@@ -20,7 +20,7 @@ from smpq_edge.export.tflite_file import TfliteModel
 from smpq_edge.graph import trace
 from smpq_edge.models import load_model
 from smpq_edge.quant import QuantNet, quantize_weight
-from smpq_edge.search.runner import _calibrate, weight_params
+from smpq_edge.search.runner import calibrate, weight_params
 from smpq_edge.search.train import TrainConfig, seed_everything, train
 from smpq_edge.tflm import TflmRunner
 
@@ -53,7 +53,7 @@ def trained_case(name: str) -> Case:
         train(source.module, data, TrainConfig(epochs=epochs, lr=1e-2), 0, progress=False)
         source.module.eval()
         net = QuantNet(trace(source.module, data.input_shape), source.module, (4, 8))
-        _calibrate(net, data, 0)
+        calibrate(net, data, 0)
         bits = mixed_policy(net)
         net.set_policy(bits)
         train(net, data, TrainConfig(epochs=2, lr=5e-4), 0, params=weight_params(net), progress=False)

@@ -83,7 +83,7 @@ class SearchResult:
     record: dict = field(default_factory=dict)  # everything search.json holds
 
 
-def _calibrate(net: QuantNet, data: Dataset, seed: int) -> None:
+def calibrate(net: QuantNet, data: Dataset, seed: int) -> None:
     """Initialise activation ranges from a few training batches before any QAT step."""
     rng = np.random.default_rng(seed)
     net.train()
@@ -93,6 +93,17 @@ def _calibrate(net: QuantNet, data: Dataset, seed: int) -> None:
                 break
             net(torch.from_numpy(data.x_train[idx]).to(next(net.parameters()).device))
             net.commit_observations()
+
+
+def warm_supernet(model: torch.nn.Module, graph: Graph, data: Dataset, candidates: tuple[int, ...],
+                  warmup: TrainConfig, seed: int, progress: bool = False,
+                  context: Context = SINGLE_PROCESS) -> QuantNet:
+    """The supernet over ``model``'s layers, its activation ranges calibrated and its weights
+    trained for ``warmup``: where SMPQ and every baseline start (and the benches' oracles)."""
+    net = QuantNet(graph, model, candidates).to(context.device)
+    calibrate(net, data, seed)
+    train(net, data, warmup, seed, params=weight_params(net), desc="warm-up", progress=progress, context=context)
+    return net
 
 
 def weight_params(net: QuantNet) -> list[torch.nn.Parameter]:
@@ -148,11 +159,8 @@ def run_search(source: ModelSource, data: Dataset, board: Board, *, budgets: Bud
     timings["float_train_s"] = time.perf_counter() - started
     log(f"float test accuracy {float_acc:.4f}")
 
-    net = QuantNet(graph, model, candidates).to(context.device)
-    _calibrate(net, data, seed)
     log(f"supernet warm-up ({config.warmup.epochs} epochs, {len(graph.layers)} layers x {len(candidates)} candidates)")
-    train(net, data, config.warmup, seed, params=weight_params(net), desc="warm-up", progress=progress,
-          context=context)
+    net = warm_supernet(model, graph, data, candidates, config.warmup, seed, progress, context)
     warm = copy.deepcopy(net)
     timings["warmup_s"] = time.perf_counter() - started - sum(timings.values())
 
