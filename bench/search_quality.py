@@ -185,8 +185,8 @@ def main() -> None:
         started = time.perf_counter() - max(part["wall_s"] for part in parts)  # the parts ran in parallel
         print(_save(args, config, runs, budgets_info, oracle_rows, command, started))
         return
+    summary = ""
     for name in args.datasets:
-        data = None
         for seed in args.seeds:
             data = load_dataset(name, seed)
             source = train_float(MODELS[name], data, config, seed)
@@ -221,8 +221,8 @@ def main() -> None:
                 log(f"oracle, seed {seed}: 256 policies x {args.oracle_epochs} finetune epoch(s)")
                 oracle_rows[seed] = oracle(source, data, board, config, seed, args.oracle_epochs, log)
                 Path(args.out).with_suffix(".oracle.json").write_text(json.dumps(oracle_rows), encoding="utf-8")
-        _save(args, config, runs, budgets_info, oracle_rows, command, started)
-    summary = _save(args, config, runs, budgets_info, oracle_rows, command, started)
+        # After each data set, so a long run leaves its results so far.
+        summary = _save(args, config, runs, budgets_info, oracle_rows, command, started)
     print(summary)
 
 

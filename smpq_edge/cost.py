@@ -185,7 +185,6 @@ def tflite_layout(graph: Graph) -> tuple[int, int, list[TfliteTensor]]:
     """Operator count, tensor count and activation tensors of the model as the exporter writes it:
     a PAD before a convolution that needs one, no RESHAPE in front of a FULLY_CONNECTED (which
     flattens its input itself), no operator for the input."""
-    producer_of: dict[str, int] = {}
     activations: dict[str, list] = {}
     n_ops = 0
     n_tensors = 0
@@ -210,7 +209,6 @@ def tflite_layout(graph: Graph) -> tuple[int, int, list[TfliteTensor]]:
         for source in sources:
             activations[source][2] = n_ops
         activations[op.name] = [op.out_elements, n_ops, n_ops]
-        producer_of[op.name] = n_ops
         n_ops += 1
         n_tensors += 1 + (2 if op.weighted else 0)  # output, plus weights and bias
     activations[alias.get(graph.output, graph.output)][2] = n_ops  # the output lives to the end

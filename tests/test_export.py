@@ -181,7 +181,7 @@ def test_cli_export_then_emulate(tmp_path, capsys):
     save_policy(Policy(board="nucleo-l4r5zi", model="digits_cnn", method="smpq", layers=layers),
                 tmp_path / "policy.json")
     buffer = io.BytesIO()
-    torch.save({"quantnet": c.net.state_dict(), "bits": c.bits}, buffer)
+    torch.save({"quantnet": c.net.state_dict()}, buffer)
     (tmp_path / "quantnet.pt").write_bytes(buffer.getvalue())
     assert main(["export", "--out", str(tmp_path), "--model", "digits_cnn", "--data", "digits"]) == 0
     blob = (tmp_path / "model.tflite").read_bytes()

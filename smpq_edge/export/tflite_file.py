@@ -44,10 +44,6 @@ class Quantization:
     zero_points: tuple[int, ...]
     quantized_dimension: int
 
-    @property
-    def per_channel(self) -> bool:
-        return len(self.scales) > 1
-
 
 @dataclass(frozen=True)
 class TensorInfo:

@@ -300,7 +300,7 @@ def save_search(result: SearchResult, out_dir: Path) -> None:
     save_policy(result.policy, out_dir / "policy.json")
     write_json(out_dir / "search.json", result.record)
     buffer = io.BytesIO()
-    torch.save({"quantnet": result.net.state_dict(), "bits": result.policy.bits}, buffer)
+    torch.save({"quantnet": result.net.state_dict()}, buffer)
     write_bytes(out_dir / "quantnet.pt", buffer.getvalue())
 
 
