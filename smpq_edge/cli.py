@@ -61,8 +61,8 @@ def _boards(parser: argparse.ArgumentParser):
     return run
 
 
-def add_model_arguments(parser: argparse.ArgumentParser, board_default: str | None = "nucleo-l4r5zi") -> None:
-    parser.add_argument("--board", default=board_default, help="board name or YAML path (default: %(default)s)")
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--board", default="nucleo-l4r5zi", help="board name or YAML path (default: %(default)s)")
     parser.add_argument("--model", default="digits_cnn", help="example name, model .py file or .onnx file")
     parser.add_argument("--data", default=None, help="built-in data set name or .npz file (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="seed for splits, training and sampling")
@@ -76,14 +76,12 @@ def _cost(parser: argparse.ArgumentParser):
     parser.add_argument("--json", action="store_true", help="print the cost report as JSON")
 
     def run(args: argparse.Namespace) -> int:
-        from smpq_edge.boards import load_board
         from smpq_edge.cost import estimate, uniform
         from smpq_edge.graph import trace
-        from smpq_edge.models import load_model
         from smpq_edge.policy import load_policy
 
-        board = load_board(args.board)
-        source = load_model(args.model)
+        # The model sized to the data's classes, as `search` sizes it: the same model gets priced.
+        board, _, source = load_inputs(args)
         graph = trace(source.module, source.input_shape)
         if args.bits in ("4", "8"):
             bits = uniform(graph, int(args.bits))

@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from smpq_edge.boards import board_names, load_board
@@ -94,6 +95,19 @@ def test_cost_json(capsys):
     assert report["model_flash_bytes"] == expected.model_flash_bytes
     assert report["arena_bytes"] == expected.arena_bytes
     assert report["fits"] == {"flash": True, "ram": True, "cycles": True}
+
+
+def test_cost_sizes_the_classifier_to_the_data(tmp_path, capsys):
+    # Three classes instead of the digits' ten: the FC layer shrinks as it would in `search`.
+    data = tmp_path / "three.npz"
+    rng = np.random.default_rng(0)
+    np.savez(data, x=rng.random((60, 1, 8, 8)).astype(np.float32), y=np.arange(60) % 3)
+    fc_params = {}
+    for extra in ([], ["--data", str(data)]):
+        code, out, err = run(capsys, "cost", "--model", "digits_cnn", "--json", *extra)
+        assert code == 0, err
+        fc_params[len(extra)] = json.loads(out)["layers"][-1]["params"]
+    assert fc_params[0] == 10 * fc_params[2] // 3
 
 
 def test_cost_with_a_policy_file(tmp_path, capsys):
