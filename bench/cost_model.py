@@ -61,7 +61,7 @@ def measure(model_name: str, data_name: str, board) -> list[dict]:
     for policy, bits in policies.items():
         tflite = exported.tflite if policy == "mixed" else exported.variant(net, bits)
         report = estimate(graph, bits, board)
-        n_ops, n_tensors, _ = tflite_layout(graph)
+        n_ops, n_tensors, activations = tflite_layout(graph)
         scratch = {layer.name: layer.scratch_bytes for layer in report.layers}
         rows.append({
             "model": model_name, "policy": policy,
@@ -69,7 +69,7 @@ def measure(model_name: str, data_name: str, board) -> list[dict]:
             "arena_pred": report.arena_bytes, "arena_real": smallest_arena(tflite, model_name),
             "n_ops": n_ops, "n_tensors": n_tensors,
             "channels": sum(op.out_channels for op in graph.layers if op.kind != "fc"),
-            "peak": arena_activation_peak(graph, scratch),
+            "peak": arena_activation_peak(activations, scratch),
             "flash_fixed_part": report.model_flash_bytes - FLATBUFFER.fixed - FLATBUFFER.per_tensor * n_tensors
             - FLATBUFFER.per_op * n_ops,
         })

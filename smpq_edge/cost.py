@@ -216,10 +216,10 @@ def tflite_layout(graph: Graph) -> tuple[int, int, list[TfliteTensor]]:
     return n_ops, n_tensors, tensors
 
 
-def arena_activation_peak(graph: Graph, scratch: dict[str, int]) -> int:
-    """Peak of TFLM's greedy planner: buffers sorted by size, each put at the lowest offset that
-    does not overlap a placed buffer alive at the same time. Lifetimes are op indices."""
-    _, _, tensors = tflite_layout(graph)
+def arena_activation_peak(tensors: list[TfliteTensor], scratch: dict[str, int]) -> int:
+    """Peak of TFLM's greedy planner over ``tflite_layout``'s activation tensors and the ops'
+    scratch: buffers sorted by size, each put at the lowest offset that does not overlap a placed
+    buffer alive at the same time. Lifetimes are op indices."""
     op_index = {t.name: t.first for t in tensors}
     buffers = [(t.elements, t.first, t.last) for t in tensors]  # (size, first, last)
     for name, size in scratch.items():
@@ -275,7 +275,7 @@ def estimate(graph: Graph, bits: dict[str, int], board: Board, flash_budget_byte
     model_flash = (sum(layer.flash_bytes for layer in layers) + QUANT_PARAM_BYTES * len(activations) + pad_bytes
                    + FLATBUFFER.fixed + FLATBUFFER.per_tensor * n_tensors + FLATBUFFER.per_op * n_ops)
     requantised_channels = sum(op.out_channels for op in graph.layers if op.kind != "fc")
-    arena = (arena_activation_peak(graph, scratch) + ARENA.fixed + ARENA.per_tensor * n_tensors
+    arena = (arena_activation_peak(activations, scratch) + ARENA.fixed + ARENA.per_tensor * n_tensors
              + ARENA.per_op * n_ops + ARENA.per_channel * requantised_channels)
     cycles = sum(layer.cycles for layer in layers) + sum(
         _op_cycles(op, 8, board, graph) for op in graph.ops if not op.weighted)

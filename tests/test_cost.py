@@ -11,7 +11,7 @@ import yaml
 from torch import nn
 
 from smpq_edge.boards import BOARDS_DIR, board_names, load_board, parse_board
-from smpq_edge.cost import ARENA_ALIGNMENT, arena_activation_peak, estimate, uniform, weight_bytes
+from smpq_edge.cost import ARENA_ALIGNMENT, arena_activation_peak, estimate, tflite_layout, uniform, weight_bytes
 from smpq_edge.errors import UserError
 from smpq_edge.graph import Graph, Op, trace
 from smpq_edge.models import example_names, load_model
@@ -173,7 +173,7 @@ def aligned(n: int) -> int:
 
 def test_arena_alignment_is_16():
     assert ARENA_ALIGNMENT == 16
-    assert arena_activation_peak(chain(1), {}) == 16
+    assert arena_activation_peak(tflite_layout(chain(1))[2], {}) == 16
 
 
 def test_arena_chain_peak_is_the_largest_adjacent_pair():
@@ -181,14 +181,14 @@ def test_arena_chain_peak_is_the_largest_adjacent_pair():
     sizes = (100, 40, 70, 33, 5)
     expected = max(aligned(a) + aligned(b) for a, b in zip(sizes, sizes[1:]))
     assert expected == 112 + 48
-    assert arena_activation_peak(chain(*sizes), {}) == expected
+    assert arena_activation_peak(tflite_layout(chain(*sizes))[2], {}) == expected
 
 
 def test_arena_chain_with_scratch():
     # A 20-byte scratch during t1's op: t0 (112) + t1 (48) + scratch (32) alive together.
-    assert arena_activation_peak(chain(100, 40, 70), {"t1": 20}) == 112 + 48 + 32
+    assert arena_activation_peak(tflite_layout(chain(100, 40, 70))[2], {"t1": 20}) == 112 + 48 + 32
     # Scratch during t2's op: t1 (48) + t2 (80) + 1000 -> 1008.
-    assert arena_activation_peak(chain(100, 40, 70), {"t2": 1000}) == 48 + 80 + 1008
+    assert arena_activation_peak(tflite_layout(chain(100, 40, 70))[2], {"t2": 1000}) == 48 + 80 + 1008
 
 
 def test_arena_branch_keeps_the_shared_input_alive():
@@ -199,12 +199,12 @@ def test_arena_branch_keeps_the_shared_input_alive():
         Op("b", "relu", ("x",), (48,)),
         Op("c", "add", ("a", "b"), (16,)),
     ]
-    assert arena_activation_peak(Graph(ops, (64,), "c"), {}) == 64 + 32 + 48
+    assert arena_activation_peak(tflite_layout(Graph(ops, (64,), "c"))[2], {}) == 64 + 32 + 48
 
 
 def test_arena_reuses_memory_of_dead_buffers():
     # Ten 1 KB steps in a chain need two buffers, not ten.
-    assert arena_activation_peak(chain(*[1024] * 10), {}) == 2 * 1024
+    assert arena_activation_peak(tflite_layout(chain(*[1024] * 10))[2], {}) == 2 * 1024
 
 
 # --- policy mismatches and candidates ---------------------------------------------------------
