@@ -1,4 +1,4 @@
-"""Board profiles: YAML files in ``boards/`` (or a user's own path) validated into ``Board``.
+"""Board profiles: YAML files in ``smpq_edge/board_profiles/`` (or a user's own path) validated into ``Board``.
 
 Validation is strict on purpose: an unknown key (``flash_kbb``), a wrong type, a size outside what
 microcontrollers have, or a budget larger than the board stops with one line naming the file and
@@ -16,7 +16,7 @@ from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, Strict, StrictBo
 
 from smpq_edge.errors import UserError
 
-BOARDS_DIR = Path(__file__).resolve().parent.parent / "boards"
+BOARDS_DIR = Path(__file__).resolve().parent / "board_profiles"  # package data: found installed or not
 
 # Largest sizes accepted: beyond these a figure is a typo (bytes given as KB), not a microcontroller.
 MAX_FLASH_KB = 64 * 1024

@@ -15,7 +15,7 @@ from torch import nn
 
 from smpq_edge.errors import UserError
 
-EXAMPLES_DIR = Path(__file__).resolve().parents[2] / "examples"
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"  # package data: found installed or not
 
 
 @dataclass
