@@ -121,6 +121,25 @@ def _is_relu(node: fx.Node, modules: dict[str, nn.Module]) -> str | None:
     return None
 
 
+def _is_shape_query(node: fx.Node) -> bool:
+    """``x.size(...)``, ``x.shape`` or an item of either: a batch size for a flatten, not a tensor."""
+    if node.op == "call_method" and node.target == "size":
+        return True
+    if node.op == "call_function" and node.target is getattr:
+        return node.args[1] == "shape"
+    if node.op == "call_function" and node.target is operator.getitem:
+        return isinstance(node.args[0], fx.Node) and _is_shape_query(node.args[0])
+    return False
+
+
+SUPPORTED_MODULES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.Dropout, nn.Identity, nn.Flatten, nn.AdaptiveAvgPool2d,
+                     nn.AvgPool2d, nn.MaxPool2d)
+
+
+def _unsupported_layer(node: fx.Node, module: nn.Module) -> UserError:
+    return UserError(f"layer '{node.target}' ({type(module).__name__}) is not supported; supported: {SUPPORTED}")
+
+
 def _is_global_mean(node: fx.Node) -> bool:
     if node.target not in (torch.mean, "mean"):
         return False
@@ -136,6 +155,7 @@ class _Tracer:
             self.gm = fx.symbolic_trace(model)
         except Exception as exc:  # fx raises many types; the message is what the user needs
             raise UserError(f"model cannot be traced (data-dependent control flow?): {str(exc).splitlines()[0]}") from None
+        self._check_layers()  # before ShapeProp runs the model
         example = torch.zeros(1, *input_shape)
         try:
             # ShapeProp prints the traceback of a failing node itself; the user gets one line instead.
@@ -147,7 +167,8 @@ class _Tracer:
             raise UserError(f"model does not accept input of shape {tuple(input_shape)}: {message}") from None
         self.ops: list[Op] = []
         self.alias: dict[str, str] = {}  # fx node name -> name of the op whose output it is
-        self.users = {node.name: len(node.users) for node in self.gm.graph.nodes}
+        # A size query reads no values: it does not stop a ReLU or BatchNorm folding into its input.
+        self.users = {node.name: sum(not _is_shape_query(user) for user in node.users) for node in self.gm.graph.nodes}
 
     def _source(self, arg) -> str:
         if not isinstance(arg, fx.Node):
@@ -220,9 +241,20 @@ class _Tracer:
         else:
             self._emit(node, Op(node.name, "relu", (source,), self._shape(node), activation=kind))
 
+    def _check_layers(self) -> None:
+        """The first layer TFLM cannot run is the error, not the reshaping some code does to feed it
+        (an LSTM's squeeze) nor a shape it gets wrong."""
+        for node in self.gm.graph.nodes:
+            if node.op == "call_module" and _is_relu(node, self.modules) is None:
+                module = self.modules[node.target]
+                if not isinstance(module, SUPPORTED_MODULES):
+                    raise _unsupported_layer(node, module)
+
     def run(self) -> Graph:
         output = None
         for node in self.gm.graph.nodes:
+            if _is_shape_query(node):
+                continue  # read only by the reshape it sizes, which takes its shape from ShapeProp
             if node.op == "placeholder":
                 self._emit(node, Op("input", "input", (), self._shape(node)))
             elif node.op == "output":
@@ -264,7 +296,7 @@ class _Tracer:
             self._emit(node, Op(node.name, kind, (self._source(node.args[0]),), self._shape(node),
                                 kernel=_pair(module.kernel_size), stride=_pair(stride), padding=_pair(module.padding)))
         else:
-            raise UserError(f"layer '{node.target}' ({type(module).__name__}) is not supported; supported: {SUPPORTED}")
+            raise _unsupported_layer(node, module)
 
     def _reshape(self, node: fx.Node) -> None:
         self._emit(node, Op(node.name, "reshape", (self._source(node.args[0]),), self._shape(node)))
@@ -279,7 +311,7 @@ class _Tracer:
         elif _is_global_mean(node):
             self._emit(node, Op(node.name, "global_avgpool", (self._source(node.args[0]),), self._shape(node),
                                 kernel=tuple(node.args[0].meta["tensor_meta"].shape[2:])))
-        elif target in ("size", getattr):
+        elif target is getattr:  # x.dtype, x.device, ...: the sizes are handled above
             raise UserError(f"model graph node '{node.name}': shape-dependent code is not supported")
         else:
             name = getattr(target, "__name__", str(target))

@@ -266,6 +266,43 @@ def test_unsupported_layer_names_the_layer(bad, forward, expected):
     assert expected in message
 
 
+@pytest.mark.parametrize("flatten", [lambda x: x.view(x.size(0), -1), lambda x: x.reshape(x.shape[0], -1),
+                                     lambda x: torch.flatten(x, 1), lambda x: x.view(x.size()[0], -1)],
+                         ids=["view-size", "reshape-shape", "torch.flatten", "view-size()[0]"])
+def test_flatten_idioms_trace(flatten):
+    class Flat(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+            self.fc = nn.Linear(4 * 8 * 8, 3)
+
+        def forward(self, x):
+            return self.fc(flatten(torch.relu(self.conv(x))))
+
+    graph = trace(Flat(), (1, 8, 8))
+    assert [(op.kind, op.out_shape) for op in graph.ops] == [
+        ("input", (1, 8, 8)), ("conv", (4, 8, 8)), ("reshape", (256,)), ("fc", (3,))]
+    assert graph.op("conv").activation == "relu", "the size query must not count as a second reader"
+
+
+def test_first_unsupported_layer_is_named_not_the_reshape_feeding_it():
+    class Recurrent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(1, 4, 3, padding=1)
+            self.lstm = nn.LSTM(8, 16, batch_first=True)
+            self.fc = nn.Linear(16, 3)
+
+        def forward(self, x):
+            out, _ = self.lstm(self.conv(x).mean(1, keepdim=True).squeeze(1))
+            return self.fc(out[:, -1].unsqueeze(1).squeeze(1))
+
+    with pytest.raises(UserError, match=r"^layer 'lstm' \(LSTM\) is not supported"):
+        trace(Recurrent(), (1, 8, 8))
+    with pytest.raises(UserError, match=r"^layer 'lstm' \(LSTM\)"):
+        trace(Recurrent(), (1, 5, 5))  # and before any shape error it would run into
+
+
 def test_batchnorm_on_a_conv_output_used_twice_is_refused():
     # Folding would change the other consumer's input, so it must not happen silently.
     class Shared(nn.Module):
