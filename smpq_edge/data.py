@@ -1,4 +1,5 @@
-"""Data sets: built-in ones that work offline, and the user's ``.npz`` files.
+"""Data sets: built-in ones that work offline, the user's ``.npz`` files and folders of images or WAV
+files (``datafolders.py``).
 
 Every data set comes out as float32 NCHW arrays with fixed, seeded train/val/test splits, so the
 search, the finetune and the emulator all see the same samples for a given seed.
@@ -6,8 +7,10 @@ search, the finetune and the emulator all see the same samples for a given seed.
 
 from __future__ import annotations
 
+import hashlib
+import warnings
 import zipfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -28,6 +31,13 @@ class Dataset:
     x_test: np.ndarray
     y_test: np.ndarray
     num_classes: int
+    # How the stored samples became these numbers (pixel scaling, audio front end, split), for
+    # build.json and the report: the firmware must feed the model the same numbers.
+    preprocessing: dict = field(default_factory=dict)
+    # Content key of what was read (a file's or folder's hash; name and seed for built-ins), so a
+    # resumed build can tell that the data changed.
+    source_hash: str = ""
+    class_names: tuple[str, ...] = ()
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -42,6 +52,9 @@ class Dataset:
             "train": len(self.y_train),
             "val": len(self.y_val),
             "test": len(self.y_test),
+            "source_hash": self.source_hash,
+            "class_names": list(self.class_names),
+            "preprocessing": self.preprocessing,
         }
 
 
@@ -118,8 +131,11 @@ def _check_arrays(source: str, x: np.ndarray, y: np.ndarray, split: str) -> None
     if not np.issubdtype(y.dtype, np.integer):
         if not np.issubdtype(y.dtype, np.floating) or not np.array_equal(y, np.round(y)):
             raise UserError(f"{source}: {split} y must hold integer class labels")
-    if y.min() < 0 or y.max() >= MAX_CLASSES:
-        raise UserError(f"{source}: {split} y has labels outside 0..{MAX_CLASSES - 1}")
+    if y.min() < 0:
+        raise UserError(f"{source}: {split} y has negative labels (smallest {int(y.min())}); labels must be 0..K-1")
+    if y.max() >= MAX_CLASSES:
+        raise UserError(f"{source}: {split} y has labels up to {int(y.max())}; at most {MAX_CLASSES} classes "
+                        f"(labels 0..{MAX_CLASSES - 1})")
 
 
 def _as_nchw(x: np.ndarray) -> np.ndarray:
@@ -172,14 +188,94 @@ def load_npz(path: Path, seed: int) -> Dataset:
     num_classes = int(max(labels.max() for labels in parts[1::2])) + 1
     if num_classes < 2:
         raise UserError(f"{path}: y holds a single class; a classifier needs at least two")
-    return Dataset(path.stem, *parts, num_classes=num_classes)
+    check_labels(str(path), parts[1::2], num_classes)
+    return Dataset(path.stem, *parts, num_classes=num_classes, source_hash=f"sha256:{file_sha256(path)}",
+                   preprocessing={"format": "npz", "x": "as stored, cast to float32"})
 
 
-def load_dataset(name_or_path: str | Path, seed: int = 0) -> Dataset:
-    """A built-in data set by name (``digits``, ``mnist1d``, ...) or an ``.npz`` file by path."""
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _ranges(values: list[int]) -> str:
+    """[1, 2, 3, 7] -> '1..3, 7', so a long gap reads in one short line."""
+    runs: list[list[int]] = []
+    for v in values:
+        if runs and v == runs[-1][1] + 1:
+            runs[-1][1] = v
+        else:
+            runs.append([v, v])
+    return ", ".join(str(a) if a == b else f"{a}..{b}" for a, b in runs[:8]) + (", ..." if len(runs) > 8 else "")
+
+
+def _classes_have(labels: list[int]) -> str:
+    return f"class {labels[0]} has" if len(labels) == 1 else f"classes {_ranges(labels)} have"
+
+
+def min_split_size(num_classes: int) -> int:
+    # Below this an accuracy is too coarse to compare policies by (one sample is > 10 points).
+    return max(10, num_classes)
+
+
+def check_no_gaps(source: str, labels: np.ndarray, num_classes: int) -> None:
+    present = set(np.unique(labels).tolist())
+    missing = sorted(set(range(num_classes)) - present)
+    if missing:
+        what = f"label {missing[0]} is" if len(missing) == 1 else f"labels {_ranges(missing)} are"
+        raise UserError(f"{source}: labels must be 0..K-1 with no gaps; {what} missing (found {_ranges(sorted(present))})")
+
+
+def check_labels(source: str, labels: tuple[np.ndarray, np.ndarray, np.ndarray], num_classes: int) -> None:
+    """Labels 0..K-1 with every class in training, and val/test large enough to measure accuracy on.
+
+    Errors where a build could not be right (a label nobody can learn, a meaningless accuracy);
+    a warning where it is only weaker (a class missing from val or test)."""
+    train, val, test = labels
+    check_no_gaps(source, np.concatenate(labels), num_classes)
+    absent = sorted(set(range(num_classes)) - set(np.unique(train).tolist()))
+    if absent:
+        raise UserError(f"{source}: {_classes_have(absent)} no sample in the train split, so no model "
+                        f"can learn them; give more samples of them (at least 3 per class, one per split)")
+    for split, y in (("val", val), ("test", test)):
+        if len(y) < min_split_size(num_classes):
+            raise UserError(f"{source}: too few samples: the {split} split has {len(y)}, needs at least "
+                            f"{min_split_size(num_classes)} (max(10, number of classes))")
+        absent = sorted(set(range(num_classes)) - set(np.unique(y).tolist()))
+        if absent:
+            warnings.warn(f"{source}: {_classes_have(absent)} no sample in the {split} split", stacklevel=3)
+
+
+def _with_origin(data: Dataset, name: str, seed: int) -> Dataset:
+    """Built-ins are generated from name and seed, so those two are their content key."""
+    preprocessing = {"builtin": name, "seed": seed}
+    if name == "digits":
+        preprocessing["pixels"] = "value / 16, float32 in [0, 1]"
+    return replace(data, source_hash=f"builtin:{name}:seed={seed}", preprocessing=preprocessing)
+
+
+def load_dataset(name_or_path: str | Path, seed: int = 0, *, channels: int | None = None,
+                 size: tuple[int, int] | None = None, resize: bool = False, name_pattern: str | None = None,
+                 split_by: str = "sample", front_end=None) -> Dataset:
+    """A built-in data set by name (``digits``, ``mnist1d``, ...), an ``.npz`` file, or a folder of
+    images or WAV files (see ``datafolders.load_folder`` for the folder options)."""
     text = str(name_or_path)
+    if split_by not in ("sample", "group"):
+        raise UserError(f"split_by must be 'sample' or 'group', not '{split_by}'")
+    if split_by == "group" and not Path(text).is_dir():
+        raise UserError(f"{text}: a group split needs a folder whose file names carry the group "
+                        f"(name_pattern with {{group}})")
     if text in BUILTIN_DATASETS:
-        return BUILTIN_DATASETS[text](seed)
+        return _with_origin(BUILTIN_DATASETS[text](seed), text, seed)
+    if Path(text).is_dir():
+        from smpq_edge.datafolders import AudioFrontEnd, ImageOptions, load_folder
+
+        return load_folder(Path(text), seed, image=ImageOptions(channels, size, resize),
+                           front_end=front_end or AudioFrontEnd(), name_pattern=name_pattern, split_by=split_by)
     if text.endswith(".npz") or Path(text).exists():
         return load_npz(Path(text), seed)
-    raise UserError(f"unknown data set '{text}'; built-in: {', '.join(BUILTIN_DATASETS)} (or give an .npz path)")
+    raise UserError(f"unknown data set '{text}'; built-in: {', '.join(BUILTIN_DATASETS)} "
+                    f"(or give an .npz file or a folder of images or WAV files)")
