@@ -26,6 +26,7 @@ from smpq_edge.policy import LayerChoice, Policy, save_policy
 from smpq_edge.quant import QuantNet
 from smpq_edge.search.baselines import dmpq_scores, hawq_scores
 from smpq_edge.search.budget import DIMENSIONS, Budgets, cost_of, knapsack
+from smpq_edge.search.guard import FloorCheck, Measured, Reference, StageGuard, predictions
 from smpq_edge.distributed import SINGLE_PROCESS, Context
 from smpq_edge.search.select import Selection, k_best, smallest_achievable
 from smpq_edge.search.smpq import (AlphaUpdater, ShapleyConfig, estimate_shapley, monotone_scores,
@@ -46,6 +47,8 @@ class SearchConfig:
     k_best: int = 5  # summed-Shapley policies re-ranked by measured validation accuracy
     rerank_margin: float = 1.0  # standard errors a re-ranked policy must lead by (pick_by_validation)
     baselines: tuple[str, ...] = ("dmpq", "hawq", "uniform8", "uniform4")
+    # No training at all: the policy is chosen on the calibrated network and exported as it is.
+    post_training: bool = False
 
     @classmethod
     def quick(cls) -> SearchConfig:
@@ -53,6 +56,23 @@ class SearchConfig:
         return cls(float_train=TrainConfig(epochs=8, lr=1e-2), warmup=TrainConfig(epochs=2, lr=2e-3),
                    search=TrainConfig(epochs=2, lr=1e-3), finetune=TrainConfig(epochs=2, lr=5e-4),
                    shapley=ShapleyConfig(permutations=8, final_permutations=24, val_samples=256), k_best=3)
+
+    def for_pretrained(self) -> SearchConfig:
+        """The schedule for weights that arrive trained: a twentieth of the learning rates, at most
+        2 / 2 / 3 epochs, and distillation from the float model's outputs instead of the labels.
+        One QAT epoch at the from-scratch rate took a pretrained ResNet-8 from 89 % agreement
+        with its float model to 11 % (DESIGN.md); each stage is also checked (``StageGuard``)."""
+        def gentle(stage: TrainConfig, most: int) -> TrainConfig:
+            return replace(stage, epochs=min(stage.epochs, most), lr=stage.lr / 20, distill=1.0)
+
+        return replace(self, warmup=gentle(self.warmup, 2), search=gentle(self.search, 2),
+                       finetune=gentle(self.finetune, 3))
+
+    def post_training_only(self) -> SearchConfig:
+        """No weight training anywhere (``--ptq``); DMPQ, which learns by gradient, is left out."""
+        none = TrainConfig(epochs=0)
+        return replace(self, warmup=none, search=none, finetune=none, post_training=True,
+                       baselines=tuple(b for b in self.baselines if b != "dmpq"))
 
     def with_shards(self, shards: int) -> SearchConfig:
         """Gradient shards for the quantised training stages (the float model trains on one rank)."""
@@ -95,15 +115,33 @@ def calibrate(net: QuantNet, data: Dataset, seed: int) -> None:
             net.commit_observations()
 
 
-def warm_supernet(model: torch.nn.Module, graph: Graph, data: Dataset, candidates: tuple[int, ...],
-                  warmup: TrainConfig, seed: int, progress: bool = False,
-                  context: Context = SINGLE_PROCESS) -> QuantNet:
-    """The supernet over ``model``'s layers, its activation ranges calibrated and its weights
-    trained for ``warmup``: where SMPQ and every baseline start (and the benches' oracles)."""
+def calibrated_supernet(model: torch.nn.Module, graph: Graph, data: Dataset, candidates: tuple[int, ...],
+                        seed: int, context: Context = SINGLE_PROCESS) -> QuantNet:
+    """The supernet over ``model``'s layers with activation ranges calibrated, untrained."""
     net = QuantNet(graph, model, candidates).to(context.device)
     calibrate(net, data, seed)
-    train(net, data, warmup, seed, params=weight_params(net), desc="warm-up", progress=progress, context=context)
     return net
+
+
+def warm_supernet(model: torch.nn.Module, graph: Graph, data: Dataset, candidates: tuple[int, ...],
+                  warmup: TrainConfig, seed: int, progress: bool = False,
+                  context: Context = SINGLE_PROCESS, guard: StageGuard | None = None) -> QuantNet:
+    """The calibrated supernet with its weights trained for ``warmup`` (distilled from ``model``
+    when ``warmup.distill``; undone if ``guard`` finds it worse): where SMPQ and every baseline
+    start (and the benches' oracles)."""
+    net = calibrated_supernet(model, graph, data, candidates, seed, context)
+    return _guarded(guard, "warm-up", net, lambda n: train(
+        n, data, warmup, seed, params=weight_params(n), desc="warm-up", progress=progress, teacher=model,
+        context=context), warmup.epochs)
+
+
+def _guarded(guard: StageGuard | None, stage: str, net: QuantNet, step: Callable[[QuantNet], object],
+             epochs: int) -> QuantNet:
+    """``step(net)``, checked by ``guard`` when there is one and the stage trains at all."""
+    if guard is None or epochs == 0:
+        step(net)
+        return net
+    return guard.run(stage, net, step)
 
 
 def weight_params(net: QuantNet) -> list[torch.nn.Parameter]:
@@ -111,18 +149,58 @@ def weight_params(net: QuantNet) -> list[torch.nn.Parameter]:
 
 
 def finetune(net: QuantNet, bits: dict[str, int], data: Dataset, config: TrainConfig, seed: int,
-             progress: bool, desc: str, context: Context = SINGLE_PROCESS) -> tuple[QuantNet, float, float]:
+             progress: bool, desc: str, context: Context = SINGLE_PROCESS, guard: StageGuard | None = None,
+             teacher: torch.nn.Module | None = None) -> tuple[QuantNet, float, float]:
     """A copy of ``net`` fixed to ``bits`` and QAT-trained; test accuracy before and after."""
     tuned = copy.deepcopy(net)
     tuned.set_policy(bits)
     before = accuracy(tuned, data.x_test, data.y_test)
     if config.epochs:
-        train(tuned, data, config, seed, params=weight_params(tuned), desc=desc, progress=progress, context=context)
+        tuned = _guarded(guard, desc, tuned, lambda n: train(
+            n, data, config, seed, params=weight_params(n), desc=desc, progress=progress, teacher=teacher,
+            context=context), config.epochs)
     return tuned, before, accuracy(tuned, data.x_test, data.y_test)
 
 
 def _bits(graph: Graph, candidates: tuple[int, ...], selection: Selection) -> dict[str, int]:
     return {op.name: candidates[k] for op, k in zip(graph.layers, selection.choice)}
+
+
+@dataclass
+class _Run:
+    """What the steps of one search share: its inputs, the traced graph and the budget problem."""
+
+    source: ModelSource
+    data: Dataset
+    board: Board
+    budgets: Budgets
+    config: SearchConfig
+    seed: int
+    progress: bool
+    log: Callable[[str], None]
+    context: Context
+    graph: Graph
+    sack: object
+    guard: StageGuard
+    timings: dict[str, float] = field(default_factory=dict)
+    started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def candidates(self) -> tuple[int, ...]:
+        return self.board.weight_bits
+
+    def lap(self, name: str) -> None:
+        """Record the seconds since the last lap as ``name``."""
+        self.timings[name] = time.perf_counter() - self.started - sum(self.timings.values())
+
+    def cost(self, bits: dict[str, int]):
+        return cost_of(self.graph, bits, self.board, self.budgets)
+
+    def budget_use(self, bits: dict[str, int]) -> dict:
+        cost = self.cost(bits)
+        return {"flash": f"{cost.flash_total_bytes / cost.flash_budget_bytes:.0%}",
+                "RAM": f"{cost.ram_total_bytes / cost.ram_budget_bytes:.0%}",
+                "cycles": f"{cost.cycles / cost.cycle_budget:.0%}"}
 
 
 def run_search(source: ModelSource, data: Dataset, board: Board, *, budgets: Budgets | None = None,
@@ -131,121 +209,167 @@ def run_search(source: ModelSource, data: Dataset, board: Board, *, budgets: Bud
     """Every rank of a ``torchrun`` job calls this with the same arguments; see ``distributed``."""
     if not context.is_main:
         progress, log = False, (lambda _: None)
-    started = time.perf_counter()
-    timings: dict[str, float] = {}
+    run = _prepare(source, data, board, budgets or Budgets.of_board(board), config, seed, progress, log, context)
+    model, reference, float_measured = _float_model(run)
+    floor = calibrated_supernet(model, run.graph, data, run.candidates, seed, context)
+    floor.set_policy({op.name: max(run.candidates) for op in run.graph.layers})
+
+    log(f"supernet warm-up ({config.warmup.epochs} epochs, {len(run.graph.layers)} layers x "
+        f"{len(run.candidates)} candidates)")
+    warm = warm_supernet(model, run.graph, data, run.candidates, config.warmup, seed, progress, context, run.guard)
+    run.lap("warmup_s")
+    net, table, scores, history = _smpq_search(run, copy.deepcopy(warm), model)
+    ranked, chosen, chosen_bits = _pick(run, net, scores)
+    tuned, methods = _train_methods(run, warm, model, chosen, chosen_bits)
+    run.timings["total_s"] = time.perf_counter() - run.started
+
+    measured = {name: Measured.of(predictions(n, data.x_val), predictions(n, data.x_test), reference)
+                for name, n in (("ptq_int8", floor), ("shipped", tuned))}
+    floor_check = FloorCheck.of(predictions(tuned, data.x_val), predictions(floor, data.x_val), data.y_val)
+    if floor_check.warning():
+        log(floor_check.warning())
+    policy = _policy(run, chosen_bits, scores, methods[0].cost)
+    record = {
+        "model": source.name, "data": data.summary(), "board": board.name, "seed": seed,
+        "pretrained": source.pretrained, "budgets": run.budgets.to_dict(),
+        "knapsack_budgets": dict(zip(DIMENSIONS, run.sack.budgets)),
+        "config": config.to_dict(), "float_test_acc": float_measured.test_acc,
+        "reference": {"float": asdict(float_measured), **{k: asdict(m) for k, m in measured.items()}},
+        "stage_checks": run.guard.to_list(), "floor_check": asdict(floor_check),
+        "shapley": {"players": [f"{name}:w{bits}a8" for name, bits in net.players()], **table.to_dict()},
+        "alpha_history": history,
+        "k_best": [{"bits": bits, "summed_shapley": sel.score, "val_acc": float(hits.mean()), "cost": list(sel.cost),
+                    "chosen": sel is chosen} for hits, sel, bits in ranked],
+        "methods": [asdict(m) for m in methods],
+        "timings": run.timings, "versions": versions(),
+    }
+    return SearchResult(policy=policy, net=tuned, record=record)
+
+
+def check_config(source: ModelSource, config: SearchConfig) -> None:
+    """Refuse a schedule the model cannot take (before any output folder is made)."""
+    if config.post_training and not source.pretrained:
+        raise UserError(f"--ptq: model {source.name} is not trained (a .py model without PRETRAINED = True); "
+                        "post-training quantisation needs trained weights")
+
+
+def _prepare(source: ModelSource, data: Dataset, board: Board, budgets: Budgets, config: SearchConfig, seed: int,
+             progress: bool, log: Callable[[str], None], context: Context) -> _Run:
+    """Trace the model and set up the budget problem; stop before any training when no policy fits."""
     seed_everything(seed)
-    budgets = budgets or Budgets.of_board(board)
+    check_config(source, config)
     graph = trace(source.module, data.input_shape)
     if tuple(source.input_shape) != tuple(data.input_shape):
         raise UserError(f"model {source.name} expects input {source.input_shape}, data {data.name} has {data.input_shape}")
-    candidates = board.weight_bits
-    sack = knapsack(graph, board, budgets, candidates)
-    # Fail before any training when no policy can meet the budgets (the message names the minima).
+    sack = knapsack(graph, board, budgets, board.weight_bits)
     try:
-        k_best([[0.0] * len(candidates)] * len(graph.layers), sack.costs, sack.budgets, 1, aggregate=sack.aggregate,
-               names=sack.names)
+        k_best([[0.0] * len(board.weight_bits)] * len(graph.layers), sack.costs, sack.budgets, 1,
+               aggregate=sack.aggregate, names=sack.names)
     except UserError:
         raise UserError(_infeasible_message(sack, budgets, board)) from None
+    return _Run(source, data, board, budgets, config, seed, progress, log, context, graph, sack,
+                StageGuard(data.x_val, data.y_val, log))
 
-    model = source.module.to(context.device)
-    if not source.pretrained:
-        log(f"training the float model ({config.float_train.epochs} epochs)")
+
+def _float_model(run: _Run) -> tuple[torch.nn.Module, Reference, Measured]:
+    """The float model (trained here unless it arrived trained), its labels on val and test, and
+    its accuracy."""
+    model = run.source.module.to(run.context.device)
+    if not run.source.pretrained:
+        run.log(f"training the float model ({run.config.float_train.epochs} epochs)")
         # BatchNorm statistics depend on the batch, so one rank trains the float model and shares it.
-        if context.is_main:
-            train(model, data, config.float_train, seed, desc="float", progress=progress)
-        context.broadcast_module(model)
+        if run.context.is_main:
+            train(model, run.data, run.config.float_train, run.seed, desc="float", progress=run.progress)
+        run.context.broadcast_module(model)
     model.eval()
-    float_acc = accuracy(model, data.x_test, data.y_test)
-    timings["float_train_s"] = time.perf_counter() - started
-    log(f"float test accuracy {float_acc:.4f}")
+    data = run.data
+    reference = Reference(data.y_val, data.y_test, predictions(model, data.x_val), predictions(model, data.x_test))
+    measured = Measured.of(reference.float_val, reference.float_test, reference)
+    run.lap("float_train_s")
+    run.log(f"float test accuracy {measured.test_acc:.4f}")
+    return model, reference, measured
 
-    log(f"supernet warm-up ({config.warmup.epochs} epochs, {len(graph.layers)} layers x {len(candidates)} candidates)")
-    net = warm_supernet(model, graph, data, candidates, config.warmup, seed, progress, context)
-    warm = copy.deepcopy(net)
-    timings["warmup_s"] = time.perf_counter() - started - sum(timings.values())
 
-    x_val, y_val = validation_batch(data, config.shapley.val_samples, seed)
-    def budget_use(bits: dict[str, int]) -> dict:
-        cost = cost_of(graph, bits, board, budgets)
-        return {"flash": f"{cost.flash_total_bytes / cost.flash_budget_bytes:.0%}",
-                "RAM": f"{cost.ram_total_bytes / cost.ram_budget_bytes:.0%}",
-                "cycles": f"{cost.cycles / cost.cycle_budget:.0%}"}
-
-    updater = AlphaUpdater(net, x_val, y_val, config.shapley, seed, context, describe_policy=budget_use)
-    log(f"SMPQ search ({config.search.epochs} epochs, {config.shapley.permutations} permutations per update)")
-    train(net, data, config.search, seed + 1, params=weight_params(net), after_epoch=updater, desc="SMPQ search",
-          progress=progress, context=context)
-    table = estimate_shapley(net, x_val, y_val, config.shapley.final_permutations, config.shapley.truncation, seed,
-                             context, config.shapley.value)
-    scores = shapley_scores(table, len(graph.layers), len(candidates))
+def _smpq_search(run: _Run, net: QuantNet, teacher: torch.nn.Module):
+    """Shapley-steered alpha during the search epochs, then the final Shapley table and scores."""
+    config = run.config
+    x_val, y_val = validation_batch(run.data, config.shapley.val_samples, run.seed)
+    updater = AlphaUpdater(net, x_val, y_val, config.shapley, run.seed, run.context, describe_policy=run.budget_use)
+    run.log(f"SMPQ search ({config.search.epochs} epochs, {config.shapley.permutations} permutations per update)")
+    net = _guarded(run.guard, "SMPQ search", net, lambda n: train(
+        n, run.data, config.search, run.seed + 1, params=weight_params(n), after_epoch=updater, desc="SMPQ search",
+        progress=run.progress, teacher=teacher, context=run.context), config.search.epochs)
+    table = estimate_shapley(net, x_val, y_val, config.shapley.final_permutations, config.shapley.truncation,
+                             run.seed, run.context, config.shapley.value)
+    scores = shapley_scores(table, len(run.graph.layers), len(run.candidates))
     if config.shapley.monotone:
-        scores = monotone_scores(scores, candidates)
-    timings["smpq_search_s"] = time.perf_counter() - started - sum(timings.values())
+        scores = monotone_scores(scores, run.candidates)
+    run.lap("smpq_search_s")
+    return net, table, scores, updater.history
 
-    # K best by summed Shapley, re-ranked by measured validation accuracy of the supernet's path.
+
+def _pick(run: _Run, net: QuantNet, scores: np.ndarray):
+    """The K best by summed Shapley that fit the full cost model, re-ranked on validation."""
+    x_val, y_val = validation_batch(run.data, run.config.shapley.val_samples, run.seed)
+    sack = run.sack
     ranked = []
-    for selection in k_best(scores.tolist(), sack.costs, sack.budgets, config.k_best, aggregate=sack.aggregate,
+    for selection in k_best(scores.tolist(), sack.costs, sack.budgets, run.config.k_best, aggregate=sack.aggregate,
                             names=sack.names):
-        bits = _bits(graph, candidates, selection)
-        if all(cost_of(graph, bits, board, budgets).fits.values()):
+        bits = _bits(run.graph, run.candidates, selection)
+        if all(run.cost(bits).fits.values()):
             net.set_policy(bits)
             ranked.append((correct(net, x_val, y_val), selection, bits))
     net.set_policy(None)
     if not ranked:
         raise UserError("no policy among the best by Shapley fits every budget under the full cost model")
-    _, chosen, chosen_bits = ranked[pick_by_validation([r[0] for r in ranked], config.rerank_margin)]
+    _, chosen, chosen_bits = ranked[pick_by_validation([r[0] for r in ranked], run.config.rerank_margin)]
+    return ranked, chosen, chosen_bits
 
+
+def _train_methods(run: _Run, warm: QuantNet, teacher: torch.nn.Module, chosen: Selection,
+                   chosen_bits: dict[str, int]) -> tuple[QuantNet, list[MethodResult]]:
+    """SMPQ's pick and each baseline's, each QAT-trained; SMPQ's network is the one shipped."""
+    config, data, seed, progress, context = run.config, run.data, run.seed, run.progress, run.context
     # The chosen policy is QAT-trained from the warm-up weights for the search's and the
     # finetune's epochs, not finetuned from the search's weights: bench/search_quality.py measured
     # +0.13 +- 0.27 test points for this (11 of 15 runs better) on mnist1d at near-default effort.
     # The search moved the weights while alpha shifted between candidates; a policy's own training
     # does better from the plainer start. HAWQ and the uniform policies train the same way.
     long_finetune = replace(config.finetune, epochs=config.finetune.epochs + config.search.epochs)
-    methods: list[MethodResult] = []
-    tuned, before, after = finetune(warm, chosen_bits, data, long_finetune, seed, progress, "finetune SMPQ", context)
-    log(f"SMPQ: test accuracy {before:.4f} before finetune, {after:.4f} after")
-    timings["smpq_finetune_s"] = time.perf_counter() - started - sum(timings.values())
 
-    methods.append(MethodResult("smpq", chosen_bits, cost_of(graph, chosen_bits, board, budgets).to_dict(),
-                                chosen.score, before, after, after if config.baselines else None))
+    def tune(start: QuantNet, bits: dict[str, int], schedule: TrainConfig, desc: str, guard=run.guard):
+        return finetune(start, bits, data, schedule, seed, progress, desc, context, guard, teacher)
+
+    tuned, before, after = tune(warm, chosen_bits, long_finetune, "finetune SMPQ")
+    run.log(f"SMPQ: test accuracy {before:.4f} before finetune, {after:.4f} after")
+    run.lap("smpq_finetune_s")
+    methods = [MethodResult("smpq", chosen_bits, run.cost(chosen_bits).to_dict(), chosen.score, before, after,
+                            after if config.baselines else None)]
     for method in config.baselines:
         t0 = time.perf_counter()
         try:
-            bits, score, start = _baseline(method, warm, graph, candidates, data, config, sack, seed, progress,
-                                           context)
+            bits, score, start = _baseline(method, warm, run.graph, run.candidates, data, config, run.sack, seed,
+                                           progress, context)
         except UserError as exc:  # e.g. uniform int4 over budget: recorded, not fatal
-            log(f"{method}: {exc}")
+            run.log(f"{method}: {exc}")
             continue
-        epochs = config.finetune if method == "dmpq" else long_finetune
-        _, before, after = finetune(start, bits, data, epochs, seed, progress, f"finetune {method}", context)
+        # Baselines are trained unguarded: only the shipped network's stages are undone.
+        _, before, after = tune(start, bits, config.finetune if method == "dmpq" else long_finetune,
+                                f"finetune {method}", None)
         # HAWQ and the uniform policies already finetune from the warm-up for the long schedule.
-        same = after if method != "dmpq" else \
-            finetune(warm, bits, data, long_finetune, seed, progress, "same finetune", context)[2]
-        methods.append(MethodResult(method, bits, cost_of(graph, bits, board, budgets).to_dict(), score, before, after,
-                                    same))
-        log(f"{method}: test accuracy {before:.4f} before finetune, {after:.4f} after")
-        timings[f"{method}_s"] = time.perf_counter() - t0
-    timings["total_s"] = time.perf_counter() - started
+        same = after if method != "dmpq" else tune(warm, bits, long_finetune, "same finetune", None)[2]
+        methods.append(MethodResult(method, bits, run.cost(bits).to_dict(), score, before, after, same))
+        run.log(f"{method}: test accuracy {before:.4f} before finetune, {after:.4f} after")
+        run.timings[f"{method}_s"] = time.perf_counter() - t0
+    return tuned, methods
 
-    players = [f"{name}:w{bits}a8" for name, bits in net.players()]
-    smpq_cost = methods[0].cost
-    policy = Policy(board=board.name, model=source.name, method="smpq", layers=[
-        LayerChoice(name=op.name, kind=op.kind, weight_bits=chosen_bits[op.name], params=op.weight_count,
+
+def _policy(run: _Run, bits: dict[str, int], scores: np.ndarray, cost: dict) -> Policy:
+    return Policy(board=run.board.name, model=run.source.name, method="smpq", layers=[
+        LayerChoice(name=op.name, kind=op.kind, weight_bits=bits[op.name], params=op.weight_count,
                     flash_bytes=layer_cost["flash_bytes"], cycles=layer_cost["cycles"],
-                    shapley={f"w{b}a8": float(scores[i, k]) for k, b in enumerate(candidates)})
-        for i, (op, layer_cost) in enumerate(zip(graph.layers, smpq_cost["layers"]))])
-    record = {
-        "model": source.name, "data": data.summary(), "board": board.name, "seed": seed,
-        "budgets": budgets.to_dict(), "knapsack_budgets": dict(zip(DIMENSIONS, sack.budgets)),
-        "config": config.to_dict(), "float_test_acc": float_acc,
-        "shapley": {"players": players, **table.to_dict()},
-        "alpha_history": updater.history,
-        "k_best": [{"bits": bits, "summed_shapley": sel.score, "val_acc": float(hits.mean()), "cost": list(sel.cost),
-                    "chosen": sel is chosen} for hits, sel, bits in ranked],
-        "methods": [asdict(m) for m in methods],
-        "timings": timings, "versions": versions(),
-    }
-    return SearchResult(policy=policy, net=tuned, record=record)
+                    shapley={f"w{b}a8": float(scores[i, k]) for k, b in enumerate(run.candidates)})
+        for i, (op, layer_cost) in enumerate(zip(run.graph.layers, cost["layers"]))])
 
 
 def _infeasible_message(sack, budgets: Budgets, board: Board) -> str:
@@ -299,24 +423,38 @@ def _baseline(method: str, warm: QuantNet, graph: Graph, candidates: tuple[int, 
 def save_search(result: SearchResult, out_dir: Path) -> None:
     save_policy(result.policy, out_dir / "policy.json")
     write_json(out_dir / "search.json", result.record)
+    save_quantnet(result.net, result.policy.bits, out_dir)
+
+
+def save_quantnet(net: QuantNet, bits: dict[str, int], out_dir: Path) -> None:
+    """``quantnet.pt``: the weights and the policy they were finetuned for, so that an export of an
+    edited ``policy.json`` can tell that the network was not trained for it."""
     buffer = io.BytesIO()
-    torch.save({"quantnet": result.net.state_dict()}, buffer)
+    torch.save({"quantnet": net.state_dict(), "trained_bits": dict(bits)}, buffer)
     write_bytes(out_dir / "quantnet.pt", buffer.getvalue())
 
 
-def load_quantnet(folder: Path, source: ModelSource, board: Board, input_shape: tuple[int, ...]) -> QuantNet:
-    """The finetuned network ``save_search`` wrote, rebuilt for ``source`` on ``board``."""
+@dataclass
+class Checkpoint:
+    net: QuantNet
+    trained_bits: dict[str, int] | None  # None in a checkpoint written before the policy was recorded
+
+
+def load_quantnet(folder: Path, source: ModelSource, board: Board, data: Dataset) -> Checkpoint:
+    """The finetuned network ``save_quantnet`` wrote, rebuilt for ``source`` on ``board``."""
+    source.check_input(data.input_shape, data.name)
     path = folder / "quantnet.pt"
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True)["quantnet"]
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+        state = saved["quantnet"]
     except FileNotFoundError:
         raise UserError(f"{path}: not found; run `search --out {folder}` first") from None
     except Exception as exc:  # torch raises many types for a damaged or foreign file
         raise UserError(f"{path}: not a quantnet checkpoint ({exc.__class__.__name__})") from None
-    net = QuantNet(trace(source.module, input_shape), source.module, board.weight_bits)
+    net = QuantNet(trace(source.module, data.input_shape), source.module, board.weight_bits)
     try:
         net.load_state_dict(state)
     except RuntimeError as exc:
         raise UserError(f"{path}: does not match model {source.name} on board {board.name} "
                         f"({str(exc).splitlines()[0]})") from None
-    return net.eval()
+    return Checkpoint(net.eval(), saved.get("trained_bits"))

@@ -24,6 +24,9 @@ class TrainConfig:
     batch_size: int = 64
     weight_decay: float = 1e-4
     shards: int = 1  # gradient shards per batch; ranks split them (see distributed)
+    # Weight of distillation from a teacher's (the float model's) softmax against the labels' loss:
+    # for a model that arrives trained, whose user's data may be small or not what it was trained on.
+    distill: float = 0.0
 
 
 def seed_everything(seed: int) -> None:
@@ -67,15 +70,27 @@ def _set_gradient(params: list[nn.Parameter], flat: torch.Tensor) -> None:
         offset += p.numel()
 
 
+def _loss(logits: torch.Tensor, labels: torch.Tensor, teacher: nn.Module | None, x: torch.Tensor,
+          distill: float) -> torch.Tensor:
+    """Summed cross-entropy to the labels, mixed with cross-entropy to the teacher's softmax."""
+    loss = F.cross_entropy(logits, labels, reduction="sum")
+    if teacher is None or distill == 0.0:
+        return loss
+    with torch.no_grad():
+        target = torch.softmax(teacher(x), dim=1)
+    return (1.0 - distill) * loss + distill * F.cross_entropy(logits, target, reduction="sum")
+
+
 def train(model: nn.Module, data: Dataset, config: TrainConfig, seed: int, *, desc: str = "train",
           params: list[nn.Parameter] | None = None, extra_loss: Callable[[], torch.Tensor] | None = None,
           after_epoch: Callable[[int], dict] | None = None, progress: bool = True,
-          context: Context = SINGLE_PROCESS) -> list[dict]:
+          teacher: nn.Module | None = None, context: Context = SINGLE_PROCESS) -> list[dict]:
     """Adam with a cosine learning rate; returns one record per epoch.
 
     ``params`` restricts what is trained (the supernet trains weights, not alpha, here);
     ``extra_loss`` adds a term such as DMPQ's cost penalty; ``after_epoch`` runs between epochs
-    (the Shapley update of alpha) and its returned dict joins the epoch's record. Under
+    (the Shapley update of alpha) and its returned dict joins the epoch's record. With
+    ``config.distill`` > 0 the loss mixes in cross-entropy to ``teacher``'s softmax. Under
     ``torchrun`` each rank computes its shards of every batch and gradients are summed across ranks.
     """
     rng = np.random.default_rng(seed)
@@ -97,7 +112,7 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig, seed: int, *, de
                 xb = torch.from_numpy(data.x_train[part]).to(device)
                 yb = torch.from_numpy(data.y_train[part]).to(device)
                 # This shard's share of the batch mean: the shards' gradients sum to the batch's.
-                loss = F.cross_entropy(model(xb), yb, reduction="sum") / len(idx)
+                loss = _loss(model(xb), yb, teacher, xb, config.distill) / len(idx)
                 if extra_loss is not None and shard == 0:
                     loss = loss + extra_loss()
                 optimiser.zero_grad(set_to_none=True)
