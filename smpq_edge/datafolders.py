@@ -16,6 +16,7 @@ import os
 import re
 import warnings
 from dataclasses import asdict, dataclass
+from importlib.metadata import version
 from pathlib import Path
 from typing import Literal
 
@@ -95,7 +96,7 @@ class Listing:
 
     root: Path
     kind: Literal["image", "audio"]
-    files: tuple[Path, ...]
+    files: tuple[str, ...]  # paths relative to root, '/'-separated (strings: 50,000 Path objects cost seconds)
     labels: np.ndarray  # int64, one per file
     groups: tuple[str, ...] | None  # one per file, from name_pattern's {group}
     class_names: tuple[str, ...]
@@ -111,16 +112,20 @@ def _entries(folder: Path) -> list[os.DirEntry]:
         raise UserError(f"{folder}: cannot read folder ({exc.strerror or exc.__class__.__name__})") from None
 
 
-def _media(folder: Path) -> list[Path]:
-    return [folder / e.name for e in _entries(folder)
-            if e.is_file() and os.path.splitext(e.name)[1].lower() in IMAGE_SUFFIXES | AUDIO_SUFFIXES]
+def _suffix(name: str) -> str:
+    return os.path.splitext(name)[1].lower()
 
 
-def _kind(root: Path, files: list[Path]) -> Literal["image", "audio"]:
-    audio = [f for f in files if f.suffix.lower() in AUDIO_SUFFIXES]
+def _media(folder: Path) -> list[str]:
+    """Names of the image and WAV files in ``folder``, sorted."""
+    return [e.name for e in _entries(folder) if e.is_file() and _suffix(e.name) in IMAGE_SUFFIXES | AUDIO_SUFFIXES]
+
+
+def _kind(root: Path, files: list[str]) -> Literal["image", "audio"]:
+    audio = [f for f in files if _suffix(f) in AUDIO_SUFFIXES]
     if audio and len(audio) != len(files):
-        image = next(f for f in files if f.suffix.lower() in IMAGE_SUFFIXES)
-        raise UserError(f"{root}: mixes image and WAV files ({image.relative_to(root)}, {audio[0].relative_to(root)})")
+        image = next(f for f in files if _suffix(f) in IMAGE_SUFFIXES)
+        raise UserError(f"{root}: mixes image and WAV files ({image}, {audio[0]})")
     return "audio" if audio else "image"
 
 
@@ -163,14 +168,14 @@ def _pattern(pattern: str) -> re.Pattern:
         raise UserError(f"name_pattern '{pattern}' names a field twice") from None
 
 
-def _fields(files: list[Path], pattern: str | None, field: str) -> list[str] | None:
+def _fields(root: Path, files: list[str], pattern: str | None, field: str) -> list[str] | None:
     if pattern is None or f"{{{field}}}" not in pattern:
         return None
     regex, values = _pattern(pattern), []
     for f in files:
-        match = regex.match(f.stem)
+        match = regex.match(os.path.splitext(os.path.basename(f))[0])
         if match is None:
-            raise UserError(f"{f}: file name does not match name_pattern '{pattern}'")
+            raise UserError(f"{root / f}: file name does not match name_pattern '{pattern}'")
         values.append(match.group(field))
     return values
 
@@ -178,7 +183,7 @@ def _fields(files: list[Path], pattern: str | None, field: str) -> list[str] | N
 def list_folder(root: Path, name_pattern: str | None) -> Listing:
     loose, folders = _media(root), _class_folders(root)
     if loose and folders:
-        raise UserError(f"{root}: holds both class subfolders and loose files ({loose[0].name}); use one layout")
+        raise UserError(f"{root}: holds both class subfolders and loose files ({loose[0]}); use one layout")
     if loose:
         return _flat(root, loose, name_pattern)
     if not folders:
@@ -190,21 +195,21 @@ def list_folder(root: Path, name_pattern: str | None) -> Listing:
         found = _media(root / name)
         if not found:
             raise UserError(f"{root / name}: class folder has no image or WAV files")
-        files += found
+        files += [f"{name}/{f}" for f in found]
         names += [name] * len(found)
     labels = label_map(str(root), folders, listed=(root / CLASSES_FILE).is_file())
     return Listing(root, _kind(root, files), tuple(files), np.array([labels[n] for n in names], np.int64),
-                   _optional_tuple(_fields(files, name_pattern, "group")), _ordered(labels))
+                   _optional_tuple(_fields(root, files, name_pattern, "group")), _ordered(labels))
 
 
-def _flat(root: Path, files: list[Path], name_pattern: str | None) -> Listing:
+def _flat(root: Path, files: list[str], name_pattern: str | None) -> Listing:
     if name_pattern is None or "{label}" not in name_pattern:
         raise UserError(f"{root}: files but no class subfolders; give a name pattern with {{label}} to read labels "
-                        f"from the file names (e.g. '{{label}}_{{group}}_{{index}}' for {files[0].name})")
-    names = _fields(files, name_pattern, "label")
+                        f"from the file names (e.g. '{{label}}_{{group}}_{{index}}' for {files[0]})")
+    names = _fields(root, files, name_pattern, "label")
     labels = label_map(str(root), sorted(set(names)), listed=False)
     return Listing(root, _kind(root, files), tuple(files), np.array([labels[n] for n in names], np.int64),
-                   _optional_tuple(_fields(files, name_pattern, "group")), _ordered(labels))
+                   _optional_tuple(_fields(root, files, name_pattern, "group")), _ordered(labels))
 
 
 def _optional_tuple(values: list[str] | None) -> tuple[str, ...] | None:
@@ -220,22 +225,24 @@ def _ordered(labels: dict[str, int]) -> tuple[str, ...]:
 def content_key(listing: Listing) -> tuple[str, bool]:
     """sha256 over relative paths, sizes and mtimes, and the bytes of every file when the folder is
     small enough (CONTENT_HASH_LIMIT) that reading it all costs far less than decoding it."""
-    stats = [f.stat() for f in listing.files]
+    paths = [os.path.join(listing.root, f) for f in listing.files]
+    stats = [os.stat(p) for p in paths]
     with_content = sum(s.st_size for s in stats) <= CONTENT_HASH_LIMIT
     digest = hashlib.sha256(f"{listing.kind}\n{with_content}\n".encode())
     classes = listing.root / CLASSES_FILE
     if classes.is_file():
         digest.update(classes.read_bytes())
-    for f, s in zip(listing.files, stats):
-        digest.update(f"{f.relative_to(listing.root).as_posix()}\0{s.st_size}\0{s.st_mtime_ns}\n".encode())
+    for f, p, s in zip(listing.files, paths, stats):
+        digest.update(f"{f}\0{s.st_size}\0{s.st_mtime_ns}\n".encode())
         if with_content:
-            digest.update(_read(f))
+            digest.update(_read(p))
     return digest.hexdigest(), with_content
 
 
-def _read(path: Path) -> bytes:
+def _read(path: str) -> bytes:
     try:
-        return path.read_bytes()
+        with open(path, "rb") as handle:
+            return handle.read()
     except OSError as exc:
         raise UserError(f"{path}: cannot read file ({exc.strerror or exc.__class__.__name__})") from None
 
@@ -267,10 +274,13 @@ def write_cache(path: Path, x: np.ndarray, preprocessing: dict) -> None:
         warnings.warn(f"{path}: cannot write the data cache ({exc})", stacklevel=2)
 
 
-def _progress(files: tuple[Path, ...], what: str):
+def _progress(listing: Listing, what: str):
+    """The listing's files as Paths, with a progress bar when there are many."""
     from tqdm import tqdm
 
-    return tqdm(files, desc=what, unit="file", disable=True if len(files) < PROGRESS_MIN_FILES else None)
+    paths = (listing.root / f for f in listing.files)
+    return tqdm(paths, desc=f"{what} {listing.root.name}", unit="file", total=len(listing.files),
+                disable=True if len(listing.files) < PROGRESS_MIN_FILES else None)
 
 
 # --- images -------------------------------------------------------------------------------------
@@ -307,7 +317,7 @@ def decode_images(listing: Listing, options: ImageOptions) -> tuple[np.ndarray, 
     if options.channels not in (None, 1, 3):
         raise UserError(f"{listing.root}: images can be read with 1 or 3 channels, not {options.channels}")
     images, size = [], options.size
-    for path in _progress(listing.files, f"decoding {listing.root.name}"):
+    for path in _progress(listing, "decoding"):
         pixels = decode_image(path, options.channels)
         size = size or pixels.shape[:2]  # without a wanted size, the first image sets it
         images.append(_fit(path, pixels, size, options.resize))
@@ -368,7 +378,7 @@ def mfcc(clips: np.ndarray, rate: int, front_end: AudioFrontEnd, batch: int = 10
 def decode_audio(listing: Listing, front_end: AudioFrontEnd) -> tuple[np.ndarray, dict]:
     """float32 (N, 1, frames, coefficients) and the preprocessing record."""
     rate, clips = front_end.sample_rate, []
-    for path in _progress(listing.files, f"reading {listing.root.name}"):
+    for path in _progress(listing, "reading"):
         file_rate, samples = read_wav(path)
         rate = rate or file_rate  # without a wanted rate, the first file sets it
         if file_rate != rate:
@@ -450,7 +460,9 @@ def decode(listing: Listing, source_hash: str, image: ImageOptions, front_end: A
     """All samples, NCHW (uint8 pixels or float32 features), from the cache when the same files were
     decoded the same way."""
     options = asdict(image) if listing.kind == "image" else asdict(front_end)
-    path = cache_path(source_hash, {"kind": listing.kind, **options})
+    # Another JPEG decoder or TensorFlow build may give other numbers, so its version is part of the key.
+    library = "pillow" if listing.kind == "image" else "tensorflow"
+    path = cache_path(source_hash, {"kind": listing.kind, "library": f"{library} {version(library)}", **options})
     cached = read_cache(path)
     if cached is None:
         x, preprocessing = (decode_images(listing, image) if listing.kind == "image"
