@@ -15,6 +15,7 @@ import json
 import os
 import re
 import warnings
+import zipfile
 from dataclasses import asdict, dataclass
 from importlib.metadata import version
 from pathlib import Path
@@ -261,7 +262,7 @@ def read_cache(path: Path) -> tuple[np.ndarray, dict] | None:
     try:
         with np.load(path, allow_pickle=False) as npz:
             return npz["x"], json.loads(str(npz["preprocessing"]))
-    except (OSError, ValueError, KeyError, EOFError):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return None
 
 
