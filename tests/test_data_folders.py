@@ -457,3 +457,12 @@ def test_real_cifar_and_fsdd_slices(tmp_path):
     assert fsdd.input_shape == (1, 49, 10) and fsdd.num_classes == 10
     assert fsdd.preprocessing["sample_rate"] == 8000 and fsdd.preprocessing["window_samples"] == 320
     assert (len(fsdd.y_train), len(fsdd.y_val), len(fsdd.y_test)) == (20, 20, 20)  # one speaker each
+
+
+@pytest.mark.skipif(os.name != "posix" or os.geteuid() == 0, reason="file permissions do not stop root")
+def test_unreadable_file(tmp_path):
+    root = image_folder(tmp_path / "pets")
+    path = root / "cat" / "003.png"
+    path.chmod(0)
+    with pytest.raises(UserError, match=rf"^{path}: cannot read file \(Permission denied\)$"):
+        load_dataset(root)
