@@ -7,7 +7,7 @@ margin, embedded test vectors with the host interpreter's outputs, a self-check 
 the board port (start-up code and linker script where the repo has a bare-metal port) and a
 ``Makefile``/``CMakeLists.txt`` that take the TFLM tree from ``TFLM_DIR``.
 
-Files come from hand-written templates in the repo's ``firmware/`` folder (``common/`` for
+Files come from hand-written templates in ``smpq_edge/firmware_templates/`` (``common/`` for
 every board, ``ports/<port>/`` per port), filled whole with ``FileTemplate`` (``@@name@@``
 placeholders; every placeholder must be given and every value used). Output is deterministic:
 the same spec, board and margin give byte-identical files.
@@ -31,7 +31,8 @@ from smpq_edge.boards import Board, Core
 from smpq_edge.errors import UserError
 from smpq_edge.fileio import ensure_dir, write_json, write_text
 
-FIRMWARE_DIR = Path(__file__).resolve().parent.parent / "firmware"
+# The templates are package data (installed with the package, editable or not).
+FIRMWARE_DIR = Path(__file__).resolve().parent / "firmware_templates"
 BYTES_PER_LINE = 12  # model_data.cc: hex bytes per line
 VALUES_PER_LINE = 16  # test_vectors.cc: decimal values per line
 DEFAULT_VECTORS = 20
@@ -91,6 +92,51 @@ VARIANT_HEADERS: dict[str, str] = {
     "FULLY_CONNECTED": "tensorflow/lite/micro/kernels/fully_connected.h",
 }
 VARIANT_WEIGHT_TYPES = ("INT4", "INT8")
+
+# Builtin op -> the TFLM kernel files (under tensorflow/lite/micro/kernels/, without .cc) the
+# Makefile compiles for it: the file defining its Register_<OP>() (the CMSIS-NN file of the same
+# name replaces it where the board uses CMSIS-NN) and the *_common / helper files it includes,
+# followed transitively (read from TFLM 90b983c). kernel_util.cc is always compiled. An op not
+# listed here makes the Makefile compile every kernel (TFLM_KERNELS=all).
+_KERNEL_DEPS: dict[str, tuple[str, ...]] = {
+    "activations": ("activations_common",), "add": ("add_common",),
+    "batch_matmul": ("batch_matmul_common",), "conv": ("conv_common",),
+    "depthwise_conv": ("depthwise_conv_common", "conv_common"), "dequantize": ("dequantize_common",),
+    "fully_connected": ("fully_connected_common",), "hard_swish": ("hard_swish_common",),
+    "leaky_relu": ("leaky_relu_common",), "logical": ("logical_common",), "logistic": ("logistic_common",),
+    "mul": ("mul_common",), "pad": ("pad_common",), "pooling": ("pooling_common",),
+    "prelu": ("prelu_common",), "quantize": ("quantize_common",), "reduce": ("reduce_common",),
+    "reshape": ("reshape_common",), "softmax": ("softmax_common",),
+    "strided_slice": ("strided_slice_common",), "sub": ("sub_common",), "svdf": ("svdf_common",),
+    "transpose": ("transpose_common",),
+    "unidirectional_sequence_lstm": ("lstm_eval", "lstm_eval_common", "fully_connected_common",
+                                     "micro_tensor_utils"),
+}
+_KERNEL_FILE_OF: dict[str, str] = {
+    "ABS": "elementwise", "ADD_N": "add_n", "ARG_MAX": "arg_min_max", "ARG_MIN": "arg_min_max",
+    "AVERAGE_POOL_2D": "pooling", "BATCH_TO_SPACE_ND": "batch_to_space_nd", "CONCATENATION": "concatenation",
+    "CONV_2D": "conv", "COS": "elementwise", "DEPTHWISE_CONV_2D": "depthwise_conv", "EQUAL": "comparisons",
+    "GREATER": "comparisons", "GREATER_EQUAL": "comparisons", "L2_NORMALIZATION": "l2norm",
+    "LESS": "comparisons", "LESS_EQUAL": "comparisons", "LOG": "elementwise", "LOGICAL_AND": "logical",
+    "LOGICAL_NOT": "elementwise", "LOGICAL_OR": "logical", "LOG_SOFTMAX": "log_softmax",
+    "MAXIMUM": "maximum_minimum", "MAX_POOL_2D": "pooling", "MEAN": "reduce", "MINIMUM": "maximum_minimum",
+    "NOT_EQUAL": "comparisons", "PADV2": "pad", "REDUCE_ALL": "reduce", "REDUCE_MAX": "reduce",
+    "REDUCE_MIN": "reduce", "RELU": "activations", "RELU6": "activations", "REVERSE_V2": "reverse",
+    "RSQRT": "elementwise", "SELECT_V2": "select", "SIN": "elementwise", "SQRT": "elementwise",
+    "SQUARE": "elementwise", "SUM": "reduce",
+}
+# Ops whose kernel file is their lower-case name (ADD -> add.cc), unless listed above.
+_KERNEL_FILE_IS_NAME = frozenset({
+    "ADD", "ASSIGN_VARIABLE", "BATCH_MATMUL", "BROADCAST_ARGS", "BROADCAST_TO", "CALL_ONCE", "CAST", "CEIL",
+    "CUMSUM", "DEPTH_TO_SPACE", "DEQUANTIZE", "DIV", "DYNAMIC_UPDATE_SLICE", "EMBEDDING_LOOKUP", "ELU", "EXP",
+    "EXPAND_DIMS", "FILL", "FLOOR", "FLOOR_DIV", "FLOOR_MOD", "FULLY_CONNECTED", "GATHER", "GATHER_ND",
+    "HARD_SWISH", "IF", "L2_POOL_2D", "LEAKY_RELU", "LOGISTIC", "MIRROR_PAD", "MUL", "NEG", "PACK", "PAD",
+    "PRELU", "QUANTIZE", "READ_VARIABLE", "RESHAPE", "RESIZE_BILINEAR", "RESIZE_NEAREST_NEIGHBOR", "ROUND",
+    "SHAPE", "SLICE", "SOFTMAX", "SPACE_TO_BATCH_ND", "SPACE_TO_DEPTH", "SPLIT", "SPLIT_V",
+    "SQUARED_DIFFERENCE", "SQUEEZE", "STRIDED_SLICE", "SUB", "SVDF", "TANH", "TRANSPOSE_CONV", "TRANSPOSE",
+    "UNPACK", "UNIDIRECTIONAL_SEQUENCE_LSTM", "VAR_HANDLE", "WHILE", "ZEROS_LIKE",
+})
+ALL_KERNELS = "all"
 WEIGHT_INPUT = 1  # the filter is input 1 of CONV_2D, DEPTHWISE_CONV_2D and FULLY_CONNECTED
 
 
@@ -174,7 +220,7 @@ class Memory:
 class Port:
     """How a board's firmware is built and run: a bare-metal image or a library for its SDK."""
 
-    name: str  # folder under firmware/ports/ with its README part (and run rules)
+    name: str  # folder under firmware_templates/ports/ with its README part (and run rules)
     kind: Literal["baremetal", "library"]
     flash: Memory | None = None
     ram: Memory | None = None
@@ -262,7 +308,7 @@ class FileTemplate(string.Template):
 
 
 def fill_template(relative: str, values: dict[str, object]) -> str:
-    """A template under firmware/ filled whole; each placeholder given, each value used."""
+    """A template under firmware_templates/ filled whole; each placeholder given, each value used."""
     path = FIRMWARE_DIR / relative
     template = FileTemplate(path.read_text(encoding="utf-8"))
     wanted = set(template.get_identifiers())
@@ -484,6 +530,19 @@ def registrations(ops: tuple[OpUse, ...], kernels: str) -> tuple[Registration, .
     return tuple(out)
 
 
+def kernel_files(op_names: tuple[str, ...] | list[str]) -> tuple[str, ...] | str:
+    """The TFLM kernel files (stems under kernels/) the ops need, sorted, or ``"all"`` when an op
+    is not in the table (then the Makefile compiles every kernel)."""
+    stems: set[str] = set()
+    for name in op_names:
+        stem = _KERNEL_FILE_OF.get(name) or (name.lower() if name in _KERNEL_FILE_IS_NAME else None)
+        if stem is None:
+            return ALL_KERNELS
+        stems.add(stem)
+        stems.update(_KERNEL_DEPS.get(stem, ()))
+    return tuple(sorted(stems))
+
+
 def default_arena_margin(measured: int) -> int:
     """25 % of the measured arena, at least 1024 bytes, topped up so the sum is 16-aligned."""
     margin = max(DEFAULT_MARGIN_MIN_BYTES, math.ceil(measured * DEFAULT_MARGIN_FRACTION))
@@ -612,6 +671,8 @@ def render_firmware(
     c_srcs = ["smpq_timer.c"] + (["startup_cortex_m.c"] if port.kind == "baremetal" else [])
     flags = cpu_flags(board)
     defines = _defines(board, port)
+    needed = kernel_files([r.op for r in regs])
+    tflm_kernels = needed if isinstance(needed, str) else " ".join(needed)
     build_values = {
         "board": board_text, "core": board.core.value, "kernels": board.kernels,
         "fpu": "yes" if board.fpu else "no", "dsp": "yes" if board.dsp else "no",
@@ -621,12 +682,14 @@ def render_firmware(
         **build_values,
         "defines": " \\\n  ".join(f"-D{d}" for d in defines),
         "app_cxx_srcs": " ".join(cxx_srcs), "app_c_srcs": " ".join(c_srcs),
+        "tflm_kernels": tflm_kernels,
         "default_target": "$(BUILD_DIR)/$(APP).elf" if port.kind == "baremetal"
-        else "$(BUILD_DIR)/libsmpq_model.a $(BUILD_DIR)/libtflm.a",
+        else "$(BUILD_DIR)/libsmpq_model.a $(TFLM_LIB)",
         "link_rules": _link_rules(port),
     })
     files["CMakeLists.txt"] = fill_template("common/CMakeLists.txt.in", {
         **{k: build_values[k] for k in ("board", "core", "kernels", "fpu", "dsp", "clock_hz", "app_name")},
+        "tflm_kernels": tflm_kernels,
         "cpu_flags": " ".join(flags),
         "cmake_defines": "\n  ".join(defines),
         "cmake_app_srcs": " ".join(cxx_srcs + c_srcs),
@@ -671,7 +734,7 @@ def _link_rules(port: Port) -> str:
 def _run_section(board: Board, port: Port, app_name: str) -> str:
     relative = f"ports/{port.name}/README.run.md.in"
     if port.name == "qemu-mps2-an386":
-        return fill_template(relative, {"app_name": app_name})
+        return fill_template(relative, {"app_name": app_name, "kernels": board.kernels})
     if port.name == "stm32":
         return fill_template(relative, {
             "app_name": app_name, "board_description": comment_text(board.description),

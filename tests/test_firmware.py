@@ -33,6 +33,7 @@ from smpq_edge.firmware import (
     default_arena_margin,
     fill_template,
     generate_firmware,
+    kernel_files,
     registrations,
     render_firmware,
 )
@@ -377,6 +378,58 @@ def test_templates_are_filled_strictly(tmp_path, monkeypatch):
 def test_templates_folder_is_where_the_generator_looks():
     assert (FIRMWARE_DIR / "common" / "main.cc.in").is_file()
     assert (FIRMWARE_DIR / "ports" / "baremetal" / "startup_cortex_m.c").is_file()
+    # Inside the package (package data), so that a non-editable install finds them.
+    import smpq_edge
+
+    assert FIRMWARE_DIR.parent == Path(smpq_edge.__file__).resolve().parent
+
+
+def test_templates_are_package_data():
+    import tomllib
+
+    pyproject = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    patterns = pyproject["tool"]["setuptools"]["package-data"]["smpq_edge"]
+    package = FIRMWARE_DIR.parent
+    covered = {p for pattern in patterns for p in package.glob(pattern) if p.is_file()}
+    templates = {p for p in FIRMWARE_DIR.rglob("*") if p.is_file()}
+    assert templates and templates <= covered
+
+
+# ---- kernel selection: only the model's kernels are compiled ---------------------------------
+
+
+def test_kernel_files_are_the_ops_files_and_their_dependencies():
+    assert kernel_files(["CONV_2D", "DEPTHWISE_CONV_2D", "MEAN", "FULLY_CONNECTED"]) == (
+        "conv", "conv_common", "depthwise_conv", "depthwise_conv_common", "fully_connected",
+        "fully_connected_common", "reduce", "reduce_common")
+    assert kernel_files(["AVERAGE_POOL_2D", "MAX_POOL_2D", "ADD", "RELU6"]) == (
+        "activations", "activations_common", "add", "add_common", "pooling", "pooling_common")
+    assert kernel_files([]) == ()
+    # An op the table does not know: compile every kernel rather than fail to link.
+    assert kernel_files(["CONV_2D", "SOME_NEW_OP"]) == "all"
+    # Every op the resolver can register maps to a kernel file.
+    assert all(kernel_files([op]) != "all" for op in ADD_METHODS)
+
+
+def test_makefile_compiles_only_the_models_kernels(int8_firmware):
+    make = (int8_firmware.out_dir / "Makefile").read_text()
+    kernels = re.search(r"^TFLM_KERNELS \?= (.*)$", make, re.M).group(1).split()
+    assert kernels == list(kernel_files(["CONV_2D", "DEPTHWISE_CONV_2D", "MEAN", "FULLY_CONNECTED"]))
+    cmake = (int8_firmware.out_dir / "CMakeLists.txt").read_text()
+    assert f'set(TFLM_KERNELS "{" ".join(kernels)}"' in cmake
+    # A separate build folder per kernel set, and a shareable one for TFLM's objects.
+    assert "BUILD_DIR ?= build-$(KERNELS)" in make and "TFLM_BUILD_DIR ?= $(BUILD_DIR)" in make
+    readme = (int8_firmware.out_dir / "README.md").read_text()
+    assert "make TFLM_DIR=... KERNELS=reference run" in readme and "TFLM_KERNELS=all" in readme
+
+
+def test_self_check_says_what_it_counts(int8_firmware):
+    main_cc = (int8_firmware.out_dir / "main.cc").read_text()
+    assert '"DWT cycles" : "SysTick ticks"' in main_cc
+    assert "per-op profile of the last inference (%s, instructions = ticks x %d)" in main_cc
+    assert "cycles per inference" not in main_cc and "(cycles)" not in main_cc
+    header = (int8_firmware.out_dir / "model_runner.h").read_text()
+    assert "void model_print_profile(uint32_t instructions_per_tick);" in header
 
 
 # ---- compilation of the files that need no TFLM ------------------------------------------------
@@ -396,6 +449,33 @@ def _require_tools(*tools: str) -> None:
     if os.environ.get("SMPQ_REQUIRE_TOOLCHAIN") == "1":
         pytest.fail(message)
     pytest.skip(message)
+
+
+def require_tflm() -> str:
+    """The TFLM tree in TFLM_DIR (absolute). Without one: skip on a developer's machine, fail
+    under .ci/run (SMPQ_REQUIRE_TOOLCHAIN=1), which points TFLM_DIR at a tree."""
+    tflm = os.environ.get("TFLM_DIR")
+    message = None
+    if not tflm:
+        # The project never fetches TFLM itself (it is the user's tree).
+        message = ("TFLM_DIR is not set: point it at a tflite-micro checkout with its third-party downloads "
+                   "(flatbuffers, gemmlowp, ruy, cmsis, cmsis_nn) to build and run the QEMU self-check")
+    elif not (Path(tflm) / "tensorflow/lite/micro/micro_interpreter.h").is_file():
+        message = f"TFLM_DIR={tflm} is not a tflite-micro checkout"
+    if message is None:
+        return str(Path(tflm).resolve())
+    if os.environ.get("SMPQ_REQUIRE_TOOLCHAIN") == "1":
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def tflm_build_dir(default: Path, kernels: str = "cmsis_nn") -> Path:
+    """Where TFLM's objects go: SMPQ_FIRMWARE_BUILD_CACHE/<board>[-<kernels>] when set (TFLM
+    compiles once for all tests), else ``default``."""
+    cache = os.environ.get("SMPQ_FIRMWARE_BUILD_CACHE")
+    if not cache:
+        return default
+    return Path(cache).resolve() / (QEMU_BOARD if kernels == "cmsis_nn" else f"{QEMU_BOARD}-{kernels}")
 
 
 def _compile(compiler: str, flags: list[str], source: Path, tmp_path: Path) -> None:
@@ -446,24 +526,22 @@ def test_cli_firmware(int8_model, tmp_path, capsys):
 # ---- the real thing: TFLM build and QEMU run ----------------------------------------------------
 
 
-@pytest.mark.parametrize("which", ["int8", "int4"])
-def test_qemu_self_check_matches_the_emulator(which, request, digits, tmp_path):
-    """Build for QEMU mps2-an386 with real TFLM + CMSIS-NN and run: every output byte-equal.
+@pytest.mark.parametrize("which, kernels", [("int8", "cmsis_nn"), ("int4", "cmsis_nn"), ("int4", "reference")])
+def test_qemu_self_check_matches_the_emulator(which, kernels, request, digits, tmp_path):
+    """Build for QEMU mps2-an386 with real TFLM (CMSIS-NN, and the reference kernels via
+    ``make KERNELS=reference``) and run: every output byte-equal to the emulator's.
 
-    Set SMPQ_FIRMWARE_BUILD_CACHE to a folder to keep the compiled TFLM between runs (the
-    library does not depend on the model; a TFLM build takes minutes)."""
+    Set SMPQ_FIRMWARE_BUILD_CACHE to a folder to keep the compiled TFLM between tests and runs
+    (it does not depend on the model; a cold TFLM build takes minutes)."""
     _require_tools("arm-none-eabi-g++", "qemu-system-arm", "make")
-    tflm = os.environ.get("TFLM_DIR")
-    if not tflm:
-        # The project never fetches or builds TFLM itself (it is the user's tree), so CI has none.
-        pytest.skip("TFLM_DIR is not set: point it at a tflite-micro checkout with its third-party downloads "
-                    "(flatbuffers, gemmlowp, ruy, cmsis, cmsis_nn) to build and run the QEMU self-check")
+    tflm = require_tflm()
     model = request.getfixturevalue(f"{which}_model")
     vectors = build_test_vectors(model, digits.x_test, digits.y_test, count=VECTORS, origin="digits test split")
     spec = build_spec(model, vectors, name=f"digits {which}.tflite")
     result = generate_firmware(spec, load_board(QEMU_BOARD), tmp_path / "fw")
-    build_dir = Path(os.environ.get("SMPQ_FIRMWARE_BUILD_CACHE", tmp_path / "build")) / QEMU_BOARD
-    build = subprocess.run(["make", f"TFLM_DIR={tflm}", f"BUILD_DIR={build_dir}", f"-j{os.cpu_count() or 2}"],
+    build_dir = tmp_path / "build"
+    build = subprocess.run(["make", f"TFLM_DIR={tflm}", f"KERNELS={kernels}", f"BUILD_DIR={build_dir}",
+                            f"TFLM_BUILD_DIR={tflm_build_dir(build_dir, kernels)}", f"-j{os.cpu_count() or 2}"],
                            cwd=result.out_dir, capture_output=True, text=True, timeout=3600)
     assert build.returncode == 0, build.stdout[-3000:] + build.stderr[-3000:]
     run = subprocess.run(["qemu-system-arm", "-M", "mps2-an386", "-nographic", "-semihosting", "-icount", "shift=0",
@@ -472,6 +550,11 @@ def test_qemu_self_check_matches_the_emulator(which, request, digits, tmp_path):
     print(run.stdout)
     assert run.returncode == 0, run.stdout + run.stderr
     assert f"outputs equal to the emulator's: {VECTORS}/{VECTORS}" in run.stdout
+    assert "SysTick ticks per inference: min" in run.stdout
     assert "instructions per inference:" in run.stdout and "PASS" in run.stdout
+    assert "per-op profile of the last inference (SysTick ticks, instructions = ticks x 40):" in run.stdout
+    ops = re.findall(r"^  op +\d+ (\w+) +(\d+) +(\d+)$", run.stdout, re.M)
+    assert [op for op, _, _ in ops] == ["CONV_2D", "DEPTHWISE_CONV_2D", "CONV_2D", "MEAN", "FULLY_CONNECTED"]
+    assert all(int(instructions) == 40 * int(ticks) for _, ticks, instructions in ops)
     used = int(re.search(r"tensor arena: (\d+) of (\d+) bytes used", run.stdout).group(1))
     assert used <= result.arena_size
