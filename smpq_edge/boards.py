@@ -194,16 +194,20 @@ def board_names() -> list[str]:
     return sorted(path.stem for path in BOARDS_DIR.glob("*.yaml"))
 
 
-def load_board(name_or_path: str | Path) -> Board:
-    """A built-in board by name (``nucleo-l4r5zi``) or a user's YAML file by path."""
+def board_path(name_or_path: str | Path) -> Path:
+    """The YAML file of a built-in board name (``nucleo-l4r5zi``) or of a user's path."""
     text_name = str(name_or_path)
     looks_like_path = text_name.endswith((".yaml", ".yml")) or "/" in text_name or "\\" in text_name
     if looks_like_path:
-        path = Path(text_name)
-    elif text_name in board_names():
-        path = BOARDS_DIR / f"{text_name}.yaml"
-    else:
-        raise UserError(f"unknown board '{text_name}'; known boards: {', '.join(board_names())} (or give a .yaml path)")
+        return Path(text_name)
+    if text_name in board_names():
+        return BOARDS_DIR / f"{text_name}.yaml"
+    raise UserError(f"unknown board '{text_name}'; known boards: {', '.join(board_names())} (or give a .yaml path)")
+
+
+def load_board(name_or_path: str | Path) -> Board:
+    """A built-in board by name (``nucleo-l4r5zi``) or a user's YAML file by path."""
+    path = board_path(name_or_path)
     try:
         with path.open("rb") as handle:
             raw = handle.read(MAX_BOARD_FILE_BYTES + 1)

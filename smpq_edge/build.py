@@ -1,9 +1,11 @@
 """``build``: search -> export -> emulate -> firmware -> report, in one output folder.
 
 Each stage reads the files earlier stages wrote and writes its own atomically. ``build.json``
-records, per finished stage, a hash of what it was given (arguments and input files) and of what
-it wrote; ``--resume`` skips a stage whose record still matches, so a build interrupted between
-stages (Ctrl-C, kill) redoes nothing it had finished.
+records, per finished stage, a hash of what it was given (arguments, input files, and by content
+what it reads from outside: the model file, the data, the board file, this package's code and,
+for the firmware, the templates) and of what it wrote; ``--resume`` skips a stage whose record
+still matches, so a build interrupted between stages (Ctrl-C, kill) redoes nothing it had
+finished, and an edited model or data file redoes every stage that reads it.
 """
 
 from __future__ import annotations
@@ -11,20 +13,25 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
-from smpq_edge.boards import Board
-from smpq_edge.data import Dataset
+import smpq_edge
+from smpq_edge import firmware
+from smpq_edge.boards import Board, board_path
+from smpq_edge.data import BUILTIN_DATASETS, Dataset
 from smpq_edge.emulator import emulate
 from smpq_edge.export.exporter import ExportResult, export_model
 from smpq_edge.fileio import ensure_dir, read_json, write_bytes, write_json, write_text
-from smpq_edge.firmware import generate_from_tflite
-from smpq_edge.models import ModelSource
+from smpq_edge.models import EXAMPLES_DIR, ModelSource
 from smpq_edge.policy import load_policy
-from smpq_edge.search.runner import load_quantnet
+from smpq_edge.quant import QuantNet
+from smpq_edge.search.runner import SearchConfig, finetune, load_quantnet, save_quantnet
+from smpq_edge.search.train import TrainConfig
 from smpq_edge.versions import versions
+
+PACKAGE_DIR = Path(smpq_edge.__file__).resolve().parent
 
 
 @dataclass(frozen=True)
@@ -33,6 +40,7 @@ class Stage:
     inputs: tuple[str, ...]  # files in the build folder this stage reads
     outputs: tuple[str, ...]  # files (or folders) it writes
     run: Callable[[Path], None]
+    reads: tuple[str, ...] = ()  # what it reads from outside the folder: keys of ``outside_keys``
 
 
 @dataclass
@@ -59,16 +67,46 @@ def _hash_path(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _fingerprint(stage: Stage, out: Path, arguments: dict) -> str:
-    digest = hashlib.sha256(json.dumps({"stage": stage.name, "arguments": arguments}, sort_keys=True).encode())
+def _code_key() -> str:
+    """This package's Python code (the examples are models, keyed on their own) and the versions of
+    what it runs on: a fix in the search or the exporter must not be skipped on resume."""
+    digest = hashlib.sha256(json.dumps(versions(), sort_keys=True).encode())
+    for path in sorted(PACKAGE_DIR.rglob("*.py")):
+        if EXAMPLES_DIR not in path.parents:
+            digest.update(str(path.relative_to(PACKAGE_DIR)).encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
+def _data_key(data: Dataset, reference: str | None) -> str:
+    """The data by content: the loader's own key (files, folders), else a built-in's name (the seed
+    is among the arguments), else the hash of the file or folder given."""
+    if getattr(data, "source_hash", None):
+        return data.source_hash
+    if reference is None or reference in BUILTIN_DATASETS:
+        return f"built-in {data.name}"
+    return _hash_path(Path(reference))
+
+
+def outside_keys(source: ModelSource, data: Dataset, data_reference: str | None, board: str) -> dict[str, str]:
+    """Content keys of what the stages read from outside the build folder, by ``Stage.reads`` name."""
+    return {"model": _hash_path(Path(source.origin)), "data": _data_key(data, data_reference),
+            "board": _hash_path(board_path(board)), "code": _code_key(),
+            "templates": _hash_path(firmware.FIRMWARE_DIR)}
+
+
+def _fingerprint(stage: Stage, out: Path, arguments: dict, outside: dict[str, str]) -> str:
+    reads = {key: outside[key] for key in stage.reads}
+    digest = hashlib.sha256(json.dumps({"stage": stage.name, "arguments": arguments, "reads": reads},
+                                       sort_keys=True).encode())
     for name in stage.inputs:
         digest.update(name.encode() + _hash_path(out / name).encode())
     return digest.hexdigest()
 
 
-def run_stages(stages: list[Stage], out: Path, arguments: dict, resume: bool,
+def run_stages(stages: list[Stage], out: Path, arguments: dict, resume: bool, outside: dict[str, str] | None = None,
                log: Callable[[str], None] = print) -> dict:
-    """Run the stages in order; with ``resume``, skip those whose inputs and outputs are unchanged."""
+    """Run the stages in order; with ``resume``, skip those whose inputs and outputs are unchanged.
+    ``outside`` holds the content keys the stages' ``reads`` name (``outside_keys``)."""
     ensure_dir(out)
     for stale in out.rglob(".*.tmp"):  # left by a write that a kill cut short (see fileio)
         stale.unlink()
@@ -76,22 +114,23 @@ def run_stages(stages: list[Stage], out: Path, arguments: dict, resume: bool,
     previous = read_json(record_path, "build record").get("stages", {}) if resume and record_path.exists() else {}
     build = BuildLog(arguments)
     for stage in stages:
-        fingerprint = _fingerprint(stage, out, arguments)
+        fingerprint = _fingerprint(stage, out, arguments, outside or {})
         done = previous.get(stage.name)
         outputs = {name: _hash_path(out / name) for name in stage.outputs}
         if done and done["inputs"] == fingerprint and done["outputs"] == outputs and "missing" not in outputs.values():
             log(f"[{stage.name}] unchanged, skipped (--resume)")
             build.stages[stage.name] = done
-            continue
-        log(f"[{stage.name}] running")
-        started = time.perf_counter()
-        stage.run(out)
-        build.stages[stage.name] = {
-            "inputs": fingerprint,
-            "outputs": {name: _hash_path(out / name) for name in stage.outputs},
-            "seconds": round(time.perf_counter() - started, 3),
-        }
-        # Written after every stage: a kill between stages keeps what has finished.
+        else:
+            log(f"[{stage.name}] running")
+            started = time.perf_counter()
+            stage.run(out)
+            build.stages[stage.name] = {
+                "inputs": fingerprint,
+                "outputs": {name: _hash_path(out / name) for name in stage.outputs},
+                "seconds": round(time.perf_counter() - started, 3),
+            }
+        # Written after every stage, skipped ones too (a record ending at the last stage that ran
+        # would redo the rest next time): a kill between stages keeps what has finished.
         write_json(record_path, build.to_dict())
     return build.to_dict()
 
@@ -112,13 +151,45 @@ CALIBRATION_SAMPLES = 256
 FIRMWARE_VECTORS = 20
 
 
+def _finetune_config(out: Path) -> TrainConfig:
+    """The finetune schedule the search used (gentler for a model that arrived trained), on one process."""
+    search = out / "search.json"
+    saved = read_json(search, "search record").get("config", {}).get("finetune", {}) if search.exists() else {}
+    known = {f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved}
+    return replace(SearchConfig().finetune, **{**known, "shards": 1})
+
+
+def net_for_policy(out: Path, source: ModelSource, data: Dataset, board: Board, bits: dict[str, int],
+                   seed: int) -> tuple[QuantNet, str | None]:
+    """quantnet.pt's network under ``bits``, and a note when it was not trained for them.
+
+    After an edit of policy.json the network is finetuned for the new bits first (and saved): an
+    all-int4 edit exported as it was lost 7.5 test points to a finetuned all-int4 network."""
+    checkpoint = load_quantnet(out, source, board, data)
+    net, trained = checkpoint.net, checkpoint.trained_bits
+    if trained is None:
+        net.set_policy(bits)
+        return net, "quantnet.pt does not record the policy it was finetuned for; exported without finetuning"
+    if trained == bits:
+        net.set_policy(bits)
+        return net, None
+    config = _finetune_config(out)
+    differ = sum(trained.get(name) != b for name, b in bits.items())
+    tuned, before, after = finetune(net, bits, data, config, seed, progress=True, desc="finetune policy.json")
+    save_quantnet(tuned, bits, out)
+    return tuned, (f"quantnet.pt was finetuned for another policy ({differ} layers differ from policy.json): "
+                   f"finetuned for policy.json ({config.epochs} epochs), fake-quant test accuracy "
+                   f"{100 * before:.2f} % before, {100 * after:.2f} % after; quantnet.pt updated")
+
+
 def export_stage(out: Path, source: ModelSource, data: Dataset, board: Board,
-                 calibration: int = CALIBRATION_SAMPLES) -> ExportResult:
+                 calibration: int = CALIBRATION_SAMPLES, seed: int = 0) -> ExportResult:
     """policy.json + quantnet.pt -> model.tflite (the policy), model_int8.tflite, export.json."""
     policy = load_policy(out / "policy.json")
-    net = load_quantnet(out, source, board, data.input_shape)
-    net.set_policy(policy.bits)
+    net, note = net_for_policy(out, source, data, board, policy.bits, seed)
     result = export_model(net, policy.bits, data.x_train[:calibration])
+    if note:
+        result.notes.append(note)
     write_bytes(out / "model.tflite", result.tflite)
     write_bytes(out / "model_int8.tflite", result.tflite_int8)
     write_json(out / "export.json", result.to_dict())
@@ -127,7 +198,7 @@ def export_stage(out: Path, source: ModelSource, data: Dataset, board: Board,
 
 def emulate_stage(out: Path, source: ModelSource, data: Dataset, board: Board) -> dict:
     """model.tflite on the TFLM interpreter over the test split, against the fake-quant network."""
-    net = load_quantnet(out, source, board, data.input_shape)
+    net = load_quantnet(out, source, board, data).net
     net.set_policy(load_policy(out / "policy.json").bits)
     result = emulate((out / "model.tflite").read_bytes(), data.x_test, data.y_test, net, source=str(out / "model.tflite"))
     record = result.to_dict()
@@ -138,6 +209,6 @@ def emulate_stage(out: Path, source: ModelSource, data: Dataset, board: Board) -
 def firmware_stage(out: Path, data: Dataset, board: Board, seed: int) -> None:
     """Firmware sources for model.tflite, with the arena the emulate stage measured (not measured again)."""
     arena = read_json(out / "emulation.json", "emulation record")["arena_bytes"]
-    generate_from_tflite(out / "model.tflite", board, out / "firmware", x=data.x_test, labels=data.y_test,
-                         vectors=FIRMWARE_VECTORS, seed=seed, arena_bytes=arena,
-                         origin=f"{data.name} test split (seed {seed}), first {FIRMWARE_VECTORS} samples")
+    firmware.generate_from_tflite(out / "model.tflite", board, out / "firmware", x=data.x_test, labels=data.y_test,
+                                  vectors=FIRMWARE_VECTORS, seed=seed, arena_bytes=arena,
+                                  origin=f"{data.name} test split (seed {seed}), first {FIRMWARE_VECTORS} samples")

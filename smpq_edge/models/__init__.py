@@ -25,7 +25,13 @@ class ModelSource:
     input_shape: tuple[int, ...]
     default_data: str | None
     pretrained: bool
-    origin: str
+    origin: str  # the file it was read from
+
+    def check_input(self, shape: tuple[int, ...], data_name: str) -> None:
+        """One line naming both shapes, before tracing runs into torch's own shape error."""
+        if tuple(shape) != tuple(self.input_shape):
+            raise UserError(f"model {self.name} expects input {tuple(self.input_shape)}, data {data_name} has "
+                            f"{tuple(shape)}")
 
 
 def example_names() -> list[str]:
