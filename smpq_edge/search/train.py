@@ -10,9 +10,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from tqdm import tqdm
 
 from smpq_edge.data import Dataset
+from smpq_edge.progress import progress as progress_bar
 from smpq_edge.quant import QuantNet
 from smpq_edge.distributed import SINGLE_PROCESS, Context
 
@@ -100,8 +100,9 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig, seed: int, *, de
     steps = config.epochs * -(-len(data.y_train) // config.batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, max(steps, 1))
     history = []
-    bar = tqdm(range(config.epochs), desc=desc, leave=False, disable=None if progress else True, unit="epoch")
-    for epoch in bar:
+    # Counted in batches, not epochs: a line at least every 30 s in a log, however long an epoch.
+    bar = progress_bar(steps, desc, "batches", enabled=progress)
+    for epoch in range(config.epochs):
         model.train()
         total = 0.0
         for idx in batches(data.x_train, data.y_train, config.batch_size, rng):
@@ -124,10 +125,13 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig, seed: int, *, de
                 model.commit_observations(context)
             optimiser.step()
             schedule.step()
+            bar.update()
         record = {"epoch": epoch, "loss": context.sum(total) / len(data.y_train),
                   "val_acc": accuracy(model, data.x_val, data.y_val)}
         if after_epoch is not None:
             record.update(after_epoch(epoch))
         history.append(record)
-        bar.set_postfix({k: (f"{v:.3f}" if isinstance(v, float) else v) for k, v in record.items() if k != "epoch"})
+        bar.set_postfix({"epochs done": f"{epoch + 1}/{config.epochs}",
+                         **{k: f"{v:.3f}" if isinstance(v, float) else v for k, v in record.items() if k != "epoch"}})
+    bar.close()
     return history
