@@ -136,11 +136,11 @@ def run_stages(stages: list[Stage], out: Path, arguments: dict, resume: bool, ou
 
 
 def report_stage(out: Path) -> None:
+    from smpq_edge.records import read_emulation, read_search
     from smpq_edge.report import make_report
 
-    search = read_json(out / "search.json", "search record")
-    emulation = read_json(out / "emulation.json", "emulation record") if (out / "emulation.json").exists() else None
-    report = make_report(search, emulation)
+    emulation = read_emulation(out / "emulation.json") if (out / "emulation.json").exists() else None
+    report = make_report(read_search(out / "search.json"), emulation)
     for name, png in report.images.items():
         write_bytes(out / name, png)
     write_text(out / "report.md", report.markdown)

@@ -1,13 +1,12 @@
 """The build report: ``report.md`` and a self-contained ``report.html`` with embedded plots.
 
-Inputs are the plain records the other stages wrote (search.json, emulation.json), so a report
-can be remade from a build folder without rerunning anything.
+Inputs are the typed records the other stages wrote (search.json, emulation.json, see
+``records``), so a report can be remade from a build folder without rerunning anything.
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import io
 from dataclasses import dataclass
 
@@ -16,6 +15,10 @@ import matplotlib
 matplotlib.use("Agg")  # files only; no display on build machines
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
+
+from smpq_edge.records import CostRecord, EmulationRecord, MethodRecord, SearchRecord  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -33,37 +36,54 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
-def _shapley_plot(search: dict) -> bytes:
-    table = search["shapley"]
-    players = table["players"]
-    mean = np.array([np.nan if v is None else v for v in table["mean"]])
-    err = np.array([0.0 if v is None else v for v in table["stderr"]])
-    figure, axis = plt.subplots(figsize=(max(6, 0.45 * len(players)), 3.6))
-    colours = ["tab:orange" if p.endswith("w4a8") else "tab:blue" for p in players]
-    axis.bar(range(len(players)), np.nan_to_num(mean), yerr=err, color=colours, capsize=3)
-    axis.set_xticks(range(len(players)), players, rotation=60, ha="right", fontsize=8)
+INT4_COLOUR, INT8_COLOUR = "tab:orange", "tab:blue"
+
+
+def _shapley_plot(search: SearchRecord) -> bytes:
+    """Per layer, each candidate's raw Shapley mean (bar, +-1 standard error) and the score the
+    selection used after the monotone prior (black mark); the chosen candidate is outlined."""
+    layers = list(search.layer_shapes)
+    k = len(search.candidates)
+    mean = np.array([np.nan if v is None else v for v in search.shapley.mean]).reshape(len(layers), k)
+    err = np.array([0.0 if v is None else v for v in search.shapley.stderr]).reshape(len(layers), k)
+    used = np.array(search.shapley_scores)
+    chosen = search.shipped.bits
+    figure, axis = plt.subplots(figsize=(max(6.5, 0.8 * len(layers)), 4.0))
+    width = 0.8 / k
+    for j, bits in enumerate(search.candidates):
+        x = np.arange(len(layers)) + (j - (k - 1) / 2) * width
+        colour = INT4_COLOUR if bits == 4 else INT8_COLOUR
+        edges = ["black" if chosen[name] == bits else "none" for name in layers]
+        axis.bar(x, np.nan_to_num(mean[:, j]), width, yerr=err[:, j], color=colour, alpha=0.75, capsize=2,
+                 edgecolor=edges, linewidth=1.5, label=f"int{bits} weights: Shapley value (+-1 s.e.)")
+        axis.scatter(x, used[:, j], marker="_", s=160, color="black", zorder=3,
+                     label="score the selection used (after the monotone prior)" if j == 0 else None)
+    axis.set_xticks(range(len(layers)), layers, rotation=45, ha="right", fontsize=8)
     axis.axhline(0, color="black", linewidth=0.6)
-    axis.set_ylabel("Shapley value (accuracy)")
-    axis.set_title("Shapley value per (layer, bit-width), ±1 standard error", fontsize=10)
+    axis.set_ylabel("contribution to validation accuracy")
+    axis.set_title("Shapley value per layer and bit-width (outlined: the shipped choice)", fontsize=10)
+    axis.legend(fontsize=7, loc="best")
     return _png(figure)
 
 
-def _bits_plot(methods: list[dict]) -> bytes:
-    layers = list(methods[0]["bits"])
-    figure, axis = plt.subplots(figsize=(max(6, 0.5 * len(layers)), 1.8 + 0.45 * len(methods)))
-    grid = np.array([[m["bits"][name] for name in layers] for m in methods])
-    axis.imshow(grid, cmap="coolwarm", vmin=4, vmax=8, aspect="auto")
+def _bits_plot(methods: list[MethodRecord]) -> bytes:
+    layers = list(methods[0].bits)
+    figure, axis = plt.subplots(figsize=(max(6, 0.6 * len(layers)), 1.9 + 0.45 * len(methods)))
+    grid = np.array([[m.bits[name] for name in layers] for m in methods])
+    axis.imshow(grid == 8, cmap=ListedColormap([INT4_COLOUR, INT8_COLOUR]), vmin=0, vmax=1, aspect="auto")
     for (row, col), value in np.ndenumerate(grid):
-        axis.text(col, row, str(value), ha="center", va="center", fontsize=8)
-    axis.set_xticks(range(len(layers)), layers, rotation=60, ha="right", fontsize=8)
-    axis.set_yticks(range(len(methods)), [m["method"] for m in methods])
+        axis.text(col, row, str(value), ha="center", va="center", fontsize=8, color="white")
+    axis.set_xticks(range(len(layers)), layers, rotation=45, ha="right", fontsize=8)
+    axis.set_yticks(range(len(methods)), [m.method for m in methods])
     axis.set_title("Weight bits per layer")
+    axis.legend(handles=[Patch(color=INT4_COLOUR, label="int4 weights"), Patch(color=INT8_COLOUR, label="int8 weights")],
+                fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _png(figure)
 
 
-def _budget_plot(cost: dict) -> bytes:
-    used = [cost["flash_total_bytes"], cost["ram_total_bytes"], cost["cycles"]]
-    budget = [cost["flash_budget_bytes"], cost["ram_budget_bytes"], cost["cycle_budget"]]
+def _budget_plot(cost: CostRecord) -> bytes:
+    used = [cost.flash_total_bytes, cost.ram_total_bytes, cost.cycles]
+    budget = [cost.flash_budget_bytes, cost.ram_budget_bytes, cost.cycle_budget]
     share = [100.0 * u / b for u, b in zip(used, budget)]
     figure, axis = plt.subplots(figsize=(6, 2.4))
     axis.barh(["flash", "RAM", "cycles"], share, color=["tab:green" if s <= 100 else "tab:red" for s in share])
@@ -71,18 +91,28 @@ def _budget_plot(cost: dict) -> bytes:
     for row, (s, u) in enumerate(zip(share, used)):
         axis.text(s, row, f" {s:.1f}% ({u:,})", va="center", fontsize=8)
     axis.set_xlim(0, max(110, max(share) * 1.25))
-    axis.set_xlabel("% of budget (chosen policy, predicted)")
+    axis.set_xlabel("% of budget, whole firmware (model + board reserve), predicted")
     return _png(figure)
 
 
-def _accuracy_plot(methods: list[dict]) -> bytes:
-    figure, axis = plt.subplots(figsize=(6, 3.6))
-    for m in methods:
-        axis.scatter(m["cost"]["model_flash_bytes"], 100 * m["test_acc"], s=40, label=m["method"])
+MARKERS = "os^DvP*X"
+
+
+def _accuracy_plot(search: SearchRecord) -> bytes:
+    """Every method's pick; hollow markers of different shapes, so coinciding points stay visible."""
+    figure, axis = plt.subplots(figsize=(6.5, 3.8))
+    for i, m in enumerate(search.methods):
+        axis.scatter(m.cost.model_flash_bytes, 100 * m.test_acc, s=70 - 8 * i, marker=MARKERS[i % len(MARKERS)],
+                     facecolors="none", edgecolors=f"C{i}", linewidths=1.6, label=m.method, zorder=3)
+    axis.axhline(100 * search.reference["float"].test_acc, color="grey", linestyle=":", label="float")
+    axis.axhline(100 * search.reference["ptq_int8"].test_acc, color="black", linestyle="--", linewidth=0.8,
+                 label="PTQ int8 (calibration only)")
+    axis.axvline(search.methods[0].cost.flash_budget_bytes - search.methods[0].cost.reserve_flash_bytes,
+                 color="tab:red", linewidth=0.8, label="flash budget for the model")
     axis.set_xlabel("model flash (bytes, predicted)")
-    axis.set_ylabel("test accuracy after finetune (%)")
-    axis.set_title("Accuracy against flash, same budget and finetune")
-    axis.legend(fontsize=8)
+    axis.set_ylabel("test accuracy (%)")
+    axis.set_title("Accuracy against flash, same budget and finetune", fontsize=10)
+    axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _png(figure)
 
 
@@ -92,89 +122,120 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def make_report(search: dict, emulation: dict | None, build: dict | None = None) -> Report:
-    methods = search["methods"]
-    smpq = methods[0]
-    cost = smpq["cost"]
+def _pct(value: float | None) -> str:
+    return "–" if value is None else f"{100 * value:.2f} %"
+
+
+def _accuracy_section(search: SearchRecord, emulation: EmulationRecord | None) -> str:
+    ref = search.reference
+    rows = [["float (torch)", _pct(ref["float"].val_acc), _pct(ref["float"].test_acc), "100.00 %"],
+            ["PTQ int8: every layer int8, calibration only (the floor)", _pct(ref["ptq_int8"].val_acc),
+             _pct(ref["ptq_int8"].test_acc), _pct(ref["ptq_int8"].test_agreement)],
+            ["shipped policy, fake-quant (torch)", _pct(ref["shipped"].val_acc), _pct(ref["shipped"].test_acc),
+             _pct(ref["shipped"].test_agreement)]]
+    if emulation:
+        rows.append(["shipped policy, TFLM emulator (on-device numerics)", "–", _pct(emulation.accuracy), "–"])
+    floor = search.floor_check
+    verdict = (f"**WARNING: the shipped model is below plain int8 quantisation** on validation "
+               f"({_pct(floor.shipped_val_acc)} against {_pct(floor.floor_val_acc)}, more than one standard error, "
+               f"{_pct(floor.standard_error)}): the budgets force int4 where it hurts." if floor.below_floor else
+               f"The shipped model keeps the floor: {_pct(floor.shipped_val_acc)} on validation against "
+               f"{_pct(floor.floor_val_acc)} for PTQ int8 (one standard error: {_pct(floor.standard_error)}).")
+    origin = "arrived trained" if search.pretrained else "was trained here in float"
+    return (f"## Accuracy\n\nThe model {origin}.\n\n"
+            + _table(["network", "validation accuracy", "test accuracy", "test agreement with float"], rows)
+            + "\n\n" + verdict)
+
+
+def _stages_section(search: SearchRecord) -> str:
+    if not search.stage_checks:
+        return "## Training stages\n\nNo weights were trained (post-training quantisation only)."
+    rows = [[c.stage, _pct(c.val_acc_before), _pct(c.val_acc_after), _pct(c.standard_error),
+             "**undone**: its starting weights were kept" if c.undone else "kept"] for c in search.stage_checks]
+    return ("## Training stages\n\nEach stage of the shipped network is measured on the validation split before "
+            "and after; one that loses more than one paired standard error is undone.\n\n"
+            + _table(["stage", "val before", "val after", "standard error", "result"], rows))
+
+
+def _why_section(search: SearchRecord) -> str:
+    rows = [[" ".join(str(b) for b in k.bits.values()), f"{k.summed_shapley:.4f}", _pct(k.val_acc),
+             "**shipped**" if k.chosen else ""] for k in search.k_best]
+    chosen = next(i for i, k in enumerate(search.k_best) if k.chosen)
+    reason = ("the best by summed Shapley value that fits every budget; no other of these led it on the validation "
+              f"batch by more than {search.rerank_margin:g} paired standard error(s)" if chosen == 0 else
+              f"it led the summed-Shapley optimum on the validation batch by more than {search.rerank_margin:g} "
+              "paired standard error(s)")
+    return ("## Why this policy\n\nThe selection takes the policies with the largest summed Shapley value within "
+            f"the budgets (an exact knapsack) and measures each on the validation batch. Shipped: {reason}.\n\n"
+            + _table(["bits per layer", "summed Shapley", "validation accuracy", ""], rows))
+
+
+def _emulator_section(emulation: EmulationRecord, cost: CostRecord) -> str:
+    rows = [["test samples", f"{emulation.samples:,}"]]
+    # `emulate` run on its own has no fake-quant network to compare with and leaves these None.
+    if emulation.label_agreement is not None:
+        rows += [["label agreement with the fake-quant network", _pct(emulation.label_agreement)],
+                 ["mean / max absolute output difference (dequantised logits)",
+                  f"{emulation.mean_abs_output_delta:.4f} / {emulation.max_abs_output_delta:.4f}"]]
+    rows += [["model size (.tflite)", f"{emulation.model_bytes:,} B (predicted {cost.model_flash_bytes:,} B)"],
+             ["smallest tensor arena (host TFLM, reference kernels)", f"{emulation.arena_bytes:,} B"],
+             ["host emulator speed", f"{emulation.inferences_per_second:.0f} inferences/s"]]
+    return "## TFLM emulator (model.tflite on the tflite-micro interpreter)\n\n" + _table(["figure", "value"], rows)
+
+
+def make_report(search: SearchRecord, emulation: EmulationRecord | None) -> Report:
+    shipped = search.shipped
+    cost = shipped.cost
     images = {
         "shapley.png": _shapley_plot(search),
-        "bits.png": _bits_plot(methods),
+        "bits.png": _bits_plot(search.methods),
         "budget.png": _budget_plot(cost),
-        "accuracy_vs_flash.png": _accuracy_plot(methods),
+        "accuracy_vs_flash.png": _accuracy_plot(search),
     }
-    accuracy_rows = [["float (torch)", f"{100 * search['float_test_acc']:.2f} %"],
-                     ["fake-quant before finetune", f"{100 * smpq['test_acc_before_finetune']:.2f} %"],
-                     ["fake-quant after finetune", f"{100 * smpq['test_acc']:.2f} %"]]
-    if emulation:
-        accuracy_rows.append(["TFLM emulator (on-device numerics)", f"{100 * emulation['accuracy']:.2f} %"])
     budget_rows = [
-        ["flash", f"{cost['flash_total_bytes']:,} B", f"{cost['flash_budget_bytes']:,} B", "ok" if cost["fits"]["flash"] else "OVER"],
-        ["RAM", f"{cost['ram_total_bytes']:,} B", f"{cost['ram_budget_bytes']:,} B", "ok" if cost["fits"]["ram"] else "OVER"],
-        ["cycles", f"{cost['cycles']:,} ({cost['latency_ms']:.2f} ms)", f"{cost['cycle_budget']:,}", "ok" if cost["fits"]["cycles"] else "OVER"],
+        ["flash", f"{cost.model_flash_bytes:,} B", f"{cost.reserve_flash_bytes:,} B", f"{cost.flash_total_bytes:,} B",
+         f"{cost.flash_budget_bytes:,} B", "ok" if cost.fits["flash"] else "OVER"],
+        ["RAM", f"{cost.arena_bytes:,} B (arena)", f"{cost.reserve_ram_bytes:,} B", f"{cost.ram_total_bytes:,} B",
+         f"{cost.ram_budget_bytes:,} B", "ok" if cost.fits["ram"] else "OVER"],
+        ["cycles", f"{cost.cycles:,} ({cost.latency_ms:.2f} ms)", "–", f"{cost.cycles:,}", f"{cost.cycle_budget:,}",
+         "ok" if cost.fits["cycles"] else "OVER"],
     ]
-    layer_rows = [[layer["name"], layer["kind"], layer["weight_bits"], layer["params"], layer["flash_bytes"],
-                   layer["cycles"]] for layer in cost["layers"]]
-    method_rows = [[m["method"], " ".join(str(b) for b in m["bits"].values()), f"{100 * m['test_acc_before_finetune']:.2f}",
-                    f"{100 * m['test_acc']:.2f}", m["cost"]["model_flash_bytes"], m["cost"]["cycles"]] for m in methods]
+    layer_rows = [[layer.name, layer.kind, "×".join(str(d) for d in search.layer_shapes[layer.name]),
+                   layer.weight_bits, layer.params, layer.flash_bytes, layer.cycles] for layer in cost.layers]
+    method_rows = [[m.method, " ".join(str(b) for b in m.bits.values()), _pct(m.test_acc_before_finetune),
+                    _pct(m.test_acc), f"{m.cost.model_flash_bytes:,}", f"{m.cost.cycles:,}"] for m in search.methods]
     sections = [
-        f"# smpq_edge build: {search['model']} on {search['board']}",
-        f"Data: {search['data']['name']} ({search['data']['test']} test samples). Seed {search['seed']}.",
-        "## Accuracy\n\n" + _table(["measured on the test split", "accuracy"], accuracy_rows),
-        "## Budgets (predicted by the cost model)\n\n" + _table(["", "used", "budget", ""], budget_rows)
-        + "\n\n![budget use](budget.png)",
-        "## Bits per layer\n\n" + _table(["layer", "kind", "bits", "params", "flash B", "cycles"], layer_rows)
+        f"# smpq_edge build: {search.model} on {search.board}",
+        f"Data: {search.data['name']} ({search.data['test']} test samples). Seed {search.seed}.",
+        _accuracy_section(search, emulation),
+        "## Budgets (predicted by the cost model)\n\n"
+        + _table(["", "model", "board reserve", "total", "budget", ""], budget_rows) + "\n\n![budget use](budget.png)",
+        "## Bits per layer\n\n"
+        + _table(["layer", "kind", "weight shape (TFLite)", "bits", "params", "flash B", "cycles"], layer_rows)
         + "\n\n![bits](bits.png)",
+        _why_section(search),
         "## Shapley values\n\n![shapley](shapley.png)",
-        "## SMPQ and the baselines (same budgets, same finetune)\n\n"
-        + _table(["method", "bits", "acc before finetune %", "acc after %", "model flash B", "cycles"], method_rows)
-        + "\n\n![accuracy vs flash](accuracy_vs_flash.png)",
+        _stages_section(search),
+        "## SMPQ and the baselines (same budgets)\n\n"
+        + _table(["method", "bits", "test acc before finetune", "test acc after", "model flash B", "cycles"],
+                 method_rows) + "\n\n![accuracy vs flash](accuracy_vs_flash.png)",
     ]
     if emulation:
-        rows = [["test samples", f"{emulation['samples']:,}"]]
-        # `emulate` run on its own has no fake-quant network to compare with and leaves these None.
-        if emulation.get("label_agreement") is not None:
-            rows += [["label agreement with the fake-quant network", f"{100 * emulation['label_agreement']:.2f} %"],
-                     ["mean / max |output difference| (dequantised logits)",
-                      f"{emulation['mean_abs_output_delta']:.4f} / {emulation['max_abs_output_delta']:.4f}"]]
-        sections.append("## TFLM emulator (model.tflite on the tflite-micro interpreter)\n\n" + _table(["figure", "value"], rows + [
-            ["model size (.tflite)", f"{emulation['model_bytes']:,} B (predicted {cost['model_flash_bytes']:,} B)"],
-            ["smallest tensor arena (host TFLM, reference kernels)", f"{emulation['arena_bytes']:,} B"],
-            ["host emulator speed", f"{emulation['inferences_per_second']:.0f} inferences/s"],
-        ]))
+        sections.append(_emulator_section(emulation, cost))
     markdown = "\n\n".join(sections) + "\n"
     return Report(markdown, _html(markdown, images), images)
 
 
-def _html(markdown: str, images: dict[str, bytes]) -> str:
-    """Markdown to a single HTML file with the PNGs inlined as data URIs (no external files)."""
-    body = []
-    in_table = False
-    for line in markdown.splitlines():
-        if line.startswith("|"):
-            cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
-            if set("".join(cells)) <= {"-"}:
-                continue
-            if not in_table:
-                body.append("<table>")
-                in_table = True
-            body.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
-            continue
-        if in_table:
-            body.append("</table>")
-            in_table = False
-        if line.startswith("!["):
-            alt, name = line[2:].split("](")
-            data = base64.b64encode(images[name.rstrip(")")]).decode()
-            body.append(f'<img alt="{html.escape(alt)}" src="data:image/png;base64,{data}">')
-        elif line.startswith("## "):
-            body.append(f"<h2>{html.escape(line[3:])}</h2>")
-        elif line.startswith("# "):
-            body.append(f"<h1>{html.escape(line[2:])}</h1>")
-        elif line.strip():
-            body.append(f"<p>{html.escape(line)}</p>")
-    if in_table:
-        body.append("</table>")
-    style = ("body{font-family:sans-serif;max-width:960px;margin:2em auto}table{border-collapse:collapse}"
-             "td{border:1px solid #ccc;padding:2px 8px}img{max-width:100%}")
-    return f"<!doctype html><html><head><meta charset='utf-8'><title>smpq_edge report</title><style>{style}</style></head><body>\n" \
-        + "\n".join(body) + "\n</body></html>\n"
+def _html(markdown_text: str, images: dict[str, bytes]) -> str:
+    """Markdown to a single HTML file (Python-Markdown with its tables extension), with the PNGs
+    inlined as data URIs so the file stands alone."""
+    import markdown
+
+    body = markdown.markdown(markdown_text, extensions=["tables"], output_format="html")
+    for name, png in images.items():
+        body = body.replace(f'src="{name}"', f'src="data:image/png;base64,{base64.b64encode(png).decode()}"')
+    style = ("body{font-family:sans-serif;max-width:1000px;margin:2em auto;padding:0 1em}"
+             "table{border-collapse:collapse;margin:0.5em 0}td,th{border:1px solid #ccc;padding:2px 8px}"
+             "th{background:#f3f3f3}img{max-width:100%}")
+    return ("<!doctype html><html><head><meta charset='utf-8'><title>smpq_edge report</title>"
+            f"<style>{style}</style></head><body>\n{body}\n</body></html>\n")

@@ -237,6 +237,10 @@ def run_search(source: ModelSource, data: Dataset, board: Board, *, budgets: Bud
         "reference": {"float": asdict(float_measured), **{k: asdict(m) for k, m in measured.items()}},
         "stage_checks": run.guard.to_list(), "floor_check": asdict(floor_check),
         "shapley": {"players": [f"{name}:w{bits}a8" for name, bits in net.players()], **table.to_dict()},
+        # After the monotone prior: what the selection summed (the raw means are in "shapley").
+        "shapley_scores": scores.tolist(), "candidates": list(run.candidates),
+        "layer_shapes": {op.name: list(op.weight_shape) for op in run.graph.layers},
+        "rerank_margin": config.rerank_margin, "shipped_method": "smpq",
         "alpha_history": history,
         "k_best": [{"bits": bits, "summed_shapley": sel.score, "val_acc": float(hits.mean()), "cost": list(sel.cost),
                     "chosen": sel is chosen} for hits, sel, bits in ranked],

@@ -1,0 +1,154 @@
+"""Typed readers of the records stages hand to each other: search.json and emulation.json.
+
+The search and the emulator write plain JSON (``asdict`` of their results); the report, the CLI
+and the build read it back through these models only, so a renamed or missing field fails in
+one place with one line, and nobody indexes raw dicts or assumes which method comes first.
+Unknown fields are ignored on reading: a newer writer may add figures an older reader lacks.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from smpq_edge.errors import UserError
+from smpq_edge.fileio import read_json
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(extra="ignore", frozen=True)
+
+
+class LayerCostRecord(_Record):
+    name: str
+    kind: str
+    weight_bits: int
+    params: int
+    macs: int
+    flash_bytes: int
+    scratch_bytes: int
+    cycles: int
+
+
+class CostRecord(_Record):
+    layers: list[LayerCostRecord]
+    model_flash_bytes: int
+    arena_bytes: int
+    cycles: int
+    reserve_flash_bytes: int
+    reserve_ram_bytes: int
+    flash_total_bytes: int
+    ram_total_bytes: int
+    flash_budget_bytes: int
+    ram_budget_bytes: int
+    cycle_budget: int
+    latency_ms: float
+    fits: dict[str, bool]
+
+
+class MethodRecord(_Record):
+    method: str
+    bits: dict[str, int]
+    cost: CostRecord
+    score: float | None
+    test_acc_before_finetune: float
+    test_acc: float
+    test_acc_same_finetune: float | None
+
+
+class MeasuredRecord(_Record):
+    val_acc: float
+    test_acc: float
+    val_agreement: float
+    test_agreement: float
+
+
+class StageCheckRecord(_Record):
+    stage: str
+    val_acc_before: float
+    val_acc_after: float
+    standard_error: float
+    undone: bool
+
+
+class FloorCheckRecord(_Record):
+    floor_val_acc: float
+    shipped_val_acc: float
+    standard_error: float
+    below_floor: bool
+
+
+class ShapleyRecord(_Record):
+    players: list[str]
+    mean: list[float | None]
+    stderr: list[float | None]
+
+
+class KBestRecord(_Record):
+    bits: dict[str, int]
+    summed_shapley: float
+    val_acc: float
+    chosen: bool
+
+
+class SearchRecord(_Record):
+    model: str
+    data: dict
+    board: str
+    seed: int
+    pretrained: bool
+    shipped_method: str
+    float_test_acc: float
+    reference: dict[str, MeasuredRecord]  # float, ptq_int8, shipped
+    stage_checks: list[StageCheckRecord]
+    floor_check: FloorCheckRecord
+    shapley: ShapleyRecord
+    shapley_scores: list[list[float]]  # per layer and candidate: the scores the selection used
+    candidates: list[int]
+    k_best: list[KBestRecord]
+    methods: list[MethodRecord]
+    layer_shapes: dict[str, list[int]]  # layer -> TFLite weight shape
+    rerank_margin: float
+
+    @property
+    def shipped(self) -> MethodRecord:
+        """The method whose network the build exports."""
+        return self.method(self.shipped_method)
+
+    def method(self, name: str) -> MethodRecord:
+        for record in self.methods:
+            if record.method == name:
+                return record
+        raise KeyError(name)
+
+
+class EmulationRecord(_Record):
+    samples: int
+    accuracy: float
+    torch_accuracy: float | None
+    label_agreement: float | None
+    mean_abs_output_delta: float | None
+    max_abs_output_delta: float | None
+    arena_bytes: int
+    model_bytes: int
+    inferences_per_second: float
+    workers: int
+
+
+def _read(model: type[_Record], path: Path, what: str):
+    try:
+        return model.model_validate(read_json(path, what))
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(str(part) for part in first["loc"])
+        raise UserError(f"{path}: not a {what} this version reads ({where}: {first['msg']}); "
+                        "rerun the stage that writes it") from None
+
+
+def read_search(path: Path) -> SearchRecord:
+    return _read(SearchRecord, Path(path), "search record")
+
+
+def read_emulation(path: Path) -> EmulationRecord:
+    return _read(EmulationRecord, Path(path), "emulation record")
