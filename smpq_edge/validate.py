@@ -39,6 +39,8 @@ DEFAULT_SERIAL_TIMEOUT_S = 60.0
 DEFAULT_BAUD = 115200
 RESULT_FILE = "validation.json"
 MAKE_LOG = "validation-make.log"
+# The objects and the ELF, outside firmware/ so that the generated folder stays as generated.
+OBJECT_DIR = "validation-build"
 REPORT_FILE = "validation-report.txt"
 WEIGHTED_OPS = {"conv": "CONV_2D", "depthwise": "DEPTHWISE_CONV_2D", "fc": "FULLY_CONNECTED"}
 
@@ -311,13 +313,14 @@ def _first_error(log: str) -> str:
     return lines[-1][:300] if lines else "no output"
 
 
-def build_firmware(firmware: Path, tflm: Path, tflm_build_dir: Path | None, jobs: int, timeout_s: float,
-                   log_path: Path) -> tuple[Path, float]:
-    """``make`` the bare-metal image into firmware/build (TFLM's objects into ``tflm_build_dir``
-    when given); returns the ELF and the seconds it took. The make output goes to ``log_path``."""
+def build_firmware(firmware: Path, objects: Path, tflm: Path, tflm_build_dir: Path | None, jobs: int,
+                   timeout_s: float, log_path: Path) -> tuple[Path, float]:
+    """``make`` the bare-metal image in ``firmware`` into ``objects`` (TFLM's objects into
+    ``tflm_build_dir`` when given); returns the ELF and the seconds it took. The make output goes
+    to ``log_path``."""
     make = _require("make")
     _require(CROSS_CXX)
-    objects = (firmware / "build").resolve()
+    objects = objects.resolve()
     app = re.search(r"^APP := (\S+)$", (firmware / "Makefile").read_text(encoding="utf-8"), re.M)
     if app is None:
         raise UserError(f"{firmware / 'Makefile'}: no 'APP := name' line (regenerate the firmware)")
@@ -414,8 +417,9 @@ def validate(
     """Run the self-check of ``build_dir``'s firmware (on QEMU, or read from ``port``), compare
     it with search.json's prediction and write ``build_dir/validation.json``.
 
-    ``tflm_dir`` defaults to $TFLM_DIR; ``tflm_build_dir`` (TFLM's objects and libtflm.a, default
-    firmware/build) may be shared by builds for the same board, so that TFLM compiles once. ``timeout_s`` bounds the QEMU run or the serial
+    ``tflm_dir`` defaults to $TFLM_DIR. The objects and the ELF go to ``build_dir/validation-build``;
+    ``tflm_build_dir`` (TFLM's objects and libtflm.a, by default there too) may be shared by builds
+    for the same board, so that TFLM compiles once. ``timeout_s`` bounds the QEMU run or the serial
     read."""
     build = Path(build_dir)
     if not build.is_dir():
@@ -433,7 +437,8 @@ def validate(
             raise UserError(f"{build}: board {record.get('board')} has no QEMU port (QEMU runs "
                             f"{', '.join(QEMU_PORTS)}); flash it and give --port /dev/ttyACM0")
         tflm = _tflm_dir(tflm_dir)
-        elf, build_seconds = build_firmware(firmware, tflm, None if tflm_build_dir is None else Path(tflm_build_dir),
+        elf, build_seconds = build_firmware(firmware, build / OBJECT_DIR, tflm,
+                                            None if tflm_build_dir is None else Path(tflm_build_dir),
                                             jobs or os.cpu_count() or 2, build_timeout_s, build / MAKE_LOG)
         text, run_seconds = run_qemu(board_port, elf, DEFAULT_RUN_TIMEOUT_S if timeout_s is None else timeout_s)
         target = " ".join(QEMU_PORTS[board_port][:3])

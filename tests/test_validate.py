@@ -249,3 +249,7 @@ def test_validate_a_build_on_qemu(tmp_path, capsys):
     assert weighted and all(op["predicted_cycles"] and op["measured"] > 0 for op in weighted)
     assert "PASS on qemu-system-arm" in printed
     assert "smpq_edge self-check on qemu-mps2-an386" in (out / "validation-report.txt").read_text()
+    # The generated folder stays as generated (build --resume hashes it); objects go beside it.
+    listed = json.loads((out / "firmware" / "firmware.json").read_text())["files"]
+    assert sorted(p.name for p in (out / "firmware").iterdir()) == sorted(listed)
+    assert (out / "validation-build" / "smpq_qemu_mps2_an386.elf").is_file()
