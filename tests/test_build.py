@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -125,3 +126,28 @@ def test_build_with_user_board_npz_data_and_onnx_model(tmp_path):
     assert search["data"]["test"] == len(digits.y_test)
     assert search["float_test_acc"] > 0.6, "the ONNX model arrives trained and is not trained again"
     assert Path(out / "firmware" / "model_data.cc").is_file()
+
+def test_export_of_an_edited_policy_finetunes_for_it(default_build, tmp_path, capsys):
+    out = tmp_path / "edited"
+    shutil.copytree(default_build, out)
+    policy = json.loads((out / "policy.json").read_text())
+    for layer in policy["layers"]:
+        layer["weight_bits"] = 4
+    (out / "policy.json").write_text(json.dumps(policy))
+    capsys.readouterr()
+    assert main(["export", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    note = next(line for line in printed.splitlines() if "finetuned for policy.json" in line)
+    assert "quantnet.pt was finetuned for another policy" in note and "% after" in note
+    assert note.removeprefix("note: ") in json.loads((out / "export.json").read_text())["notes"]
+    saved = torch.load(out / "quantnet.pt", weights_only=True)
+    assert set(saved["trained_bits"].values()) == {4}, "the finetuned network is saved for the next export"
+    assert main(["export", "--out", str(out)]) == 0
+    assert "finetuned" not in capsys.readouterr().out, "a network trained for the policy is not trained again"
+
+
+def test_export_with_data_the_model_does_not_take(default_build, capsys):
+    assert main(["export", "--out", str(default_build), "--data", "mnist1d"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == ["error: model digits_cnn expects input (1, 8, 8), data mnist1d has (1, 40, 1)"]
+
