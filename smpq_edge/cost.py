@@ -159,8 +159,9 @@ def _op_cycles(op: Op, bits: int, board: Board, graph: Graph) -> int:
 
 def needs_pad_op(op: Op, input_shape: tuple[int, ...]) -> bool:
     """Whether a convolution's symmetric torch padding cannot be TFLite's SAME or VALID, so the
-    converter puts an explicit PAD operator in front of it (seen for stride-2 convolutions)."""
-    if op.padding == (0, 0):
+    converter puts an explicit PAD operator in front of it (seen for stride-2 convolutions).
+    TensorFlow's own SAME padding (``same_pads``) is TFLite's SAME: no PAD."""
+    if op.padding == (0, 0) or op.same_pads:
         return False
     for n, k, s, p in zip(input_shape[1:], op.weight_shape[1:3], op.stride, op.padding):
         out = (n + 2 * p - k) // s + 1

@@ -44,6 +44,9 @@ class Op:
     has_bias: bool = False
     stride: tuple[int, int] = (1, 1)
     padding: tuple[int, int] = (0, 0)
+    # TensorFlow's SAME padding (top, left, bottom, right) when it is asymmetric, as for stride 2
+    # on an even size: executors pad explicitly (``padding`` is then (0, 0)) and TFLite gets SAME.
+    same_pads: tuple[int, ...] = ()
     kernel: tuple[int, int] = (1, 1)  # pooling window
 
     @property
@@ -148,11 +151,38 @@ def _is_global_mean(node: fx.Node) -> bool:
     return sorted(d % 4 for d in dims) == [2, 3]
 
 
+def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
+    """TensorFlow's SAME padding of one dimension (before, after): the extra pixel goes after."""
+    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
+    return total // 2, total - total // 2
+
+
+class SameConv2d(nn.Conv2d):
+    """A Conv2d with TensorFlow's SAME padding (top, left, bottom, right), which is asymmetric for
+    stride 2 on even sizes and which torch's ``padding`` cannot state. Models imported from
+    TensorFlow need it to compute what the original computes; TFLite then runs it as SAME."""
+
+    def __init__(self, *args, same_pads: tuple[int, int, int, int], **kwargs):
+        super().__init__(*args, padding=0, **kwargs)
+        self.same_pads = tuple(same_pads)
+
+    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        top, left, bottom, right = self.same_pads
+        return F.conv2d(F.pad(x, (left, right, top, bottom)), weight, bias, self.stride, 0, self.dilation, self.groups)
+
+
+class _LeafTracer(fx.Tracer):
+    """torch.fx's tracer, with SameConv2d kept whole like the torch.nn layers it extends."""
+
+    def is_leaf_module(self, module: nn.Module, qualified_name: str) -> bool:
+        return isinstance(module, SameConv2d) or super().is_leaf_module(module, qualified_name)
+
+
 class _Tracer:
     def __init__(self, model: nn.Module, input_shape: tuple[int, ...]):
         self.modules = dict(model.named_modules())
         try:
-            self.gm = fx.symbolic_trace(model)
+            self.gm = fx.GraphModule(model, _LeafTracer().trace(model))
         except Exception as exc:  # fx raises many types; the message is what the user needs
             raise UserError(f"model cannot be traced (data-dependent control flow?): {str(exc).splitlines()[0]}") from None
         self._check_layers()  # before ShapeProp runs the model
@@ -211,9 +241,9 @@ class _Tracer:
             padding = tuple(k // 2 for k in module.kernel_size) if module.padding == "same" else (0, 0)
         else:
             padding = _pair(module.padding)
-        op = Op(node.target, kind, (source,), self._shape(node), module=node.target, weight_shape=weight_shape,
-                has_bias=module.bias is not None, stride=_pair(module.stride), padding=padding)
-        return op
+        same_pads = tuple(module.same_pads) if isinstance(module, SameConv2d) else ()
+        return Op(node.target, kind, (source,), self._shape(node), module=node.target, weight_shape=weight_shape,
+                  has_bias=module.bias is not None, stride=_pair(module.stride), padding=padding, same_pads=same_pads)
 
     def _sole_reader(self, source: str) -> bool:
         """Whether op ``source``'s output has exactly one reader, looking through the nodes that

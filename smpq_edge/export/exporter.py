@@ -104,10 +104,16 @@ class FloatGraphModule(nn.Module):
                 else:
                     groups = weight.shape[0] if op.kind == "depthwise" else 1
                     module = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
-                                       stride=op.stride, padding=op.padding, groups=groups)
+                                       stride=op.stride, padding=_export_padding(op), groups=groups)
                 module.weight.copy_(weight)
                 module.bias.copy_(layer.bias.detach())
                 self.layers[QuantNet.key(op.name)] = module
+
+    @property
+    def onnx_conv_pads(self) -> list[tuple[int, ...] | None]:
+        """Per convolution in graph order, TensorFlow SAME pads (top, left, bottom, right) the
+        ONNX Conv must get instead of the symmetric stand-in it is exported with; None to keep."""
+        return [op.same_pads or None for op in self.graph.layers if op.kind != "fc"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         values: dict[str, torch.Tensor] = {}
@@ -139,6 +145,16 @@ class FloatGraphModule(nn.Module):
         return values[self.graph.output]
 
 
+def _export_padding(op: Op) -> tuple[int, int]:
+    """torch's padding for the exported Conv. An asymmetric SAME conv is exported with the
+    symmetric padding that gives the same output size (the larger side), and its ONNX pads are
+    then set to the real ones (``onnx_conv_pads``): onnx2tf turns those into TFLite's SAME."""
+    if not op.same_pads:
+        return op.padding
+    top, left, bottom, right = op.same_pads
+    return max(top, bottom), max(left, right)
+
+
 def _tflite_layout(op: Op, torch_array: np.ndarray) -> np.ndarray:
     """A torch weight (OIHW / C1HW / [out, in]) in TFLite's layout (OHWI / [1,H,W,C] / [out, in])."""
     if op.kind == "conv":
@@ -150,16 +166,6 @@ def _tflite_layout(op: Op, torch_array: np.ndarray) -> np.ndarray:
 
 def _quant_axis(op: Op) -> int:
     return 3 if op.kind == "depthwise" else 0
-
-
-def _dequantise(data: bytes, shape: tuple[int, ...], scales: tuple[float, ...], axis: int) -> np.ndarray:
-    values = np.frombuffer(data, dtype=np.int8).reshape(shape).astype(np.float64)
-    scale = np.asarray(scales, dtype=np.float64)
-    if scale.size > 1:
-        view = [1] * len(shape)
-        view[axis] = -1
-        scale = scale.reshape(view)
-    return values * scale
 
 
 def _match_layers(model: TfliteModel, graph: Graph, reference: FloatGraphModule) -> list[tuple[Op, int, int, int]]:
@@ -181,7 +187,7 @@ def _match_layers(model: TfliteModel, graph: Graph, reference: FloatGraphModule)
         if w.type != "INT8" or w.data is None or w.quantization is None:
             raise UserError(f"layer '{op.name}': onnx2tf weights are not constant int8 ({w.type})")
         ours = _tflite_layout(op, reference.layers[QuantNet.key(op.name)].weight.detach().numpy().astype(np.float64))
-        theirs = _dequantise(w.data, w.shape, w.quantization.scales, w.quantization.quantized_dimension)
+        theirs = w.dequantised()
         tolerance = 0.51 * max(w.quantization.scales) + 1e-7
         error = float(np.abs(theirs - ours).max())
         if error > tolerance:
@@ -319,7 +325,8 @@ def export_model(net: QuantNet, bits: dict[str, int], calibration: np.ndarray) -
         raise UserError(f"TFLM runs int4 or int8 weights only; policy has {bad}")
     net.eval()
     float_module = FloatGraphModule(net, bits).eval()
-    int8 = export_int8(float_module, (1, *graph.input_shape), np.ascontiguousarray(calibration, dtype=np.float32))
+    int8 = export_int8(float_module, (1, *graph.input_shape), np.ascontiguousarray(calibration, dtype=np.float32),
+                       conv_pads=float_module.onnx_conv_pads)
     template = TfliteModel.from_bytes(int8.tflite, source="onnx2tf output")
     matched = _match_layers(template, graph, float_module)
     acts = _activation_params(template, net)

@@ -77,18 +77,22 @@ class Int8Tflite:
 
 
 def export_int8(
-    module: torch.nn.Module, input_shape: tuple[int, int, int, int], calibration: np.ndarray
+    module: torch.nn.Module, input_shape: tuple[int, int, int, int], calibration: np.ndarray,
+    conv_pads: list[tuple[int, ...] | None] | None = None,
 ) -> Int8Tflite:
     """Convert an eval-mode float ``module`` to an int8 .tflite calibrated on ``calibration``.
 
     ``input_shape`` is the model's (N, C, H, W) input with N = 1 (TFLM runs one sample at a
     time); ``calibration`` is float32 (K, C, H, W) in the exact range the model sees.
+    ``conv_pads``, per ONNX Conv in order, replaces that Conv's pads (None keeps them).
     """
     _check_inputs(input_shape, calibration)
     with tempfile.TemporaryDirectory(prefix="smpq_onnx2tf_") as tmp:
         work = Path(tmp)
         onnx_path = work / "model.onnx"
         _torch_to_onnx(module, input_shape, onnx_path)
+        if conv_pads and any(conv_pads):
+            _set_conv_pads(onnx_path, conv_pads)
         calibration_nhwc = np.ascontiguousarray(calibration.transpose(_NCHW_TO_NHWC))
         calibration_path = work / "calibration.npy"
         np.save(calibration_path, calibration_nhwc)
@@ -122,6 +126,25 @@ def _torch_to_onnx(module: torch.nn.Module, input_shape: tuple[int, ...], path: 
             output_names=[_OUTPUT_NAME],
             dynamo=False,
         )
+
+
+def _set_conv_pads(path: Path, conv_pads: list[tuple[int, ...] | None]) -> None:
+    """Give the k-th ONNX Conv the pads ``conv_pads[k]`` (top, left, bottom, right): torch cannot
+    state TensorFlow's asymmetric SAME padding, ONNX can, and onnx2tf maps it to TFLite SAME."""
+    import onnx
+
+    model = onnx.load(str(path))
+    convs = [node for node in model.graph.node if node.op_type == "Conv"]
+    if len(convs) != len(conv_pads):
+        raise AssertionError(f"{len(convs)} ONNX Conv nodes for {len(conv_pads)} convolutions")
+    for node, pads in zip(convs, conv_pads):
+        if pads is None:
+            continue
+        top, left, bottom, right = pads
+        kept = [a for a in node.attribute if a.name != "pads"]
+        del node.attribute[:]
+        node.attribute.extend([*kept, onnx.helper.make_attribute("pads", [top, left, bottom, right])])
+    onnx.save(model, str(path))
 
 
 def _run_onnx2tf(onnx_path: Path, calibration_path: Path, out_dir: Path) -> bytes:

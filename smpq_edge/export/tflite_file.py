@@ -55,6 +55,17 @@ class TensorInfo:
     data: bytes | None  # constant contents; None for activations
     quantization: Quantization | None
 
+    def dequantised(self) -> np.ndarray:
+        """An int8 constant's real values, scale * (q - zero point), per tensor or along its axis."""
+        q = self.quantization
+        values = np.frombuffer(self.data, dtype=np.int8).reshape(self.shape).astype(np.float64)
+        view = [1] * len(self.shape)
+        if len(q.scales) > 1:
+            view[q.quantized_dimension] = -1
+        scale = np.asarray(q.scales, dtype=np.float64).reshape(view)
+        zero = np.asarray(q.zero_points, dtype=np.float64).reshape(view if len(q.zero_points) > 1 else [1] * len(view))
+        return (values - zero) * scale
+
 
 @dataclass(frozen=True)
 class OperatorInfo:
@@ -221,6 +232,16 @@ class TfliteModel:
         q.zeroPoint = [int(z) for z in zero_points]
         q.quantizedDimension = int(quantized_dimension)
         self._graph.tensors[index].quantization = q
+
+    def set_operator_option(self, index: int, name: str, value: bool | int | float) -> None:
+        """Set one scalar builtin option (schema field name, as in ``OperatorInfo.options``)."""
+        options = self._graph.operators[index].builtinOptions
+        if options is None or not hasattr(options, name):
+            raise ValueError(f"operator {index} has no option {name!r}")
+        setattr(options, name, value)
+
+    def clear_tensor_quantization(self, index: int) -> None:
+        self._graph.tensors[index].quantization = None
 
     def compact(self) -> None:
         """Drop what TFLM never reads and flash would still hold: tensors no operator uses (e.g.

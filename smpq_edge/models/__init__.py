@@ -1,4 +1,6 @@
-"""Models: the built-in examples by name, a user's model file (.py) by path, or an ONNX file.
+"""Models: the built-in examples by name, or a user's model file in one of ``MODEL_FORMATS``:
+a Python file (.py), ONNX, Keras (.keras, .h5), a SavedModel folder or a .tflite file. Every
+format but .py goes through the one ONNX importer and counts as trained.
 
 A model file defines ``build_model()`` (returning a ``torch.nn.Module``) and ``INPUT_SHAPE``
 (channels, height, width); optionally ``DATASET`` (the data it is meant for) and
@@ -10,6 +12,7 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 from torch import nn
 
@@ -26,6 +29,7 @@ class ModelSource:
     default_data: str | None
     pretrained: bool
     origin: str  # the file it was read from
+    notes: tuple[str, ...] = ()  # what the import changed, for the user (e.g. a dropped final Softmax)
 
     def check_input(self, shape: tuple[int, ...], data_name: str) -> None:
         """One line naming both shapes, before tracing runs into torch's own shape error."""
@@ -74,8 +78,32 @@ def _load_python(path: Path, num_classes: int | None) -> ModelSource:
                        bool(getattr(namespace, "PRETRAINED", False)), str(path))
 
 
+def _python(path: Path, num_classes: int | None) -> ModelSource:
+    if not path.is_file():
+        raise UserError(f"{path}: model file not found")
+    return _load_python(path, num_classes)
+
+
+def _onnx(path: Path, num_classes: int | None) -> ModelSource:
+    from smpq_edge.models.onnx_import import load_onnx
+
+    return load_onnx(path)
+
+
+def _tensorflow(path: Path, num_classes: int | None) -> ModelSource:
+    from smpq_edge.models.tf_import import load_tensorflow
+
+    return load_tensorflow(path)
+
+
+# File suffix -> loader; a folder is a SavedModel. A trained file fixes its own output width.
+MODEL_FORMATS: dict[str, Callable[[Path, int | None], ModelSource]] = {
+    ".py": _python, ".onnx": _onnx, ".keras": _tensorflow, ".h5": _tensorflow, ".tflite": _tensorflow,
+}
+
+
 def load_model(name_or_path: str | Path, num_classes: int | None = None) -> ModelSource:
-    """A built-in example by name (``digits_cnn``), a model ``.py`` file, or an ``.onnx`` file.
+    """A built-in example by name (``digits_cnn``) or a model file of one of ``MODEL_FORMATS``.
 
     ``num_classes`` is passed to ``build_model`` so an example fits the data set it is paired with.
     """
@@ -83,12 +111,9 @@ def load_model(name_or_path: str | Path, num_classes: int | None = None) -> Mode
     if text in example_names():
         return _load_python(EXAMPLES_DIR / f"{text}.py", num_classes)
     path = Path(text)
-    if path.suffix == ".py":
-        if not path.is_file():
-            raise UserError(f"{path}: model file not found")
-        return _load_python(path, num_classes)
-    if path.suffix == ".onnx":
-        from smpq_edge.models.onnx_import import load_onnx
-
-        return load_onnx(path)
-    raise UserError(f"unknown model '{text}'; examples: {', '.join(example_names())} (or give a .py or .onnx path)")
+    if path.suffix in MODEL_FORMATS:
+        return MODEL_FORMATS[path.suffix](path, num_classes)
+    if path.is_dir():
+        return _tensorflow(path, num_classes)
+    raise UserError(f"unknown model '{text}'; examples: {', '.join(example_names())} (or give a model file: "
+                    f"{', '.join(MODEL_FORMATS)}, or a SavedModel folder)")

@@ -1,41 +1,32 @@
-"""ONNX file -> torch module, for the ops a TFLM int8/int4 model can hold.
+"""ONNX graph -> torch module, for the ops a TFLM int8/int4 model can hold.
 
-Written here rather than taken from onnx2torch: onnx2torch depends on torchvision, and PyPI's
-torchvision (CUDA-linked) fails to import beside the CPU build of torch this project pins. The
-subset below is exactly what ``graph.trace`` accepts, so nothing is lost: any other op would be
-refused later anyway, and here it is refused with the ONNX node's name.
+Every model format ends here: an ``.onnx`` file directly, Keras, SavedModel and ``.tflite``
+files through tf2onnx (see ``tf_import``). Written here rather than taken from onnx2torch:
+onnx2torch depends on torchvision, and PyPI's torchvision (CUDA-linked) fails to import beside
+the CPU build of torch this project pins. The ops below are what ``graph.trace`` accepts, in the
+shapes torch.onnx and tf2onnx write them (NHWC inputs behind a Transpose, TensorFlow's SAME
+padding, MatMul + bias Add, a final Softmax, Reshapes that change nothing), so nothing is lost:
+any other op would be refused later anyway, and here it is refused with the ONNX node's name.
 """
 
 from __future__ import annotations
 
 import operator
 import re
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
 from torch import nn
 
 from smpq_edge.errors import UserError
+from smpq_edge.graph import SameConv2d, same_padding
 from smpq_edge.models import ModelSource
 
-SUPPORTED_ONNX = ("Conv, BatchNormalization, Relu, Clip(0, 6), Gemm, MatMul, Add, GlobalAveragePool, "
-                  "AveragePool, MaxPool, Flatten, Reshape, Dropout, Identity")
-
-
-def _attributes(node) -> dict:
-    import onnx
-
-    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
-
-
-def _pads(attrs: dict, name: str) -> tuple[int, int]:
-    pads = list(attrs.get("pads", [0, 0, 0, 0]))
-    if pads[:2] != pads[2:]:
-        raise UserError(f"ONNX node '{name}': asymmetric padding {pads} is not supported")
-    if attrs.get("auto_pad", b"NOTSET") not in (b"NOTSET", "NOTSET"):
-        raise UserError(f"ONNX node '{name}': auto_pad is not supported; export with explicit pads")
-    return tuple(pads[:2])
+NCHW_FROM_NHWC = [0, 3, 1, 2]
+NHWC_FROM_NCHW = [0, 2, 3, 1]
 
 
 class OnnxModule(nn.Module):
@@ -58,29 +49,366 @@ class OnnxModule(nn.Module):
                 values[output] = operator.add(args[0], args[1])
             elif kind == "flatten":
                 values[output] = torch.flatten(args[0], 1)
-            else:  # alias (Identity, Dropout)
+            else:  # alias (Identity, Dropout, a Reshape or Transpose that changes nothing)
                 values[output] = args[0]
         return values[self.output_name]
 
 
-def _conv(attrs: dict, weight: np.ndarray, bias: np.ndarray | None, name: str) -> nn.Conv2d:
+def _attributes(node) -> dict:
+    import onnx
+
+    return {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+
+
+@dataclass
+class _Importer:
+    """Walks the ONNX nodes once; each op type has one handler (``HANDLERS``)."""
+
+    origin: str
+    constants: dict[str, np.ndarray]
+    shapes: dict[str, list[int]]  # tensor -> static shape, from ONNX shape inference
+    readers: dict[str, int]  # tensor -> how many nodes read it
+    graph_output: str
+    steps: list = field(default_factory=list)
+    layers: dict[str, nn.Module] = field(default_factory=dict)
+    producer: dict[str, str] = field(default_factory=dict)  # tensor -> layer key that wrote it
+    aliases: dict[str, str] = field(default_factory=dict)  # tensor -> the tensor it equals
+    notes: list[str] = field(default_factory=list)
+    nhwc_views: set[str] = field(default_factory=set)  # tensors that are channels-last views
+
+    def fail(self, node, message: str) -> UserError:
+        return UserError(f"{self.origin}: ONNX node '{node.name or node.op_type}' ({node.op_type}): {message}")
+
+    def source(self, name: str) -> str:
+        while name in self.aliases:
+            name = self.aliases[name]
+        return name
+
+    def shape(self, name: str) -> list[int] | None:
+        return self.shapes.get(name)
+
+    def constant(self, node, index: int, what: str) -> np.ndarray:
+        if len(node.input) <= index or node.input[index] not in self.constants:
+            raise self.fail(node, f"needs a constant {what}")
+        return self.constants[node.input[index]]
+
+    def inputs(self, node, count: int) -> tuple[str, ...]:
+        names = tuple(self.source(n) for n in node.input[:count])
+        if any(name in self.nhwc_views for name in names):
+            raise self.fail(node, "takes a channels-last tensor, which only a flatten of a 1x1 map may")
+        return names
+
+    def emit(self, node, key: str, module: nn.Module) -> None:
+        self.layers[key] = module
+        self.steps.append(("layer", key, self.inputs(node, 1), node.output[0]))
+        self.producer[node.output[0]] = key
+
+    def alias(self, node) -> None:
+        self.aliases[node.output[0]] = node.input[0]
+        if self.source(node.input[0]) in self.nhwc_views:
+            self.nhwc_views.add(node.output[0])
+
+    def relayout(self, node, channels_last: bool) -> None:
+        """A Transpose between NHWC and NCHW: the torch tensor stays NCHW; only the ONNX layout of
+        the name changes (tracked in ``nhwc_views``)."""
+        self.steps.append(("alias", "", (self.source(node.input[0]),), node.output[0]))
+        if channels_last:
+            self.nhwc_views.add(node.output[0])
+
+    def step(self, kind: str, node, count: int) -> None:
+        self.steps.append((kind, "", self.inputs(node, count), node.output[0]))
+
+    def sole_layer_before(self, node, tensor: str) -> nn.Module | None:
+        """The conv or dense layer that wrote ``tensor`` if ``node`` is its only reader (so a
+        BatchNorm, bias or scale can fold into it without changing another reader)."""
+        chain = [tensor]
+        while chain[-1] in self.aliases:
+            chain.append(self.aliases[chain[-1]])
+        layer = self.layers.get(self.producer.get(chain[-1], ""))
+        if any(self.readers.get(name, 0) != 1 for name in chain):
+            return None
+        return layer if isinstance(layer, (nn.Linear, nn.Conv2d)) else None
+
+
+def _pads_2d(imp: _Importer, node, attrs: dict, kernel: tuple[int, int], strides: tuple[int, int]):
+    """(symmetric padding, TF SAME pads or ()) of a Conv or pooling node."""
+    auto = attrs.get("auto_pad", b"NOTSET")
+    auto = auto.decode() if isinstance(auto, bytes) else auto
+    shape = imp.shape(node.input[0])
+    if auto in ("SAME_UPPER", "SAME_LOWER") or (auto == "NOTSET" and "pads" in attrs):
+        if auto == "NOTSET":
+            top, left, bottom, right = (list(attrs["pads"]) + [0] * 4)[:4]
+            if (top, left) == (bottom, right):
+                return (top, left), ()
+        if shape is None or len(shape) != 4:
+            raise imp.fail(node, "needs a static input shape to place its padding")
+        same = [same_padding(n, k, s) for n, k, s in zip(shape[2:], kernel, strides)]
+        if auto == "NOTSET" and [(top, bottom), (left, right)] != same:
+            raise imp.fail(node, f"padding {list(attrs['pads'])} is neither symmetric nor TensorFlow's SAME; "
+                                 "TFLite has no other padding without a PAD op")
+        (top, bottom), (left, right) = same
+        return ((top, left), ()) if (top, left) == (bottom, right) else ((0, 0), (top, left, bottom, right))
+    if auto not in ("NOTSET", "VALID"):
+        raise imp.fail(node, f"auto_pad {auto} is not supported")
+    return (0, 0), ()
+
+
+def _conv(imp: _Importer, node, key: str, attrs: dict) -> None:
+    weight = imp.constant(node, 1, "weight")
     if weight.ndim != 4:
-        raise UserError(f"ONNX node '{name}': only 2-D convolution is supported (weight rank {weight.ndim})")
+        raise imp.fail(node, f"only 2-D convolution is supported (weight rank {weight.ndim})")
     if list(attrs.get("dilations", [1, 1])) != [1, 1]:
-        raise UserError(f"ONNX node '{name}': dilated convolution is not supported")
+        raise imp.fail(node, "dilated convolution is not supported")
     group = int(attrs.get("group", 1))
     out_ch, in_per_group, kh, kw = weight.shape
-    conv = nn.Conv2d(in_per_group * group, out_ch, (kh, kw), stride=tuple(attrs.get("strides", [1, 1])),
-                     padding=_pads(attrs, name), groups=group, bias=bias is not None)
+    strides = tuple(attrs.get("strides", [1, 1]))
+    padding, same = _pads_2d(imp, node, attrs, (kh, kw), strides)
+    bias = imp.constants.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
+    kwargs = dict(stride=strides, groups=group, bias=bias is not None)
+    conv = SameConv2d(in_per_group * group, out_ch, (kh, kw), same_pads=same, **kwargs) if same else \
+        nn.Conv2d(in_per_group * group, out_ch, (kh, kw), padding=padding, **kwargs)
     conv.weight.data = torch.from_numpy(weight.copy())
     if bias is not None:
         conv.bias.data = torch.from_numpy(bias.copy())
-    return conv
+    imp.emit(node, key, conv)
+
+
+def _linear(imp: _Importer, node, key: str, attrs: dict) -> None:
+    weight = imp.constant(node, 1, "weight")
+    if node.op_type == "Gemm":
+        if (attrs.get("alpha", 1.0), attrs.get("beta", 1.0), attrs.get("transA", 0)) != (1.0, 1.0, 0):
+            raise imp.fail(node, "Gemm with alpha, beta or transA is not supported")
+        weight = weight if attrs.get("transB", 0) == 1 else weight.T
+    else:
+        weight = weight.T  # MatMul: x @ W with W (in, out)
+    if weight.ndim != 2:
+        raise imp.fail(node, f"only a 2-D weight is supported (rank {weight.ndim})")
+    bias = imp.constants.get(node.input[2]) if node.op_type == "Gemm" and len(node.input) > 2 else None
+    linear = nn.Linear(weight.shape[1], weight.shape[0], bias=True)
+    linear.weight.data = torch.from_numpy(np.ascontiguousarray(weight))
+    linear.bias.data = torch.from_numpy(bias.copy() if bias is not None else np.zeros(weight.shape[0], np.float32))
+    imp.emit(node, key, linear)
+
+
+def _batchnorm(imp: _Importer, node, key: str, attrs: dict) -> None:
+    scale, shift, mean, var = (imp.constant(node, i, "BatchNorm parameter") for i in range(1, 5))
+    eps = float(attrs.get("epsilon", 1e-5))
+    layer = imp.sole_layer_before(node, node.input[0])
+    if isinstance(layer, nn.Linear):  # after a dense layer, as TFLite folds it: into its weights
+        factor = scale / np.sqrt(var + eps)
+        _fold_affine(layer, factor, shift - mean * factor)
+        imp.alias(node)
+        return
+    bn = nn.BatchNorm2d(len(scale), eps=eps)
+    bn.weight.data, bn.bias.data = torch.from_numpy(scale.copy()), torch.from_numpy(shift.copy())
+    bn.running_mean.data, bn.running_var.data = torch.from_numpy(mean.copy()), torch.from_numpy(var.copy())
+    imp.emit(node, key, bn.eval())
+
+
+def _fold_affine(layer: nn.Linear | nn.Conv2d, factor: np.ndarray, offset: np.ndarray) -> None:
+    """layer(x) * factor + offset, per output channel, folded into the layer's weight and bias."""
+    if layer.bias is None:
+        layer.bias = nn.Parameter(torch.zeros(layer.weight.shape[0]))
+    with torch.no_grad():
+        f = torch.from_numpy(np.broadcast_to(factor, (layer.weight.shape[0],)).astype(np.float32))
+        layer.weight.mul_(f.reshape(-1, *([1] * (layer.weight.dim() - 1))))
+        layer.bias.mul_(f).add_(torch.from_numpy(np.broadcast_to(offset, f.shape).astype(np.float32)))
+
+
+def _add_or_mul(imp: _Importer, node, key: str, attrs: dict) -> None:
+    constant = [n for n in node.input if n in imp.constants]
+    if node.op_type == "Add" and not constant:
+        imp.step("add", node, 2)
+        return
+    tensor = next((n for n in node.input if n not in imp.constants), None)
+    layer = imp.sole_layer_before(node, tensor) if tensor else None
+    if layer is None or len(constant) != 1:
+        raise imp.fail(node, "a constant operand is supported only as the bias or scale of the layer before it")
+    value = imp.constants[constant[0]]
+    if value.ndim == 4 and value.shape[2:] != (1, 1) or value.ndim > 4:
+        raise imp.fail(node, f"constant of shape {list(value.shape)} is not per channel")
+    value = value.reshape(-1)
+    out = layer.weight.shape[0]
+    if value.size not in (1, out):
+        raise imp.fail(node, f"constant of {value.size} values for {out} outputs")
+    ones, zeros = np.ones(out, np.float32), np.zeros(out, np.float32)
+    _fold_affine(layer, ones, value) if node.op_type == "Add" else _fold_affine(layer, value, zeros)
+    imp.alias(node)
+
+
+def _clip(imp: _Importer, node, key: str, attrs: dict) -> None:
+    bounds = [float(imp.constants[n]) if n in imp.constants else None for n in node.input[1:3]]
+    if bounds != [0.0, 6.0] and (attrs.get("min"), attrs.get("max")) != (0.0, 6.0):
+        raise imp.fail(node, "only Clip(0, 6) (ReLU6) is supported")
+    imp.emit(node, key, nn.ReLU6())
+
+
+def _pool(imp: _Importer, node, key: str, attrs: dict) -> None:
+    if attrs.get("ceil_mode", 0):
+        raise imp.fail(node, "ceil_mode pooling is not supported")
+    kernel = tuple(attrs["kernel_shape"])
+    strides = tuple(attrs.get("strides", kernel))
+    padding, same = _pads_2d(imp, node, attrs, kernel, strides)
+    if same:
+        raise imp.fail(node, "asymmetric SAME padding of pooling is not supported")
+    if node.op_type == "AveragePool" and padding != (0, 0) and not attrs.get("count_include_pad", 0):
+        raise imp.fail(node, "padded average pooling that excludes the padding is not supported")
+    kwargs = dict(stride=strides, padding=padding)
+    imp.emit(node, key, nn.AvgPool2d(kernel, **kwargs) if node.op_type == "AveragePool" else nn.MaxPool2d(kernel, **kwargs))
+
+
+def _reshape(imp: _Importer, node, key: str, attrs: dict) -> None:
+    """Flatten, Reshape and Squeeze: to (N, features), or a change of nothing."""
+    before, after = imp.shape(node.input[0]), imp.shape(node.output[0])
+    if imp.source(node.input[0]) in imp.nhwc_views and _is_channel_move(before, after):
+        imp.relayout(node, channels_last=False)  # like the NHWC -> NCHW Transpose
+    elif before is not None and after is not None and before[1:] == after[1:]:
+        imp.alias(node)
+    elif after is not None and len(after) == 2 and before is not None and int(np.prod(before[1:])) == after[1]:
+        if imp.source(node.input[0]) in imp.nhwc_views and any(d != 1 for d in before[1:-1]):
+            raise imp.fail(node, "flattening a channels-last feature map larger than 1x1 is not supported; "
+                                 "pool it to 1x1 first")
+        imp.step("flatten", node, 1)
+    else:
+        raise imp.fail(node, f"only a flatten to (N, features) is supported (shape {before} -> {after})")
+
+
+def _is_channel_move(before: list[int] | None, after: list[int] | None) -> bool:
+    """A Reshape of (N, H, W, 1) to (N, 1, H, W): tf2onnx writes the NHWC -> NCHW Transpose of
+    a single channel this way."""
+    return bool(before and after and len(before) == 4 and before[3] == 1 and after[1:] == [1, *before[1:3]])
+
+
+def _transpose(imp: _Importer, node, key: str, attrs: dict) -> None:
+    """NHWC <-> NCHW transposes around a graph converted from TensorFlow: the importer works in
+    NCHW, so each is a view; a channels-last view is only flattened where that changes nothing."""
+    perm = list(attrs.get("perm", []))
+    viewed = imp.source(node.input[0]) in imp.nhwc_views
+    if (perm == NCHW_FROM_NHWC and viewed) or (perm == NHWC_FROM_NCHW and not viewed):
+        imp.relayout(node, channels_last=perm == NHWC_FROM_NCHW)
+    else:
+        raise imp.fail(node, f"transpose {perm} is not supported")
+
+
+def _softmax(imp: _Importer, node, key: str, attrs: dict) -> None:
+    if node.output[0] != imp.graph_output:
+        raise imp.fail(node, "Softmax is supported only as the model's last op")
+    imp.alias(node)
+    imp.notes.append(f"final Softmax '{node.name or 'Softmax'}' dropped: the model outputs logits (same top-1 class)")
+
+
+def _module(factory: Callable[[], nn.Module]):
+    return lambda imp, node, key, attrs: imp.emit(node, key, factory())
+
+
+HANDLERS: dict[str, Callable] = {
+    "Conv": _conv,
+    "Gemm": _linear,
+    "MatMul": _linear,
+    "BatchNormalization": _batchnorm,
+    "Relu": _module(nn.ReLU),
+    "Clip": _clip,
+    "Add": _add_or_mul,
+    "Mul": _add_or_mul,
+    "GlobalAveragePool": _module(lambda: nn.AdaptiveAvgPool2d(1)),
+    "AveragePool": _pool,
+    "MaxPool": _pool,
+    "Flatten": _reshape,
+    "Reshape": _reshape,
+    "Squeeze": _reshape,
+    "Transpose": _transpose,
+    "Softmax": _softmax,
+    "Identity": lambda imp, node, key, attrs: imp.alias(node),
+    "Dropout": lambda imp, node, key, attrs: imp.alias(node),
+}
+SUPPORTED_ONNX = ", ".join(HANDLERS) + ", Constant, DequantizeLinear (of constant weights)"
+
+
+def _dequantize(node, constants: dict[str, np.ndarray], attrs: dict) -> np.ndarray:
+    """DequantizeLinear of a constant ("dynamic-range" weights) folded to float."""
+    q = constants[node.input[0]].astype(np.float64)
+    scale = constants[node.input[1]].astype(np.float64)
+    zero = constants[node.input[2]].astype(np.float64) if len(node.input) > 2 and node.input[2] else 0.0
+    if np.ndim(scale) == 1 and scale.size > 1:
+        view = [1] * q.ndim
+        view[int(attrs.get("axis", 1))] = -1
+        scale, zero = scale.reshape(view), np.reshape(zero, view) if np.ndim(zero) else zero
+    return ((q - zero) * scale).astype(np.float32)
+
+
+def _static_shapes(model) -> dict[str, list[int]]:
+    import onnx
+
+    try:
+        inferred = onnx.shape_inference.infer_shapes(model)
+    except Exception:  # a graph onnx cannot infer is still importable where no shape is needed
+        inferred = model
+    shapes = {}
+    for info in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
+        dims = [d.dim_value if d.HasField("dim_value") else 0 for d in info.type.tensor_type.shape.dim]
+        shapes[info.name] = dims
+    return shapes
+
+
+def _input_layout(dims: list[int], origin: str) -> tuple[tuple[int, ...], bool]:
+    """The model's per-sample NCHW input shape, and whether the file's input is (N, features)."""
+    if len(dims) == 2 and dims[1]:
+        return (1, dims[1], 1), True
+    if len(dims) != 4 or not all(dims[1:]):
+        raise UserError(f"{origin}: input must be (N, C, H, W), (N, H, W, C) or (N, features) with static sizes; "
+                        f"got {dims}")
+    return (dims[1], dims[2], dims[3]), False
+
+
+def onnx_source(model, origin: str, name: str) -> ModelSource:
+    """The torch module of an ONNX ``ModelProto`` (counted as trained)."""
+    from onnx import numpy_helper
+
+    graph = model.graph
+    constants = {t.name: numpy_helper.to_array(t).astype(np.float32) for t in graph.initializer}
+    real_inputs = [i for i in graph.input if i.name not in constants]
+    if len(real_inputs) != 1 or len(graph.output) != 1:
+        raise UserError(f"{origin}: the model must have one input and one output")
+    readers: dict[str, int] = {}
+    for node in graph.node:
+        for name in node.input:
+            readers[name] = readers.get(name, 0) + 1
+    imp = _Importer(origin, constants, _static_shapes(model), readers, graph.output[0].name)
+    input_name = real_inputs[0].name
+    dims = imp.shape(input_name) or []
+    first = next((n for n in graph.node if input_name in n.input), None)
+    if len(dims) == 4 and first is not None and (
+            (first.op_type == "Transpose" and list(_attributes(first).get("perm", [])) == NCHW_FROM_NHWC)
+            or (first.op_type == "Reshape" and _is_channel_move(dims, imp.shape(first.output[0])))):
+        imp.nhwc_views.add(input_name)  # channels last, as TensorFlow models take it
+        dims = [dims[0], dims[3], dims[1], dims[2]]
+    input_shape, flat = _input_layout(dims, origin)
+    body = "flat_input" if flat else input_name
+    if flat:  # the data loader gives (N, 1, F, 1); the dense model reads (N, F)
+        imp.steps.append(("flatten", "", (body,), input_name))
+    for index, node in enumerate(graph.node):
+        attrs = _attributes(node)
+        if node.op_type == "Constant":
+            constants[node.output[0]] = numpy_helper.to_array(attrs["value"]).astype(np.float32)
+        elif node.op_type == "DequantizeLinear" and node.input[0] in constants:
+            constants[node.output[0]] = _dequantize(node, constants, attrs)
+        elif node.op_type in HANDLERS:
+            HANDLERS[node.op_type](imp, node, _layer_key(node, index, imp.layers), attrs)
+        else:
+            raise UserError(f"{origin}: ONNX node '{node.name or node.op_type}' ({node.op_type}) is not supported; "
+                            f"supported: {SUPPORTED_ONNX}")
+    module = OnnxModule(imp.steps, imp.layers, body, imp.source(imp.graph_output)).eval()
+    return ModelSource(name, module, input_shape, None, pretrained=True, origin=origin, notes=tuple(imp.notes))
+
+
+def _layer_key(node, index: int, taken: dict) -> str:
+    """Layer names users recognise ("/features/conv1/Conv" -> "features_conv1_Conv"), kept unique."""
+    key = re.sub(r"\W+", "_", node.name).strip("_") or f"{node.op_type.lower()}{index}"
+    return key if key not in taken and not key[0].isdigit() else f"{key}_{index}"
 
 
 def load_onnx(path: Path) -> ModelSource:
     import onnx
-    from onnx import numpy_helper
 
     try:
         model = onnx.load(str(path))
@@ -88,77 +416,4 @@ def load_onnx(path: Path) -> ModelSource:
         raise UserError(f"{path}: ONNX file not found") from None
     except Exception as exc:  # protobuf raises its own DecodeError types
         raise UserError(f"{path}: not a readable ONNX model ({exc.__class__.__name__})") from None
-    graph = model.graph
-    constants = {t.name: numpy_helper.to_array(t).astype(np.float32) for t in graph.initializer}
-    real_inputs = [i for i in graph.input if i.name not in constants]
-    if len(real_inputs) != 1 or len(graph.output) != 1:
-        raise UserError(f"{path}: the model must have one input and one output")
-    dims = [d.dim_value for d in real_inputs[0].type.tensor_type.shape.dim]
-    if len(dims) != 4 or not all(dims[1:]):
-        raise UserError(f"{path}: input must be (N, C, H, W) with static C, H, W; got {dims}")
-    steps, layers = [], {}
-    for index, node in enumerate(graph.node):
-        name = node.name or f"{node.op_type}_{index}"
-        # Layer names users recognise ("/features/conv1/Conv" -> "features_conv1_Conv"), kept unique.
-        key = re.sub(r"\W+", "_", name).strip("_") or f"node{index}"
-        key = key if key not in layers and not key[0].isdigit() else f"{key}_{index}"
-        attrs = _attributes(node)
-        op = node.op_type
-        if op == "Constant":
-            constants[node.output[0]] = numpy_helper.to_array(attrs["value"]).astype(np.float32)
-            continue
-        if op == "Conv":
-            bias = constants.get(node.input[2]) if len(node.input) > 2 else None
-            layers[key] = _conv(attrs, constants[node.input[1]], bias, name)
-        elif op == "BatchNormalization":
-            scale, b, mean, var = (constants[n] for n in node.input[1:5])
-            bn = nn.BatchNorm2d(len(scale), eps=float(attrs.get("epsilon", 1e-5)))
-            bn.weight.data, bn.bias.data = torch.from_numpy(scale.copy()), torch.from_numpy(b.copy())
-            bn.running_mean.data, bn.running_var.data = torch.from_numpy(mean.copy()), torch.from_numpy(var.copy())
-            layers[key] = bn.eval()
-        elif op == "Relu":
-            layers[key] = nn.ReLU()
-        elif op == "Clip":
-            bounds = [float(constants[n]) if n in constants else None for n in node.input[1:3]]
-            if bounds != [0.0, 6.0] and (attrs.get("min"), attrs.get("max")) != (0.0, 6.0):
-                raise UserError(f"ONNX node '{name}': only Clip(0, 6) (ReLU6) is supported")
-            layers[key] = nn.ReLU6()
-        elif op in ("Gemm", "MatMul"):
-            weight = constants.get(node.input[1])
-            if weight is None:
-                raise UserError(f"ONNX node '{name}': {op} needs a constant weight")
-            transposed = op == "Gemm" and attrs.get("transB", 0) == 1
-            weight = weight if transposed else weight.T
-            if op == "Gemm" and (attrs.get("alpha", 1.0), attrs.get("beta", 1.0), attrs.get("transA", 0)) != (1.0, 1.0, 0):
-                raise UserError(f"ONNX node '{name}': Gemm with alpha/beta/transA is not supported")
-            bias = constants.get(node.input[2]) if op == "Gemm" and len(node.input) > 2 else None
-            linear = nn.Linear(weight.shape[1], weight.shape[0], bias=bias is not None)
-            linear.weight.data = torch.from_numpy(np.ascontiguousarray(weight))
-            if bias is not None:
-                linear.bias.data = torch.from_numpy(bias.copy())
-            layers[key] = linear
-        elif op == "GlobalAveragePool":
-            layers[key] = nn.AdaptiveAvgPool2d(1)
-        elif op in ("AveragePool", "MaxPool"):
-            if attrs.get("ceil_mode", 0):
-                raise UserError(f"ONNX node '{name}': ceil_mode pooling is not supported")
-            kernel = tuple(attrs["kernel_shape"])
-            kwargs = dict(stride=tuple(attrs.get("strides", kernel)), padding=_pads(attrs, name))
-            layers[key] = nn.AvgPool2d(kernel, **kwargs) if op == "AveragePool" else nn.MaxPool2d(kernel, **kwargs)
-        elif op == "Add" and not any(n in constants for n in node.input):
-            steps.append(("add", "", tuple(node.input), node.output[0]))
-            continue
-        elif op in ("Flatten", "Reshape"):
-            shape = constants.get(node.input[1]) if op == "Reshape" else None
-            if (op == "Flatten" and attrs.get("axis", 1) != 1) or (op == "Reshape" and (shape is None or len(shape) != 2)):
-                raise UserError(f"ONNX node '{name}': only a flatten to (N, features) is supported")
-            steps.append(("flatten", "", (node.input[0],), node.output[0]))
-            continue
-        elif op in ("Identity", "Dropout"):
-            steps.append(("alias", "", (node.input[0],), node.output[0]))
-            continue
-        else:
-            raise UserError(f"{path}: ONNX node '{name}' ({op}) is not supported; supported: {SUPPORTED_ONNX}")
-        steps.append(("layer", key, (node.input[0],), node.output[0]))
-    module = OnnxModule(steps, layers, real_inputs[0].name, graph.output[0].name).eval()
-    return ModelSource(path.stem, module, tuple(dims[1:]), None, pretrained=True, origin=str(path))
+    return onnx_source(model, str(path), path.stem)

@@ -1,0 +1,138 @@
+"""Trained TensorFlow models: Keras (.keras, .h5), SavedModel folders and .tflite files.
+
+Each is converted to ONNX by tf2onnx and then read by ``onnx_import``, so every format reaches
+the search, the export and the checks through one importer. tf2onnx rather than reading the
+Keras or TFLite graph directly: it is the maintained converter for all three, installs beside
+the pinned tensorflow / onnx / protobuf with ``pip check`` clean, folds BatchNorm and
+dequantises "dynamic-range" int8 weights of a .tflite, and its output is an op set the ONNX
+importer already knows; a direct reader would be a second importer per format.
+
+The conversion runs in a child process: it imports TensorFlow (slow, noisy, global state), and
+legacy tf.keras .h5 files that Keras 3 cannot deserialise (a DepthwiseConv2D config carrying
+``groups``) load only with TF_USE_LEGACY_KERAS=1 set before TensorFlow is imported.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from smpq_edge.errors import UserError
+from smpq_edge.models import ModelSource
+
+ONNX_OPSET = 17
+_ERROR = "smpq-error: "
+
+_CHILD = f"""
+import sys
+kind, source, target = sys.argv[1:4]
+try:
+    import tensorflow as tf
+    import tf2onnx
+
+    def keras_model():
+        import os
+        if os.environ.get("TF_USE_LEGACY_KERAS") == "1":
+            import tf_keras as keras
+        else:
+            import keras
+        return keras.models.load_model(source, compile=False)
+
+    if kind == "tflite":
+        proto, _ = tf2onnx.convert.from_tflite(source, opset={ONNX_OPSET})
+    elif kind == "saved_model":
+        loaded = tf.saved_model.load(source)  # kept alive: the signature refers to its variables
+        signature = loaded.signatures["serving_default"]
+        (key, spec), = signature.structured_input_signature[1].items()
+        wrapped = tf.function(lambda x: next(iter(signature(**{{key: x}}).values())))
+        proto, _ = tf2onnx.convert.from_function(
+            wrapped, input_signature=(tf.TensorSpec(spec.shape, tf.float32, name="input"),), opset={ONNX_OPSET})
+    else:
+        model = keras_model()
+        if len(model.inputs) != 1:
+            raise ValueError(f"the model has {{len(model.inputs)}} inputs; one is supported")
+        spec = (tf.TensorSpec(model.inputs[0].shape, tf.float32, name="input"),)
+        proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset={ONNX_OPSET})
+    with open(target, "wb") as f:
+        f.write(proto.SerializeToString())
+except Exception as exc:
+    lines = str(exc).strip().splitlines()
+    print("{_ERROR}" + type(exc).__name__ + (": " + lines[0][:300] if lines else ""), file=sys.stderr)
+    sys.exit(3)
+"""
+
+
+def _kind(path: Path) -> str:
+    if path.is_dir():
+        if not (path / "saved_model.pb").is_file():
+            raise UserError(f"{path}: a folder, but not a SavedModel (no saved_model.pb)")
+        return "saved_model"
+    if not path.is_file():
+        raise UserError(f"{path}: model file not found")
+    return {".tflite": "tflite", ".keras": "keras", ".h5": "keras"}[path.suffix]
+
+
+def _float_weights(path: Path, target: Path) -> Path:
+    """A .tflite whose int8 "dynamic-range" weights feeding float ops are float32 again (written
+    to ``target``): tf2onnx would otherwise emit its hybrid DynamicQuantizeLinear/MatMulInteger
+    pattern, which is not a float model. Weights behind a DEQUANTIZE op are left to it."""
+    from smpq_edge.export.tflite_file import TfliteModel
+
+    model = TfliteModel.from_file(path)
+    operators = model.operators()
+    float_readers = {i for op in operators if op.name != "DEQUANTIZE"
+                     and any(o >= 0 and model.tensor(o).type == "FLOAT32" for o in op.outputs) for i in op.inputs}
+    changed = False
+    for tensor in model.tensors():
+        if tensor.index in float_readers and tensor.type == "INT8" and tensor.data and tensor.quantization:
+            model.set_tensor_data(tensor.index, tensor.dequantised().astype("<f4").tobytes())
+            model.set_tensor_type(tensor.index, "FLOAT32")
+            model.clear_tensor_quantization(tensor.index)
+            changed = True
+    if not changed:
+        return path
+    for op in operators:  # float weights: the ops are plain float ops again, not hybrid ones
+        if op.options.get("asymmetricQuantizeInputs"):
+            model.set_operator_option(op.index, "asymmetricQuantizeInputs", False)
+    target.write_bytes(model.to_bytes())
+    return target
+
+
+def _convert(kind: str, path: Path, target: Path, legacy_keras: bool) -> str | None:
+    """tf2onnx in a child; None on success, else its one-line error."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    if legacy_keras:
+        env["TF_USE_LEGACY_KERAS"] = "1"
+    result = subprocess.run([sys.executable, "-c", _CHILD, kind, str(path), str(target)], env=env,
+                            capture_output=True, text=True, check=False)
+    if result.returncode == 0 and target.is_file():
+        return None
+    errors = [line[len(_ERROR):] for line in result.stderr.splitlines() if line.startswith(_ERROR)]
+    return errors[-1] if errors else f"converter exited with code {result.returncode}"
+
+
+def load_tensorflow(path: Path) -> ModelSource:
+    """A Keras, SavedModel or .tflite model as a trained ``ModelSource`` (via tf2onnx and ONNX)."""
+    import onnx
+
+    from smpq_edge.models.onnx_import import onnx_source
+
+    kind = _kind(path)
+    with tempfile.TemporaryDirectory(prefix="smpq_tf2onnx_") as tmp:
+        target = Path(tmp) / "model.onnx"
+        if kind == "tflite":
+            path_read = _float_weights(path, Path(tmp) / "float_weights.tflite")
+        else:
+            path_read = path
+        error = _convert(kind, path_read, target, legacy_keras=False)
+        if error is not None and kind == "keras":  # a tf.keras 2 file Keras 3 cannot read
+            legacy = _convert(kind, path, target, legacy_keras=True)
+            error = None if legacy is None else f"{error} (and with legacy tf.keras: {legacy})"
+        if error is not None:
+            label = {"saved_model": "SavedModel", "keras": "Keras model", "tflite": ".tflite model"}[kind]
+            raise UserError(f"{path}: cannot read this {label}: {error}")
+        model = onnx.load(str(target))
+    return onnx_source(model, str(path), path.stem if path.is_file() else path.name)

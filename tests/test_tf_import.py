@@ -1,0 +1,121 @@
+"""Trained TensorFlow models in every format users hold import faithfully: Keras 3 .keras and .h5,
+a legacy tf.keras .h5, SavedModel, float and dynamic-range .tflite, and tf2onnx's ONNX. The
+imported float network computes what TensorFlow computes; TF's SAME padding survives export as
+TFLite's own SAME (no PAD op); what TFLM cannot run stops with one line naming the node."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from smpq_edge.errors import UserError
+from smpq_edge.export.exporter import export_model
+from smpq_edge.export.tflite_file import TfliteModel
+from smpq_edge.graph import trace
+from smpq_edge.models import load_model
+from smpq_edge.quant import QuantNet
+
+HERE = Path(__file__).parent
+
+
+@pytest.fixture(scope="module")
+def tf_files(tmp_path_factory) -> Path:
+    """Every model of tests/tf_models.py in every format, made by TensorFlow in child processes."""
+    out = tmp_path_factory.mktemp("tf_models")
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+    for extra, more_env in (([], {}), (["--legacy"], {"TF_USE_LEGACY_KERAS": "1"})):
+        result = subprocess.run([sys.executable, str(HERE / "tf_models.py"), str(out), *extra],
+                                env={**env, **more_env}, capture_output=True, text=True)
+        assert result.returncode == 0, result.stderr[-2000:]
+    return out
+
+
+def _nchw(x: np.ndarray) -> torch.Tensor:
+    """The reference inputs (NHWC images or (N, F) vectors) as the imported network takes them."""
+    if x.ndim == 4:
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+    return torch.from_numpy(x[:, None, :, None].copy())
+
+
+def _relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.abs(got - want).max() / np.abs(want).max())
+
+
+FAITHFUL = [("cnn", suffix) for suffix in (".keras", ".h5", "_savedmodel", ".tflite", "_tf2onnx.onnx")] + \
+    [("kws", suffix) for suffix in (".keras", ".tflite", "_legacy.h5")] + \
+    [("autoencoder", suffix) for suffix in (".keras", "_tf2onnx.onnx")]
+
+
+@pytest.mark.parametrize("name,suffix", FAITHFUL)
+def test_imported_network_computes_what_tensorflow_computes(tf_files, name, suffix):
+    source = load_model(tf_files / f"{name}{suffix}")
+    reference = np.load(tf_files / f"{name}{'_legacy' if 'legacy' in suffix else ''}.npz")
+    assert source.pretrained
+    with torch.no_grad():
+        got = source.module.eval()(_nchw(reference["x"])).numpy()
+    assert _relative_error(got, reference["logits"]) < 1e-5
+    if name != "autoencoder":
+        assert any("final Softmax" in note and "logits" in note for note in source.notes)
+
+
+def test_kws_same_padding_is_kept_asymmetric(tf_files):
+    graph = trace(*(lambda s: (s.module, s.input_shape))(load_model(tf_files / "kws.keras")))
+    first = graph.layers[0]
+    assert first.kind == "conv" and first.same_pads == (4, 1, 5, 1) and first.out_shape == (16, 25, 5)
+    assert graph.layers[-1].kind == "fc"
+
+
+def test_dynamic_range_weights_are_dequantised(tf_files):
+    source = load_model(tf_files / "cnn_dynamic_range.tflite")
+    dense = [m for m in source.module.modules() if isinstance(m, torch.nn.Linear) and m.weight.numel() >= 1024]
+    assert dense, "the 2,048-weight dense layer"
+    # int8 weights, symmetric per tensor or per channel: at most 255 levels per output row.
+    assert max(len(np.unique(row)) for row in dense[0].weight.detach().numpy()) <= 255
+    reference = np.load(tf_files / "cnn.npz")
+    with torch.no_grad():
+        got = source.module.eval()(_nchw(reference["x"])).numpy()
+    assert _relative_error(got, reference["logits"]) < 0.05  # int8 weights, not the float ones
+
+
+def test_export_keeps_tensorflow_same_padding_without_pad_ops(tf_files):
+    source = load_model(tf_files / "kws.tflite")
+    graph = trace(source.module, source.input_shape)
+    net = QuantNet(graph, source.module, (4, 8)).eval()
+    calibration = np.random.default_rng(0).normal(size=(32, *source.input_shape)).astype(np.float32)
+    net.train()
+    with torch.no_grad():
+        net(torch.from_numpy(calibration))
+        net.commit_observations()
+    bits = {op.name: 8 for op in graph.layers}
+    net.set_policy(bits)
+    model = TfliteModel.from_bytes(export_model(net.eval(), bits, calibration).tflite_int8)
+    names = [op.name for op in model.operators()]
+    assert "PAD" not in names and "PADV2" not in names
+    convs = [op for op in model.operators() if op.name in ("CONV_2D", "DEPTHWISE_CONV_2D")]
+    assert [op.options["padding"] for op in convs][:2] == [0, 0]  # SAME (the 1x1 after it pads nothing)
+    assert (convs[0].options["strideH"], convs[0].options["strideW"]) == (2, 2)
+
+
+def test_unsupported_op_is_one_line_naming_file_node_and_op(tf_files):
+    path = tf_files / "sigmoid.keras"
+    with pytest.raises(UserError) as info:
+        load_model(path)
+    message = str(info.value)
+    assert message.startswith(str(path)) and "(Sigmoid) is not supported" in message and "\n" not in message
+
+
+def test_corrupt_keras_and_tflite_files_are_one_line(tmp_path):
+    for name in ("broken.keras", "broken.tflite", "broken.h5"):
+        path = tmp_path / name
+        path.write_bytes(b"not a model")
+        with pytest.raises(UserError) as info:
+            load_model(path)
+        assert str(info.value).startswith(f"{path}: ") and "\n" not in str(info.value)
+    with pytest.raises(UserError, match="not a SavedModel"):
+        load_model(tmp_path)
