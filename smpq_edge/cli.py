@@ -63,9 +63,17 @@ def _boards(parser: argparse.ArgumentParser):
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--board", default="nucleo-l4r5zi", help="board name or YAML path (default: %(default)s)")
-    parser.add_argument("--model", default="digits_cnn", help="example name, model .py file or .onnx file")
-    parser.add_argument("--data", default=None, help="built-in data set name or .npz file (default: the model's)")
+    parser.add_argument("--model", default="digits_cnn",
+                        help="example name, or a model file: .py, .onnx, .keras, .h5, .tflite, or a SavedModel folder")
+    parser.add_argument("--data", default=None,
+                        help="built-in data set, .npz file, or a folder of images or WAV files (default: the model's)")
     parser.add_argument("--seed", type=int, default=0, help="seed for splits, training and sampling")
+    parser.add_argument("--resize", action="store_true",
+                        help="resize images to the model's input size (bilinear) instead of stopping")
+    parser.add_argument("--name-pattern", default=None, metavar="PATTERN",
+                        help="read label and group from file names, e.g. '{label}_{group}_{index}' (FSDD)")
+    parser.add_argument("--split-by", choices=["sample", "group"], default="sample",
+                        help="validation and test splits by sample (stratified) or by whole group, e.g. speaker")
 
 
 @command("cost")
@@ -126,13 +134,23 @@ def add_search_arguments(parser: argparse.ArgumentParser, out_default: str) -> N
     parser.add_argument("--out", default=out_default, help="output folder (default: %(default)s)")
     parser.add_argument("--quick", action="store_true", help="a few epochs only: a first look, not final accuracy")
     parser.add_argument("--no-baselines", action="store_true", help="skip the DMPQ, HAWQ and uniform baselines")
+    parser.add_argument("--ptq", action="store_true",
+                        help="no training at all: choose the policy on the calibrated network of a trained model "
+                             "and export it as it is (for a model without its training data)")
 
 
-def search_config(args: argparse.Namespace):
-    from smpq_edge.search.runner import SearchConfig
+def search_config(args: argparse.Namespace, source):
+    """The search's schedule: quick or full, gentle for a model that arrives trained, none with --ptq."""
+    from smpq_edge.search.runner import SearchConfig, check_config
 
     config = SearchConfig.quick() if args.quick else SearchConfig()
-    return replace(config, baselines=()) if args.no_baselines else config
+    if source.pretrained:
+        config = config.for_pretrained()
+    if args.ptq:
+        config = config.post_training_only()
+    config = replace(config, baselines=()) if args.no_baselines else config
+    check_config(source, config)
+    return config
 
 
 def budgets_from(args: argparse.Namespace, board):
@@ -169,11 +187,17 @@ def load_inputs(args: argparse.Namespace):
 
     board = load_board(args.board)
     seed_everything(args.seed)  # the model's initial weights are part of what the seed fixes
-    probe = load_model(args.model) if args.data is None else None
-    data = load_dataset(args.data or probe.default_data or "digits", seed=args.seed)
-    seed_everything(args.seed)
-    source = load_model(args.model, num_classes=data.num_classes) if not str(args.model).endswith(".onnx") \
-        else load_model(args.model)
+    probe = load_model(args.model)  # its input shape is what image and audio folders are decoded to
+    channels, height, width = probe.input_shape
+    data = load_dataset(args.data or probe.default_data or "digits", seed=args.seed, channels=channels,
+                        size=(height, width), resize=args.resize, name_pattern=args.name_pattern,
+                        split_by=args.split_by)
+    source = probe
+    if probe.origin.endswith(".py"):  # a model file builds its classifier for the data's classes
+        seed_everything(args.seed)
+        source = load_model(args.model, num_classes=data.num_classes)
+    for note in source.notes:
+        print(f"note: {note}")
     return board, data, source
 
 
@@ -197,13 +221,14 @@ def _search(parser: argparse.ArgumentParser):
 
         board, data, source = load_inputs(args)
         budgets = budgets_from(args, board)
+        config = search_config(args, source)
         out = ensure_dir(Path(args.out))  # after the inputs, so a bad input leaves no folder behind
         if args.device == "cuda" and not torch_cuda_available():
             raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
         shards = args.shards or int(os.environ.get("WORLD_SIZE", "1"))
         if shards < 1:
             raise UserError(f"--shards must be at least 1, got {shards}")
-        config = search_config(args).with_shards(shards)
+        config = config.with_shards(shards)
         context = init_from_environment(args.device)
         try:
             result = run_search(source, data, board, budgets=budgets, config=config, seed=args.seed, context=context)
@@ -212,35 +237,72 @@ def _search(parser: argparse.ArgumentParser):
         if not context.is_main:
             return 0
         save_search(result, out)
-        rows = [[m["method"], f"{m['test_acc_before_finetune']:.4f}", f"{m['test_acc']:.4f}",
-                 m["cost"]["flash_total_bytes"], m["cost"]["ram_total_bytes"], m["cost"]["cycles"],
-                 " ".join(str(b) for b in m["bits"].values())]
-                for m in result.record["methods"]]
-        _print_table(rows, ["method", "acc PTQ", "acc QAT", "flash B", "RAM B", "cycles", "bits per layer"])
+        from smpq_edge.records import SearchRecord
+
+        search = SearchRecord.model_validate(result.record)
+        _print_methods(search)
+        _print_floor(search)
         print(f"wrote {out / 'policy.json'}, {out / 'search.json'}")
         return 0
 
     return run
 
 
-def _print_build_summary(out) -> None:
-    from smpq_edge.fileio import read_json
+def _pct(value: float | None) -> str:
+    return "-" if value is None else f"{100 * value:.2f} %"
 
-    search = read_json(out / "search.json", "search record")
-    emulation = read_json(out / "emulation.json", "emulation record")
-    smpq = search["methods"][0]
-    cost = smpq["cost"]
+
+def _print_methods(search) -> None:
+    rows = [[m.method, _pct(m.test_acc_before_finetune), _pct(m.test_acc), f"{m.cost.flash_total_bytes:,}",
+             f"{m.cost.ram_total_bytes:,}", f"{m.cost.cycles:,}", " ".join(str(b) for b in m.bits.values())]
+            for m in search.methods]
+    _print_table(rows, ["method", "test acc before finetune", "after", "flash B", "RAM B", "cycles", "bits per layer"])
+
+
+def _print_floor(search) -> None:
+    for check in search.stage_checks:
+        if check.undone:
+            print(f"note: {check.stage} lowered validation accuracy from {_pct(check.val_acc_before)} to "
+                  f"{_pct(check.val_acc_after)}; it was undone")
+    floor = search.floor_check
+    if floor.below_floor:
+        print(f"\nWARNING: the shipped model is BELOW plain int8 quantisation: validation {_pct(floor.shipped_val_acc)} "
+              f"against {_pct(floor.floor_val_acc)} (more than one standard error, {_pct(floor.standard_error)}); "
+              "the budgets force int4 where it hurts. See report.html.")
+
+
+def _print_build_summary(out) -> None:
+    from smpq_edge.records import read_emulation, read_search
+
+    search = read_search(out / "search.json")
+    emulation = read_emulation(out / "emulation.json")
+    ref, shipped = search.reference, search.shipped
+    cost = shipped.cost
     print()
     _print_table([
-        ["accuracy", f"float {100 * search['float_test_acc']:.2f} %", f"fake-quant {100 * smpq['test_acc']:.2f} %",
-         f"emulator {100 * emulation['accuracy']:.2f} %"],
-        ["flash", f"{cost['flash_total_bytes']:,} B", f"budget {cost['flash_budget_bytes']:,} B",
-         f"model {emulation['model_bytes']:,} B (.tflite)"],
-        ["RAM", f"{cost['ram_total_bytes']:,} B", f"budget {cost['ram_budget_bytes']:,} B",
-         f"arena {emulation['arena_bytes']:,} B (TFLM)"],
-        ["cycles", f"{cost['cycles']:,}", f"budget {cost['cycle_budget']:,}", f"{cost['latency_ms']:.2f} ms"],
-        ["bits", " ".join(str(b) for b in smpq["bits"].values()), "", ""],
-    ], ["", "predicted / measured", "budget", "TFLM emulator"])
+        ["test accuracy", _pct(ref["float"].test_acc), _pct(ref["ptq_int8"].test_acc), _pct(ref["shipped"].test_acc),
+         _pct(emulation.accuracy)],
+        ["validation accuracy", _pct(ref["float"].val_acc), _pct(ref["ptq_int8"].val_acc),
+         _pct(ref["shipped"].val_acc), "-"],
+        ["test agreement with float", "100.00 %", _pct(ref["ptq_int8"].test_agreement),
+         _pct(ref["shipped"].test_agreement), "-"],
+    ], ["", "float", "PTQ int8 (floor)", "shipped (fake-quant)", "shipped (TFLM emulator)"])
+    print()
+
+    def use(total: int, budget: int) -> str:
+        return f"{100 * total / budget:.0f} %"
+
+    _print_table([
+        ["flash", f"{cost.model_flash_bytes:,} B (.tflite {emulation.model_bytes:,} B)", f"{cost.reserve_flash_bytes:,} B",
+         f"{cost.flash_total_bytes:,} B", f"{cost.flash_budget_bytes:,} B", use(cost.flash_total_bytes, cost.flash_budget_bytes)],
+        ["RAM", f"arena {cost.arena_bytes:,} B (TFLM {emulation.arena_bytes:,} B)", f"{cost.reserve_ram_bytes:,} B",
+         f"{cost.ram_total_bytes:,} B", f"{cost.ram_budget_bytes:,} B", use(cost.ram_total_bytes, cost.ram_budget_bytes)],
+        ["latency", f"{cost.cycles:,} cycles", "-", f"{cost.latency_ms:.2f} ms", f"{cost.cycle_budget:,} cycles",
+         use(cost.cycles, cost.cycle_budget)],
+    ], ["predicted", "model", "board reserve", "whole firmware", "budget", "use"])
+    print("\nweights per layer: " + ", ".join(f"{layer.name} ({layer.kind}) int{layer.weight_bits}"
+                                          for layer in cost.layers))
+    _print_floor(search)
     print(f"\nbuild folder: {out}  (report: {out / 'report.html'}, firmware: {out / 'firmware'})")
 
 
@@ -253,31 +315,35 @@ def _build(parser: argparse.ArgumentParser):
     def run(args: argparse.Namespace) -> int:
         from pathlib import Path
 
-        from smpq_edge.build import Stage, emulate_stage, export_stage, firmware_stage, report_stage, run_stages
+        from smpq_edge.build import (Stage, emulate_stage, export_stage, firmware_stage, outside_keys, report_stage,
+                                     run_stages)
         from smpq_edge.fileio import ensure_dir
         from smpq_edge.search.runner import run_search, save_search
 
         board, data, source = load_inputs(args)
         budgets = budgets_from(args, board)
+        config = search_config(args, source)
         out = ensure_dir(Path(args.out))  # after the inputs, so a bad input leaves no folder behind
-        config = search_config(args)
 
         def search(folder: Path) -> None:
             save_search(run_search(source, data, board, budgets=budgets, config=config, seed=args.seed), folder)
 
+        computed = ("model", "data", "board", "code")  # what the search, export and emulate stages read
         stages = [
-            Stage("search", (), ("policy.json", "search.json", "quantnet.pt"), search),
-            Stage("export", ("policy.json", "quantnet.pt"), ("model.tflite", "model_int8.tflite", "export.json"),
-                  lambda folder: export_stage(folder, source, data, board)),
-            Stage("emulate", ("model.tflite", "quantnet.pt"), ("emulation.json",),
-                  lambda folder: emulate_stage(folder, source, data, board)),
+            Stage("search", (), ("policy.json", "search.json", "quantnet.pt"), search, computed),
+            Stage("export", ("policy.json", "quantnet.pt", "search.json"),
+                  ("model.tflite", "model_int8.tflite", "export.json"),
+                  lambda folder: export_stage(folder, source, data, board, seed=args.seed), computed),
+            Stage("emulate", ("model.tflite", "quantnet.pt", "policy.json"), ("emulation.json",),
+                  lambda folder: emulate_stage(folder, source, data, board), computed),
             Stage("firmware", ("model.tflite", "emulation.json"), ("firmware",),
-                  lambda folder: firmware_stage(folder, data, board, args.seed)),
-            Stage("report", ("search.json", "emulation.json"), ("report.md", "report.html"), report_stage),
+                  lambda folder: firmware_stage(folder, data, board, args.seed), ("data", "board", "code", "templates")),
+            Stage("report", ("search.json", "emulation.json"), ("report.md", "report.html"), report_stage, ("code",)),
         ]
         arguments = {k: v for k, v in vars(args).items() if k not in ("run", "resume", "out")}
         arguments["board_profile"] = board.model_dump(mode="json")
-        run_stages(stages, out, arguments, args.resume)
+        run_stages(stages, out, arguments, args.resume,
+                   outside_keys(source, data, args.data or source.default_data, args.board))
         _print_build_summary(out)
         return 0
 
@@ -330,7 +396,8 @@ def _emulate(parser: argparse.ArgumentParser):
             raise UserError(f"{path}: cannot read TFLite file ({exc.strerror})") from None
         data = load_dataset(args.data, seed=args.seed)
         result = emulate(model_bytes, data.x_test, data.y_test, source=str(path))
-        write_json(path.parent / "emulation.json", result.to_dict())
+        # Its own file: a build's emulation.json holds the agreement figures this run cannot measure.
+        write_json(path.parent / f"emulation_{path.stem}.json", result.to_dict())
         if args.json:
             print(json.dumps(result.to_dict(), indent=2))
         else:
@@ -376,6 +443,34 @@ def _firmware(parser: argparse.ArgumentParser):
               f"{result.arena_margin} B; {result.vectors} test vectors; {len(result.files)} files")
         print(f"build: make -C {result.out_dir} TFLM_DIR=/path/to/tflite-micro (see README.md there)")
         return 0
+
+    return run
+
+
+@command("validate")
+def _validate(parser: argparse.ArgumentParser):
+    """Run a build's firmware self-check on target (QEMU, or a flashed board's serial port) and compare it with the cost model."""
+    parser.add_argument("build_dir", metavar="BUILD_DIR", help="a build folder (with firmware/ and search.json)")
+    parser.add_argument("--tflm-dir", default=None, help="tflite-micro checkout to build against (default: $TFLM_DIR)")
+    parser.add_argument("--port", default=None,
+                        help="serial port of a board already flashed with the firmware, e.g. /dev/ttyACM0 "
+                             "(default: build and run on QEMU, for a board with a QEMU port)")
+    parser.add_argument("--baud", type=int, default=115200, help="serial baud rate (default: %(default)s)")
+    parser.add_argument("--timeout", type=float, default=None,
+                        help="seconds to wait for the QEMU run (default 300) or the serial report (default 60)")
+    parser.add_argument("--tflm-build", default=None,
+                        help="folder for TFLM's compiled objects and libtflm.a (default: BUILD_DIR/validation-build); "
+                             "builds for the same board may share one, so that TFLM compiles once")
+
+    def run(args: argparse.Namespace) -> int:
+        from smpq_edge.validate import RESULT_FILE, summary_lines, validate
+
+        result = validate(args.build_dir, tflm_dir=args.tflm_dir, port=args.port, tflm_build_dir=args.tflm_build,
+                          timeout_s=args.timeout, baud=args.baud)
+        for line in summary_lines(result):
+            print(line)
+        print(f"written: {os.path.join(args.build_dir, RESULT_FILE)}")
+        return 0 if result.passed else 1
 
     return run
 

@@ -375,7 +375,7 @@ def test_bad_tflite_to_emulate(case, tmp_path, capsys, tflite_bytes):
     path = _tflite_case_file(case, tmp_path, tflite_bytes)
     before = snapshot(tmp_path)
     assert_one_line_error(*run(capsys, "emulate", path), str(path), *TFLITE_CASES[case][1])
-    assert_no_output(tmp_path, before)  # no emulation.json beside the model
+    assert_no_output(tmp_path, before)  # no emulation_model.json beside the model
 
 
 @pytest.mark.parametrize("case", TFLITE_CASES, ids=list(TFLITE_CASES))
@@ -456,6 +456,17 @@ def test_budget_option_out_of_range(option, value, tmp_path, capsys, no_training
     out = tmp_path / "out"
     assert_one_line_error(*run(capsys, "search", option, value, "--out", out, *FAST_SEARCH), option)
     assert_no_output(out, None)
+
+
+@pytest.mark.parametrize("command", ["search", "build"])
+@pytest.mark.parametrize("model, data, expected", [
+    ("resnet8", "digits", "model resnet8 expects input (3, 32, 32), data digits has (1, 8, 8)"),
+    ("dscnn_kws", "digits", "model dscnn_kws expects input (1, 49, 10), data digits has (1, 8, 8)"),
+])
+def test_data_the_model_does_not_take(command, model, data, expected, tmp_path, capsys, no_training):
+    # Not torch's text from the first layer that fails ("expected input[1, 1, 8, 8] to have 3 channels").
+    code, out, err = run(capsys, command, "--model", model, "--data", data, "--out", tmp_path / "out", "--quick")
+    assert (code, err) == (2, f"error: {expected}\n")
 
 
 def test_build_budget_error_leaves_the_folder_empty(tmp_path, capsys, no_training):

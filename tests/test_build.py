@@ -19,6 +19,7 @@ from smpq_edge.boards import BOARDS_DIR
 from smpq_edge.cli import main
 from smpq_edge.data import load_dataset
 from smpq_edge.models import load_model
+from smpq_edge.records import read_emulation, read_search
 from smpq_edge.report import make_report
 from smpq_edge.search.train import TrainConfig, train
 
@@ -53,9 +54,10 @@ def test_default_build_writes_every_artefact(default_build):
 def test_report_takes_an_emulation_record_from_emulate_alone(default_build):
     # `emulate MODEL.tflite` writes emulation.json beside the model without the fake-quant
     # comparison; a report made from a build folder after that must still come out.
-    search = json.loads((default_build / "search.json").read_text())
-    emulation = json.loads((default_build / "emulation.json").read_text())
-    alone = {**emulation, "label_agreement": None, "mean_abs_output_delta": None, "max_abs_output_delta": None}
+    search = read_search(default_build / "search.json")
+    emulation = read_emulation(default_build / "emulation.json")
+    alone = emulation.model_copy(update={"label_agreement": None, "mean_abs_output_delta": None,
+                                         "max_abs_output_delta": None})
     markdown = make_report(search, alone).markdown
     assert "label agreement" not in markdown and "smallest tensor arena" in markdown
     assert "label agreement" in make_report(search, emulation).markdown
@@ -127,6 +129,81 @@ def test_build_with_user_board_npz_data_and_onnx_model(tmp_path):
     assert search["float_test_acc"] > 0.6, "the ONNX model arrives trained and is not trained again"
     assert Path(out / "firmware" / "model_data.cc").is_file()
 
+
+STAGES = ["search", "export", "emulate", "firmware", "report"]
+
+
+@pytest.fixture()
+def fake_stages(monkeypatch):
+    """Every stage replaced by one that writes fixed outputs and notes that it ran: what is tested
+    is which stages a change of input reruns, not what they compute."""
+    import smpq_edge.build as build
+    import smpq_edge.cli as cli
+    import smpq_edge.search.runner as runner
+
+    ran = []
+
+    def writer(name, *files):
+        def run(folder, *args, **kwargs):
+            ran.append(name)
+            for file in files:
+                (folder / file).write_text(f"{file} by the fake {name} stage\n")
+        return run
+
+    monkeypatch.setattr(runner, "run_search", lambda *args, **kwargs: None)
+    monkeypatch.setattr(runner, "save_search", lambda result, folder: writer(
+        "search", "policy.json", "search.json", "quantnet.pt")(folder))
+    monkeypatch.setattr(build, "export_stage", writer("export", "model.tflite", "model_int8.tflite", "export.json"))
+    monkeypatch.setattr(build, "emulate_stage", writer("emulate", "emulation.json"))
+    monkeypatch.setattr(build, "firmware_stage", writer("firmware", "firmware"))
+    monkeypatch.setattr(build, "report_stage", writer("report", "report.md", "report.html"))
+    monkeypatch.setattr(cli, "_print_build_summary", lambda out: None)
+    return ran
+
+
+def test_resume_reruns_exactly_the_stages_that_read_a_changed_input(tmp_path, monkeypatch, fake_stages):
+    import smpq_edge.build as build
+    import smpq_edge.firmware as firmware
+    from smpq_edge.models import EXAMPLES_DIR
+
+    model = tmp_path / "model.py"
+    model.write_text((EXAMPLES_DIR / "digits_cnn.py").read_text())
+    digits = load_dataset("digits", seed=0)
+    data = tmp_path / "data.npz"
+    np.savez(data, x=digits.x_train[:200, 0], y=digits.y_train[:200])
+    board = tmp_path / "board.yaml"
+    board.write_text((BOARDS_DIR / "stm32f412.yaml").read_text().replace("name: stm32f412", "name: board"))
+    code = tmp_path / "package"
+    code.mkdir()
+    (code / "search.py").write_text("EPOCHS = 6\n")
+    templates = tmp_path / "templates"
+    templates.mkdir()
+    (templates / "main.cc.in").write_text("int main() {}\n")
+    monkeypatch.setattr(build, "PACKAGE_DIR", code)
+    monkeypatch.setattr(firmware, "FIRMWARE_DIR", templates)
+    command = ["build", "--out", str(tmp_path / "out"), "--model", str(model), "--data", str(data),
+               "--board", str(board), *QUICK, "--resume"]
+
+    def rerun_after(edit) -> list[str]:
+        edit()
+        fake_stages.clear()
+        assert main(command) == 0
+        return list(fake_stages)
+
+    assert rerun_after(lambda: None) == STAGES
+    assert rerun_after(lambda: None) == []
+    # The issue's case: a model file edited from 16 to 24 channels was skipped by every stage.
+    assert rerun_after(lambda: model.write_text(model.read_text().replace("16", "24"))) == \
+        ["search", "export", "emulate"]
+    np.savez(tmp_path / "other.npz", x=digits.x_train[1:201, 0], y=digits.y_train[1:201])
+    assert rerun_after(lambda: (tmp_path / "other.npz").replace(data)) == ["search", "export", "emulate", "firmware"]
+    assert rerun_after(lambda: board.write_text(board.read_text() + "# calibrated on the real board\n")) == \
+        ["search", "export", "emulate", "firmware"]
+    assert rerun_after(lambda: (code / "search.py").write_text("EPOCHS = 8\n")) == STAGES
+    assert rerun_after(lambda: (templates / "main.cc.in").write_text("int main() { return 0; }\n")) == ["firmware"]
+    assert rerun_after(lambda: None) == []
+
+
 def test_export_of_an_edited_policy_finetunes_for_it(default_build, tmp_path, capsys):
     out = tmp_path / "edited"
     shutil.copytree(default_build, out)
@@ -151,3 +228,10 @@ def test_export_with_data_the_model_does_not_take(default_build, capsys):
     err = capsys.readouterr().err.strip().splitlines()
     assert err == ["error: model digits_cnn expects input (1, 8, 8), data mnist1d has (1, 40, 1)"]
 
+
+def test_emulate_alone_keeps_the_builds_emulation_record(default_build, capsys):
+    record = (default_build / "emulation.json").read_text()
+    assert main(["emulate", str(default_build / "model_int8.tflite")]) == 0
+    assert (default_build / "emulation.json").read_text() == record, "the build's agreement figures stay"
+    alone = json.loads((default_build / "emulation_model_int8.json").read_text())
+    assert alone["label_agreement"] is None and alone["samples"] == json.loads(record)["samples"]

@@ -190,5 +190,5 @@ def test_cli_export_then_emulate(tmp_path, capsys):
     assert blob == c.export.tflite
     capsys.readouterr()
     assert main(["emulate", str(tmp_path / "model.tflite"), "--data", "digits", "--json"]) == 0
-    record = json.loads((tmp_path / "emulation.json").read_text())
+    record = json.loads((tmp_path / "emulation_model.json").read_text())
     assert record["samples"] == len(c.data.y_test) and record["accuracy"] > 0.5

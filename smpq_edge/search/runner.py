@@ -262,9 +262,12 @@ def _prepare(source: ModelSource, data: Dataset, board: Board, budgets: Budgets,
     """Trace the model and set up the budget problem; stop before any training when no policy fits."""
     seed_everything(seed)
     check_config(source, config)
+    source.check_input(data.input_shape, data.name)  # before tracing: one line, not torch's shape error
     graph = trace(source.module, data.input_shape)
-    if tuple(source.input_shape) != tuple(data.input_shape):
-        raise UserError(f"model {source.name} expects input {source.input_shape}, data {data.name} has {data.input_shape}")
+    outputs = graph.op(graph.output).out_shape
+    if outputs != (data.num_classes,):
+        raise UserError(f"model {source.name} has {outputs[0]} outputs but data {data.name} has {data.num_classes} "
+                        "classes; a classifier needs one output per class")
     sack = knapsack(graph, board, budgets, board.weight_bits)
     try:
         k_best([[0.0] * len(board.weight_bits)] * len(graph.layers), sack.costs, sack.budgets, 1,
