@@ -17,8 +17,11 @@ from smpq_edge.boards import Board
 from smpq_edge.errors import UserError
 from smpq_edge.graph import Graph, Op
 
-# TFLite flatbuffer: a scale (float32) and a zero point (int64) per quantisation channel.
-QUANT_PARAM_BYTES = 4 + 8
+# TFLite flatbuffer: a scale (float32) per quantisation channel and a zero point (int64), one per
+# channel for activations (one channel) and one for a whole weight or bias tensor, which TFLM's
+# allocator expands (the exporter writes it so).
+SCALE_BYTES, ZERO_POINT_BYTES = 4, 8
+QUANT_PARAM_BYTES = SCALE_BYTES + ZERO_POINT_BYTES
 # TFLM aligns every arena buffer to 16 bytes (MicroArenaBufferAlignment).
 ARENA_ALIGNMENT = 16
 
@@ -265,8 +268,8 @@ def estimate(graph: Graph, bits: dict[str, int], board: Board, flash_budget_byte
             name=op.name, kind=op.kind, weight_bits=b, params=op.weight_count, macs=op.macs,
             weight_bytes=weight_bytes(op.weight_count, b),
             bias_bytes=4 * op.out_channels,
-            # weights and bias each carry their own scales and zero points
-            quant_param_bytes=2 * QUANT_PARAM_BYTES * channels,
+            # weights and bias each carry their own scales, and one zero point each
+            quant_param_bytes=2 * (SCALE_BYTES * channels + ZERO_POINT_BYTES),
             scratch_bytes=scratch[op.name],
             cycles=_op_cycles(op, b, board, graph),
         ))

@@ -59,11 +59,12 @@ def test_weight_bytes_packing():
 
 
 def test_tiny_model_flash_by_hand():
-    # (weight bytes, bias bytes = 4 x out channels, quant params = (scale 4 + zero point 8) for the
-    # weights and again for the bias, per output channel for conv/depthwise, once for the FC)
+    # (weight bytes, bias bytes = 4 x out channels, quant params = a 4-byte scale per output channel
+    # for conv/depthwise (one for the FC) plus one 8-byte zero point, for the weights and again for
+    # the bias)
     hand = {
-        4: {"conv": (68, 20, 2 * 12 * 5), "dw": (23, 20, 2 * 12 * 5), "fc": (120, 12, 2 * 12 * 1)},
-        8: {"conv": (135, 20, 2 * 12 * 5), "dw": (45, 20, 2 * 12 * 5), "fc": (240, 12, 2 * 12 * 1)},
+        4: {"conv": (68, 20, 2 * (4 * 5 + 8)), "dw": (23, 20, 2 * (4 * 5 + 8)), "fc": (120, 12, 2 * (4 + 8))},
+        8: {"conv": (135, 20, 2 * (4 * 5 + 8)), "dw": (45, 20, 2 * (4 * 5 + 8)), "fc": (240, 12, 2 * (4 + 8))},
     }
     board = load_board(CMSIS)
     for bits, layers in hand.items():

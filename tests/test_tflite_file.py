@@ -139,8 +139,11 @@ def test_edit_argument_checks(digits_int8):
     model = TfliteModel.from_bytes(digits_int8.export.tflite)
     with pytest.raises(ValueError, match="INT3"):
         model.set_tensor_type(0, "INT3")
-    with pytest.raises(ValueError, match="equal length"):
-        model.set_tensor_quantization(0, [1.0, 2.0], [0])
+    with pytest.raises(ValueError, match="one zero point or one per scale"):
+        model.set_tensor_quantization(0, [1.0, 2.0, 3.0], [0, 0])
+    with pytest.raises(ValueError, match="non-empty"):
+        model.set_tensor_quantization(0, [], [])
+
 
 
 @pytest.mark.parametrize(

@@ -225,8 +225,10 @@ class TfliteModel:
         zero_points: Sequence[int],
         quantized_dimension: int = 0,
     ) -> None:
-        if len(scales) != len(zero_points) or len(scales) == 0:
-            raise ValueError("scales and zero_points must be non-empty and of equal length")
+        # One zero point for many scales is what TFLM's allocator expands to every channel
+        # (micro_allocator.cc): 8 bytes instead of 8 per channel for weights and biases.
+        if len(scales) == 0 or len(zero_points) not in (1, len(scales)):
+            raise ValueError("scales must be non-empty, with one zero point or one per scale")
         q = schema.QuantizationParametersT()
         q.scale = [float(s) for s in scales]
         q.zeroPoint = [int(z) for z in zero_points]
