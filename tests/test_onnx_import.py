@@ -1,5 +1,7 @@
 """ONNX input: the built-in importer reproduces each example's outputs and refuses what TFLM can't run."""
 
+import contextlib
+import io
 import warnings
 
 import pytest
@@ -11,22 +13,24 @@ from smpq_edge.graph import trace
 from smpq_edge.models import example_names, load_model
 
 
-def _export(module: nn.Module, shape, path):
-    with warnings.catch_warnings():
+def _export(module: nn.Module, shape, path, dynamo: bool = False):
+    """torch.onnx with the TorchScript exporter, or the default dynamo one (needs onnxscript)."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
         warnings.simplefilter("ignore")
-        torch.onnx.export(module.eval(), torch.zeros(1, *shape), str(path), dynamo=False, opset_version=17,
-                          input_names=["input"])
+        torch.onnx.export(module.eval(), (torch.zeros(1, *shape),), str(path), dynamo=dynamo,
+                          **({} if dynamo else {"opset_version": 17, "input_names": ["input"]}))
 
 
+@pytest.mark.parametrize("dynamo", [False, True], ids=["torchscript", "dynamo"])
 @pytest.mark.parametrize("name", example_names())
-def test_imported_example_matches_torch_and_traces_to_the_same_layers(name, tmp_path):
+def test_imported_example_matches_torch_and_traces_to_the_same_layers(name, dynamo, tmp_path):
     torch.manual_seed(0)
     source = load_model(name)
     for module in source.module.modules():  # non-trivial BatchNorm statistics, so folding matters
         if isinstance(module, nn.BatchNorm2d):
             module.running_mean.uniform_(-0.2, 0.2)
             module.running_var.uniform_(0.5, 1.5)
-    _export(source.module, source.input_shape, tmp_path / "m.onnx")
+    _export(source.module, source.input_shape, tmp_path / "m.onnx", dynamo)
     imported = load_model(tmp_path / "m.onnx")
     assert imported.input_shape == source.input_shape and imported.pretrained
     x = torch.randn(3, *source.input_shape)

@@ -98,10 +98,11 @@ class _Importer:
             raise self.fail(node, "takes a channels-last tensor, which only a flatten of a 1x1 map may")
         return names
 
-    def emit(self, node, key: str, module: nn.Module) -> None:
+    def emit(self, node, key: str, module: nn.Module, output: str | None = None) -> None:
+        output = output or node.output[0]
         self.layers[key] = module
-        self.steps.append(("layer", key, self.inputs(node, 1), node.output[0]))
-        self.producer[node.output[0]] = key
+        self.steps.append(("layer", key, self.inputs(node, 1), output))
+        self.producer[output] = key
 
     def alias(self, node) -> None:
         self.aliases[node.output[0]] = node.input[0]
@@ -297,6 +298,23 @@ def _softmax(imp: _Importer, node, key: str, attrs: dict) -> None:
     imp.notes.append(f"final Softmax '{node.name or 'Softmax'}' dropped: the model outputs logits (same top-1 class)")
 
 
+def _reduce_mean(imp: _Importer, node, key: str, attrs: dict) -> None:
+    """A mean over H and W (torch.onnx's dynamo exporter writes global pooling so): global
+    average pooling, flattened when the axes are not kept."""
+    axes = attrs.get("axes")
+    if axes is None and len(node.input) > 1 and node.input[1] in imp.constants:
+        axes = imp.constants[node.input[1]].astype(int).tolist()
+    shape = imp.shape(node.input[0])
+    if axes is None or shape is None or len(shape) != 4 or sorted(int(a) % 4 for a in axes) != [2, 3]:
+        raise imp.fail(node, "only a mean over the spatial axes (global average pooling) is supported")
+    if attrs.get("keepdims", 1):
+        imp.emit(node, key, nn.AdaptiveAvgPool2d(1))
+        return
+    pooled = f"{node.output[0]}/pooled"
+    imp.emit(node, key, nn.AdaptiveAvgPool2d(1), output=pooled)
+    imp.steps.append(("flatten", "", (pooled,), node.output[0]))
+
+
 def _module(factory: Callable[[], nn.Module]):
     return lambda imp, node, key, attrs: imp.emit(node, key, factory())
 
@@ -311,6 +329,7 @@ HANDLERS: dict[str, Callable] = {
     "Add": _add_or_mul,
     "Mul": _add_or_mul,
     "GlobalAveragePool": _module(lambda: nn.AdaptiveAvgPool2d(1)),
+    "ReduceMean": _reduce_mean,
     "AveragePool": _pool,
     "MaxPool": _pool,
     "Flatten": _reshape,
