@@ -421,6 +421,7 @@ def test_makefile_compiles_only_the_models_kernels(int8_firmware):
     assert "BUILD_DIR ?= build-$(KERNELS)" in make and "TFLM_BUILD_DIR ?= $(BUILD_DIR)" in make
     readme = (int8_firmware.out_dir / "README.md").read_text()
     assert "make TFLM_DIR=... KERNELS=reference run" in readme and "TFLM_KERNELS=all" in readme
+    assert "python -m smpq_edge validate BUILD_DIR" in readme
 
 
 def test_self_check_says_what_it_counts(int8_firmware):
