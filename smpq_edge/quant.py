@@ -3,9 +3,14 @@
 ``QuantNet`` executes a traced ``Graph`` op by op with the numerics TFLite uses for a
 full-integer model: BatchNorm folded into the convolution, weights symmetric with zero point 0
 (per output channel for conv and depthwise, per tensor for fully connected, which TFLM needs for
-INT4), int32 bias (kept float here: its rounding is negligible), int8 asymmetric activations per tensor with
-calibrated ranges, ReLU/ReLU6 fused into the op's output range, pooling and reshape keeping their
-input's scale. Gradients pass straight through the rounding.
+INT4), int32 bias, int8 asymmetric activations per tensor with calibrated ranges, ReLU/ReLU6 fused
+into the op's output range, pooling and reshape keeping their input's scale. Training (gradient on)
+keeps the bias float and requantises in float32, with gradients straight through the rounding.
+
+Inference (eval mode, no gradient, calibrated quantisers) follows TFLM's integer arithmetic exactly
+for the input, every layer with one active candidate, ADD, RELU and average pooling: integer
+accumulators, the exporter's int32 bias, TFLM's fixed-point requantisation. A float32 forward
+differs from it at rounding boundaries, and which samples flip depended on the CPU's float kernels.
 
 Each weighted layer holds its candidate weight bit-widths. Its output mixes the candidates'
 quantised weights by softmax(alpha) over the *active* candidates; by linearity of convolution,
@@ -28,6 +33,11 @@ from smpq_edge.graph import Graph, Op
 from smpq_edge.distributed import SINGLE_PROCESS, Context
 
 INT8_MIN, INT8_MAX = -128, 127
+INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
+# A float32 sum of integers is exact, in any order, while every partial sum stays below 2^24.
+FLOAT32_EXACT = 2**24
+# TFLM's int8 ADD scales both inputs by 2^20 before rescaling them (add_common.cc).
+ADD_LEFT_SHIFT = 20
 
 
 def weight_qmax(bits: int) -> int:
@@ -66,6 +76,79 @@ def quantize_weight(weight: torch.Tensor, bits: int, per_channel: bool) -> tuple
 class ActivationParams:
     scale: float
     zero_point: int
+
+    @property
+    def tflite_scale(self) -> float:
+        """The scale as the .tflite stores it (float32), which TFLM computes with."""
+        return float(np.float32(self.scale))
+
+
+# TFLM's integer arithmetic (tensorflow/lite/kernels/internal: quantization_util.cc, common.cc).
+
+def quantize_multiplier(real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """QuantizeMultiplier, vectorised over non-negative doubles: real = multiplier * 2^(shift - 31)
+    with a 31-bit multiplier; multipliers below 2^-31 flush to zero."""
+    real = np.asarray(real, dtype=np.float64)
+    mantissa, shift = np.frexp(real)
+    fixed = np.floor(mantissa * 2.0**31 + 0.5).astype(np.int64)  # TfLiteRound: half away from zero
+    carry = fixed == 2**31
+    fixed, shift = np.where(carry, fixed // 2, fixed), shift.astype(np.int64) + carry
+    flushed = (real == 0) | (shift < -31)
+    return np.where(flushed, 0, fixed), np.where(flushed, 0, shift)
+
+
+class Requantiser:
+    """TFLM's MultiplyByQuantizedMultiplier(int32 x, multiplier, shift) per channel, in the
+    double-rounding form the tflite-micro wheel runs (its single-rounding form differs at ties):
+    h = SaturatingRoundingDoublingHighMul(x * 2^left, multiplier), x * multiplier / 2^31 rounded
+    half up; then RoundingDivideByPOT(h, right), h / 2^right rounded half away from zero. An int32
+    bias added to x first is folded in. As TFLM, assumes x * 2^left fits int32.
+
+    Both roundings make one shift, since floor((floor(v / 2^31) + c) / 2^r) equals
+    floor((v + c * 2^31) / 2^(31+r)) for integers v, c: RoundingDivideByPOT is that with
+    c = 2^(r-1), less 1 where h < 0."""
+
+    def __init__(self, multiplier: np.ndarray, shift: np.ndarray, view: tuple[int, ...] = (-1,),
+                 bias: np.ndarray | None = None, device: torch.device | str = "cpu"):
+        multiplier, shift = np.asarray(multiplier, np.int64), np.asarray(shift, np.int64)
+        left, right = np.maximum(shift, 0), np.maximum(-shift, 0)
+        scaled = multiplier << left
+        bias = np.zeros_like(scaled) if bias is None else np.asarray(bias, np.int64)
+        shape = np.broadcast_shapes(scaled.shape, bias.shape)  # a per-tensor multiplier, a bias per channel
+
+        def tensor(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.array(np.broadcast_to(a, shape))).reshape(view).to(device)
+
+        self.multiplier = tensor(scaled)
+        self.offset = tensor(bias * scaled + 2**30 + (((1 << right) >> 1) << 31))
+        self.shift = tensor(31 + right)
+        # h < 0 exactly when (x + bias) * multiplier < -2^30, i.e. x < this; no x (int32) where
+        # the multiplier is 0 or right is 0 (no tie to move).
+        moves = (scaled > 0) & (right > 0)
+        self.negative_below = tensor(np.where(moves, -(2**30 // np.maximum(scaled, 1)) - bias, -(2**40)))
+
+    @classmethod
+    def of_scales(cls, real: np.ndarray, view: tuple[int, ...] = (-1,), bias: np.ndarray | None = None,
+                  device: torch.device | str = "cpu") -> "Requantiser":
+        """For effective scales in double, through QuantizeMultiplier."""
+        return cls(*quantize_multiplier(real), view, bias, device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The requantised int64 ``x`` (overwritten)."""
+        minus_one_if_negative = (x - self.negative_below).bitwise_right_shift_(63)  # cheaper than torch.where
+        x = x.mul_(self.multiplier).add_(self.offset).add_(minus_one_if_negative, alpha=2**31)
+        return x.bitwise_right_shift_(self.shift)
+
+
+def activation_range(p: ActivationParams, activation: str) -> tuple[int, int]:
+    """CalculateActivationRangeQuantized: the fused activation's int8 range, from the float32 scale."""
+    lo, hi = INT8_MIN, INT8_MAX
+    if activation in ("relu", "relu6"):
+        lo = max(lo, p.zero_point)
+    if activation == "relu6":
+        six = float(np.float32(6.0) / np.float32(p.scale))
+        hi = min(hi, p.zero_point + math.floor(six + 0.5))  # TfLiteRound of a positive value
+    return lo, hi
 
 
 class ActQuant(nn.Module):
@@ -144,6 +227,52 @@ class ActQuant(nn.Module):
         q = x.mul(float(inverse)).round_()
         return q.clamp_(lo - p.zero_point, hi - p.zero_point).mul_(float(scale))
 
+    def integers(self, x: torch.Tensor) -> torch.Tensor:
+        """x quantised as TFLM's quantiser does it (round(x / scale), half to even, in float32),
+        less the zero point: on this quantiser's grid, the exact integers q - zero point."""
+        return x.div(self.params().tflite_scale).round_()
+
+    def dequantise(self, k: torch.Tensor, activation: str = "none") -> torch.Tensor:
+        """Integers k = q - zero point (overwritten), q clamped to the fused activation's int8
+        range, back on the float grid: k * scale in float32, as the float path writes them."""
+        p = self.params()
+        lo, hi = activation_range(p, activation)
+        return k.to(torch.float32).clamp_(lo - p.zero_point, hi - p.zero_point).mul_(p.tflite_scale)
+
+
+def same_pad(x: torch.Tensor, op: Op) -> torch.Tensor:
+    """``x`` padded with zeros (real 0, the zero point in integers) by the op's asymmetric SAME
+    pads; the convolution after it runs unpadded, as TFLite's SAME does."""
+    if not op.same_pads:
+        return x
+    top, left, bottom, right = op.same_pads
+    return F.pad(x, (left, right, top, bottom))
+
+
+@dataclass(frozen=True)
+class IntegerLayer:
+    """One candidate of a layer in TFLM's integer arithmetic (reference integer_ops/conv.h,
+    depthwise_conv.h, fully_connected.h): the exact integer accumulator plus the exporter's int32
+    bias, requantised per channel by TFLM's fixed-point multiplier, clamped to the fused
+    activation's int8 range."""
+
+    op: Op
+    weight: torch.Tensor  # integers as float32 or, when a sum could pass 2^24, float64
+    requantise: Requantiser  # with the int32 bias folded in
+    source: ActQuant
+    target: ActQuant
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        k = self.source.integers(x).to(self.weight.dtype)
+        if self.op.kind == "fc":
+            acc = F.linear(k, self.weight)
+        else:
+            groups = self.weight.shape[0] if self.op.kind == "depthwise" else 1
+            acc = F.conv2d(same_pad(k, self.op), self.weight, stride=self.op.stride, padding=self.op.padding,
+                           groups=groups)
+        return self.target.dequantise(self.requantise(acc.to(torch.int64)), self.op.activation)
+
+
 class MixedLayer(nn.Module):
     """A conv, depthwise conv or fully connected layer with BatchNorm folded in, whose weights are
     fake-quantised at each candidate bit-width and mixed by softmax(alpha) over active candidates."""
@@ -174,16 +303,38 @@ class MixedLayer(nn.Module):
 
     def forward_with(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The layer with the given (already quantised) weight; not named apply, which nn.Module owns."""
-        # The bias stays float: TFLite stores it as int32 at scale input_scale x weight_scale,
-        # whose rounding error (half of that scale) is orders of magnitude below an output step.
+        # Training keeps the bias float (its int32 rounding is far below an output step);
+        # inference with one candidate runs ``integer`` instead, with the exported int32 bias.
         bias = self.bias
         if self.op.kind == "fc":
             return F.linear(x, weight, bias)
         groups = self.weight.shape[0] if self.op.kind == "depthwise" else 1
-        return F.conv2d(x, weight, bias, stride=self.op.stride, padding=self.op.padding, groups=groups)
+        return F.conv2d(same_pad(x, self.op), weight, bias, stride=self.op.stride, padding=self.op.padding,
+                        groups=groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with(x, self.mixed_weight(self.active))
+
+    def integer(self, bits: int, source: ActQuant, target: ActQuant) -> IntegerLayer:
+        """Candidate ``bits`` with the numbers the exporter writes: integer weights, float32 scales,
+        int32 bias round(bias / (input scale x weight scale)) in float64 (exporter._rewrite)."""
+        q, scales = quantize_weight(self.weight, bits, self.per_channel)
+        w_scale = scales.detach().cpu().numpy().astype(np.float64)
+        p_in, p_out = source.params(), target.params()
+        bias_scale = np.broadcast_to(float(p_in.scale) * w_scale, (len(self.bias),))
+        bias = np.clip(np.round(self.bias.detach().cpu().numpy().astype(np.float64) / bias_scale), INT32_MIN, INT32_MAX)
+        # TFLM's effective scale from the float32 scales in the file: the conv kernels multiply in
+        # double (PopulateConvolutionQuantizationParams), fully connected in float32
+        # (GetQuantizedConvolutionMultipler).
+        if self.op.kind == "fc":
+            product = (np.float32(p_in.tflite_scale) * w_scale.astype(np.float32)).astype(np.float64)
+        else:
+            product = p_in.tflite_scale * w_scale
+        view = (-1,) if self.op.kind == "fc" else (-1, 1, 1)
+        requantise = Requantiser.of_scales(product / p_out.tflite_scale, view, bias.astype(np.int64), q.device)
+        k_max = max(INT8_MAX - p_in.zero_point, p_in.zero_point - INT8_MIN)
+        exact32 = float(q.abs().flatten(1).sum(1).max()) * k_max < FLOAT32_EXACT
+        return IntegerLayer(self.op, q.to(torch.float32 if exact32 else torch.float64), requantise, source, target)
 
 
 def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,13 +417,99 @@ class QuantNet(nn.Module):
         """Shapley players: (layer, candidate bits) in layer order."""
         return [(op.name, bits) for op in self.graph.layers for bits in self.candidates]
 
-    def _execute(self, op: Op, inputs: list[torch.Tensor], weight: torch.Tensor | None = None) -> torch.Tensor:
-        """One op on its (already quantised) inputs, then its fused activation and output quantiser."""
+    def _integer_mode(self, op: Op) -> bool:
+        """Whether ``op`` runs TFLM's integer arithmetic: at inference (eval mode, no gradient) once
+        the quantisers of its inputs and output are calibrated."""
+        if self.training or torch.is_grad_enabled():
+            return False
+        return all(bool(self.activation_quantiser(name).initialised) for name in (op.name, *op.inputs))
+
+    def _layer_weight(self, op: Op, active: torch.Tensor) -> torch.Tensor | IntegerLayer:
+        """What layer ``op`` runs with under ``active``: its one candidate in integers in integer
+        mode, else the softmax mix of the active candidates' fake-quantised weights."""
+        layer = self.layer(op.name)
+        if int(active.sum()) == 1 and self._integer_mode(op):
+            bits = layer.candidates[int(active.nonzero())]
+            return layer.integer(bits, self.activation_quantiser(op.inputs[0]), self.activation_quantiser(op.name))
+        return layer.mixed_weight(active)
+
+    def _execute_integer(self, op: Op, inputs: list[torch.Tensor]) -> torch.Tensor | None:
+        """The input, ADD, RELU and unpadded average pooling as TFLM computes them; None for other
+        ops (max pooling and reshape are exact on the grid already)."""
+        target = self.activation_quantiser(op.name)
+        if op.kind == "input":  # the emulator's quantise_input: round(x / scale) + zero point
+            return target.dequantise(target.integers(inputs[0]))
+        if op.kind == "add":
+            return self._integer_add(op, inputs, target)
+        if op.kind == "relu" and op.activation == "relu":
+            return self._integer_relu(op, inputs[0], target)
+        if op.kind == "global_avgpool" or (op.kind == "avgpool" and op.padding == (0, 0)):
+            return self._integer_avgpool(op, inputs[0], target)
+        return None
+
+    def _integer_add(self, op: Op, inputs: list[torch.Tensor], target: ActQuant) -> torch.Tensor:
+        """TFLM's int8 ADD, looked up in ``_add_table``: its output depends on the two int8 inputs only."""
+        table = self._add_table(op, target, inputs[0].device)
+        first, second = (self.activation_quantiser(name) for name in op.inputs)
+        # index (q1 + 128) * 256 + (q2 + 128), exact in float32 (below 2^16)
+        index = first.integers(inputs[0]).add_(first.params().zero_point - INT8_MIN).mul_(256)
+        index.add_(second.integers(inputs[1])).add_(second.params().zero_point - INT8_MIN)
+        return table.take(index.to(torch.int64))
+
+    def _add_table(self, op: Op, target: ActQuant, device: torch.device) -> torch.Tensor:
+        """The ADD's output for every pair of int8 inputs (reference integer_ops/add.h AddFunc:
+        both inputs rescaled after a left shift of 20, summed, rescaled; multipliers as
+        add_common.cc computes them from the float32 scales), on the float grid."""
+        sources = [self.activation_quantiser(name).params() for name in op.inputs]
+        twice_max = 2 * max(p.tflite_scale for p in sources)
+        real = [p.tflite_scale / twice_max for p in sources]
+        real.append(twice_max / ((1 << ADD_LEFT_SHIFT) * target.params().tflite_scale))
+        multiplier, shift = quantize_multiplier(np.array(real))
+        levels = torch.arange(INT8_MIN, INT8_MAX + 1, dtype=torch.int64)
+        first, second = ((Requantiser(m, s)((levels - p.zero_point) << ADD_LEFT_SHIFT))
+                         for m, s, p in zip(multiplier, shift, sources))
+        total = (first[:, None] + second[None, :]).flatten()
+        return target.dequantise(Requantiser(multiplier[2], shift[2])(total), op.activation).to(device)
+
+    def _integer_relu(self, op: Op, x: torch.Tensor, target: ActQuant) -> torch.Tensor:
+        """TFLM's int8 RELU (activations.h ReluQuantized, multiplier as CalculateReluOpData: the
+        float32 ratio of the scales), looked up per int8 input like the ADD."""
+        source = self.activation_quantiser(op.inputs[0])
+        p_in, p_out = source.params(), target.params()
+        multiplier, shift = quantize_multiplier(np.array([float(np.float32(p_in.scale) / np.float32(p_out.scale))]))
+        levels = torch.arange(INT8_MIN, INT8_MAX + 1, dtype=torch.int64)
+        table = target.dequantise(Requantiser(multiplier, shift)(levels - p_in.zero_point), "relu").to(x.device)
+        return table.take(source.integers(x).add_(p_in.zero_point - INT8_MIN).to(torch.int64))
+
+    @staticmethod
+    def _integer_avgpool(op: Op, x: torch.Tensor, target: ActQuant) -> torch.Tensor:
+        """TFLM's int8 AVERAGE_POOL_2D (reference integer_ops/pooling.h): the window's sum of the
+        int8 values, divided with rounding half away from zero, same quantisation in and out."""
+        kernel, stride = (x.shape[2:], 1) if op.kind == "global_avgpool" else (op.kernel, op.stride)
+        count = math.prod(kernel)
+        zero_point = target.params().zero_point
+        q = target.integers(x).add_(zero_point)
+        total = F.avg_pool2d(q, kernel, stride, divisor_override=1).to(torch.float64)
+        half = count // 2
+        rounded = torch.div(torch.where(total > 0, total + half, total - half), count, rounding_mode="trunc")
+        return target.dequantise(rounded.sub_(zero_point), op.activation)
+
+    def _execute(self, op: Op, inputs: list[torch.Tensor],
+                 weight: torch.Tensor | IntegerLayer | None = None) -> torch.Tensor:
+        """One op on its (already quantised) inputs, then its fused activation and output quantiser.
+        A layer runs with ``weight`` if given, else with its active candidates."""
+        if op.weighted:
+            weight = weight if weight is not None else self._layer_weight(op, self.layer(op.name).active)
+            if isinstance(weight, IntegerLayer):
+                return weight(inputs[0])
+        elif self._integer_mode(op):
+            exact = self._execute_integer(op, inputs)
+            if exact is not None:
+                return exact
         if op.kind == "input":
             y = inputs[0]
         elif op.weighted:
-            layer = self.layer(op.name)
-            y = layer.forward_with(inputs[0], weight) if weight is not None else layer(inputs[0])
+            y = self.layer(op.name).forward_with(inputs[0], weight)
         elif op.kind == "add":
             y = inputs[0] + inputs[1]
         elif op.kind == "avgpool":
@@ -310,18 +547,18 @@ class QuantNet(nn.Module):
         # np.unique sorts the rows, so coalitions sharing a prefix of layer choices are contiguous.
         distinct, index = np.unique(codes, axis=0, return_inverse=True)
         segments = self._segments()
-        # Each layer's mixed weight per distinct choice, computed once per call.
+        # Each layer's weight (mixed, or one candidate's integers) per distinct choice, once per call.
         weights = {}
-        for depth, layer in enumerate(self.mixed_layers()):
+        for depth, op in enumerate(self.graph.layers):
             for code in np.unique(distinct[:, depth]).tolist():
-                active = torch.tensor([(code >> j) & 1 == 1 for j in range(k)], device=layer.alpha.device)
-                weights[depth, code] = layer.mixed_weight(active)
+                active = torch.tensor([(code >> j) & 1 == 1 for j in range(k)], device=self.layer(op.name).alpha.device)
+                weights[depth, code] = self._layer_weight(op, active)
         leaves: list[torch.Tensor] = []
         self._descend(segments, 0, distinct, self._run_segment(segments[0], {"": x}), leaves, weights)
         return torch.stack(leaves), index.reshape(-1)
 
     def _descend(self, segments: list[_Segment], depth: int, codes: np.ndarray, env: dict[str, torch.Tensor],
-                 leaves: list[torch.Tensor], weights: dict[tuple[int, int], torch.Tensor]) -> None:
+                 leaves: list[torch.Tensor], weights: dict[tuple[int, int], torch.Tensor | IntegerLayer]) -> None:
         """For each distinct choice of layer ``depth`` among ``codes`` (rows sharing the choices of
         the layers before it, so each choice is one contiguous run), run that layer's segment,
         then the child's subtree."""
@@ -352,7 +589,7 @@ class QuantNet(nn.Module):
         return segments
 
     def _run_segment(self, segment: _Segment, env: dict[str, torch.Tensor],
-                     weight: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+                     weight: torch.Tensor | IntegerLayer | None = None) -> dict[str, torch.Tensor]:
         """A segment's ops on a copy of ``env`` (a layer gets ``weight``; the input op reads
         ``env[""]``), keeping only the tensors still read later."""
         env = dict(env)

@@ -3,23 +3,66 @@ model's flash and arena predictions against the real .tflite and TFLM's smallest
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import pytest
+import torch
 
 from smpq_edge.boards import load_board
 from smpq_edge.cost import estimate, uniform
+from smpq_edge.data import load_dataset
 from smpq_edge.emulator import emulate
+from smpq_edge.export.exporter import export_model
+from smpq_edge.graph import trace
+from smpq_edge.models import example_names, load_model
+from smpq_edge.quant import QuantNet
+from smpq_edge.search.runner import calibrate
+from smpq_edge.search.train import TrainConfig, seed_everything, train
 from smpq_edge.tflm import TensorSpec, quantise_input, smallest_arena
 
-from test_export import CASES, trained_case
+from test_export import CASES, Case, mixed_policy, trained_case
 
 # The host interpreter runs TFLM's reference kernels: compare arenas with a reference-kernel board.
 REFERENCE_BOARD = "rpi-pico"
+# The fake-quant network's inference runs TFLM's integer arithmetic, so it gives TFLM's int8
+# outputs exactly (issue 13 item 5); the bound is the issue's target, with no machine's luck in it.
+MIN_LABEL_AGREEMENT = 0.998
+
+
+@functools.lru_cache(maxsize=None)
+def example_case(name: str) -> Case:
+    """test_export's trained case where it has one; else the example on its default data after one
+    float epoch (no QAT): enough for the numerics, which do not depend on accuracy."""
+    if name in CASES:
+        return trained_case(name)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny batches: intra-op threads only add contention
+    try:
+        seed_everything(0)
+        source = load_model(name)
+        data = load_dataset(source.default_data, seed=0)
+        train(source.module, data, TrainConfig(epochs=1, lr=1e-2), 0, progress=False)
+        source.module.eval()
+        net = QuantNet(trace(source.module, data.input_shape), source.module, (4, 8))
+        calibrate(net, data, 0)
+        bits = mixed_policy(net)
+        net.set_policy(bits)
+        net.eval()
+        export = export_model(net, bits, data.x_train[:128])
+    finally:
+        torch.set_num_threads(threads)
+    return Case(name, data, net, bits, export)
 
 
 @pytest.fixture(scope="module", params=sorted(CASES))
 def case(request):
     return trained_case(request.param)
+
+
+@pytest.fixture(scope="module", params=example_names())
+def example(request):
+    return example_case(request.param)
 
 
 def test_quantise_input_goes_channels_last_rounds_and_clamps():
@@ -29,16 +72,17 @@ def test_quantise_input_goes_channels_last_rounds_and_clamps():
     np.testing.assert_array_equal(q[0, :, :, 0], [[-128, -64], [127, -128]])
 
 
-def test_tflm_matches_torch_fake_quant(case):
-    result = emulate(case.export.tflite, case.data.x_test, case.data.y_test, case.net, progress=False)
-    print(f"\n{case.name} mixed {case.bits}: torch {result.torch_accuracy:.4f} TFLM {result.accuracy:.4f} "
-          f"agreement {result.label_agreement:.4f} mean|d| {result.mean_abs_output_delta:.4f} "
-          f"(output step {result.output_scale:.4f}) arena {result.arena_bytes} B "
-          f"{result.inferences_per_second:.0f} inf/s")
-    assert result.samples == len(case.data.y_test) and result.workers == 2
-    assert abs(result.accuracy - result.torch_accuracy) <= 0.003 + 1e-9
-    assert result.label_agreement >= 0.99
-    assert result.mean_abs_output_delta < result.output_scale
+def test_tflm_matches_torch_fake_quant(example):
+    result = emulate(example.export.tflite, example.data.x_test, example.data.y_test, example.net, progress=False,
+                     measure_arena=False)
+    print(f"\n{example.name} mixed {example.bits}: torch {result.torch_accuracy:.4f} TFLM {result.accuracy:.4f} "
+          f"agreement {result.label_agreement:.4f} max|d| {result.max_abs_output_delta:.2g} "
+          f"(output step {result.output_scale:.4f}) {result.inferences_per_second:.0f} inf/s")
+    assert result.samples == len(example.data.y_test) and result.workers == 2
+    assert result.label_agreement >= MIN_LABEL_AGREEMENT
+    # Every output is TFLM's int8 value; float32 against float64 dequantisation is all that differs.
+    assert result.max_abs_output_delta < 1e-3 * result.output_scale
+    assert result.accuracy == result.torch_accuracy
 
 
 def test_int8_reference_matches_torch(case):
@@ -50,8 +94,9 @@ def test_int8_reference_matches_torch(case):
     finally:
         net.set_policy(case.bits)
     print(f"\n{case.name} int8: torch {result.torch_accuracy:.4f} TFLM {result.accuracy:.4f} "
-          f"agreement {result.label_agreement:.4f} mean|d| {result.mean_abs_output_delta:.4f}")
-    assert result.label_agreement >= 0.99
+          f"agreement {result.label_agreement:.4f} max|d| {result.max_abs_output_delta:.2g}")
+    assert result.label_agreement >= MIN_LABEL_AGREEMENT
+    assert result.max_abs_output_delta < 1e-3 * result.output_scale
 
 
 def test_cost_model_against_real_flash_and_arena(case):

@@ -14,11 +14,11 @@ from smpq_edge.tflm import ARENA_ALIGNMENT, TflmRunner, smallest_arena
 
 # int8 TFLM may trail the float model by a little on 300 digits (measured: it matched it).
 INT8_ACCURACY_SLACK = 0.03
-# One layer in int4 (PTQ): measured argmax agreement 0.94-0.97 with the int8 model and a mean
-# output change of 3-4.5 int8 steps; a stale bias or swapped nibbles gave agreement <= 0.21
-# and 45+ steps, so these bounds separate right from wrong with room either side.
+# One layer in int4 (PTQ): measured argmax agreement 0.94-0.97 with the int8 model; a stale bias
+# or swapped nibbles gave agreement <= 0.21. How far the outputs move (3-11 int8 steps on the
+# depthwise layer) depends on the float training, so it is no check; the packing is checked
+# exactly instead: the INT4 model's outputs equal those of the same integers stored as INT8.
 INT4_MIN_AGREEMENT = 0.85
-INT4_MAX_MEAN_STEPS = 10.0
 CONV, DEPTHWISE, POINTWISE, FC = 0, 1, 2, 4  # operator positions in the digits model
 
 
@@ -38,8 +38,9 @@ def _with_opcode(tflite: bytes, op_index: int, builtin: int) -> bytes:
     return bytes(builder.Output())
 
 
-def to_int4(tflite: bytes, op_index: int, per_tensor: bool = False) -> bytes:
-    """Re-quantise one layer's int8 weights to int4 (symmetric, max|w|/7) and its bias to match."""
+def to_int4(tflite: bytes, op_index: int, per_tensor: bool = False, packed: bool = True) -> bytes:
+    """Re-quantise one layer's int8 weights to int4 (symmetric, max|w|/7) and its bias to match;
+    ``packed=False`` stores the same int4 values as an INT8 tensor."""
     model = TfliteModel.from_bytes(tflite)
     activations, weights, bias = (model.tensor(i) for i in model.operators()[op_index].inputs)
     axis = weights.quantization.quantized_dimension
@@ -53,8 +54,11 @@ def to_int4(tflite: bytes, op_index: int, per_tensor: bool = False) -> bytes:
     else:
         scales = np.abs(real).max(axis=tuple(d for d in range(real.ndim) if d != axis)) / INT4_MAX
     quantised = np.clip(np.round(real / scales.reshape(broadcast)), INT4_MIN, INT4_MAX).astype(np.int8)
-    model.set_tensor_type(weights.index, "INT4")
-    model.set_tensor_data(weights.index, pack_int4(quantised))
+    if packed:
+        model.set_tensor_type(weights.index, "INT4")
+        model.set_tensor_data(weights.index, pack_int4(quantised))
+    else:
+        model.set_tensor_data(weights.index, quantised.tobytes())
     kept = scales[:1] if per_tensor else scales
     model.set_tensor_quantization(weights.index, kept, [0] * len(kept), 0 if per_tensor else axis)
     # Bias scale must follow: input_scale x weight_scale[c]. TFLM does not check it.
@@ -139,9 +143,9 @@ def test_int4_conv_runs_close_to_int8(digits_int8, digits_batch, int8_outputs, o
     assert weights.type == "INT4" and len(weights.data) == (np.prod(weights.shape) + 1) // 2
     outputs = TflmRunner(model).run(digits_batch)
     agreement = float((outputs.argmax(1) == int8_outputs.argmax(1)).mean())
-    mean_steps = float(np.abs(outputs.astype(int) - int8_outputs).mean())
     assert agreement >= INT4_MIN_AGREEMENT
-    assert mean_steps <= INT4_MAX_MEAN_STEPS
+    unpacked = TflmRunner(to_int4(digits_int8.export.tflite, op_index, packed=False)).run(digits_batch)
+    np.testing.assert_array_equal(outputs, unpacked)
 
 
 def test_int4_fully_connected_needs_per_tensor_scales(digits_int8, digits_batch, int8_outputs):
