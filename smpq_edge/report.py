@@ -107,11 +107,16 @@ def _accuracy_plot(search: SearchRecord) -> bytes:
     axis.axhline(100 * search.reference["float"].test_acc, color="grey", linestyle=":", label="float")
     axis.axhline(100 * search.reference["ptq_int8"].test_acc, color="black", linestyle="--", linewidth=0.8,
                  label="PTQ int8 (calibration only)")
-    axis.axvline(search.methods[0].cost.flash_budget_bytes - search.methods[0].cost.reserve_flash_bytes,
-                 color="tab:red", linewidth=0.8, label="flash budget for the model")
+    budget = search.methods[0].cost.flash_budget_bytes - search.methods[0].cost.reserve_flash_bytes
+    largest = max(m.cost.model_flash_bytes for m in search.methods)
+    if budget <= 1.5 * largest:  # a budget far to the right would squash every point into one
+        axis.axvline(budget, color="tab:red", linewidth=0.8, label="flash budget for the model")
+    else:
+        axis.set_title(f"Accuracy against flash (model budget {budget:,} B, off the right)", fontsize=10)
     axis.set_xlabel("model flash (bytes, predicted)")
     axis.set_ylabel("test accuracy (%)")
-    axis.set_title("Accuracy against flash, same budget and finetune", fontsize=10)
+    if not axis.get_title():
+        axis.set_title("Accuracy against flash, same budget", fontsize=10)
     axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _png(figure)
 
