@@ -235,3 +235,22 @@ def test_emulate_alone_keeps_the_builds_emulation_record(default_build, capsys):
     assert (default_build / "emulation.json").read_text() == record, "the build's agreement figures stay"
     alone = json.loads((default_build / "emulation_model_int8.json").read_text())
     assert alone["label_agreement"] is None and alone["samples"] == json.loads(record)["samples"]
+
+
+def test_summary_and_report_say_what_each_figure_is(default_build, capsys):
+    from smpq_edge.cli import _print_build_summary
+
+    _print_build_summary(default_build)
+    out = capsys.readouterr().out
+    header = out.strip().splitlines()[0]
+    for column in ("float", "PTQ int8 (floor)", "shipped (fake-quant)", "shipped (TFLM emulator)"):
+        assert column in header
+    assert "board reserve" in out and "whole firmware" in out
+    assert "weights per layer: 0 (conv) int" in out  # names and kinds, not bare indices
+    markdown = (default_build / "report.md").read_text()
+    for section in ("## Why this policy", "## Training stages", "PTQ int8: every layer int8, calibration only",
+                    "weight shape (TFLite)", "test agreement with float"):
+        assert section in markdown
+    html = (default_build / "report.html").read_text()
+    row = next(r for r in html.split("<tr>") if "output difference" in r)
+    assert row.count("<td>") == 2, "the output-difference row is one figure and one value"
