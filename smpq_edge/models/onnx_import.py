@@ -36,7 +36,8 @@ class OnnxModule(nn.Module):
                  input_name: str, output_name: str):
         super().__init__()
         self.steps = steps  # (kind, target layer or "", input names, output name)
-        self.layers = nn.ModuleDict(layers)
+        for key, module in layers.items():  # as attributes, so layer names read "conv2d_1", not "layers.conv2d_1"
+            self.add_module(key, module)
         self.input_name, self.output_name = input_name, output_name
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -44,7 +45,7 @@ class OnnxModule(nn.Module):
         for kind, layer, inputs, output in self.steps:
             args = [values[name] for name in inputs]
             if kind == "layer":
-                values[output] = self.layers[layer](args[0])
+                values[output] = getattr(self, layer)(args[0])
             elif kind == "add":
                 values[output] = operator.add(args[0], args[1])
             elif kind == "flatten":
@@ -420,10 +421,18 @@ def onnx_source(model, origin: str, name: str) -> ModelSource:
     return ModelSource(name, module, input_shape, None, pretrained=True, origin=origin, notes=tuple(imp.notes))
 
 
+_WRAPPERS = re.compile(r"^(functional|model|sequential|StatefulPartitionedCall)(_\d+)*$")
+
+
 def _layer_key(node, index: int, taken: dict) -> str:
-    """Layer names users recognise ("/features/conv1/Conv" -> "features_conv1_Conv"), kept unique."""
-    key = re.sub(r"\W+", "_", node.name).strip("_") or f"{node.op_type.lower()}{index}"
-    return key if key not in taken and not key[0].isdigit() else f"{key}_{index}"
+    """A layer name users recognise: the Keras layer ("functional_1/conv2d_1/BiasAdd" -> "conv2d_1")
+    or torch module path ("/features/conv1/Conv" -> "features_conv1"), unique, never clashing
+    with an nn.Module attribute; else the op and its index."""
+    parts = [p for p in node.name.split(";")[-1].split("/") if p and not _WRAPPERS.match(p)][:-1]
+    key = re.sub(r"\W+", "_", "_".join(parts)).strip("_") or f"{node.op_type.lower()}{index}"
+    if key in taken or key[0].isdigit() or hasattr(nn.Module, key) or key in ("steps", "input_name", "output_name"):
+        key = f"{key}_{index}"
+    return key
 
 
 def load_onnx(path: Path) -> ModelSource:
