@@ -146,8 +146,19 @@ def _read(model: type[_Record], path: Path, what: str):
                         "rerun the stage that writes it") from None
 
 
+class SearchCostsRecord(_Record):
+    """The part of search.json that ``validate`` sets a measurement against: each method's pick and
+    predicted cost (a build folder trimmed to its firmware and costs still validates)."""
+
+    methods: list[MethodRecord]
+
+
 def read_search(path: Path) -> SearchRecord:
     return _read(SearchRecord, Path(path), "search record")
+
+
+def read_search_costs(path: Path) -> SearchCostsRecord:
+    return _read(SearchCostsRecord, Path(path), "search record")
 
 
 def read_emulation(path: Path) -> EmulationRecord:

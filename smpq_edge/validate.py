@@ -26,6 +26,8 @@ from pathlib import Path
 
 from smpq_edge.errors import UserError
 from smpq_edge.fileio import read_json, write_json, write_text
+from smpq_edge.policy import load_policy
+from smpq_edge.records import read_search_costs
 
 QEMU_PORTS: dict[str, tuple[str, ...]] = {
     # firmware.json "port" -> the QEMU command line (the ELF's path follows).
@@ -205,20 +207,16 @@ def load_prediction(build_dir: Path) -> Prediction | None:
     path = build_dir / "search.json"
     if not path.is_file():
         return None
-    search = read_json(path, "search record")
-    methods = search.get("methods") or []
-    policy = read_json(build_dir / "policy.json", "policy") if (build_dir / "policy.json").is_file() else {}
-    wanted = policy.get("method")
-    chosen = next((m for m in methods if m.get("method") == wanted), methods[0] if methods else None)
-    try:
-        cost = chosen["cost"]
-        layers = tuple((str(layer["name"]), str(layer["kind"]), int(layer["cycles"])) for layer in cost["layers"])
-        prediction = (str(chosen["method"]), int(cost["cycles"]), int(cost["arena_bytes"]))
-    except (KeyError, TypeError, ValueError):
-        raise UserError(f"{path}: no method with a cost (cycles, arena_bytes, layers) in 'methods'") from None
+    methods = read_search_costs(path).methods
+    policy = load_policy(build_dir / "policy.json") if (build_dir / "policy.json").is_file() else None
+    wanted = policy.method if policy else None
+    chosen = next((m for m in methods if m.method == wanted), methods[0] if methods else None)
+    if chosen is None:
+        raise UserError(f"{path}: no method with a cost in 'methods'")
+    layers = tuple((layer.name, layer.kind, layer.cycles) for layer in chosen.cost.layers)
+    prediction = (chosen.method, chosen.cost.cycles, chosen.cost.arena_bytes)
     notes = []
-    bits = {str(layer.get("name")): layer.get("weight_bits") for layer in policy.get("layers", [])}
-    if bits and bits != {str(k): v for k, v in (chosen.get("bits") or {}).items()}:
+    if policy and policy.bits != chosen.bits:
         notes.append(f"policy.json's bits differ from search.json's {prediction[0]} pick: the prediction "
                      "is for the search's pick")
     return Prediction(*prediction, layers=layers, notes=tuple(notes))
