@@ -6,7 +6,10 @@ For each format: the float model, the TFLite converter's full-integer int8 with 
 data set (what users do today), and the SDK's shipped model: accuracy on the held-out 5,000
 (TFLM interpreter for both int8 models), model bytes, arena, the policy, and each stage's time.
 
-    python bench/pretrained.py [--epochs 10] [--work /tmp/smpq_pretrained]
+    python bench/pretrained.py [--epochs 10] [--work /tmp/smpq_pretrained] [--reuse]
+
+``--reuse`` keeps what an earlier run left in the work folder (the trained model files, finished
+builds) and redoes only what is missing.
 
 Needs ../shared/data/cifar10/train. The split is 40,000 train / 5,000 validation / 5,000
 held-out test, seeded: Keras trains on the 40,000 and watches the 5,000 validation images, and
@@ -101,22 +104,33 @@ def flash_budget_kb(model_file: Path) -> float:
     return (four.flash_total_bytes + eight.flash_total_bytes) / 2 / 1024
 
 
-def build(model_file: Path, data: Path, out: Path, flash_kb: float, extra: list[str]) -> dict:
+def build(model_file: Path, data: Path, out: Path, flash_kb: float, extra: list[str], reuse: bool) -> dict:
     started = time.perf_counter()
+    if not (reuse and (out / "report.html").is_file()):
+        _run_build(model_file, data, out, flash_kb, extra)
+    return _read_build(out, time.perf_counter() - started)
+
+
+def _run_build(model_file: Path, data: Path, out: Path, flash_kb: float, extra: list[str]) -> None:
     command = [sys.executable, "-m", "smpq_edge", "build", "--model", str(model_file), "--data", str(data),
                "--board", BOARD, "--flash-kb", f"{flash_kb:.2f}", "--no-baselines", "--out", str(out), *extra]
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
     if result.returncode != 0:
         raise SystemExit(f"build of {model_file} failed: {result.stderr.strip().splitlines()[-1:]}")
+    (out / "stdout.txt").write_text(result.stdout)
+
+
+def _read_build(out: Path, wall_s: float) -> dict:
     record = json.loads((out / "build.json").read_text())
     search = json.loads((out / "search.json").read_text())
     emulation = json.loads((out / "emulation.json").read_text())
-    return {"wall_s": time.perf_counter() - started,
+    stdout = (out / "stdout.txt").read_text() if (out / "stdout.txt").is_file() else ""
+    return {"wall_s": sum(v.get("seconds", 0) for v in record["stages"].values()) if wall_s < 1 else wall_s,
             "stages_s": {k: v["seconds"] for k, v in record["stages"].items() if "seconds" in v},
             "bits": search["methods"][0]["bits"], "reference": search["reference"],
             "floor_check": search["floor_check"], "stage_checks": search["stage_checks"],
             "emulator_acc": emulation["accuracy"], "model_bytes": emulation["model_bytes"],
-            "arena_bytes": emulation["arena_bytes"], "notes": [line for line in result.stdout.splitlines()
+            "arena_bytes": emulation["arena_bytes"], "notes": [line for line in stdout.splitlines()
                                                               if line.startswith(("note:", "WARNING"))]}
 
 
@@ -125,19 +139,26 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--work", type=Path, default=Path("/tmp/smpq_pretrained"))
     parser.add_argument("--modes", nargs="+", default=["ptq", "qat"], choices=["ptq", "qat"])
+    parser.add_argument("--reuse", action="store_true", help="keep the trained model and finished builds")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     timings = {}
     t0 = time.perf_counter()
-    data = prepare_data(args.work)
+    data = args.work / "cifar.npz"
+    if not (args.reuse and data.is_file()):
+        prepare_data(args.work)
     timings["data_s"] = time.perf_counter() - t0
     t0 = time.perf_counter()
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
-    trained = subprocess.run([sys.executable, "-c", _TRAIN, str(args.work), str(args.epochs)], env=env,
-                             capture_output=True, text=True)
-    if trained.returncode != 0:
-        raise SystemExit(trained.stderr[-3000:])
-    float_acc = float(next(line.split()[1] for line in trained.stdout.splitlines() if line.startswith("FLOAT_TEST")))
+    float_file = args.work / "float_test_acc.txt"
+    if not (args.reuse and float_file.is_file() and (args.work / "resnet8_converter_int8.tflite").is_file()):
+        env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
+        trained = subprocess.run([sys.executable, "-c", _TRAIN, str(args.work), str(args.epochs)], env=env,
+                                 capture_output=True, text=True)
+        if trained.returncode != 0:
+            raise SystemExit(trained.stderr[-3000:])
+        float_file.write_text(next(line.split()[1] for line in trained.stdout.splitlines()
+                                   if line.startswith("FLOAT_TEST")))
+    float_acc = float(float_file.read_text())
     timings["keras_train_s"] = time.perf_counter() - t0
     split = np.load(data)
     converter = (args.work / "resnet8_converter_int8.tflite").read_bytes()
@@ -150,7 +171,7 @@ def main() -> None:
                 continue  # the same import (checked by the PTQ runs); one trained build is enough here
             out = args.work / f"build_{mode}_{suffix[1:]}"
             runs[f"{mode} {suffix}"] = build(args.work / f"resnet8{suffix}", data, out, budget,
-                                             ["--ptq"] if mode == "ptq" else [])
+                                             ["--ptq"] if mode == "ptq" else [], args.reuse)
             print(f"{mode} {suffix}: {runs[f'{mode} {suffix}']['emulator_acc']:.4f}", flush=True)
     (args.work / "results.json").write_text(json.dumps({"float": float_acc, "converter": conv.to_dict(),
                                                        "runs": runs, "timings": timings}, indent=2))
@@ -183,7 +204,8 @@ def report(args, float_acc, conv, converter: bytes, budget: float, runs: dict, t
             + f"\n\nAll three formats give the same policy under `--ptq`: {'yes' if same else 'NO'}.\n\n"
             + "\n".join(f"- {line}" for line in floors)
             + f"\n\nData decode + cache {timings['data_s']:.0f} s; Keras training and conversions "
-              f"{timings['keras_train_s']:.0f} s. Raw figures: `{args.work}/results.json` (not kept in the repo).")
+              f"{timings['keras_train_s']:.0f} s{' (reused from an earlier run)' if args.reuse else ''}. "
+              f"Raw figures: `{args.work}/results.json` (not kept in the repo).")
 
 
 if __name__ == "__main__":
