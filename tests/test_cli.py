@@ -3,6 +3,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -143,3 +144,12 @@ def test_subprocess_unknown_board_has_no_traceback():
     assert "Traceback" not in result.stderr
     assert len(result.stderr.splitlines()) == 1
     assert result.stderr.startswith("error: unknown board 'nucleo-x'; known boards: ")
+
+
+def test_output_into_a_closed_pipe_ends_quietly():
+    """`python -m smpq_edge boards | head`: no BrokenPipeError traceback. `true` reads nothing and
+    exits at once, so every write of the table meets a closed pipe (with `head` the whole table
+    would fit in the pipe's buffer and nothing would break)."""
+    result = subprocess.run(f"{sys.executable} -m smpq_edge boards | true", shell=True, capture_output=True,
+                            text=True, cwd=Path(__file__).resolve().parents[1])
+    assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr, result.stderr
