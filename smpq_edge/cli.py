@@ -249,7 +249,9 @@ def _search(parser: argparse.ArgumentParser):
 
 
 def _pct(value: float | None) -> str:
-    return "-" if value is None else f"{100 * value:.2f} %"
+    from smpq_edge.records import percent
+
+    return percent(value)
 
 
 def _print_methods(search) -> None:

@@ -136,6 +136,11 @@ class EmulationRecord(_Record):
     workers: int
 
 
+def percent(value: float | None, missing: str = "-") -> str:
+    """A fraction from a record as the report and the summary print it ("97.50 %")."""
+    return missing if value is None else f"{100 * value:.2f} %"
+
+
 def _read(model: type[_Record], path: Path, what: str):
     try:
         return model.model_validate(read_json(path, what))

@@ -18,7 +18,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from smpq_edge.records import CostRecord, EmulationRecord, MethodRecord, SearchRecord  # noqa: E402
+from smpq_edge.records import CostRecord, EmulationRecord, MethodRecord, SearchRecord, percent  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -128,7 +128,7 @@ def _table(header: list[str], rows: list[list]) -> str:
 
 
 def _pct(value: float | None) -> str:
-    return "–" if value is None else f"{100 * value:.2f} %"
+    return percent(value, missing="–")
 
 
 def _accuracy_section(search: SearchRecord, emulation: EmulationRecord | None) -> str:
