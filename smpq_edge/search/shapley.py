@@ -21,7 +21,8 @@ Two options follow Shapley-NAS (Xiao et al., CVPR 2022):
 * ``truncation`` (a fraction, e.g. 0.5): once a permutation's value falls below
   ``truncation * v(full)``, its remaining samples are 0 (TMC-Shapley, Ghorbani & Zou 2019):
   a network that is already broken teaches nothing about the next removal, and those
-  coalitions need not be evaluated.
+  coalitions need not be evaluated. A negative ``v(full)`` (minus an error, as reconstruction's
+  minus MSE) truncates below ``v(full) / truncation`` instead: the error grown by 1 / truncation.
 """
 
 from __future__ import annotations
@@ -103,6 +104,12 @@ class _CountingValueFn:
         return values
 
 
+def truncation_threshold(full_value: float, truncation: float) -> float:
+    """The value below which a permutation is truncated: ``truncation`` of a positive full value
+    (accuracy), or a negative one (minus an error) divided by it."""
+    return truncation * full_value if full_value >= 0 else full_value / truncation
+
+
 def monte_carlo_shapley(
     value_fn: ValueFn,
     n_players: int,
@@ -130,7 +137,7 @@ def monte_carlo_shapley(
     group_index = _group_index(groups, n_players)
     evaluate = _CountingValueFn(value_fn)
     full_value = float(evaluate(np.ones((1, n_players), dtype=bool))[0])
-    threshold = -math.inf if truncation is None else truncation * full_value
+    threshold = -math.inf if truncation is None else truncation_threshold(full_value, truncation)
 
     rng = np.random.default_rng(seed)
     permutations = rng.permuted(np.tile(np.arange(n_players), (n_permutations, 1)), axis=1)

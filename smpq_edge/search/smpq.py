@@ -32,7 +32,8 @@ class ShapleyConfig:
     val_samples: int = 512
     truncation: float = 0.5
     # "top1": accuracy, as the paper; "soft": mean softmax probability of the true class, the
-    # same quantity made continuous, so small changes of a coalition are not lost in rounding.
+    # same quantity made continuous, so small changes of a coalition are not lost in rounding;
+    # "neg_mse": minus the MSE, for reconstruction (set by the task, see ``task.coalition_batch``).
     value: str = "top1"
     # A wider bit-width's score is at least a narrower one's (see ``monotone_scores``).
     monotone: bool = True
@@ -41,9 +42,12 @@ class ShapleyConfig:
 
 
 def score(logits: torch.Tensor, y: torch.Tensor, value: str) -> torch.Tensor:
-    """Mean over the last-but-one axis: top-1 accuracy or true-class softmax probability."""
+    """Mean over the last-but-one axis: top-1 accuracy, true-class softmax probability, or minus
+    the mean squared error to the targets ``y``."""
     if value == "top1":
         return (logits.argmax(-1) == y).double().mean(-1)
+    if value == "neg_mse":  # reconstruction: y holds the targets, (samples, outputs)
+        return -((logits.double() - y.double()) ** 2).mean(-1).mean(-1)
     if value == "soft":
         probabilities = torch.softmax(logits.double(), dim=-1)
         return probabilities.gather(-1, y.expand(*logits.shape[:-1]).unsqueeze(-1)).squeeze(-1).mean(-1)
