@@ -54,7 +54,7 @@ from smpq_edge.models import ModelSource, load_model  # noqa: E402
 from smpq_edge.quant import QuantNet  # noqa: E402
 from smpq_edge.search.budget import Budgets  # noqa: E402
 from smpq_edge.search.runner import SearchConfig, finetune, run_search, warm_supernet  # noqa: E402
-from smpq_edge.search.train import TrainConfig, accuracy, seed_everything, train  # noqa: E402
+from smpq_edge.search.train import TrainConfig, score, seed_everything, train  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 SECTION = "## Search quality (bench/search_quality.py)"
@@ -190,7 +190,7 @@ def main() -> None:
         for seed in args.seeds:
             data = load_dataset(name, seed)
             source = train_float(MODELS[name], data, config, seed)
-            float_acc = accuracy(source.module, data.x_test, data.y_test)
+            float_acc = score(source.module, data.x_test, data.y_test)
             log(f"{name} seed {seed}: float test accuracy {float_acc:.4f}")
             graph = trace(source.module, data.input_shape)
             for fraction in args.fractions:

@@ -29,6 +29,7 @@ from smpq_edge.policy import load_policy
 from smpq_edge.quant import QuantNet
 from smpq_edge.search.runner import SearchConfig, finetune, load_quantnet, save_quantnet
 from smpq_edge.search.train import TrainConfig
+from smpq_edge.task import task_of
 from smpq_edge.versions import versions
 
 PACKAGE_DIR = Path(smpq_edge.__file__).resolve().parent
@@ -177,9 +178,10 @@ def net_for_policy(out: Path, source: ModelSource, data: Dataset, board: Board, 
     differ = sum(trained.get(name) != b for name, b in bits.items())
     tuned, before, after = finetune(net, bits, data, config, seed, progress=True, desc="finetune policy.json")
     save_quantnet(tuned, bits, out)
+    task = task_of(data)
     return tuned, (f"quantnet.pt was finetuned for another policy ({differ} layers differ from policy.json): "
-                   f"finetuned for policy.json ({config.epochs} epochs), fake-quant test accuracy "
-                   f"{100 * before:.2f} % before, {100 * after:.2f} % after; quantnet.pt updated")
+                   f"finetuned for policy.json ({config.epochs} epochs), fake-quant test {task.metric} "
+                   f"{task.show(before)} before, {task.show(after)} after; quantnet.pt updated")
 
 
 def export_stage(out: Path, source: ModelSource, data: Dataset, board: Board,
@@ -200,7 +202,8 @@ def emulate_stage(out: Path, source: ModelSource, data: Dataset, board: Board) -
     """model.tflite on the TFLM interpreter over the test split, against the fake-quant network."""
     net = load_quantnet(out, source, board, data).net
     net.set_policy(load_policy(out / "policy.json").bits)
-    result = emulate((out / "model.tflite").read_bytes(), data.x_test, data.y_test, net, source=str(out / "model.tflite"))
+    result = emulate((out / "model.tflite").read_bytes(), data.x_test, data.y_test, net,
+                     source=str(out / "model.tflite"), task=task_of(data))
     record = result.to_dict()
     write_json(out / "emulation.json", record)
     return record
@@ -209,6 +212,7 @@ def emulate_stage(out: Path, source: ModelSource, data: Dataset, board: Board) -
 def firmware_stage(out: Path, data: Dataset, board: Board, seed: int) -> None:
     """Firmware sources for model.tflite, with the arena the emulate stage measured (not measured again)."""
     arena = read_json(out / "emulation.json", "emulation record")["arena_bytes"]
-    firmware.generate_from_tflite(out / "model.tflite", board, out / "firmware", x=data.x_test, labels=data.y_test,
+    labels = data.y_test if task_of(data).has_classes else None  # anomaly labels are no classes to hit
+    firmware.generate_from_tflite(out / "model.tflite", board, out / "firmware", x=data.x_test, labels=labels,
                                   vectors=FIRMWARE_VECTORS, seed=seed, arena_bytes=arena,
                                   origin=f"{data.name} test split (seed {seed}), first {FIRMWARE_VECTORS} samples")

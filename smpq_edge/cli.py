@@ -74,6 +74,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="read label and group from file names, e.g. '{label}_{group}_{index}' (FSDD)")
     parser.add_argument("--split-by", choices=["sample", "group"], default="sample",
                         help="validation and test splits by sample (stratified) or by whole group, e.g. speaker")
+    parser.add_argument("--task", choices=["classification", "reconstruction"], default=None,
+                        help="classification (class labels y) or reconstruction (an autoencoder scored by MSE); "
+                             "default: reconstruction for data without labels y, else classification")
 
 
 @command("cost")
@@ -181,7 +184,7 @@ def torch_cuda_available() -> bool:
 def load_inputs(args: argparse.Namespace):
     """Board, data set and model of a command, with the model sized to the data's classes."""
     from smpq_edge.boards import load_board
-    from smpq_edge.data import load_dataset
+    from smpq_edge.data import load_dataset, with_task
     from smpq_edge.models import load_model
     from smpq_edge.search.train import seed_everything
 
@@ -192,8 +195,11 @@ def load_inputs(args: argparse.Namespace):
     data = load_dataset(args.data or probe.default_data or "digits", seed=args.seed, channels=channels,
                         size=(height, width), resize=args.resize, name_pattern=args.name_pattern,
                         split_by=args.split_by)
+    data = with_task(data, args.task)
+    if args.task is None and data.task != "classification":
+        print(f"note: task {data.task}: data {data.name} has no class labels y (give --task to choose)")
     source = probe
-    if probe.origin.endswith(".py"):  # a model file builds its classifier for the data's classes
+    if probe.origin.endswith(".py") and data.num_classes:  # a model file builds its classifier for the data's classes
         seed_everything(args.seed)
         source = load_model(args.model, num_classes=data.num_classes)
     for note in source.notes:
@@ -248,47 +254,56 @@ def _search(parser: argparse.ArgumentParser):
     return run
 
 
-def _pct(value: float | None) -> str:
-    from smpq_edge.records import percent
-
-    return percent(value)
-
-
 def _print_methods(search) -> None:
-    rows = [[m.method, _pct(m.test_acc_before_finetune), _pct(m.test_acc), f"{m.cost.flash_total_bytes:,}",
+    from smpq_edge.task import TASKS
+
+    task = TASKS[search.task]
+    rows = [[m.method, task.show(m.test_acc_before_finetune), task.show(m.test_acc), f"{m.cost.flash_total_bytes:,}",
              f"{m.cost.ram_total_bytes:,}", f"{m.cost.cycles:,}", " ".join(str(b) for b in m.bits.values())]
             for m in search.methods]
-    _print_table(rows, ["method", "test acc before finetune", "after", "flash B", "RAM B", "cycles", "bits per layer"])
+    _print_table(rows, ["method", f"test {task.metric} before finetune", "after", "flash B", "RAM B", "cycles",
+                        "bits per layer"])
 
 
 def _print_floor(search) -> None:
+    from smpq_edge.task import TASKS
+
+    task = TASKS[search.task]
     for check in search.stage_checks:
         if check.undone:
-            print(f"note: {check.stage} lowered validation accuracy from {_pct(check.val_acc_before)} to "
-                  f"{_pct(check.val_acc_after)}; it was undone")
+            print(f"note: {check.stage} made validation {task.metric} worse, {task.show(check.val_acc_before)} to "
+                  f"{task.show(check.val_acc_after)}; it was undone")
     floor = search.floor_check
     if floor.below_floor:
-        print(f"\nWARNING: the shipped model is BELOW plain int8 quantisation: validation {_pct(floor.shipped_val_acc)} "
-              f"against {_pct(floor.floor_val_acc)} (more than one standard error, {_pct(floor.standard_error)}); "
-              "the budgets force int4 where it hurts. See report.html.")
+        print(f"\nWARNING: the shipped model is BELOW plain int8 quantisation: validation {task.metric} "
+              f"{task.show(floor.shipped_val_acc)} against {task.show(floor.floor_val_acc)} (worse by more than one "
+              f"standard error, {task.show_spread(floor.standard_error)}); the budgets force int4 where it hurts. "
+              "See report.html.")
 
 
 def _print_build_summary(out) -> None:
     from smpq_edge.records import read_emulation, read_search
+    from smpq_edge.task import TASKS
 
     search = read_search(out / "search.json")
     emulation = read_emulation(out / "emulation.json")
     ref, shipped = search.reference, search.shipped
+    task = TASKS[search.task]
+    show = task.show
     cost = shipped.cost
     print()
-    _print_table([
-        ["test accuracy", _pct(ref["float"].test_acc), _pct(ref["ptq_int8"].test_acc), _pct(ref["shipped"].test_acc),
-         _pct(emulation.accuracy)],
-        ["validation accuracy", _pct(ref["float"].val_acc), _pct(ref["ptq_int8"].val_acc),
-         _pct(ref["shipped"].val_acc), "-"],
-        ["test agreement with float", "100.00 %", _pct(ref["ptq_int8"].test_agreement),
-         _pct(ref["shipped"].test_agreement), "-"],
-    ], ["", "float", "PTQ int8 (floor)", "shipped (fake-quant)", "shipped (TFLM emulator)"])
+    rows = [
+        [f"test {task.metric}", show(ref["float"].test_acc), show(ref["ptq_int8"].test_acc),
+         show(ref["shipped"].test_acc), show(emulation.accuracy)],
+        [f"validation {task.metric}", show(ref["float"].val_acc), show(ref["ptq_int8"].val_acc),
+         show(ref["shipped"].val_acc), "-"],
+        [f"test {task.agreement_metric}", show(ref["float"].test_agreement), show(ref["ptq_int8"].test_agreement),
+         show(ref["shipped"].test_agreement), "-"],
+    ]
+    if emulation.auc is not None:
+        rows.append(["test ROC AUC (anomalies)", *(f"{ref[k].test_auc:.4f}" for k in ("float", "ptq_int8", "shipped")),
+                     f"{emulation.auc:.4f}"])
+    _print_table(rows, ["", "float", "PTQ int8 (floor)", "shipped (fake-quant)", "shipped (TFLM emulator)"])
     print()
 
     def use(total: int, budget: int) -> str:
@@ -390,6 +405,7 @@ def _emulate(parser: argparse.ArgumentParser):
         from smpq_edge.data import load_dataset
         from smpq_edge.emulator import emulate
         from smpq_edge.fileio import write_json
+        from smpq_edge.task import task_of
 
         path = Path(args.model_file)
         try:
@@ -397,13 +413,15 @@ def _emulate(parser: argparse.ArgumentParser):
         except OSError as exc:
             raise UserError(f"{path}: cannot read TFLite file ({exc.strerror})") from None
         data = load_dataset(args.data, seed=args.seed)
-        result = emulate(model_bytes, data.x_test, data.y_test, source=str(path))
+        task = task_of(data)
+        result = emulate(model_bytes, data.x_test, data.y_test, source=str(path), task=task)
         # Its own file: a build's emulation.json holds the agreement figures this run cannot measure.
         write_json(path.parent / f"emulation_{path.stem}.json", result.to_dict())
         if args.json:
             print(json.dumps(result.to_dict(), indent=2))
         else:
-            print(f"{path}: TFLM accuracy {result.accuracy:.4f} on {result.samples} test samples, "
+            auc = "" if result.auc is None else f", ROC AUC {result.auc:.4f}"
+            print(f"{path}: TFLM {task.metric} {task.show(result.accuracy)}{auc} on {result.samples} test samples, "
                   f"arena {result.arena_bytes} B, model {result.model_bytes} B, "
                   f"{result.inferences_per_second:.0f} inferences/s on the host")
         return 0
@@ -433,8 +451,11 @@ def _firmware(parser: argparse.ArgumentParser):
         if args.data is not None:
             from smpq_edge.data import load_dataset
 
+            from smpq_edge.task import task_of
+
             dataset = load_dataset(args.data, seed=args.seed)
-            x, labels = dataset.x_test, dataset.y_test
+            # Anomaly labels are not classes the self-check could count top-1 hits of.
+            x, labels = dataset.x_test, dataset.y_test if task_of(dataset).has_classes else None
             origin = f"{dataset.name} test split (seed {args.seed}), first {min(args.vectors, len(labels))} samples"
         result = generate_from_tflite(args.model, board, args.out, x=x, labels=labels, vectors=args.vectors,
                                       seed=args.seed, margin=args.margin, origin=origin)

@@ -38,6 +38,9 @@ class Dataset:
     # resumed build can tell that the data changed.
     source_hash: str = ""
     class_names: tuple[str, ...] = ()
+    # A key of ``task.TASKS``. For "reconstruction" the y arrays are anomaly labels (0 normal,
+    # 1 anomalous; all 0 where none were given), num_classes is 0 and x_train holds only normal samples.
+    task: str = "classification"
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -49,6 +52,7 @@ class Dataset:
             "name": self.name,
             "input_shape": list(self.input_shape),
             "num_classes": self.num_classes,
+            "task": self.task,
             "train": len(self.y_train),
             "val": len(self.y_val),
             "test": len(self.y_test),
@@ -160,9 +164,10 @@ def load_npz(path: Path, seed: int) -> Dataset:
         raise UserError(f"{path}: data file not found") from None
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
         raise UserError(f"{path}: not a readable .npz file ({exc.__class__.__name__})") from None
-    for required in ("x", "y"):
-        if required not in arrays:
-            raise UserError(f"{path}: missing array '{required}' (found: {', '.join(sorted(arrays)) or 'none'})")
+    if "x" not in arrays:
+        raise UserError(f"{path}: missing array 'x' (found: {', '.join(sorted(arrays)) or 'none'})")
+    if "y" not in arrays:
+        return _unlabelled_npz(path, arrays, seed)
     splits = {"train": ("x", "y"), "val": ("x_val", "y_val"), "test": ("x_test", "y_test")}
     for split, (xk, yk) in splits.items():
         if (xk in arrays) != (yk in arrays):
@@ -191,6 +196,64 @@ def load_npz(path: Path, seed: int) -> Dataset:
     check_labels(str(path), parts[1::2], num_classes)
     return Dataset(path.stem, *parts, num_classes=num_classes, source_hash=f"sha256:{file_sha256(path)}",
                    preprocessing={"format": "npz", "x": "as stored, cast to float32"})
+
+
+# Reconstruction data: x without class labels y, optionally with anomaly labels per split.
+_UNLABELLED_SPLITS = {"train": ("x", "anomaly"), "val": ("x_val", "anomaly_val"), "test": ("x_test", "anomaly_test")}
+
+
+def _unlabelled_npz(path: Path, arrays: dict[str, np.ndarray], seed: int) -> Dataset:
+    """An ``.npz`` without ``y``: data for an autoencoder. ``anomaly`` (and ``anomaly_val``,
+    ``anomaly_test``) mark samples normal (0) or anomalous (1), for the ROC AUC; missing ones count
+    as normal. Training uses the normal samples of the train split only, the usual setting for
+    anomaly detection: the model learns to reconstruct normal data."""
+    if "y_val" in arrays or "y_test" in arrays:
+        raise UserError(f"{path}: has y_val or y_test but no y; give class labels y for every split, or none")
+    given = {}
+    for split, (xk, ak) in _UNLABELLED_SPLITS.items():
+        if xk not in arrays:
+            if ak in arrays:
+                raise UserError(f"{path}: '{ak}' is given without '{xk}'")
+            continue
+        x = arrays[xk]
+        _check_arrays(str(path), x, np.zeros(len(x), dtype=np.int64), split)
+        anomaly = arrays.get(ak, np.zeros(len(x), dtype=np.int64))
+        if anomaly.shape != (len(x),):
+            raise UserError(f"{path}: {ak} has shape {anomaly.shape}; expected ({len(x)},) to match {xk}")
+        if not np.isin(anomaly, (0, 1)).all():
+            raise UserError(f"{path}: {ak} must hold 0 (normal) or 1 (anomalous) per sample")
+        given[split] = (_as_nchw(x), anomaly.astype(np.int64))
+    shapes = {s: xa[0].shape[1:] for s, xa in given.items()}
+    if len(set(shapes.values())) > 1:
+        raise UserError(f"{path}: splits have different sample shapes {shapes}")
+    x, anomaly = given["train"]
+    fractions = (0.0 if "val" in given else 0.2, 0.0 if "test" in given else 0.2)
+    x_tr, a_tr, x_va, a_va, x_te, a_te = _split(x, anomaly, fractions, seed)
+    x_va, a_va = given.get("val", (x_va, a_va))
+    x_te, a_te = given.get("test", (x_te, a_te))
+    normal = a_tr == 0
+    for split, labels in (("train", a_tr[normal]), ("val", a_va), ("test", a_te)):
+        if (labels == 0).sum() < min_split_size(0):
+            raise UserError(f"{path}: too few normal samples: the {split} split has {int((labels == 0).sum())}, "
+                            f"needs at least {min_split_size(0)}")
+    return Dataset(path.stem, x_tr[normal], a_tr[normal], x_va, a_va, x_te, a_te, num_classes=0,
+                   source_hash=f"sha256:{file_sha256(path)}", task="reconstruction",
+                   preprocessing={"format": "npz", "x": "as stored, cast to float32",
+                                  "train": "normal samples only (anomaly == 0)"})
+
+
+def with_task(data: Dataset, task: str | None) -> Dataset:
+    """The data for ``task`` (``--task``); None keeps the data's own: classification where it has
+    class labels, reconstruction where it has none. Class labels are ignored for reconstruction
+    (every sample counts as normal, so no AUC)."""
+    if task is None or task == data.task:
+        return data
+    if task == "classification":
+        raise UserError(f"--task classification: data {data.name} has no class labels (an .npz needs an array y)")
+    if task != "reconstruction":
+        raise UserError(f"--task must be classification or reconstruction, not '{task}'")
+    zeros = {f"y_{split}": np.zeros(len(getattr(data, f"y_{split}")), dtype=np.int64) for split in ("train", "val", "test")}
+    return replace(data, **zeros, num_classes=0, class_names=(), task="reconstruction")
 
 
 def file_sha256(path: Path) -> str:

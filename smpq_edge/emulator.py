@@ -18,6 +18,7 @@ from tqdm import tqdm
 
 from smpq_edge.errors import UserError
 from smpq_edge.export.tflite_file import TfliteModel
+from smpq_edge.task import CLASSIFICATION, Task
 from smpq_edge.tflm import TensorSpec, TflmRunner, quantise_input, smallest_arena
 
 WORKERS = 2
@@ -29,9 +30,12 @@ _runner: TflmRunner | None = None  # one per worker process
 @dataclass(frozen=True)
 class EmulationResult:
     samples: int
-    accuracy: float  # TFLM top-1 on the split
+    # The task's score (see ``task``): top-1 accuracy, or minus the MSE of the normal samples.
+    accuracy: float  # TFLM's on the split
     torch_accuracy: float | None  # the fake-quant QuantNet's, when given
-    label_agreement: float | None  # fraction of samples where TFLM and torch pick the same class
+    # Classification: fraction of samples where TFLM and torch pick the same class;
+    # reconstruction: minus the MSE between TFLM's and torch's outputs.
+    label_agreement: float | None
     mean_abs_output_delta: float | None  # mean |TFLM - torch| over dequantised logits
     max_abs_output_delta: float | None
     arena_bytes: int  # smallest tensor arena TFLM runs the model in
@@ -42,6 +46,8 @@ class EmulationResult:
     input_zero_point: int
     output_scale: float
     output_zero_point: int
+    task: str = "classification"
+    auc: float | None = None  # ROC AUC of TFLM's reconstruction error, with anomaly labels
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -92,8 +98,10 @@ def _torch_logits(net, x: np.ndarray) -> np.ndarray:
 
 
 def emulate(tflite_bytes: bytes, x: np.ndarray, y: np.ndarray, net=None, *, source: str = "<model>",
-            workers: int = WORKERS, progress: bool = True, measure_arena: bool = True) -> EmulationResult:
-    """On-device numbers of ``tflite_bytes`` on the split (``x`` float32 NCHW, ``y`` labels).
+            workers: int = WORKERS, progress: bool = True, measure_arena: bool = True,
+            task: Task = CLASSIFICATION) -> EmulationResult:
+    """On-device numbers of ``tflite_bytes`` on the split (``x`` float32 NCHW, ``y`` the labels
+    ``task`` scores with: classes, or anomaly labels).
 
     ``net`` (a ``QuantNet`` set to the model's policy) adds the torch fake-quant comparison.
     """
@@ -109,18 +117,18 @@ def emulate(tflite_bytes: bytes, x: np.ndarray, y: np.ndarray, net=None, *, sour
     raw, elapsed = run_tflm(tflite_bytes, quantise_input(x, in_spec, source), source=source, workers=workers,
                             progress=progress)
     logits = (raw.reshape(len(x), -1).astype(np.float64) - out_zp) * out_scale
-    labels = logits.argmax(1)
+    predicted = task.predict(logits)
     y = np.asarray(y)
     torch_acc = agreement = mean_delta = max_delta = None
     if net is not None:
         reference = _torch_logits(net, x).astype(np.float64)
-        torch_acc = float((reference.argmax(1) == y).mean())
-        agreement = float((reference.argmax(1) == labels).mean())
+        torch_acc = task.score(task.predict(reference), x, y)
+        agreement = task.agreement(predicted, task.predict(reference))
         delta = np.abs(reference - logits)
         mean_delta, max_delta = float(delta.mean()), float(delta.max())
     return EmulationResult(
         samples=len(x),
-        accuracy=float((labels == y).mean()),
+        accuracy=task.score(predicted, x, y),
         torch_accuracy=torch_acc,
         label_agreement=agreement,
         mean_abs_output_delta=mean_delta,
@@ -131,4 +139,5 @@ def emulate(tflite_bytes: bytes, x: np.ndarray, y: np.ndarray, net=None, *, sour
         workers=workers if len(x) > CHUNK else 1,
         input_scale=float(in_spec.scale), input_zero_point=int(in_spec.zero_point),
         output_scale=float(out_scale), output_zero_point=int(out_zp),
+        task=task.name, auc=task.auc(predicted, x, y),
     )

@@ -62,6 +62,7 @@ class MeasuredRecord(_Record):
     test_acc: float
     val_agreement: float
     test_agreement: float
+    test_auc: float | None = None
 
 
 class StageCheckRecord(_Record):
@@ -93,7 +94,12 @@ class KBestRecord(_Record):
 
 
 class SearchRecord(_Record):
+    """search.json. Its ``*_acc`` and ``*agreement`` figures are the task's scores, higher is better:
+    accuracy and top-1 agreement with float for classification, minus the MSE and minus the MSE to
+    float's outputs for reconstruction (``task.Task.show`` prints them as the user reads them)."""
+
     model: str
+    task: str = "classification"
     data: dict
     board: str
     seed: int
@@ -124,6 +130,9 @@ class SearchRecord(_Record):
 
 
 class EmulationRecord(_Record):
+    """emulation.json; ``accuracy``, ``torch_accuracy`` and ``label_agreement`` are task scores as
+    in ``SearchRecord``."""
+
     samples: int
     accuracy: float
     torch_accuracy: float | None
@@ -134,6 +143,8 @@ class EmulationRecord(_Record):
     model_bytes: int
     inferences_per_second: float
     workers: int
+    task: str = "classification"
+    auc: float | None = None
 
 
 def percent(value: float | None, missing: str = "-") -> str:

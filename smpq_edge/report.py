@@ -18,7 +18,8 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
-from smpq_edge.records import CostRecord, EmulationRecord, MethodRecord, SearchRecord, percent  # noqa: E402
+from smpq_edge.records import CostRecord, EmulationRecord, MethodRecord, SearchRecord  # noqa: E402
+from smpq_edge.task import TASKS, Task  # noqa: E402
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def _shapley_plot(search: SearchRecord) -> bytes:
                      label="score the selection used (after the monotone prior)" if j == 0 else None)
     axis.set_xticks(range(len(layers)), layers, rotation=45, ha="right", fontsize=8)
     axis.axhline(0, color="black", linewidth=0.6)
-    axis.set_ylabel("contribution to validation accuracy")
+    axis.set_ylabel(f"contribution to validation {TASKS[search.task].value_name}")
     axis.set_title("Shapley value per layer and bit-width (outlined: the shipped choice)", fontsize=10)
     axis.legend(fontsize=7, loc="best")
     return _png(figure)
@@ -98,25 +99,27 @@ def _budget_plot(cost: CostRecord) -> bytes:
 MARKERS = "os^DvP*X"
 
 
-def _accuracy_plot(search: SearchRecord) -> bytes:
+def _accuracy_plot(search: SearchRecord, task: Task) -> bytes:
     """Every method's pick; hollow markers of different shapes, so coinciding points stay visible."""
     figure, axis = plt.subplots(figsize=(6.5, 3.8))
     for i, m in enumerate(search.methods):
-        axis.scatter(m.cost.model_flash_bytes, 100 * m.test_acc, s=70 - 8 * i, marker=MARKERS[i % len(MARKERS)],
-                     facecolors="none", edgecolors=f"C{i}", linewidths=1.6, label=m.method, zorder=3)
-    axis.axhline(100 * search.reference["float"].test_acc, color="grey", linestyle=":", label="float")
-    axis.axhline(100 * search.reference["ptq_int8"].test_acc, color="black", linestyle="--", linewidth=0.8,
+        axis.scatter(m.cost.model_flash_bytes, task.plotted(m.test_acc), s=70 - 8 * i,
+                     marker=MARKERS[i % len(MARKERS)], facecolors="none", edgecolors=f"C{i}", linewidths=1.6,
+                     label=m.method, zorder=3)
+    axis.axhline(task.plotted(search.reference["float"].test_acc), color="grey", linestyle=":", label="float")
+    axis.axhline(task.plotted(search.reference["ptq_int8"].test_acc), color="black", linestyle="--", linewidth=0.8,
                  label="PTQ int8 (calibration only)")
     budget = search.methods[0].cost.flash_budget_bytes - search.methods[0].cost.reserve_flash_bytes
     largest = max(m.cost.model_flash_bytes for m in search.methods)
     if budget <= 1.5 * largest:  # a budget far to the right would squash every point into one
         axis.axvline(budget, color="tab:red", linewidth=0.8, label="flash budget for the model")
     else:
-        axis.set_title(f"Accuracy against flash (model budget {budget:,} B, off the right)", fontsize=10)
+        axis.set_title(f"{task.metric.capitalize()} against flash (model budget {budget:,} B, off the right)",
+                       fontsize=10)
     axis.set_xlabel("model flash (bytes, predicted)")
-    axis.set_ylabel("test accuracy (%)")
+    axis.set_ylabel(task.axis)
     if not axis.get_title():
-        axis.set_title("Accuracy against flash, same budget", fontsize=10)
+        axis.set_title(f"{task.metric.capitalize()} against flash, same budget", fontsize=10)
     axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     return _png(figure)
 
@@ -127,43 +130,51 @@ def _table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
-def _pct(value: float | None) -> str:
-    return percent(value, missing="–")
+def _auc(value: float | None) -> str:
+    return "–" if value is None else f"{value:.4f}"
 
 
-def _accuracy_section(search: SearchRecord, emulation: EmulationRecord | None) -> str:
-    ref = search.reference
-    rows = [["float (torch)", _pct(ref["float"].val_acc), _pct(ref["float"].test_acc), "100.00 %"],
-            ["PTQ int8: every layer int8, calibration only (the floor)", _pct(ref["ptq_int8"].val_acc),
-             _pct(ref["ptq_int8"].test_acc), _pct(ref["ptq_int8"].test_agreement)],
-            ["shipped policy, fake-quant (torch)", _pct(ref["shipped"].val_acc), _pct(ref["shipped"].test_acc),
-             _pct(ref["shipped"].test_agreement)]]
+def _accuracy_section(search: SearchRecord, emulation: EmulationRecord | None, task: Task) -> str:
+    ref, show = search.reference, task.show
+    aucs = ref["float"].test_auc is not None  # anomaly labels on the test split
+
+    def row(name: str, measured, emulated: EmulationRecord | None = None) -> list[str]:
+        if emulated is not None:
+            return [name, "–", show(emulated.accuracy), "–"] + ([_auc(emulated.auc)] if aucs else [])
+        return ([name, show(measured.val_acc), show(measured.test_acc), show(measured.test_agreement)]
+                + ([_auc(measured.test_auc)] if aucs else []))
+
+    rows = [row("float (torch)", ref["float"]),
+            row("PTQ int8: every layer int8, calibration only (the floor)", ref["ptq_int8"]),
+            row("shipped policy, fake-quant (torch)", ref["shipped"])]
     if emulation:
-        rows.append(["shipped policy, TFLM emulator (on-device numerics)", "–", _pct(emulation.accuracy), "–"])
+        rows.append(row("shipped policy, TFLM emulator (on-device numerics)", None, emulation))
     floor = search.floor_check
     verdict = (f"**WARNING: the shipped model is below plain int8 quantisation** on validation "
-               f"({_pct(floor.shipped_val_acc)} against {_pct(floor.floor_val_acc)}, more than one standard error, "
-               f"{_pct(floor.standard_error)}): the budgets force int4 where it hurts." if floor.below_floor else
-               f"The shipped model keeps the floor: {_pct(floor.shipped_val_acc)} on validation against "
-               f"{_pct(floor.floor_val_acc)} for PTQ int8 (one standard error: {_pct(floor.standard_error)}).")
+               f"({show(floor.shipped_val_acc)} against {show(floor.floor_val_acc)}, worse by more than one standard "
+               f"error, {task.show_spread(floor.standard_error)}): the budgets force int4 where it hurts."
+               if floor.below_floor else
+               f"The shipped model keeps the floor: validation {task.metric} {show(floor.shipped_val_acc)} against "
+               f"{show(floor.floor_val_acc)} for PTQ int8 (one standard error: {task.show_spread(floor.standard_error)}).")
     origin = "arrived trained" if search.pretrained else "was trained here in float"
-    return (f"## Accuracy\n\nThe model {origin}.\n\n"
-            + _table(["network", "validation accuracy", "test accuracy", "test agreement with float"], rows)
-            + "\n\n" + verdict)
+    header = ["network", f"validation {task.metric}", f"test {task.metric}", f"test {task.agreement_metric}"]
+    return (f"## {task.heading}\n\nThe model {origin}.\n\n"
+            + _table(header + (["test ROC AUC (anomalies)"] if aucs else []), rows) + "\n\n" + verdict)
 
 
-def _stages_section(search: SearchRecord) -> str:
+def _stages_section(search: SearchRecord, task: Task) -> str:
     if not search.stage_checks:
         return "## Training stages\n\nNo weights were trained (post-training quantisation only)."
-    rows = [[c.stage, _pct(c.val_acc_before), _pct(c.val_acc_after), _pct(c.standard_error),
+    show = task.show
+    rows = [[c.stage, show(c.val_acc_before), show(c.val_acc_after), task.show_spread(c.standard_error),
              "**undone**: its starting weights were kept" if c.undone else "kept"] for c in search.stage_checks]
     return ("## Training stages\n\nEach stage of the shipped network is measured on the validation split before "
             "and after; one that loses more than one paired standard error is undone.\n\n"
             + _table(["stage", "val before", "val after", "standard error", "result"], rows))
 
 
-def _why_section(search: SearchRecord) -> str:
-    rows = [[" ".join(str(b) for b in k.bits.values()), f"{k.summed_shapley:.4f}", _pct(k.val_acc),
+def _why_section(search: SearchRecord, task: Task) -> str:
+    rows = [[" ".join(str(b) for b in k.bits.values()), f"{k.summed_shapley:.4f}", task.show(k.val_acc),
              "**shipped**" if k.chosen else ""] for k in search.k_best]
     chosen = next(i for i, k in enumerate(search.k_best) if k.chosen)
     reason = ("the best by summed Shapley value that fits every budget; no other of these led it on the validation "
@@ -172,15 +183,17 @@ def _why_section(search: SearchRecord) -> str:
               "paired standard error(s)")
     return ("## Why this policy\n\nThe selection takes the policies with the largest summed Shapley value within "
             f"the budgets (an exact knapsack) and measures each on the validation batch. Shipped: {reason}.\n\n"
-            + _table(["bits per layer", "summed Shapley", "validation accuracy", ""], rows))
+            + _table(["bits per layer", "summed Shapley", f"validation {task.metric}", ""], rows))
 
 
-def _emulator_section(emulation: EmulationRecord, cost: CostRecord) -> str:
-    rows = [["test samples", f"{emulation.samples:,}"]]
+def _emulator_section(emulation: EmulationRecord, cost: CostRecord, task: Task) -> str:
+    rows = [["test samples", f"{emulation.samples:,}"], [f"test {task.metric}", task.show(emulation.accuracy)]]
+    if emulation.auc is not None:
+        rows.append(["test ROC AUC of the reconstruction error (anomalies)", _auc(emulation.auc)])
     # `emulate` run on its own has no fake-quant network to compare with and leaves these None.
     if emulation.label_agreement is not None:
-        rows += [["label agreement with the fake-quant network", _pct(emulation.label_agreement)],
-                 ["mean / max absolute output difference (dequantised logits)",
+        rows += [[task.emulator_agreement, task.show(emulation.label_agreement)],
+                 ["mean / max absolute output difference (dequantised outputs)",
                   f"{emulation.mean_abs_output_delta:.4f} / {emulation.max_abs_output_delta:.4f}"]]
     rows += [["model size (.tflite)", f"{emulation.model_bytes:,} B (predicted {cost.model_flash_bytes:,} B)"],
              ["smallest tensor arena (host TFLM, reference kernels)", f"{emulation.arena_bytes:,} B"],
@@ -191,11 +204,12 @@ def _emulator_section(emulation: EmulationRecord, cost: CostRecord) -> str:
 def make_report(search: SearchRecord, emulation: EmulationRecord | None) -> Report:
     shipped = search.shipped
     cost = shipped.cost
+    task = TASKS[search.task]
     images = {
         "shapley.png": _shapley_plot(search),
         "bits.png": _bits_plot(search.methods),
         "budget.png": _budget_plot(cost),
-        "accuracy_vs_flash.png": _accuracy_plot(search),
+        "accuracy_vs_flash.png": _accuracy_plot(search, task),
     }
     budget_rows = [
         ["flash", f"{cost.model_flash_bytes:,} B", f"{cost.reserve_flash_bytes:,} B", f"{cost.flash_total_bytes:,} B",
@@ -207,26 +221,27 @@ def make_report(search: SearchRecord, emulation: EmulationRecord | None) -> Repo
     ]
     layer_rows = [[layer.name, layer.kind, "×".join(str(d) for d in search.layer_shapes[layer.name]),
                    layer.weight_bits, layer.params, layer.flash_bytes, layer.cycles] for layer in cost.layers]
-    method_rows = [[m.method, " ".join(str(b) for b in m.bits.values()), _pct(m.test_acc_before_finetune),
-                    _pct(m.test_acc), f"{m.cost.model_flash_bytes:,}", f"{m.cost.cycles:,}"] for m in search.methods]
+    method_rows = [[m.method, " ".join(str(b) for b in m.bits.values()), task.show(m.test_acc_before_finetune),
+                    task.show(m.test_acc), f"{m.cost.model_flash_bytes:,}", f"{m.cost.cycles:,}"]
+                   for m in search.methods]
     sections = [
         f"# smpq_edge build: {search.model} on {search.board}",
-        f"Data: {search.data['name']} ({search.data['test']} test samples). Seed {search.seed}.",
-        _accuracy_section(search, emulation),
+        f"Data: {search.data['name']} ({search.data['test']} test samples), task {task.name}. Seed {search.seed}.",
+        _accuracy_section(search, emulation, task),
         "## Budgets (predicted by the cost model)\n\n"
         + _table(["", "model", "board reserve", "total", "budget", ""], budget_rows) + "\n\n![budget use](budget.png)",
         "## Bits per layer\n\n"
         + _table(["layer", "kind", "weight shape (TFLite)", "bits", "params", "flash B", "cycles"], layer_rows)
         + "\n\n![bits](bits.png)",
-        _why_section(search),
+        _why_section(search, task),
         "## Shapley values\n\n![shapley](shapley.png)",
-        _stages_section(search),
+        _stages_section(search, task),
         "## SMPQ and the baselines (same budgets)\n\n"
-        + _table(["method", "bits", "test acc before finetune", "test acc after", "model flash B", "cycles"],
-                 method_rows) + "\n\n![accuracy vs flash](accuracy_vs_flash.png)",
+        + _table(["method", "bits", f"test {task.metric} before finetune", "after", "model flash B", "cycles"],
+                 method_rows) + f"\n\n![{task.metric} vs flash](accuracy_vs_flash.png)",
     ]
     if emulation:
-        sections.append(_emulator_section(emulation, cost))
+        sections.append(_emulator_section(emulation, cost, task))
     markdown = "\n\n".join(sections) + "\n"
     return Report(markdown, _html(markdown, images), images)
 

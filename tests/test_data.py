@@ -155,7 +155,8 @@ def _y(n=20):
 
 
 BAD_NPZ = [
-    ("missing-y", dict(x=_x()), "missing array 'y' (found: x)"),
+    # Without y the data is an autoencoder's (tests/test_reconstruction.py), but not with y_val alone.
+    ("y-val-without-y", dict(x=_x(), x_val=_x(5), y_val=_y(5)), "has y_val or y_test but no y"),
     ("missing-x", dict(y=_y()), "missing array 'x'"),
     ("nan", dict(x=np.where(np.arange(20)[:, None, None, None] == 3, np.nan, _x()), y=_y()), "NaN"),
     ("infinite", dict(x=np.full((20, 1, 4, 4), np.inf), y=_y()), "infinite"),

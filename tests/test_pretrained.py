@@ -116,7 +116,7 @@ def test_floor_check_and_standard_error():
     y = np.array([1] * 10)
     floor = np.array([1] * 9 + [0])
     shipped = np.array([1] * 5 + [0] * 5)
-    check = FloorCheck.of(shipped, floor, y)
+    check = FloorCheck.of(shipped == y, floor == y)
     assert check.below_floor and "below plain int8" in check.warning()
-    assert not FloorCheck.of(floor, floor, y).below_floor
+    assert not FloorCheck.of(floor == y, floor == y).below_floor
     assert paired_standard_error(np.ones(4), np.ones(4)) == 0.0

@@ -4,7 +4,8 @@
   differentiable penalty on the expected flash over budget; the per-layer probabilities are then
   the scores of the same budgeted selector (which repairs an argmax that does not fit).
 * HAWQ-style: Hessian trace of each layer (Hutchinson's estimator) times the quantisation
-  perturbation ||Q_b(W) - W||^2 as the expected loss increase; same selector, minimising it.
+  perturbation ||Q_b(W) - W||^2 as the expected increase of the task's loss; same selector,
+  minimising it.
 * Uniform int8 and uniform int4.
 """
 
@@ -12,13 +13,13 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from smpq_edge.data import Dataset
 from smpq_edge.quant import QuantNet
 from smpq_edge.search.budget import Knapsack
 from smpq_edge.distributed import SINGLE_PROCESS, Context
 from smpq_edge.search.train import TrainConfig, batches, device_of, train
+from smpq_edge.task import task_of
 
 
 def dmpq_scores(net: QuantNet, data: Dataset, config: TrainConfig, knapsack: Knapsack, seed: int,
@@ -49,11 +50,12 @@ def hawq_scores(net: QuantNet, data: Dataset, seed: int, batches_used: int = 4, 
     net.eval()
     rng = np.random.default_rng(seed)
     device = device_of(net)
+    task = task_of(data)
     for step, idx in enumerate(batches(data.x_train, data.y_train, 128, rng)):
         if step == batches_used:
             break
         xb, yb = torch.from_numpy(data.x_train[idx]).to(device), torch.from_numpy(data.y_train[idx]).to(device)
-        loss = F.cross_entropy(net(xb), yb)
+        loss = task.loss(net(xb), xb, yb, reduction="mean")
         grads = torch.autograd.grad(loss, weights, create_graph=True)
         for _ in range(probes):
             vs = [(torch.randint(0, 2, w.shape, generator=generator).float() * 2 - 1).to(device) for w in weights]

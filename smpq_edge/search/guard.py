@@ -15,20 +15,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
-import torch
 from torch import nn
 
-from smpq_edge.search.train import batches, device_of
-
-
-@torch.no_grad()
-def predictions(model: nn.Module, x: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """Top-1 class per sample."""
-    model.eval()
-    device = device_of(model)
-    out = [model(torch.from_numpy(x[idx]).to(device)).argmax(1).cpu().numpy()
-           for idx in batches(x, np.zeros(len(x)), batch_size, None)]
-    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
+from smpq_edge.search.train import per_sample
+from smpq_edge.task import CLASSIFICATION, Task
 
 
 def paired_standard_error(a: np.ndarray, b: np.ndarray) -> float:
@@ -39,9 +29,12 @@ def paired_standard_error(a: np.ndarray, b: np.ndarray) -> float:
 
 @dataclass(frozen=True)
 class Reference:
-    """Labels of the float model on the validation and test splits, and the true labels."""
+    """The validation and test splits, and the float model's predictions on them."""
 
+    task: Task
+    x_val: np.ndarray
     y_val: np.ndarray
+    x_test: np.ndarray
     y_test: np.ndarray
     float_val: np.ndarray
     float_test: np.ndarray
@@ -49,17 +42,22 @@ class Reference:
 
 @dataclass(frozen=True)
 class Measured:
-    """One network on the validation and test splits: accuracy, and agreement with float."""
+    """One network on the validation and test splits: the task's score (accuracy, or minus the
+    MSE), agreement with float (or minus the MSE to float's outputs), and the test ROC AUC where
+    the task and the labels give one."""
 
     val_acc: float
     test_acc: float
     val_agreement: float
     test_agreement: float
+    test_auc: float | None = None
 
     @staticmethod
     def of(val: np.ndarray, test: np.ndarray, reference: Reference) -> Measured:
-        return Measured(float((val == reference.y_val).mean()), float((test == reference.y_test).mean()),
-                        float((val == reference.float_val).mean()), float((test == reference.float_test).mean()))
+        task, r = reference.task, reference
+        return Measured(task.score(val, r.x_val, r.y_val), task.score(test, r.x_test, r.y_test),
+                        task.agreement(val, r.float_val), task.agreement(test, r.float_test),
+                        task.auc(test, r.x_test, r.y_test))
 
 
 @dataclass(frozen=True)
@@ -78,21 +76,24 @@ class StageGuard:
     x_val: np.ndarray
     y_val: np.ndarray
     log: Callable[[str], None] = print
+    task: Task = CLASSIFICATION
     checks: list[StageCheck] = field(default_factory=list)
 
     def run(self, stage: str, net: nn.Module, step: Callable[[nn.Module], object]) -> nn.Module:
         """``step(net)`` trains ``net`` in place; returns it, or its state before the step if the
-        step lost more than one paired standard error of validation accuracy."""
+        step lost more than one paired standard error of the validation score."""
         start = copy.deepcopy(net)
-        before = predictions(net, self.x_val) == self.y_val
+        before = per_sample(net, self.x_val, self.y_val, self.task)
         step(net)
-        after = predictions(net, self.x_val) == self.y_val
+        after = per_sample(net, self.x_val, self.y_val, self.task)
         error = paired_standard_error(after, before)
         undone = bool(after.mean() < before.mean() - error)
         self.checks.append(StageCheck(stage, float(before.mean()), float(after.mean()), error, undone))
         if undone:
-            self.log(f"{stage}: validation accuracy fell from {before.mean():.4f} to {after.mean():.4f} "
-                     f"(more than one standard error, {error:.4f}); stage undone, its starting weights kept")
+            show = self.task.show
+            self.log(f"{stage}: validation {self.task.metric} went from {show(before.mean())} to "
+                     f"{show(after.mean())}, worse by more than one standard error "
+                     f"({self.task.show_spread(error)}); stage undone, its starting weights kept")
             return start
         return net
 
@@ -110,15 +111,15 @@ class FloorCheck:
     below_floor: bool
 
     @staticmethod
-    def of(shipped: np.ndarray, floor: np.ndarray, y_val: np.ndarray) -> FloorCheck:
-        shipped_hits, floor_hits = shipped == y_val, floor == y_val
-        error = paired_standard_error(shipped_hits, floor_hits)
-        return FloorCheck(float(floor_hits.mean()), float(shipped_hits.mean()), error,
-                          bool(shipped_hits.mean() < floor_hits.mean() - error))
+    def of(shipped: np.ndarray, floor: np.ndarray) -> FloorCheck:
+        """From the two networks' per-sample validation scores (``train.per_sample``)."""
+        error = paired_standard_error(shipped, floor)
+        return FloorCheck(float(floor.mean()), float(shipped.mean()), error, bool(shipped.mean() < floor.mean() - error))
 
-    def warning(self) -> str | None:
+    def warning(self, task: Task = CLASSIFICATION) -> str | None:
         if not self.below_floor:
             return None
-        return (f"WARNING: the shipped model is below plain int8 quantisation: validation accuracy "
-                f"{self.shipped_val_acc:.4f} against {self.floor_val_acc:.4f} for calibration-only int8 "
-                f"(more than one standard error, {self.standard_error:.4f}); the budget needs int4 where it hurts")
+        return (f"WARNING: the shipped model is below plain int8 quantisation: validation {task.metric} "
+                f"{task.show(self.shipped_val_acc)} against {task.show(self.floor_val_acc)} for calibration-only "
+                f"int8 (worse by more than one standard error, {task.show_spread(self.standard_error)}); "
+                "the budget needs int4 where it hurts")

@@ -26,12 +26,13 @@ from smpq_edge.policy import LayerChoice, Policy, save_policy
 from smpq_edge.quant import QuantNet
 from smpq_edge.search.baselines import dmpq_scores, hawq_scores
 from smpq_edge.search.budget import DIMENSIONS, Budgets, cost_of, knapsack
-from smpq_edge.search.guard import FloorCheck, Measured, Reference, StageGuard, predictions
+from smpq_edge.search.guard import FloorCheck, Measured, Reference, StageGuard
 from smpq_edge.distributed import SINGLE_PROCESS, Context
 from smpq_edge.search.select import Selection, k_best, smallest_achievable
 from smpq_edge.search.smpq import (AlphaUpdater, ShapleyConfig, estimate_shapley, monotone_scores,
                                    pick_by_validation, shapley_scores, validation_batch)
-from smpq_edge.search.train import TrainConfig, accuracy, correct, seed_everything, train
+from smpq_edge.search.train import TrainConfig, per_sample, predictions, score, seed_everything, train
+from smpq_edge.task import Task, check_outputs, task_of
 from smpq_edge.versions import versions
 
 CALIBRATION_BATCHES = 8
@@ -151,15 +152,16 @@ def weight_params(net: QuantNet) -> list[torch.nn.Parameter]:
 def finetune(net: QuantNet, bits: dict[str, int], data: Dataset, config: TrainConfig, seed: int,
              progress: bool, desc: str, context: Context = SINGLE_PROCESS, guard: StageGuard | None = None,
              teacher: torch.nn.Module | None = None) -> tuple[QuantNet, float, float]:
-    """A copy of ``net`` fixed to ``bits`` and QAT-trained; test accuracy before and after."""
+    """A copy of ``net`` fixed to ``bits`` and QAT-trained; test score before and after."""
     tuned = copy.deepcopy(net)
     tuned.set_policy(bits)
-    before = accuracy(tuned, data.x_test, data.y_test)
+    task = task_of(data)
+    before = score(tuned, data.x_test, data.y_test, task)
     if config.epochs:
         tuned = _guarded(guard, desc, tuned, lambda n: train(
             n, data, config, seed, params=weight_params(n), desc=desc, progress=progress, teacher=teacher,
             context=context), config.epochs)
-    return tuned, before, accuracy(tuned, data.x_test, data.y_test)
+    return tuned, before, score(tuned, data.x_test, data.y_test, task)
 
 
 def _bits(graph: Graph, candidates: tuple[int, ...], selection: Selection) -> dict[str, int]:
@@ -188,6 +190,10 @@ class _Run:
     @property
     def candidates(self) -> tuple[int, ...]:
         return self.board.weight_bits
+
+    @property
+    def task(self) -> Task:
+        return task_of(self.data)
 
     def lap(self, name: str) -> None:
         """Record the seconds since the last lap as ``name``."""
@@ -223,14 +229,16 @@ def run_search(source: ModelSource, data: Dataset, board: Board, *, budgets: Bud
     tuned, methods = _train_methods(run, warm, model, chosen, chosen_bits)
     run.timings["total_s"] = time.perf_counter() - run.started
 
-    measured = {name: Measured.of(predictions(n, data.x_val), predictions(n, data.x_test), reference)
+    task = run.task
+    measured = {name: Measured.of(predictions(n, data.x_val, task), predictions(n, data.x_test, task), reference)
                 for name, n in (("ptq_int8", floor), ("shipped", tuned))}
-    floor_check = FloorCheck.of(predictions(tuned, data.x_val), predictions(floor, data.x_val), data.y_val)
-    if floor_check.warning():
-        log(floor_check.warning())
+    floor_check = FloorCheck.of(per_sample(tuned, data.x_val, data.y_val, task),
+                                per_sample(floor, data.x_val, data.y_val, task))
+    if floor_check.warning(task):
+        log(floor_check.warning(task))
     policy = _policy(run, chosen_bits, scores, methods[0].cost)
     record = {
-        "model": source.name, "data": data.summary(), "board": board.name, "seed": seed,
+        "model": source.name, "task": task.name, "data": data.summary(), "board": board.name, "seed": seed,
         "pretrained": source.pretrained, "budgets": run.budgets.to_dict(),
         "knapsack_budgets": dict(zip(DIMENSIONS, run.sack.budgets)),
         "config": config.to_dict(), "float_test_acc": float_measured.test_acc,
@@ -264,10 +272,7 @@ def _prepare(source: ModelSource, data: Dataset, board: Board, budgets: Budgets,
     check_config(source, config)
     source.check_input(data.input_shape, data.name)  # before tracing: one line, not torch's shape error
     graph = trace(source.module, data.input_shape)
-    outputs = graph.op(graph.output).out_shape
-    if outputs != (data.num_classes,):
-        raise UserError(f"model {source.name} has {outputs[0]} outputs but data {data.name} has {data.num_classes} "
-                        "classes; a classifier needs one output per class")
+    check_outputs(task_of(data), source.name, graph.op(graph.output).out_shape, data)
     sack = knapsack(graph, board, budgets, board.weight_bits)
     try:
         k_best([[0.0] * len(board.weight_bits)] * len(graph.layers), sack.costs, sack.budgets, 1,
@@ -275,7 +280,7 @@ def _prepare(source: ModelSource, data: Dataset, board: Board, budgets: Budgets,
     except UserError:
         raise UserError(_infeasible_message(sack, budgets, board)) from None
     return _Run(source, data, board, budgets, config, seed, progress, log, context, graph, sack,
-                StageGuard(data.x_val, data.y_val, log))
+                StageGuard(data.x_val, data.y_val, log, task_of(data)))
 
 
 def _float_model(run: _Run) -> tuple[torch.nn.Module, Reference, Measured]:
@@ -289,25 +294,28 @@ def _float_model(run: _Run) -> tuple[torch.nn.Module, Reference, Measured]:
             train(model, run.data, run.config.float_train, run.seed, desc="float", progress=run.progress)
         run.context.broadcast_module(model)
     model.eval()
-    data = run.data
-    reference = Reference(data.y_val, data.y_test, predictions(model, data.x_val), predictions(model, data.x_test))
+    data, task = run.data, run.task
+    reference = Reference(task, data.x_val, data.y_val, data.x_test, data.y_test, predictions(model, data.x_val, task),
+                          predictions(model, data.x_test, task))
     measured = Measured.of(reference.float_val, reference.float_test, reference)
     run.lap("float_train_s")
-    run.log(f"float test accuracy {measured.test_acc:.4f}")
+    run.log(f"float test {task.metric} {task.show(measured.test_acc)}")
     return model, reference, measured
 
 
 def _smpq_search(run: _Run, net: QuantNet, teacher: torch.nn.Module):
     """Shapley-steered alpha during the search epochs, then the final Shapley table and scores."""
     config = run.config
-    x_val, y_val = validation_batch(run.data, config.shapley.val_samples, run.seed)
-    updater = AlphaUpdater(net, x_val, y_val, config.shapley, run.seed, run.context, describe_policy=run.budget_use)
+    # The task's inputs and targets for the coalitions' value (labels, or the normal inputs themselves).
+    x_val, target, value = run.task.coalition_batch(*validation_batch(run.data, config.shapley.val_samples, run.seed))
+    shapley = replace(config.shapley, value=value) if value else config.shapley
+    updater = AlphaUpdater(net, x_val, target, shapley, run.seed, run.context, describe_policy=run.budget_use)
     run.log(f"SMPQ search ({config.search.epochs} epochs, {config.shapley.permutations} permutations per update)")
     net = _guarded(run.guard, "SMPQ search", net, lambda n: train(
         n, run.data, config.search, run.seed + 1, params=weight_params(n), after_epoch=updater, desc="SMPQ search",
         progress=run.progress, teacher=teacher, context=run.context), config.search.epochs)
-    table = estimate_shapley(net, x_val, y_val, config.shapley.final_permutations, config.shapley.truncation,
-                             run.seed, run.context, config.shapley.value)
+    table = estimate_shapley(net, x_val, target, config.shapley.final_permutations, config.shapley.truncation,
+                             run.seed, run.context, shapley.value)
     scores = shapley_scores(table, len(run.graph.layers), len(run.candidates))
     if config.shapley.monotone:
         scores = monotone_scores(scores, run.candidates)
@@ -325,7 +333,7 @@ def _pick(run: _Run, net: QuantNet, scores: np.ndarray):
         bits = _bits(run.graph, run.candidates, selection)
         if all(run.cost(bits).fits.values()):
             net.set_policy(bits)
-            ranked.append((correct(net, x_val, y_val), selection, bits))
+            ranked.append((per_sample(net, x_val, y_val, run.task), selection, bits))
     net.set_policy(None)
     if not ranked:
         raise UserError("no policy among the best by Shapley fits every budget under the full cost model")
@@ -348,7 +356,8 @@ def _train_methods(run: _Run, warm: QuantNet, teacher: torch.nn.Module, chosen: 
         return finetune(start, bits, data, schedule, seed, progress, desc, context, guard, teacher)
 
     tuned, before, after = tune(warm, chosen_bits, long_finetune, "finetune SMPQ")
-    run.log(f"SMPQ: test accuracy {before:.4f} before finetune, {after:.4f} after")
+    show = run.task.show
+    run.log(f"SMPQ: test {run.task.metric} {show(before)} before finetune, {show(after)} after")
     run.lap("smpq_finetune_s")
     methods = [MethodResult("smpq", chosen_bits, run.cost(chosen_bits).to_dict(), chosen.score, before, after,
                             after if config.baselines else None)]
@@ -366,7 +375,7 @@ def _train_methods(run: _Run, warm: QuantNet, teacher: torch.nn.Module, chosen: 
         # HAWQ and the uniform policies already finetune from the warm-up for the long schedule.
         same = after if method != "dmpq" else tune(warm, bits, long_finetune, "same finetune", None)[2]
         methods.append(MethodResult(method, bits, run.cost(bits).to_dict(), score, before, after, same))
-        run.log(f"{method}: test accuracy {before:.4f} before finetune, {after:.4f} after")
+        run.log(f"{method}: test {run.task.metric} {show(before)} before finetune, {show(after)} after")
         run.timings[f"{method}_s"] = time.perf_counter() - t0
     return tuned, methods
 

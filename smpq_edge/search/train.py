@@ -8,13 +8,13 @@ from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from smpq_edge.data import Dataset
 from smpq_edge.progress import progress as progress_bar
 from smpq_edge.quant import QuantNet
 from smpq_edge.distributed import SINGLE_PROCESS, Context
+from smpq_edge.task import CLASSIFICATION, Task, task_of
 
 
 @dataclass(frozen=True)
@@ -24,7 +24,7 @@ class TrainConfig:
     batch_size: int = 64
     weight_decay: float = 1e-4
     shards: int = 1  # gradient shards per batch; ranks split them (see distributed)
-    # Weight of distillation from a teacher's (the float model's) softmax against the labels' loss:
+    # Weight of distillation from a teacher's (the float model's) outputs against the labels' loss:
     # for a model that arrives trained, whose user's data may be small or not what it was trained on.
     distill: float = 0.0
 
@@ -46,17 +46,23 @@ def device_of(model: nn.Module) -> torch.device:
 
 
 @torch.no_grad()
-def correct(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> np.ndarray:
-    """Per sample: is the model's top-1 class the label?"""
+def predictions(model: nn.Module, x: np.ndarray, task: Task = CLASSIFICATION, batch_size: int = 1024) -> np.ndarray:
+    """What ``task`` keeps of the model's outputs per sample (the top-1 class, or the output)."""
     model.eval()
     device = device_of(model)
-    hits = [model(torch.from_numpy(x[idx]).to(device)).argmax(1).cpu().numpy() == y[idx]
-            for idx in batches(x, y, batch_size, None)]
-    return np.concatenate(hits) if hits else np.zeros(0, dtype=bool)
+    out = [task.predict(model(torch.from_numpy(x[idx]).to(device))).cpu().numpy()
+           for idx in batches(x, np.zeros(len(x)), batch_size, None)]
+    return np.concatenate(out) if out else np.zeros(0, dtype=np.int64)
 
 
-def accuracy(model: nn.Module, x: np.ndarray, y: np.ndarray, batch_size: int = 1024) -> float:
-    return float(correct(model, x, y, batch_size).mean())
+def per_sample(model: nn.Module, x: np.ndarray, y: np.ndarray, task: Task = CLASSIFICATION) -> np.ndarray:
+    """Per sample: the task's score (top-1 hit, or minus the reconstruction error)."""
+    return task.per_sample(predictions(model, x, task), x, y)
+
+
+def score(model: nn.Module, x: np.ndarray, y: np.ndarray, task: Task = CLASSIFICATION) -> float:
+    """Accuracy, or minus the MSE: higher is better."""
+    return float(per_sample(model, x, y, task).mean())
 
 
 def _flat_gradient(params: list[nn.Parameter]) -> torch.Tensor:
@@ -70,15 +76,16 @@ def _set_gradient(params: list[nn.Parameter], flat: torch.Tensor) -> None:
         offset += p.numel()
 
 
-def _loss(logits: torch.Tensor, labels: torch.Tensor, teacher: nn.Module | None, x: torch.Tensor,
+def _loss(task: Task, outputs: torch.Tensor, labels: torch.Tensor, teacher: nn.Module | None, x: torch.Tensor,
           distill: float) -> torch.Tensor:
-    """Summed cross-entropy to the labels, mixed with cross-entropy to the teacher's softmax."""
-    loss = F.cross_entropy(logits, labels, reduction="sum")
+    """The task's summed loss (cross-entropy to the labels, MSE to the input), mixed with its loss
+    to the teacher's outputs (cross-entropy to its softmax, MSE to its reconstruction)."""
+    loss = task.loss(outputs, x, labels)
     if teacher is None or distill == 0.0:
         return loss
     with torch.no_grad():
-        target = torch.softmax(teacher(x), dim=1)
-    return (1.0 - distill) * loss + distill * F.cross_entropy(logits, target, reduction="sum")
+        target = teacher(x)
+    return (1.0 - distill) * loss + distill * task.distill_loss(outputs, target)
 
 
 def train(model: nn.Module, data: Dataset, config: TrainConfig, seed: int, *, desc: str = "train",
@@ -90,11 +97,12 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig, seed: int, *, de
     ``params`` restricts what is trained (the supernet trains weights, not alpha, here);
     ``extra_loss`` adds a term such as DMPQ's cost penalty; ``after_epoch`` runs between epochs
     (the Shapley update of alpha) and its returned dict joins the epoch's record. With
-    ``config.distill`` > 0 the loss mixes in cross-entropy to ``teacher``'s softmax. Under
+    ``config.distill`` > 0 the loss mixes in the task's loss to ``teacher``'s outputs. Under
     ``torchrun`` each rank computes its shards of every batch and gradients are summed across ranks.
     """
     rng = np.random.default_rng(seed)
     device = device_of(model)
+    task = task_of(data)
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
     optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
     steps = config.epochs * -(-len(data.y_train) // config.batch_size)
@@ -113,7 +121,7 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig, seed: int, *, de
                 xb = torch.from_numpy(data.x_train[part]).to(device)
                 yb = torch.from_numpy(data.y_train[part]).to(device)
                 # This shard's share of the batch mean: the shards' gradients sum to the batch's.
-                loss = _loss(model(xb), yb, teacher, xb, config.distill) / len(idx)
+                loss = _loss(task, model(xb), yb, teacher, xb, config.distill) / len(idx)
                 if extra_loss is not None and shard == 0:
                     loss = loss + extra_loss()
                 optimiser.zero_grad(set_to_none=True)
@@ -127,7 +135,7 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig, seed: int, *, de
             schedule.step()
             bar.update()
         record = {"epoch": epoch, "loss": context.sum(total) / len(data.y_train),
-                  "val_acc": accuracy(model, data.x_val, data.y_val)}
+                  "val_acc": score(model, data.x_val, data.y_val, task)}
         if after_epoch is not None:
             record.update(after_epoch(epoch))
         history.append(record)
