@@ -18,7 +18,8 @@ from smpq_edge.models import load_model
 from smpq_edge.quant import INT8_MIN, ActQuant, QuantNet, fake_quant_weight, fold_batchnorm, quantize_weight
 from smpq_edge.search.budget import Budgets
 from smpq_edge.search.runner import SearchConfig, run_search, save_search
-from smpq_edge.search.smpq import CoalitionValue, pick_by_validation, validation_batch
+from smpq_edge.search.smpq import (CoalitionValue, estimate_shapley, pick_by_validation, score, validation_batch,
+                                   value_target)
 from smpq_edge.search.train import TrainConfig, train
 
 
@@ -216,3 +217,52 @@ def test_validation_rerank_keeps_the_shapley_optimum_unless_clearly_beaten():
     assert pick_by_validation([optimum, noisy], margin=1.0) == 0
     assert pick_by_validation([optimum, noisy], margin=0.0) == 1  # any lead wins without a margin
     assert pick_by_validation([optimum, noisy, clearly, more_clearly], margin=1.0) == 3
+
+
+def test_kl_value_is_zero_for_the_float_outputs_and_negative_otherwise():
+    torch.manual_seed(0)
+    logits = torch.randn(64, 10)
+    probabilities = torch.softmax(logits.double(), dim=-1)
+    assert float(score(logits, probabilities, "kl")) == pytest.approx(0.0, abs=1e-12)
+    other = logits + torch.randn(64, 10)
+    expected = (probabilities * (probabilities.log() - torch.log_softmax(other.double(), -1))).sum(-1).mean()
+    assert float(score(other, probabilities, "kl")) == pytest.approx(-float(expected))
+    assert float(score(other, probabilities, "kl")) < 0
+
+
+def test_kl_target_is_the_float_models_probabilities(digits):
+    source = load_model("digits_cnn")
+    x, y = validation_batch(digits, 32, seed=0)
+    target = value_target("kl", x, y, source.module)
+    assert target.shape == (32, 10)
+    np.testing.assert_allclose(target.sum(1), 1.0)
+    assert value_target("top1", x, y, None) is y
+
+
+def test_layer_players_score_real_policies_and_credit_the_widest_candidate(trained_digits_net, digits):
+    """With players "layers" every coalition scored is a policy (one candidate per layer), and its
+    values equal those policies' accuracies; the narrowest candidates get no sample."""
+    net = trained_digits_net
+    x, y = validation_batch(digits, 128, seed=0)
+    seen = []
+    original = CoalitionValue.__call__
+
+    def recording(self, masks):
+        seen.append(masks.copy())
+        return original(self, masks)
+
+    CoalitionValue.__call__ = recording
+    try:
+        table = estimate_shapley(net, x, y, 6, 0.5, seed=0, players="layers")
+    finally:
+        CoalitionValue.__call__ = original
+    masks = np.concatenate(seen)
+    n_layers = len(net.graph.layers)
+    assert (masks.reshape(len(masks), n_layers, 2).sum(-1) == 1).all()
+    assert np.isnan(table.mean[0::2]).all() and (table.count[0::2] == 0).all()
+    assert (table.count[1::2] == 6).all()
+    # Efficiency holds for layer players (no groups, no truncation): the values sum to
+    # v(all int8) - v(all int4).
+    value = CoalitionValue(net, x, y)
+    all8, all4 = np.tile([False, True], n_layers), np.tile([True, False], n_layers)
+    assert table.mean[1::2].sum() == pytest.approx(value(all8[None])[0] - value(all4[None])[0])

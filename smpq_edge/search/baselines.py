@@ -22,10 +22,19 @@ from smpq_edge.search.train import TrainConfig, batches, device_of, train
 from smpq_edge.task import task_of
 
 
+# Architecture parameters learn at the rate DNAS methods give them (EdMIPS and FBNet: 1e-2 with
+# Adam), not at the weights' rate. Adam moves a parameter by about its rate per step, so at the
+# pretrained schedule's 5e-5 one epoch of DS-CNN / FSDD (32 steps) moves alpha by ~0.002: the
+# scores tie and the selector's pick is arbitrary (all-int4 where the budget had room for int8
+# layers, in bench/real_tasks.py).
+ALPHA_LR = 1e-2
+
+
 def dmpq_scores(net: QuantNet, data: Dataset, config: TrainConfig, knapsack: Knapsack, seed: int,
                 penalty: float = 1.0, progress: bool = True,
                 context: Context = SINGLE_PROCESS) -> tuple[np.ndarray, list[dict]]:
-    """Train weights and alpha by gradient; return log softmax(alpha) per layer as scores."""
+    """Train weights and alpha by gradient (alpha at ``ALPHA_LR`` at least); return log softmax(alpha)
+    per layer as scores."""
     layers = net.mixed_layers()
     flash = [torch.from_numpy(cost[:, 0]).float().to(device_of(net)) for cost in knapsack.costs]
     flash_budget = float(knapsack.budgets[0])
@@ -34,7 +43,10 @@ def dmpq_scores(net: QuantNet, data: Dataset, config: TrainConfig, knapsack: Kna
         expected = sum(torch.softmax(layer.alpha, 0) @ f for layer, f in zip(layers, flash))
         return penalty * torch.relu(expected / flash_budget - 1.0)
 
-    history = train(net, data, config, seed, desc="DMPQ search", extra_loss=expected_flash_over_budget,
+    alphas = [layer.alpha for layer in layers]
+    weights = [p for p in net.parameters() if p.requires_grad and all(p is not a for a in alphas)]
+    groups = [{"params": weights}, {"params": alphas, "lr": max(config.lr, ALPHA_LR)}]
+    history = train(net, data, config, seed, desc="DMPQ search", params=groups, extra_loss=expected_flash_over_budget,
                     progress=progress, context=context)
     scores = np.array([torch.log_softmax(layer.alpha.detach(), 0).cpu().numpy() for layer in layers])
     return scores, history

@@ -30,7 +30,7 @@ from smpq_edge.search.guard import FloorCheck, Measured, Reference, StageGuard
 from smpq_edge.distributed import SINGLE_PROCESS, Context
 from smpq_edge.search.select import Selection, k_best, smallest_achievable
 from smpq_edge.search.smpq import (AlphaUpdater, ShapleyConfig, estimate_shapley, monotone_scores,
-                                   pick_by_validation, shapley_scores, validation_batch)
+                                   pick_by_validation, shapley_scores, validation_batch, value_target)
 from smpq_edge.search.train import TrainConfig, per_sample, predictions, score, seed_everything, train
 from smpq_edge.task import Task, check_outputs, task_of
 from smpq_edge.versions import versions
@@ -309,13 +309,14 @@ def _smpq_search(run: _Run, net: QuantNet, teacher: torch.nn.Module):
     # The task's inputs and targets for the coalitions' value (labels, or the normal inputs themselves).
     x_val, target, value = run.task.coalition_batch(*validation_batch(run.data, config.shapley.val_samples, run.seed))
     shapley = replace(config.shapley, value=value) if value else config.shapley
+    target = value_target(shapley.value, x_val, target, teacher)
     updater = AlphaUpdater(net, x_val, target, shapley, run.seed, run.context, describe_policy=run.budget_use)
     run.log(f"SMPQ search ({config.search.epochs} epochs, {config.shapley.permutations} permutations per update)")
     net = _guarded(run.guard, "SMPQ search", net, lambda n: train(
         n, run.data, config.search, run.seed + 1, params=weight_params(n), after_epoch=updater, desc="SMPQ search",
         progress=run.progress, teacher=teacher, context=run.context), config.search.epochs)
     table = estimate_shapley(net, x_val, target, config.shapley.final_permutations, config.shapley.truncation,
-                             run.seed, run.context, shapley.value)
+                             run.seed, run.context, shapley.value, shapley.final_players)
     scores = shapley_scores(table, len(run.graph.layers), len(run.candidates))
     if config.shapley.monotone:
         scores = monotone_scores(scores, run.candidates)

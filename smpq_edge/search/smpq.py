@@ -8,7 +8,7 @@ validation batch run in one forward pass, each copy with its own active candidat
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 import numpy as np
@@ -48,6 +48,9 @@ def score(logits: torch.Tensor, y: torch.Tensor, value: str) -> torch.Tensor:
         return (logits.argmax(-1) == y).double().mean(-1)
     if value == "neg_mse":  # reconstruction: y holds the targets, (samples, outputs)
         return -((logits.double() - y.double()) ** 2).mean(-1).mean(-1)
+    if value == "kl":  # y holds the float model's probabilities, (samples, classes)
+        y = y.double()
+        return -(y * (torch.log(y.clamp_min(1e-12)) - torch.log_softmax(logits.double(), dim=-1))).sum(-1).mean(-1)
     if value == "soft":
         probabilities = torch.softmax(logits.double(), dim=-1)
         return probabilities.gather(-1, y.expand(*logits.shape[:-1]).unsqueeze(-1)).squeeze(-1).mean(-1)
@@ -107,13 +110,58 @@ def validation_batch(data: Dataset, samples: int, seed: int) -> tuple[np.ndarray
     return data.x_val[idx], data.y_val[idx]
 
 
+def value_target(value: str, x: np.ndarray, y: np.ndarray, teacher: torch.nn.Module | None) -> np.ndarray:
+    """What coalitions' outputs are scored against: the labels (or targets), or for "kl" the float
+    model's output probabilities on ``x``."""
+    if value != "kl":
+        return y
+    if teacher is None:
+        raise ValueError("the 'kl' coalition value needs the float model")
+    teacher.eval()
+    with torch.no_grad():
+        logits = teacher(torch.from_numpy(x).to(next(teacher.parameters()).device))
+    return torch.softmax(logits.double(), dim=-1).cpu().numpy()
+
+
 def estimate_shapley(net: QuantNet, x: np.ndarray, y: np.ndarray, permutations: int, truncation: float,
-                     seed: int, context: Context = SINGLE_PROCESS, value: str = "top1") -> ShapleyEstimate:
+                     seed: int, context: Context = SINGLE_PROCESS, value: str = "top1",
+                     players: str = "candidates") -> ShapleyEstimate:
+    """One entry per (layer, candidate) player, whichever the players: with "layers" the widest
+    candidate holds the layer's value and the others have no sample."""
     value = CoalitionValue(net, x, y, context, value)
-    groups = np.repeat(np.arange(len(net.graph.layers)), len(net.candidates))
     net.set_policy(None)
+    if players == "layers":
+        return _layer_upgrades(value, net, permutations, seed, context)
+    if players != "candidates":
+        raise ValueError(f"unknown Shapley players {players!r}")
+    groups = np.repeat(np.arange(len(net.graph.layers)), len(net.candidates))
     return monte_carlo_shapley(value, len(net.players()), permutations, groups=groups, truncation=truncation,
                                seed=seed, max_batch=value.max_batch * context.world)
+
+
+def _layer_upgrades(value: CoalitionValue, net: QuantNet, permutations: int, seed: int,
+                    context: Context) -> ShapleyEstimate:
+    """Shapley values of the layers, where a coalition's layers take the widest candidate and the
+    others the narrowest. No truncation: every coalition is a working network."""
+    n_layers, k = len(net.graph.layers), len(net.candidates)
+    wide, narrow = int(np.argmax(net.candidates)), int(np.argmin(net.candidates))
+
+    def policies(masks: np.ndarray) -> np.ndarray:
+        choice = np.zeros((len(masks), n_layers, k), dtype=bool)
+        choice[..., wide] = masks
+        choice[..., narrow] |= ~masks
+        return value(choice.reshape(len(masks), -1))
+
+    layers = monte_carlo_shapley(policies, n_layers, permutations, seed=seed, max_batch=value.max_batch * context.world)
+
+    def per_candidate(a: np.ndarray, missing: float) -> np.ndarray:
+        out = np.full((n_layers, k), missing, dtype=np.float64)
+        out[:, wide] = a
+        return out.reshape(-1)
+
+    return replace(layers, mean=per_candidate(layers.mean, np.nan), std=per_candidate(layers.std, np.nan),
+                   stderr=per_candidate(layers.stderr, np.nan), count=per_candidate(layers.count, 0).astype(int),
+                   mean_minus_std=per_candidate(layers.mean_minus_std, np.nan))
 
 
 def shapley_scores(estimate: ShapleyEstimate, n_layers: int, n_candidates: int) -> np.ndarray:

@@ -89,12 +89,13 @@ def _loss(task: Task, outputs: torch.Tensor, labels: torch.Tensor, teacher: nn.M
 
 
 def train(model: nn.Module, data: Dataset, config: TrainConfig, seed: int, *, desc: str = "train",
-          params: list[nn.Parameter] | None = None, extra_loss: Callable[[], torch.Tensor] | None = None,
+          params: list[nn.Parameter] | list[dict] | None = None, extra_loss: Callable[[], torch.Tensor] | None = None,
           after_epoch: Callable[[int], dict] | None = None, progress: bool = True,
           teacher: nn.Module | None = None, context: Context = SINGLE_PROCESS) -> list[dict]:
     """Adam with a cosine learning rate; returns one record per epoch.
 
-    ``params`` restricts what is trained (the supernet trains weights, not alpha, here);
+    ``params`` restricts what is trained (the supernet trains weights, not alpha, here), as a
+    list of parameters or of optimiser groups with their own learning rates;
     ``extra_loss`` adds a term such as DMPQ's cost penalty; ``after_epoch`` runs between epochs
     (the Shapley update of alpha) and its returned dict joins the epoch's record. With
     ``config.distill`` > 0 the loss mixes in the task's loss to ``teacher``'s outputs. Under
@@ -104,7 +105,10 @@ def train(model: nn.Module, data: Dataset, config: TrainConfig, seed: int, *, de
     device = device_of(model)
     task = task_of(data)
     params = params if params is not None else [p for p in model.parameters() if p.requires_grad]
-    optimiser = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    # Optimiser groups ({"params": [...], "lr": ...}) give some parameters their own rate.
+    groups = params if params and isinstance(params[0], dict) else [{"params": params}]
+    params = [p for group in groups for p in group["params"]]
+    optimiser = torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
     steps = config.epochs * -(-len(data.y_train) // config.batch_size)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimiser, max(steps, 1))
     history = []
