@@ -60,7 +60,7 @@ def measure(model_name: str, data_name: str, board) -> list[dict]:
     rows = []
     for policy, bits in policies.items():
         tflite = exported.tflite if policy == "mixed" else exported.variant(net, bits)
-        report = estimate(graph, bits, board)
+        report = estimate(graph, bits, board, host=True)
         n_ops, n_tensors, activations = tflite_layout(graph)
         scratch = {layer.name: layer.scratch_bytes for layer in report.layers}
         rows.append({

@@ -65,29 +65,34 @@ class Budgets(_Strict):
     latency_ms: Number = Field(gt=0, le=1e6)
 
 
-class OpCycles(_Strict):
-    """Cycles per multiply-accumulate by weight bit-width, and a fixed cost per operator call."""
+# The kernel variants a kernel set runs, each priced by its own formula (``KernelCycles``).
+# CMSIS-NN picks its kernel by shape and weight type (arm_convolve_wrapper_s8/s4,
+# arm_depthwise_conv_wrapper_s8/s4 for a core with DSP and without MVE): a 1x1 unit-stride
+# convolution, a strided 1x1, the im2col one for everything else; the 3x3 depthwise kernel (int8
+# only) or the general one. The reference kernels have one loop nest per op and weight type.
+# ``smpq_edge.cost.kernel_variant`` maps an operator to its name here.
+_ELEMENTWISE_VARIANTS = ("add", "average_pool_2d", "max_pool_2d", "pad", "reshape", "other")
+KERNEL_VARIANTS: dict[str, tuple[str, ...]] = {
+    "cmsis_nn": ("conv_1x1_s8", "conv_1x1_s4", "conv_1x1_strided_s8", "conv_1x1_strided_s4", "conv_s8", "conv_s4",
+                 "depthwise_3x3_s8", "depthwise_s8", "depthwise_s4", "fc_s8", "fc_s4", *_ELEMENTWISE_VARIANTS),
+    "reference": ("conv_s8", "conv_s4", "depthwise_s8", "depthwise_s4", "fc_s8", "fc_s4", *_ELEMENTWISE_VARIANTS),
+}
 
-    w8: Number = Field(gt=0, le=1000)
-    w4: Number = Field(gt=0, le=1000)
-    per_op: Number = Field(ge=0, le=1e7)
 
+class KernelCycles(_Strict):
+    """Cycles of one kernel variant per call: a term per unit of work (``smpq_edge.cost.OpWork``).
+    A term left out is 0 (the kernel does no work that scales with it)."""
 
-class ElementwiseCycles(_Strict):
-    """Cycles per output element of an op without weights, and a fixed cost per call."""
-
-    per_element: Number = Field(gt=0, le=10000)
-    per_op: Number = Field(ge=0, le=1e7)
-
-
-class CycleModel(_Strict):
-    conv: OpCycles
-    depthwise: OpCycles
-    fc: OpCycles
-    pool: ElementwiseCycles
-    mean: ElementwiseCycles
-    add: ElementwiseCycles
-    other: ElementwiseCycles
+    per_mac: Number = Field(default=0, ge=0, le=1000)
+    per_tap: Number = Field(default=0, ge=0, le=1e4)  # output elements x kernel height x width
+    per_im2col: Number = Field(default=0, ge=0, le=1e4)  # output pixels x kernel h x w x input channels
+    per_copy: Number = Field(default=0, ge=0, le=1e4)  # contiguous runs of those im2col copies
+    per_output: Number = Field(default=0, ge=0, le=1e4)  # output elements
+    per_pixel: Number = Field(default=0, ge=0, le=1e4)  # output height x width
+    per_row: Number = Field(default=0, ge=0, le=1e4)  # output height
+    per_input: Number = Field(default=0, ge=0, le=1e4)  # input elements
+    per_weight: Number = Field(default=0, ge=0, le=1e4)  # weight elements (e.g. unpacking INT4)
+    per_call: Number = Field(default=0, ge=0, le=1e8)
 
 
 class Board(_Strict):
@@ -103,10 +108,19 @@ class Board(_Strict):
     reserve: Reserve
     budgets: Budgets
     candidates: tuple[BitWidthCandidate, ...] = Field(default=("w4a8", "w8a8"), min_length=1)
-    cycles: CycleModel
+    # Kernel variant of ``KERNEL_VARIANTS[kernels]`` -> its cycle formula; exactly those variants.
+    cycles: dict[str, KernelCycles]
 
     @model_validator(mode="after")
     def _fits_the_board(self) -> Board:
+        wanted = KERNEL_VARIANTS[self.kernels]
+        unknown = [name for name in self.cycles if name not in wanted]
+        if unknown:
+            raise ValueError(f"cycles.{unknown[0]}: not a kernel variant of {self.kernels} kernels "
+                             f"(known: {', '.join(wanted)})")
+        missing = [name for name in wanted if name not in self.cycles]
+        if missing:
+            raise ValueError(f"cycles: no formula for kernel variant {missing[0]} of {self.kernels} kernels")
         if self.budgets.flash_kb > self.flash_kb:
             raise ValueError(f"budgets.flash_kb ({self.budgets.flash_kb:g}) exceeds the board's flash_kb ({self.flash_kb:g})")
         if self.budgets.ram_kb > self.ram_kb:

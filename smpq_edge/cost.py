@@ -1,19 +1,30 @@
 """Cost model: flash bytes, RAM (TFLM tensor arena) bytes and cycles of a policy on a board.
 
 A policy gives each quantisable layer its weight bit-width (4 or 8; activations are always int8).
-Flash counts what the ``.tflite`` flatbuffer stores; RAM counts what TFLM's arena holds
-(activations placed by a greedy planner like TFLM's, kernel scratch, persistent data); cycles
-count MACs times the board's per-MAC coefficient for the op kind, bit-width and kernel set.
-The overhead constants are fitted against real exported models and TFLM's own arena
-measurement (see ``bench/RESULTS.md``, cost model against reality).
+Flash counts what the ``.tflite`` flatbuffer stores; RAM counts what TFLM's arena holds on the
+32-bit target (activations placed by a greedy planner like TFLM's, kernel scratch, persistent
+data). Cycles are priced per TFLite operator (``tflite_operators``: PADs included, no RESHAPE in
+front of a FULLY_CONNECTED) by the board's formula for the kernel variant that runs it
+(``kernel_variant``: CMSIS-NN's choice by shape and weight type) over the operator's work
+(``OpWork``: MACs, im2col elements, output elements, ... and one call).
+
+The report also predicts the whole firmware's flash and static RAM from what its ELF holds
+(``RUNTIME``: TFLM core and application, plus each registered kernel), as ``firmware_flash_bytes``
+and ``firmware_ram_bytes``. The budgets keep counting the board's ``reserve`` in their place: the
+runtime depends on which kernels a policy registers, which the search's knapsack (additive over
+layers) cannot express, and a board's reserve also covers what the user's own firmware adds.
+
+The overhead constants are fitted against real exported models, TFLM's host arena measurement
+(``bench/cost_model.py``) and the firmware on QEMU (``bench/cycles.py``); ``bench/RESULTS.md``
+has both.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
-from smpq_edge.boards import Board
+from smpq_edge.boards import Board, KernelCycles
 from smpq_edge.errors import UserError
 from smpq_edge.graph import Graph, Op
 
@@ -27,8 +38,7 @@ ARENA_ALIGNMENT = 16
 
 
 # Both fitted (non-negative least squares) to 12 exported models, 4 examples x 3 policies, by
-# `python bench/cost_model.py --fit`; bench/RESULTS.md has the resulting errors. The arena's are
-# for TFLM on a 64-bit host, whose pointers make its persistent structures larger than on an MCU.
+# `python bench/cost_model.py --fit`; bench/RESULTS.md has the resulting errors.
 @dataclass(frozen=True)
 class FlatbufferOverhead:
     """Bytes of a .tflite beyond tensor data and quantisation parameters (tables, shapes, names)."""
@@ -42,14 +52,70 @@ class FlatbufferOverhead:
 class ArenaOverhead:
     """TFLM arena bytes beyond planned activations and scratch: interpreter tables, per-op data."""
 
-    fixed: int = 715
-    per_tensor: int = 51
-    per_op: int = 93
-    per_channel: int = 8  # requantisation multiplier and shift, int32 each, per conv output channel
+    fixed: int
+    per_tensor: int
+    per_op: int
+    per_channel: int  # requantisation multiplier and shift, int32 each, per conv output channel
 
 
 FLATBUFFER = FlatbufferOverhead()
-ARENA = ArenaOverhead()
+# TFLM on the 64-bit host (the emulator's interpreter), whose pointers make its persistent
+# structures larger than on an MCU: fitted by `python bench/cost_model.py --fit`.
+HOST_ARENA = ArenaOverhead(fixed=715, per_tensor=51, per_op=93, per_channel=8)
+# TFLM on the 32-bit target, per kernel set: fitted by `python bench/cycles.py` to the arena the
+# firmware reports on QEMU mps2-an386 (CMSIS-NN kernels keep other per-op data than the reference ones).
+TARGET_ARENA = {
+    "cmsis_nn": ArenaOverhead(fixed=198, per_tensor=35, per_op=82, per_channel=7),
+    "reference": ArenaOverhead(fixed=322, per_tensor=0, per_op=131, per_channel=8),
+}
+
+
+@dataclass(frozen=True)
+class RuntimeMemory:
+    """What the firmware holds besides the model and the arena, for one kernel set: measured by
+    `python bench/cycles.py` on the generated QEMU firmware (arm-none-eabi-gcc -O2, gc-sections,
+    Cortex-M4F) with `arm-none-eabi-size`, less the embedded test vectors."""
+
+    flash_base: int  # text + data: TFLM core, the self-check application, newlib, start-up code
+    flash_per_kernel: dict[str, int]  # a registered kernel (``registered_kernels``) -> its text + data
+    static_ram: int  # data + bss besides the tensor arena (TFLM and newlib state, the resolver)
+    static_ram_per_op: int  # the self-check's per-operator profile records
+
+
+# Kernels every measured firmware links (CONV_2D, FULLY_CONNECTED, AVERAGE_POOL_2D, and with
+# reference kernels DEPTHWISE_CONV_2D too) cannot be told apart from the base: their code is in it.
+RUNTIME = {
+    "cmsis_nn": RuntimeMemory(
+        flash_base=77905, static_ram=3500, static_ram_per_op=15,
+        flash_per_kernel={"ADD": 5670, "AVERAGE_POOL_2D": 0, "CONV_2D_INT4": 17315, "CONV_2D_INT8": 9885,
+                          "DEPTHWISE_CONV_2D_INT4": 1039, "DEPTHWISE_CONV_2D_INT8": 0, "FULLY_CONNECTED_INT4": 4403,
+                          "FULLY_CONNECTED_INT8": 12924, "MAX_POOL_2D": 3952, "PAD": 6261}),
+    "reference": RuntimeMemory(
+        flash_base=89544, static_ram=3500, static_ram_per_op=15,
+        flash_per_kernel={"ADD": 5656, "AVERAGE_POOL_2D": 0, "CONV_2D": 0, "DEPTHWISE_CONV_2D": 0,
+                          "FULLY_CONNECTED": 0, "MAX_POOL_2D": 3736, "PAD": 6088}),
+}
+VARIANT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+
+
+def registered_kernels(graph: Graph, bits: dict[str, int], kernels: str) -> tuple[str, ...]:
+    """The kernels the firmware links, as ``firmware.registrations`` registers them: with
+    CMSIS-NN an op whose layers all have one weight type links only that variant
+    (``CONV_2D_INT8``); mixed weights link both (the generic kernel dispatches at run time)."""
+    operators = tflite_operators(graph)
+    out = set()
+    for builtin in {o.builtin for o in operators}:
+        if kernels != "cmsis_nn" or builtin not in VARIANT_OPS:
+            out.add(builtin)
+            continue
+        used = {bits[o.op.name] for o in operators if o.builtin == builtin}
+        out.update(f"{builtin}_INT{b}" for b in used)
+    return tuple(sorted(out))
+
+
+def runtime_flash_bytes(graph: Graph, bits: dict[str, int], kernels: str) -> int:
+    table = RUNTIME[kernels]
+    return table.flash_base + sum(table.flash_per_kernel.get(k, 0) for k in registered_kernels(graph, bits, kernels))
 
 
 def quant_channels(op: Op) -> int:
@@ -81,11 +147,16 @@ class LayerCost:
 class CostReport:
     board: str
     layers: list[LayerCost]
+    ops: list[OpCost]  # every TFLite operator, in execution order (weighted layers and the rest)
     model_flash_bytes: int
     arena_bytes: int
     cycles: int
     reserve_flash_bytes: int
     reserve_ram_bytes: int
+    # The firmware besides model and arena, for the board's kernel set (``RUNTIME``): reported as
+    # firmware_flash_bytes / firmware_ram_bytes; the budgets count the board's reserve instead.
+    runtime_flash_bytes: int
+    static_ram_bytes: int
     flash_budget_bytes: int
     ram_budget_bytes: int
     cycle_budget: int
@@ -98,6 +169,16 @@ class CostReport:
     @property
     def ram_total_bytes(self) -> int:
         return self.arena_bytes + self.reserve_ram_bytes
+
+    @property
+    def firmware_flash_bytes(self) -> int:
+        """Predicted text + data of the firmware: model, TFLM core, the registered kernels, application."""
+        return self.model_flash_bytes + self.runtime_flash_bytes
+
+    @property
+    def firmware_ram_bytes(self) -> int:
+        """Predicted data + bss with an arena of exactly ``arena_bytes``."""
+        return self.arena_bytes + self.static_ram_bytes
 
     @property
     def latency_ms(self) -> float:
@@ -115,7 +196,8 @@ class CostReport:
         out = asdict(self)
         out["layers"] = [dict(asdict(layer), flash_bytes=layer.flash_bytes) for layer in self.layers]
         out.update(flash_total_bytes=self.flash_total_bytes, ram_total_bytes=self.ram_total_bytes,
-                   latency_ms=self.latency_ms, fits=self.fits)
+                   latency_ms=self.latency_ms, fits=self.fits,
+                   firmware_flash_bytes=self.firmware_flash_bytes, firmware_ram_bytes=self.firmware_ram_bytes)
         return out
 
 
@@ -140,24 +222,6 @@ def scratch_bytes(op: Op, bits: int, board: Board) -> int:
             return 0  # CMSIS-NN's 3x3 depthwise s8 kernel needs no buffer
         return 2 * channels * kh * kw  # an int16 column per output pixel
     return 0
-
-
-def _op_cycles(op: Op, bits: int, board: Board, graph: Graph) -> int:
-    table = board.cycles
-    if op.weighted:
-        coeff = getattr(table, op.kind)
-        return int(op.macs * (coeff.w4 if bits == 4 else coeff.w8) + coeff.per_op)
-    source_elements = max((graph.op(s).out_elements for s in op.inputs), default=0)
-    if op.kind in ("avgpool", "maxpool", "global_avgpool"):
-        # Global average pooling is exported as AVERAGE_POOL_2D (CMSIS-NN has it), not MEAN.
-        cost = table.pool
-    elif op.kind == "add":
-        cost = table.add
-    elif op.kind == "input":
-        return 0
-    else:
-        cost = table.other
-    return int(source_elements * cost.per_element + cost.per_op)
 
 
 def needs_pad_op(op: Op, input_shape: tuple[int, ...]) -> bool:
@@ -185,39 +249,176 @@ class TfliteTensor:
     last: int
 
 
-def tflite_layout(graph: Graph) -> tuple[int, int, list[TfliteTensor]]:
-    """Operator count, tensor count and activation tensors of the model as the exporter writes it:
-    a PAD before a convolution that needs one, no RESHAPE in front of a FULLY_CONNECTED (which
-    flattens its input itself), no operator for the input."""
-    activations: dict[str, list] = {}
-    n_ops = 0
-    n_tensors = 0
+# Graph op kind -> the TFLite operator the exporter writes for it (global pooling: AVERAGE_POOL_2D).
+BUILTINS = {"conv": "CONV_2D", "depthwise": "DEPTHWISE_CONV_2D", "fc": "FULLY_CONNECTED", "add": "ADD",
+            "avgpool": "AVERAGE_POOL_2D", "global_avgpool": "AVERAGE_POOL_2D", "maxpool": "MAX_POOL_2D",
+            "reshape": "RESHAPE", "relu": "RELU"}
+
+
+@dataclass(frozen=True)
+class TfliteOperator:
+    """One operator of the exported model, in execution order."""
+
+    name: str  # the graph op's name; "<conv>/pad" for the PAD the converter puts in front of a conv
+    builtin: str
+    op: Op  # the graph op it comes from (the convolution, for its PAD)
+    inputs: tuple[str, ...]  # the activation tensors it reads
+    input_shape: tuple[int, ...]  # of its first input (channels first, no batch)
+    out_elements: int
+
+
+def tflite_operators(graph: Graph) -> list[TfliteOperator]:
+    """The operators as the exporter writes them: a PAD before a convolution that needs one, no
+    RESHAPE in front of a FULLY_CONNECTED (which flattens its input itself), none for the input."""
     alias: dict[str, str] = {}
+    shapes = {op.name: op.out_shape for op in graph.ops}
+    out = []
     for op in graph.ops:
-        sources = [alias.get(s, s) for s in op.inputs]
+        sources = tuple(alias.get(s, s) for s in op.inputs)
         if op.kind == "input":
-            activations[op.name] = [op.out_elements, 0, 0]
-            n_tensors += 1
             continue
         if op.kind == "reshape" and all(graph.op(c).kind == "fc" for c in graph.consumers[op.name]):
             alias[op.name] = sources[0]
             continue
-        if op.weighted and needs_pad_op(op, graph.op(sources[0]).out_shape):
-            padded = tuple(d + 2 * p for d, p in zip(graph.op(sources[0]).out_shape[1:], op.padding))
+        if op.weighted and needs_pad_op(op, shapes[sources[0]]):
+            source_shape = shapes[sources[0]]
+            padded = (source_shape[0], *(d + 2 * p for d, p in zip(source_shape[1:], op.padding)))
             pad_name = f"{op.name}/pad"
-            activations[sources[0]][2] = n_ops
-            activations[pad_name] = [graph.op(sources[0]).out_shape[0] * math.prod(padded), n_ops, n_ops]
-            n_ops += 1
+            shapes[pad_name] = padded
+            out.append(TfliteOperator(pad_name, "PAD", op, sources, source_shape, math.prod(padded)))
+            sources = (pad_name,)
+        out.append(TfliteOperator(op.name, BUILTINS.get(op.kind, op.kind.upper()), op, sources, shapes[sources[0]],
+                                  op.out_elements))
+    return out
+
+
+def tflite_layout(graph: Graph) -> tuple[int, int, list[TfliteTensor]]:
+    """Operator count, tensor count and activation tensors (with op-index lifetimes) of the
+    model as the exporter writes it (``tflite_operators``)."""
+    operators = tflite_operators(graph)
+    activations = {op.name: [op.out_elements, 0, 0] for op in graph.ops if op.kind == "input"}
+    n_tensors = len(activations)
+    for index, operator in enumerate(operators):
+        for source in operator.inputs:
+            activations[source][2] = index
+        activations[operator.name] = [operator.out_elements, index, index]
+        if operator.builtin == "PAD":
             n_tensors += 2  # the padded activation and the paddings constant
-            sources = [pad_name]
-        for source in sources:
-            activations[source][2] = n_ops
-        activations[op.name] = [op.out_elements, n_ops, n_ops]
-        n_ops += 1
-        n_tensors += 1 + (2 if op.weighted else 0)  # output, plus weights and bias
-    activations[alias.get(graph.output, graph.output)][2] = n_ops  # the output lives to the end
-    tensors = [TfliteTensor(name, size, first, last) for name, (size, first, last) in activations.items()]
-    return n_ops, n_tensors, tensors
+        else:
+            n_tensors += 1 + (2 if operator.op.weighted else 0)  # output, plus weights and bias
+    last = operators[-1].name if operators else graph.output
+    activations[last][2] = len(operators)  # the output lives to the end
+    tensors = [TfliteTensor(name, size, first, end) for name, (size, first, end) in activations.items()]
+    return len(operators), n_tensors, tensors
+
+
+# ---- cycles --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class OpWork:
+    """What one operator call does, in the units a ``KernelCycles`` formula prices."""
+
+    macs: int = 0
+    taps: int = 0  # output elements x kernel (or pooling window) height x width
+    im2col: int = 0  # output pixels x kernel height x width x input channels (CMSIS-NN's im2col copies)
+    copies: int = 0  # contiguous runs those copies take: output pixels x kernel height (x width for conv);
+    # for pooling, output elements x window height
+    outputs: int = 0
+    pixels: int = 0  # output height x width
+    rows: int = 0  # output height (row-wise copies, as PAD does)
+    inputs: int = 0
+    weights: int = 0
+    calls: int = 1
+
+
+def op_work(operator: TfliteOperator) -> OpWork:
+    op = operator.op
+    inputs = math.prod(operator.input_shape)
+    shape = operator_out_shape(operator)
+    rows, pixels = (shape[1], shape[1] * shape[2]) if len(shape) == 3 else (1, 1)
+    if op.kind in ("avgpool", "maxpool", "global_avgpool") and operator.builtin != "PAD":
+        # Pooling sums each output's window row by row: taps = window elements, copies = window rows.
+        kh, kw = op.kernel
+        return OpWork(taps=operator.out_elements * kh * kw, copies=operator.out_elements * kh,
+                      outputs=operator.out_elements, pixels=pixels, rows=rows, inputs=inputs)
+    if operator.builtin == "PAD" or not op.weighted:
+        return OpWork(outputs=operator.out_elements, pixels=pixels, rows=rows, inputs=inputs)
+    if op.kind == "fc":
+        return OpWork(macs=op.macs, taps=op.out_elements, outputs=op.out_elements, pixels=1, rows=1, inputs=inputs,
+                      weights=op.weight_count)
+    _, kh, kw, c_in = op.weight_shape  # conv OHWI; depthwise [1, H, W, C]
+    depthwise = op.kind == "depthwise"
+    return OpWork(macs=op.macs, taps=op.macs if depthwise else op.macs // c_in,
+                  im2col=pixels * kh * kw * (op.out_channels if depthwise else c_in),
+                  copies=pixels * kh * (1 if depthwise else kw), outputs=op.out_elements, pixels=pixels, rows=rows,
+                  inputs=inputs, weights=op.weight_count)
+
+
+def operator_out_shape(operator: TfliteOperator) -> tuple[int, ...]:
+    """Channels-first output shape of an operator (a PAD's is the padded input)."""
+    if operator.builtin != "PAD":
+        return operator.op.out_shape
+    shape = operator.input_shape
+    return (shape[0], *(d + 2 * p for d, p in zip(shape[1:], operator.op.padding)))
+
+
+def _tflite_padding(operator: TfliteOperator) -> tuple[int, int]:
+    """The convolution's own padding in TFLite: VALID (0) behind a PAD, else torch's (SAME)."""
+    op = operator.op
+    return (0, 0) if needs_pad_op(op, operator.input_shape) or op.padding == (0, 0) else op.padding
+
+
+def kernel_variant(operator: TfliteOperator, bits: int, kernels: str) -> str:
+    """The kernel variant (a key of the board's ``cycles``) that runs ``operator``: CMSIS-NN's
+    choice by shape and weight type (boards.KERNEL_VARIANTS). Depthwise multipliers other than 1
+    and CMSIS-NN's 1xN convolution (input height 1) are priced as the general kernels."""
+    op = operator.op
+    if operator.builtin == "PAD" or not op.weighted:
+        name = operator.builtin.lower()
+        return name if name in ("add", "average_pool_2d", "max_pool_2d", "pad", "reshape") else "other"
+    suffix = f"_s{bits}"
+    if op.kind == "fc":
+        return "fc" + suffix
+    _, kh, kw, _ = op.weight_shape
+    padding = _tflite_padding(operator)
+    if kernels == "cmsis_nn" and op.kind == "conv" and (kh, kw) == (1, 1) and padding == (0, 0) and not op.same_pads:
+        return ("conv_1x1" if op.stride == (1, 1) else "conv_1x1_strided") + suffix
+    if kernels == "cmsis_nn" and op.kind == "depthwise" and bits == 8 and (kh, kw) == (3, 3) and max(padding) <= 1:
+        return "depthwise_3x3_s8"
+    return op.kind + suffix
+
+
+WORK_UNITS = tuple(f.name for f in fields(OpWork))
+# OpWork's unit -> its KernelCycles coefficient's name after "per_" (plural units, singular terms).
+UNIT_COEFFICIENT = {"macs": "mac", "taps": "tap", "copies": "copy", "outputs": "output", "pixels": "pixel",
+                    "rows": "row", "inputs": "input", "weights": "weight", "calls": "call"}
+
+
+def formula_cycles(work: OpWork, formula: KernelCycles) -> int:
+    return round(sum(getattr(work, unit) * getattr(formula, f"per_{UNIT_COEFFICIENT.get(unit, unit)}")
+                     for unit in WORK_UNITS))
+
+
+@dataclass(frozen=True)
+class OpCost:
+    """One TFLite operator's predicted cycles and the kernel variant priced."""
+
+    name: str
+    op: str  # TFLite builtin, as the firmware's profile names it
+    kernel: str
+    cycles: int
+
+
+def operator_costs(graph: Graph, bits: dict[str, int], board: Board) -> list[OpCost]:
+    """Every operator's cycles on ``board``, in the firmware's execution order."""
+    out = []
+    for operator in tflite_operators(graph):
+        layer_bits = bits.get(operator.op.name, 8) if operator.builtin != "PAD" else 8
+        variant = kernel_variant(operator, layer_bits, board.kernels)
+        out.append(OpCost(operator.name, operator.builtin, variant,
+                          formula_cycles(op_work(operator), board.cycles[variant])))
+    return out
 
 
 def arena_activation_peak(tensors: list[TfliteTensor], scratch: dict[str, int]) -> int:
@@ -248,20 +449,24 @@ def arena_activation_peak(tensors: list[TfliteTensor], scratch: dict[str, int]) 
 
 
 def estimate(graph: Graph, bits: dict[str, int], board: Board, flash_budget_bytes: int | None = None,
-             ram_budget_bytes: int | None = None, cycle_budget: int | None = None) -> CostReport:
+             ram_budget_bytes: int | None = None, cycle_budget: int | None = None, host: bool = False) -> CostReport:
     """The cost of ``bits`` (layer name -> weight bit-width) on ``board``.
 
     Budgets default to the board's; the search passes its own to study other operating points.
+    The arena is the 32-bit target's; ``host=True`` predicts the 64-bit host interpreter's instead.
     """
     missing = [op.name for op in graph.layers if op.name not in bits]
     unknown = sorted(set(bits) - {op.name for op in graph.layers})
     if missing or unknown:
         raise UserError(f"policy does not match the model: missing layers {missing}, unknown layers {unknown}")
+    for op in graph.layers:
+        if bits[op.name] not in board.weight_bits:
+            raise UserError(f"layer '{op.name}': {bits[op.name]}-bit weights are not a candidate on board {board.name}")
+    ops = operator_costs(graph, bits, board)
+    op_cycles = {op.name: op.cycles for op in ops}
     layers, scratch = [], {}
     for op in graph.layers:
         b = bits[op.name]
-        if b not in board.weight_bits:
-            raise UserError(f"layer '{op.name}': {b}-bit weights are not a candidate on board {board.name}")
         channels = quant_channels(op)
         scratch[op.name] = scratch_bytes(op, b, board)
         layers.append(LayerCost(
@@ -271,7 +476,7 @@ def estimate(graph: Graph, bits: dict[str, int], board: Board, flash_budget_byte
             # weights and bias each carry their own scales, and one zero point each
             quant_param_bytes=2 * (SCALE_BYTES * channels + ZERO_POINT_BYTES),
             scratch_bytes=scratch[op.name],
-            cycles=_op_cycles(op, b, board, graph),
+            cycles=op_cycles[op.name],
         ))
     n_ops, n_tensors, activations = tflite_layout(graph)
     # Every activation carries one scale and zero point; a PAD's paddings are 8 int32 values.
@@ -279,13 +484,15 @@ def estimate(graph: Graph, bits: dict[str, int], board: Board, flash_budget_byte
     model_flash = (sum(layer.flash_bytes for layer in layers) + QUANT_PARAM_BYTES * len(activations) + pad_bytes
                    + FLATBUFFER.fixed + FLATBUFFER.per_tensor * n_tensors + FLATBUFFER.per_op * n_ops)
     requantised_channels = sum(op.out_channels for op in graph.layers if op.kind != "fc")
-    arena = (arena_activation_peak(activations, scratch) + ARENA.fixed + ARENA.per_tensor * n_tensors
-             + ARENA.per_op * n_ops + ARENA.per_channel * requantised_channels)
-    cycles = sum(layer.cycles for layer in layers) + sum(
-        _op_cycles(op, 8, board, graph) for op in graph.ops if not op.weighted)
+    overhead = HOST_ARENA if host else TARGET_ARENA[board.kernels]
+    arena = (arena_activation_peak(activations, scratch) + overhead.fixed + overhead.per_tensor * n_tensors
+             + overhead.per_op * n_ops + overhead.per_channel * requantised_channels)
+    cycles = sum(op.cycles for op in ops)
     return CostReport(
-        board=board.name, layers=layers, model_flash_bytes=model_flash, arena_bytes=arena, cycles=cycles,
+        board=board.name, layers=layers, ops=ops, model_flash_bytes=model_flash, arena_bytes=arena, cycles=cycles,
         reserve_flash_bytes=int(board.reserve.flash_kb * 1024), reserve_ram_bytes=int(board.reserve.ram_kb * 1024),
+        runtime_flash_bytes=runtime_flash_bytes(graph, bits, board.kernels),
+        static_ram_bytes=RUNTIME[board.kernels].static_ram + RUNTIME[board.kernels].static_ram_per_op * n_ops,
         flash_budget_bytes=flash_budget_bytes if flash_budget_bytes is not None else int(board.budgets.flash_kb * 1024),
         ram_budget_bytes=ram_budget_bytes if ram_budget_bytes is not None else int(board.budgets.ram_kb * 1024),
         cycle_budget=cycle_budget if cycle_budget is not None else board.cycle_budget,

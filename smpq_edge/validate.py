@@ -312,10 +312,10 @@ def _first_error(log: str) -> str:
 
 
 def build_firmware(firmware: Path, objects: Path, tflm: Path, tflm_build_dir: Path | None, jobs: int,
-                   timeout_s: float, log_path: Path) -> tuple[Path, float]:
+                   timeout_s: float, log_path: Path, kernels: str | None = None) -> tuple[Path, float]:
     """``make`` the bare-metal image in ``firmware`` into ``objects`` (TFLM's objects into
-    ``tflm_build_dir`` when given); returns the ELF and the seconds it took. The make output goes
-    to ``log_path``."""
+    ``tflm_build_dir`` when given; ``kernels`` overrides the board's kernel set, e.g.
+    ``"reference"``); returns the ELF and the seconds it took. The make output goes to ``log_path``."""
     make = _require("make")
     _require(CROSS_CXX)
     objects = objects.resolve()
@@ -325,6 +325,8 @@ def build_firmware(firmware: Path, objects: Path, tflm: Path, tflm_build_dir: Pa
     command = [make, f"TFLM_DIR={tflm}", f"BUILD_DIR={objects}", f"-j{max(1, jobs)}"]
     if tflm_build_dir is not None:
         command.insert(3, f"TFLM_BUILD_DIR={Path(tflm_build_dir).resolve()}")
+    if kernels is not None:
+        command.insert(3, f"KERNELS={kernels}")
     start = time.monotonic()
     try:
         done = subprocess.run(command, cwd=firmware, capture_output=True, text=True, timeout=timeout_s)

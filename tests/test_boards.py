@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from smpq_edge.boards import BOARDS_DIR, Board, board_names, load_board, parse_board
+from smpq_edge.boards import BOARDS_DIR, KERNEL_VARIANTS, Board, Core, board_names, load_board, parse_board
 from smpq_edge.errors import UserError
 
 README = Path(__file__).resolve().parent.parent / "README.md"
@@ -36,6 +36,19 @@ def test_builtin_board_parses(name):
     assert board.cycle_budget > 0
     assert set(board.weight_bits) <= {4, 8}
     assert load_board(BOARDS_DIR / f"{name}.yaml") == board, "by path and by name must agree"
+
+
+@pytest.mark.parametrize("name", board_names())
+def test_board_cycles_name_their_source(name):
+    # The figures come from bench/cycles.py's fit to QEMU instruction counts; a core QEMU does not
+    # emulate (anything but the M4 of mps2-an386) says how its figures were derived from them.
+    board = load_board(name)
+    text = (BOARDS_DIR / f"{name}.yaml").read_text(encoding="utf-8")
+    cycles = text[text.index("\ncycles:"):]
+    assert "bench/cycles.py" in cycles and "QEMU" in cycles
+    assert set(board.cycles) == set(KERNEL_VARIANTS[board.kernels])
+    if board.core != Core.cortex_m4:
+        assert "derived" in cycles
 
 
 def test_board_properties_from_known_figures():
@@ -94,11 +107,17 @@ BAD_BOARDS = [
     ("duplicated-candidate", _set("candidates", ["w4a8", "w4a8"]), "candidates"),
     ("no-candidates", _set("candidates", []), "candidates"),
     ("missing-field", _delete("cycles"), "cycles"),
-    ("missing-nested-field", _delete("cycles.conv.w4"), "cycles.conv.w4"),
+    ("missing-nested-field", _delete("budgets.flash_kb"), "budgets.flash_kb"),
+    ("missing-kernel-variant", _delete("cycles.conv_1x1_s4"), "cycles: no formula for kernel variant conv_1x1_s4"),
+    ("unknown-kernel-variant", _set("cycles.conv_3x3_s8", {"per_mac": 1.0}),
+     "cycles.conv_3x3_s8: not a kernel variant of cmsis_nn kernels"),
+    ("variant-of-the-other-kernel-set", lambda b: {**b, "kernels": "reference"}, "not a kernel variant of reference"),
+    ("unknown-cycle-term", _set("cycles.fc_s8.per_flop", 1.0), "cycles.fc_s8.per_flop: unknown field"),
+    ("cycle-term-as-string", _set("cycles.fc_s8.per_mac", "2"), "cycles.fc_s8.per_mac"),
     ("missing-budget", _delete("budgets.latency_ms"), "budgets.latency_ms"),
     ("bad-name", _set("name", "My Board"), "name"),
     ("dsp-on-m0plus", lambda b: {**b, "core": "cortex-m0plus", "dsp": True}, "dsp"),
-    ("negative-cycles", _set("cycles.fc.w8", -3.0), "cycles.fc.w8"),
+    ("negative-cycles", _set("cycles.fc_s8.per_mac", -3.0), "cycles.fc_s8.per_mac"),
 ]
 
 

@@ -10,8 +10,11 @@ import torch
 import yaml
 from torch import nn
 
-from smpq_edge.boards import BOARDS_DIR, board_names, load_board, parse_board
-from smpq_edge.cost import ARENA_ALIGNMENT, arena_activation_peak, estimate, tflite_layout, uniform, weight_bytes
+from smpq_edge.boards import BOARDS_DIR, KernelCycles, board_names, load_board, parse_board
+from smpq_edge.cost import (
+    ARENA_ALIGNMENT, HOST_ARENA, RUNTIME, TARGET_ARENA, WORK_UNITS, OpWork, arena_activation_peak, estimate,
+    formula_cycles, op_work, registered_kernels, tflite_layout, tflite_operators, uniform, weight_bytes,
+)
 from smpq_edge.errors import UserError
 from smpq_edge.graph import Graph, Op, trace
 from smpq_edge.models import example_names, load_model
@@ -77,22 +80,130 @@ def test_tiny_model_flash_by_hand():
             assert layer.flash_bytes == weights + bias + quant
 
 
-def test_tiny_model_cycles_by_hand():
+# Tiny's operators as TFLite runs them (the flatten folds into FULLY_CONNECTED, the ReLUs fuse),
+# with their work counted by hand: conv 3x3x3 -> 5 on a 4x4 output, depthwise 3x3 on 5 channels.
+TINY_WORK = {
+    "conv": OpWork(macs=2160, taps=2160 // 3, im2col=16 * 9 * 3, copies=16 * 9, outputs=80, pixels=16, rows=4,
+                   inputs=108, weights=135),
+    "dw": OpWork(macs=720, taps=720, im2col=16 * 9 * 5, copies=16 * 3, outputs=80, pixels=16, rows=4, inputs=80,
+                 weights=45),
+    "fc": OpWork(macs=240, taps=3, outputs=3, pixels=1, rows=1, inputs=80, weights=240),
+}
+
+
+def by_hand(work: OpWork, formula) -> int:
+    return round(work.macs * formula.per_mac + work.taps * formula.per_tap + work.im2col * formula.per_im2col
+                 + work.copies * formula.per_copy + work.outputs * formula.per_output + work.pixels * formula.per_pixel
+                 + work.rows * formula.per_row + work.inputs * formula.per_input + work.weights * formula.per_weight
+                 + work.calls * formula.per_call)
+
+
+def test_tiny_model_work_by_hand():
+    operators = tflite_operators(tiny_graph())
+    assert [(o.name, o.builtin) for o in operators] == [("conv", "CONV_2D"), ("dw", "DEPTHWISE_CONV_2D"),
+                                                        ("fc", "FULLY_CONNECTED")]
+    assert {o.name: op_work(o) for o in operators} == TINY_WORK
+
+
+@pytest.mark.parametrize("board_name, bits, kernels", [
+    (CMSIS, 8, {"conv": "conv_s8", "dw": "depthwise_3x3_s8", "fc": "fc_s8"}),
+    (CMSIS, 4, {"conv": "conv_s4", "dw": "depthwise_s4", "fc": "fc_s4"}),  # no 3x3 s4 depthwise kernel
+    (REFERENCE, 8, {"conv": "conv_s8", "dw": "depthwise_s8", "fc": "fc_s8"}),
+    (REFERENCE, 4, {"conv": "conv_s4", "dw": "depthwise_s4", "fc": "fc_s4"}),
+])
+def test_tiny_model_cycles_by_hand(board_name, bits, kernels):
+    board = load_board(board_name)
+    report = estimate(tiny_graph(), uniform(tiny_graph(), bits), board)
+    assert [(op.name, op.kernel) for op in report.ops] == list(kernels.items())
+    hand = {name: by_hand(TINY_WORK[name], board.cycles[kernel]) for name, kernel in kernels.items()}
+    assert {name: layer.cycles for name, layer in by_name(report).items()} == hand
+    assert report.cycles == sum(hand.values())  # nothing else runs: no RESHAPE is priced
+    assert report.latency_ms == pytest.approx(report.cycles / (board.clock_mhz * 1e3))
+
+
+def test_formula_prices_every_term():
+    # Distinct powers of two per unit: a term dropped or swapped changes the sum.
+    work = OpWork(**{name: 2 ** i for i, name in enumerate(WORK_UNITS)})
+    coefficients = [name for name in KernelCycles.model_fields]
+    assert len(coefficients) == len(WORK_UNITS)
+    for i, coefficient in enumerate(coefficients):
+        alone = KernelCycles(**{coefficient: 3.0})
+        assert formula_cycles(work, alone) == 3 * 2 ** i, coefficient
+    assert formula_cycles(work, KernelCycles(**dict.fromkeys(coefficients, 1.0))) == 2 ** len(WORK_UNITS) - 1
+
+
+def _variants(module: nn.Module, shape, bits: int, board_name: str) -> list[tuple[str, str]]:
+    graph = trace(module, shape)
+    return [(op.op, op.kernel) for op in estimate(graph, uniform(graph, bits), load_board(board_name)).ops]
+
+
+def test_cmsis_kernel_choice_by_shape():
+    # CMSIS-NN's wrappers: 1x1 unit stride, strided 1x1, im2col for the rest; the 3x3 depthwise
+    # kernel only for int8 with padding <= 1, the general one for 5x5.
+    net = nn.Sequential(nn.Conv2d(8, 8, 1), nn.Conv2d(8, 8, 1, stride=2), nn.Conv2d(8, 8, 3, padding=1),
+                        nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 8, 5, padding=2, groups=8),
+                        nn.Flatten(), nn.Linear(8 * 4 * 4, 3))
+    expected = ["conv_1x1_s8", "conv_1x1_strided_s8", "conv_s8", "depthwise_3x3_s8", "depthwise_s8", "fc_s8"]
+    assert [kernel for _, kernel in _variants(net, (8, 8, 8), 8, CMSIS)] == expected
+    assert [kernel for _, kernel in _variants(net, (8, 8, 8), 4, CMSIS)] == [
+        "conv_1x1_s4", "conv_1x1_strided_s4", "conv_s4", "depthwise_s4", "depthwise_s4", "fc_s4"]
+    assert [kernel for _, kernel in _variants(net, (8, 8, 8), 8, REFERENCE)] == [
+        "conv_s8", "conv_s8", "conv_s8", "depthwise_s8", "depthwise_s8", "fc_s8"]
+
+
+def test_pad_operator_is_priced_by_rows():
+    # A stride-2 3x3 conv with torch padding 1 on an even input needs a PAD in front (the converter
+    # cannot express it as SAME); the PAD's work is the padded tensor: 1 x 10 x 10, 10 rows.
+    graph = trace(nn.Sequential(nn.Conv2d(1, 4, 3, stride=2, padding=1), nn.Flatten(), nn.Linear(64, 3)), (1, 8, 8))
+    pad, conv, _ = tflite_operators(graph)
+    assert (pad.builtin, conv.builtin, conv.inputs) == ("PAD", "CONV_2D", (pad.name,))
+    assert op_work(pad) == OpWork(outputs=100, pixels=100, rows=10, inputs=64)
     board = load_board(CMSIS)
-    c = board.cycles
-    for bits in (4, 8):
-        report = estimate(tiny_graph(), uniform(tiny_graph(), bits), board)
-        w = (lambda k: k.w4) if bits == 4 else (lambda k: k.w8)
-        hand = {
-            "conv": int(2160 * w(c.conv) + c.conv.per_op),
-            "dw": int(720 * w(c.depthwise) + c.depthwise.per_op),
-            "fc": int(240 * w(c.fc) + c.fc.per_op),
-        }
-        assert {name: layer.cycles for name, layer in by_name(report).items()} == hand
-        # Besides the layers, only the flatten runs (the ReLUs are fused): 80 input elements.
-        flatten = int(80 * c.other.per_element + c.other.per_op)
-        assert report.cycles == sum(hand.values()) + flatten
-        assert report.latency_ms == pytest.approx(report.cycles / (board.clock_mhz * 1e3))
+    report = estimate(graph, uniform(graph, 8), board)
+    assert [op.kernel for op in report.ops] == ["pad", "conv_s8", "fc_s8"]
+    assert report.ops[0].cycles == by_hand(op_work(pad), board.cycles["pad"])
+    assert report.cycles == sum(op.cycles for op in report.ops)
+
+
+def test_registered_kernels_follow_the_weight_types():
+    graph = tiny_graph()
+    mixed = {"conv": 4, "dw": 8, "fc": 8}
+    assert registered_kernels(graph, uniform(graph, 8), "cmsis_nn") == (
+        "CONV_2D_INT8", "DEPTHWISE_CONV_2D_INT8", "FULLY_CONNECTED_INT8")
+    assert registered_kernels(graph, mixed, "cmsis_nn") == (
+        "CONV_2D_INT4", "DEPTHWISE_CONV_2D_INT8", "FULLY_CONNECTED_INT8")
+    assert registered_kernels(graph, mixed, "reference") == ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+
+
+@pytest.mark.parametrize("board_name", [CMSIS, REFERENCE])
+def test_firmware_memory_is_model_plus_runtime(board_name):
+    board = load_board(board_name)
+    graph = tiny_graph()
+    table = RUNTIME[board.kernels]
+    for bits in ({"conv": 4, "dw": 8, "fc": 8}, uniform(graph, 8)):
+        report = estimate(graph, bits, board)
+        kernels = registered_kernels(graph, bits, board.kernels)
+        assert report.runtime_flash_bytes == table.flash_base + sum(table.flash_per_kernel[k] for k in kernels)
+        assert report.firmware_flash_bytes == report.model_flash_bytes + report.runtime_flash_bytes
+        assert report.firmware_ram_bytes == report.arena_bytes + table.static_ram + 3 * table.static_ram_per_op
+    assert table.flash_base > 0 and all(size >= 0 for size in table.flash_per_kernel.values())
+
+
+def test_target_arena_is_below_the_host_one():
+    # Same planned buffers; the overhead differs: the target's persistent structures hold 4-byte
+    # pointers (fitted to the firmware's report), the host's 8-byte ones.
+    graph = example_graph("resnet8")
+    for board_name in (CMSIS, REFERENCE):
+        board = load_board(board_name)
+        target = estimate(graph, uniform(graph, 8), board).arena_bytes
+        host = estimate(graph, uniform(graph, 8), board, host=True).arena_bytes
+        n_ops, n_tensors, _ = tflite_layout(graph)
+        channels = sum(op.out_channels for op in graph.layers if op.kind != "fc")
+
+        def overhead(o):
+            return o.fixed + o.per_tensor * n_tensors + o.per_op * n_ops + o.per_channel * channels
+
+        assert host - target == overhead(HOST_ARENA) - overhead(TARGET_ARENA[board.kernels]) > 0
 
 
 def test_flash_total_moves_by_the_weight_bytes_alone():
