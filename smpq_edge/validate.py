@@ -10,7 +10,9 @@ Two ways to get the self-check report (what the generated ``main.cc`` prints):
 The report is parsed (``parse_self_check``) and set against ``BUILD_DIR/search.json`` (the
 chosen method's predicted cycles per layer and arena): every output byte-equal to the
 emulator's, measured counts per inference and per op against predicted cycles, arena used
-against predicted. ``validate`` returns a ``Validation`` and writes it as
+against predicted. Every profiled op is set against the cost model's operator of the same place
+(``cost.ops`` in search.json: PAD, pooling and ADD too); a search.json without them (an older
+build) gives the weighted layers alone. ``validate`` returns a ``Validation`` and writes it as
 ``BUILD_DIR/validation.json``.
 """
 
@@ -23,6 +25,8 @@ import subprocess
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from smpq_edge.errors import UserError
 from smpq_edge.fileio import read_json, write_json, write_text
@@ -149,7 +153,7 @@ class OpComparison:
 
     index: int
     op: str
-    layer: str | None  # the cost model's layer name for a CONV_2D / DEPTHWISE_CONV_2D / FULLY_CONNECTED
+    layer: str | None  # the cost model's operator (a layer's name, "<layer>/pad" for its PAD)
     measured: int  # in the validation's unit (instructions under QEMU, else the counter's)
     predicted_cycles: int | None
     ratio: float | None  # measured / predicted
@@ -192,13 +196,38 @@ def _ratio(measured: int | None, predicted: int | None) -> float | None:
     return round(measured / predicted, 4)
 
 
+class _OpRecord(BaseModel):
+    """One operator of search.json's ``cost.ops`` (what ``cost.OpCost`` writes)."""
+
+    model_config = ConfigDict(extra="ignore", frozen=True)
+    name: str
+    op: str
+    cycles: int
+
+
+_OPS = TypeAdapter(list[_OpRecord])
+
+
 @dataclass(frozen=True)
 class Prediction:
     method: str
     cycles: int
     arena: int
     layers: tuple[tuple[str, str, int], ...]  # (name, kind, cycles) of the weighted layers, graph order
+    ops: tuple[tuple[str, str, int], ...] | None  # (name, TFLite op, cycles) of every operator, if recorded
     notes: tuple[str, ...]
+
+
+def _recorded_ops(path: Path, method: str) -> tuple[tuple[str, str, int], ...] | None:
+    """The method's per-operator prediction, where search.json has one (``cost.ops``)."""
+    raw = read_json(path, "search record")
+    cost = next((m.get("cost", {}) for m in raw.get("methods", []) if m.get("method") == method), {})
+    if "ops" not in cost:
+        return None
+    try:
+        return tuple((op.name, op.op, op.cycles) for op in _OPS.validate_python(cost["ops"]))
+    except ValidationError as exc:
+        raise UserError(f"{path}: methods.{method}.cost.ops: {exc.errors()[0]['msg']}") from None
 
 
 def load_prediction(build_dir: Path) -> Prediction | None:
@@ -219,7 +248,30 @@ def load_prediction(build_dir: Path) -> Prediction | None:
     if policy and policy.bits != chosen.bits:
         notes.append(f"policy.json's bits differ from search.json's {prediction[0]} pick: the prediction "
                      "is for the search's pick")
-    return Prediction(*prediction, layers=layers, notes=tuple(notes))
+    return Prediction(*prediction, layers=layers, ops=_recorded_ops(path, chosen.method), notes=tuple(notes))
+
+
+def _predicted_ops(check: SelfCheck, prediction: Prediction | None, notes: list[str]) -> dict[int, tuple[str, int]]:
+    """Profiled op index -> (the cost model's operator name, its predicted cycles): every op
+    where search.json records the operators and they are the profiled ones, else the weighted
+    layers in order where those line up, else none."""
+    if prediction is None:
+        return {}
+    notes.extend(prediction.notes)
+    if prediction.ops is not None:
+        if [op for _, op, _ in prediction.ops] == [op.op for op in check.ops]:
+            return {op.index: (name, cycles) for op, (name, _, cycles) in zip(check.ops, prediction.ops)}
+        if check.ops:
+            notes.append("the profiled ops differ from search.json's operators: per-op prediction for the "
+                         "weighted layers only")
+    weighted = [op for op in check.ops if op.op in WEIGHTED_OPS.values()]
+    kinds_ok = len(prediction.layers) == len(weighted) and all(
+        WEIGHTED_OPS.get(kind) == op.op for (_, kind, _), op in zip(prediction.layers, weighted))
+    if kinds_ok:
+        return {op.index: (name, cycles) for op, (name, _, cycles) in zip(weighted, prediction.layers)}
+    if check.ops:
+        notes.append("the profiled ops do not line up with search.json's layers: no per-op prediction")
+    return {}
 
 
 def compare(check: SelfCheck, prediction: Prediction | None, build_dir: Path, target: str,
@@ -238,23 +290,12 @@ def compare(check: SelfCheck, prediction: Prediction | None, build_dir: Path, ta
     def op_measure(op: ProfiledOp) -> int:
         return op.instructions if unit == "instructions" and op.instructions is not None else op.count
 
-    weighted = [op for op in check.ops if op.op in WEIGHTED_OPS.values()]
-    layers: list[tuple[str, str, int] | None] = [None] * len(weighted)
-    if prediction is not None:
-        kinds_ok = len(prediction.layers) == len(weighted) and all(
-            WEIGHTED_OPS.get(kind) == op.op for (_, kind, _), op in zip(prediction.layers, weighted))
-        if kinds_ok:
-            layers = list(prediction.layers)
-        elif check.ops:
-            notes.append("the profiled ops do not line up with search.json's layers: no per-op prediction")
-        notes.extend(prediction.notes)
-    by_index = {op.index: layer for op, layer in zip(weighted, layers)}
+    predicted = _predicted_ops(check, prediction, notes)
     ops = []
     for op in check.ops:
-        layer = by_index.get(op.index)
         value = op_measure(op)
-        ops.append(OpComparison(op.index, op.op, layer[0] if layer else None, value,
-                                layer[2] if layer else None, _ratio(value, layer[2]) if layer else None))
+        name, cycles = predicted.get(op.index, (None, None))
+        ops.append(OpComparison(op.index, op.op, name, value, cycles, _ratio(value, cycles)))
     if check.outputs_equal != check.vectors:
         notes.append(f"{check.vectors - check.outputs_equal} of {check.vectors} outputs differ from the emulator's")
     predicted_cycles = prediction.cycles if prediction else None

@@ -140,6 +140,46 @@ def test_validate_over_serial_against_the_prediction(build_dir):
     assert not list(build_dir.glob(".*.tmp"))  # written atomically
 
 
+def _record_ops(build_dir: Path, ops: list[tuple[str, str, int]]) -> None:
+    """search.json as a build writes it now: the chosen method's cost lists every operator."""
+    path = build_dir / "search.json"
+    search = json.loads(path.read_text())
+    search["methods"][0]["cost"]["ops"] = [{"name": n, "op": o, "kernel": "k", "cycles": c} for n, o, c in ops]
+    path.write_text(json.dumps(search))
+
+
+def test_every_profiled_op_against_the_recorded_operators(build_dir):
+    ops = [("0", "CONV_2D", 100000), ("3", "DEPTHWISE_CONV_2D", 70000), ("6", "CONV_2D", 130000),
+           ("_9", "AVERAGE_POOL_2D", 14000), ("11", "FULLY_CONNECTED", 1600)]
+    _record_ops(build_dir, ops)
+    with Board(REPORT) as board:
+        result = validate(build_dir, port=board.path, timeout_s=20)
+    assert [(op.op, op.layer, op.predicted_cycles) for op in result.ops] == [(o, n, c) for n, o, c in ops]
+    assert result.ops[0].ratio == pytest.approx(115200 / 100000, abs=1e-4) and result.ops[3].ratio > 0
+    assert not any("differ" in note for note in result.notes)
+
+
+def test_recorded_operators_that_differ_fall_back_to_the_layers(build_dir):
+    # A PAD the firmware does not run: the operator lists differ, so only the layers line up.
+    _record_ops(build_dir, [("0/pad", "PAD", 5), ("0", "CONV_2D", 1), ("3", "DEPTHWISE_CONV_2D", 1),
+                            ("6", "CONV_2D", 1), ("_9", "AVERAGE_POOL_2D", 1), ("11", "FULLY_CONNECTED", 1)])
+    with Board(REPORT) as board:
+        result = validate(build_dir, port=board.path, timeout_s=20)
+    layers = json.loads((DATA / "search.json").read_text())["methods"][0]["cost"]["layers"]
+    assert [op.predicted_cycles for op in result.ops] == [layers[0]["cycles"], layers[1]["cycles"],
+                                                           layers[2]["cycles"], None, layers[3]["cycles"]]
+    assert any("differ from search.json's operators" in note for note in result.notes)
+
+
+def test_malformed_recorded_operators_are_a_user_error(build_dir):
+    _record_ops(build_dir, [("0", "CONV_2D", 1)])
+    search = json.loads((build_dir / "search.json").read_text())
+    search["methods"][0]["cost"]["ops"][0]["cycles"] = "many"
+    (build_dir / "search.json").write_text(json.dumps(search))
+    with pytest.raises(UserError, match=r"search.json: methods.smpq.cost.ops: "):
+        validate(build_dir, port="/dev/null", timeout_s=0.1)
+
+
 def test_cli_validate_over_serial(build_dir, capsys):
     with Board(REPORT) as board:
         assert main(["validate", str(build_dir), "--port", board.path, "--timeout", "20"]) == 0
