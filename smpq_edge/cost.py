@@ -365,8 +365,8 @@ def operator_out_shape(operator: TfliteOperator) -> tuple[int, ...]:
 
 def _tflite_padding(operator: TfliteOperator) -> tuple[int, int]:
     """The convolution's own padding in TFLite: VALID (0) behind a PAD, else torch's (SAME)."""
-    op = operator.op
-    return (0, 0) if needs_pad_op(op, operator.input_shape) or op.padding == (0, 0) else op.padding
+    behind_pad = operator.inputs[0] == f"{operator.op.name}/pad"
+    return (0, 0) if behind_pad else operator.op.padding
 
 
 def kernel_variant(operator: TfliteOperator, bits: int, kernels: str) -> str:
@@ -382,7 +382,8 @@ def kernel_variant(operator: TfliteOperator, bits: int, kernels: str) -> str:
         return "fc" + suffix
     _, kh, kw, _ = op.weight_shape
     padding = _tflite_padding(operator)
-    if kernels == "cmsis_nn" and op.kind == "conv" and (kh, kw) == (1, 1) and padding == (0, 0) and not op.same_pads:
+    unpadded = padding == (0, 0) and not any(op.same_pads)
+    if kernels == "cmsis_nn" and op.kind == "conv" and (kh, kw) == (1, 1) and unpadded:
         return ("conv_1x1" if op.stride == (1, 1) else "conv_1x1_strided") + suffix
     if kernels == "cmsis_nn" and op.kind == "depthwise" and bits == 8 and (kh, kw) == (3, 3) and max(padding) <= 1:
         return "depthwise_3x3_s8"

@@ -165,6 +165,13 @@ def test_pad_operator_is_priced_by_rows():
     assert report.cycles == sum(op.cycles for op in report.ops)
 
 
+def test_depthwise_behind_a_pad_runs_unpadded():
+    # Behind its PAD the strided 3x3 depthwise is VALID: CMSIS-NN's 3x3 kernel (padding <= 1) runs it.
+    net = nn.Sequential(nn.Conv2d(4, 4, 3, stride=2, padding=1, groups=4), nn.Flatten(), nn.Linear(64, 3))
+    assert _variants(net, (4, 8, 8), 8, CMSIS) == [("PAD", "pad"), ("DEPTHWISE_CONV_2D", "depthwise_3x3_s8"),
+                                                    ("FULLY_CONNECTED", "fc_s8")]
+
+
 def test_registered_kernels_follow_the_weight_types():
     graph = tiny_graph()
     mixed = {"conv": 4, "dw": 8, "fc": 8}
