@@ -4,16 +4,22 @@ anomaly labels; data without class labels selects the task; one-line errors for 
 
 from __future__ import annotations
 
+import copy
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
+from smpq_edge.boards import load_board
 from smpq_edge.cli import main
 from smpq_edge.data import load_dataset, with_task
 from smpq_edge.errors import UserError
+from smpq_edge.models import load_model
+from smpq_edge.search.runner import SearchConfig, run_search
 from smpq_edge.search.smpq import score
+from smpq_edge.search.train import TrainConfig, seed_everything, train
 from smpq_edge.task import CLASSIFICATION, RECONSTRUCTION, task_of
 from smpq_edge.tflm import TflmRunner, quantise_input
 
@@ -127,6 +133,29 @@ def test_firmware_of_the_dense_autoencoder_checks_outputs_without_labels(built):
     labels = vectors.split("g_test_labels")[1].split("};")[0]
     assert set(labels.split("=", 1)[1].replace("{", "").replace(",", " ").split()) == {"-1"}
     assert "SMPQ_TEST_OUTPUT_SIZE" in vectors
+
+
+def test_a_trained_autoencoder_keeps_its_floor_and_a_wrecking_stage_is_undone(files):
+    """The pretrained schedule distils to the float model's reconstruction; Adam at a learning
+    rate of 1 wrecks it, and the guard, comparing MSE, undoes every stage."""
+    data = load_dataset(files / "ae.npz", seed=0)
+    seed_everything(0)
+    source = load_model(files / "ae.py")
+    train(source.module, data, TrainConfig(epochs=8, lr=1e-2), seed=0, progress=False)
+    wreck = TrainConfig(epochs=1, lr=1.0, distill=1.0)
+    config = replace(SearchConfig.quick().for_pretrained(), warmup=wreck, search=wreck, finetune=wreck, baselines=())
+    trained = replace(source, module=copy.deepcopy(source.module), pretrained=True)
+    record = run_search(trained, data, load_board("nucleo-l4r5zi"), config=config, seed=0, progress=False,
+                        log=lambda _: None).record
+    assert record["task"] == "reconstruction"
+    for check in record["stage_checks"]:
+        assert check["undone"] and check["val_acc_after"] < check["val_acc_before"] - check["standard_error"]
+    floor = record["floor_check"]
+    assert not floor["below_floor"] and floor["floor_val_acc"] < 0
+    reference = record["reference"]
+    # Calibration-only int8 of a trained autoencoder stays close to float; undone stages keep it.
+    assert -reference["ptq_int8"]["test_acc"] < 2 * -reference["float"]["test_acc"]
+    assert reference["shipped"]["test_auc"] > 0.9
 
 
 def test_coalition_value_is_minus_the_mse():
