@@ -33,8 +33,14 @@ class ShapleyConfig:
     truncation: float = 0.5
     # "top1": accuracy, as the paper; "soft": mean softmax probability of the true class, the
     # same quantity made continuous, so small changes of a coalition are not lost in rounding;
-    # "neg_mse": minus the MSE, for reconstruction (set by the task, see ``task.coalition_batch``).
+    # "neg_mse": minus the MSE, for reconstruction (set by the task, see ``task.coalition_batch``);
+    # "kl": minus the KL divergence from the float model's output distribution (continuous, and
+    # it needs no labels: a change that moves the outputs counts even where top-1 does not flip).
     value: str = "top1"
+    # Players of the final table the selection sums: "candidates", Shapley-NAS's (layer, bit-width)
+    # pairs over the mixed supernet; or "layers", each layer's move from the narrowest to the
+    # widest candidate, so that every coalition is a real policy, run in TFLM's integer arithmetic.
+    final_players: str = "candidates"
     # A wider bit-width's score is at least a narrower one's (see ``monotone_scores``).
     monotone: bool = True
     momentum: float = 0.8  # accum = momentum * accum + (1 - momentum) * phi
