@@ -142,9 +142,12 @@ def add_search_arguments(parser: argparse.ArgumentParser, out_default: str) -> N
                              "and export it as it is (for a model without its training data)")
 
 
-def search_config(args: argparse.Namespace, source):
-    """The search's schedule: quick or full, gentle for a model that arrives trained, none with --ptq."""
-    from smpq_edge.search.runner import SearchConfig, check_config
+def search_config(args: argparse.Namespace, source, data):
+    """The search's schedule: quick or full, gentle for a model that arrives trained, none with --ptq;
+    checked, with the model against the data and its task, before any output folder is made."""
+    from smpq_edge.search.runner import SearchConfig, check_config, traced_for
+
+    traced_for(source, data)
 
     config = SearchConfig.quick() if args.quick else SearchConfig()
     if source.pretrained:
@@ -227,7 +230,7 @@ def _search(parser: argparse.ArgumentParser):
 
         board, data, source = load_inputs(args)
         budgets = budgets_from(args, board)
-        config = search_config(args, source)
+        config = search_config(args, source, data)
         out = ensure_dir(Path(args.out))  # after the inputs, so a bad input leaves no folder behind
         if args.device == "cuda" and not torch_cuda_available():
             raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
@@ -339,7 +342,7 @@ def _build(parser: argparse.ArgumentParser):
 
         board, data, source = load_inputs(args)
         budgets = budgets_from(args, board)
-        config = search_config(args, source)
+        config = search_config(args, source, data)
         out = ensure_dir(Path(args.out))  # after the inputs, so a bad input leaves no folder behind
 
         def search(folder: Path) -> None:

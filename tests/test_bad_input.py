@@ -295,7 +295,8 @@ DATA_CASES = {
     "fractional label": (_npz(x=X, y=Y + 0.5), ["integer"]),
     "mismatched lengths": (_npz(x=X, y=Y[:50]), ["(50,)", "(60,)"]),
     "y as a column": (_npz(x=X, y=Y[:, None]), ["(60, 1)"]),
-    "no y": (_npz(x=X), ["'y'"]),
+    # Without y the data is an autoencoder's, which the default 10-class CNN is not.
+    "no y": (_npz(x=X), ["10 outputs", "64 values per sample", "autoencoder"]),
     "one class": (_npz(x=X, y=np.zeros(60, np.int64)), ["single class"]),
     "too few samples": (_npz(x=X[:2], y=Y[:2]), ["too few"]),
     "x_val without y_val": (_npz(x=X, y=Y, x_val=X[:5]), ["x_val", "y_val"]),

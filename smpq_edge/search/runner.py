@@ -265,14 +265,21 @@ def check_config(source: ModelSource, config: SearchConfig) -> None:
                         "post-training quantisation needs trained weights")
 
 
+def traced_for(source: ModelSource, data: Dataset) -> Graph:
+    """The model's graph, after one-line checks that it takes the data and that its output is what
+    the data's task scores (the CLI runs them before it makes an output folder)."""
+    source.check_input(data.input_shape, data.name)  # before tracing: one line, not torch's shape error
+    graph = trace(source.module, data.input_shape)
+    check_outputs(task_of(data), source.name, graph.op(graph.output).out_shape, data)
+    return graph
+
+
 def _prepare(source: ModelSource, data: Dataset, board: Board, budgets: Budgets, config: SearchConfig, seed: int,
              progress: bool, log: Callable[[str], None], context: Context) -> _Run:
     """Trace the model and set up the budget problem; stop before any training when no policy fits."""
     seed_everything(seed)
     check_config(source, config)
-    source.check_input(data.input_shape, data.name)  # before tracing: one line, not torch's shape error
-    graph = trace(source.module, data.input_shape)
-    check_outputs(task_of(data), source.name, graph.op(graph.output).out_shape, data)
+    graph = traced_for(source, data)
     sack = knapsack(graph, board, budgets, board.weight_bits)
     try:
         k_best([[0.0] * len(board.weight_bits)] * len(graph.layers), sack.costs, sack.budgets, 1,
