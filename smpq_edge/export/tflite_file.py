@@ -242,6 +242,41 @@ class TfliteModel:
             raise ValueError(f"operator {index} has no option {name!r}")
         setattr(options, name, value)
 
+    def append_softmax(self, beta: float, scale: float, zero_point: int) -> int:
+        """Put a SOFTMAX after the graph's one output; it writes a new int8 output tensor of the
+        same shape with (``scale``, ``zero_point``), whose index is returned."""
+        graph = self._graph
+        (source,) = self.outputs
+        tensor = schema.TensorT()
+        tensor.shape = np.asarray(graph.tensors[source].shape, dtype=np.int32)
+        tensor.type = _TYPE_CODES["INT8"]
+        tensor.buffer = len(self._model.buffers)
+        self._model.buffers.append(_AlignedBufferT())  # an activation: an empty buffer of its own
+        graph.tensors.append(tensor)
+        out = len(graph.tensors) - 1
+        self.set_tensor_quantization(out, [scale], [zero_point])
+        op = schema.OperatorT()
+        op.opcodeIndex = self._opcode_index(schema.BuiltinOperator.SOFTMAX)
+        op.inputs, op.outputs = np.asarray([source], dtype=np.int32), np.asarray([out], dtype=np.int32)
+        op.builtinOptionsType = schema.BuiltinOptions.SoftmaxOptions
+        op.builtinOptions = schema.SoftmaxOptionsT()
+        op.builtinOptions.beta = float(beta)
+        graph.operators = [*(graph.operators or []), op]
+        graph.outputs = np.asarray([out], dtype=np.int32)
+        return out
+
+    def _opcode_index(self, builtin: int) -> int:
+        """The operator code of ``builtin``, added (version 1) if the model has none."""
+        for i, code in enumerate(self._model.operatorCodes):
+            if max(code.builtinCode, code.deprecatedBuiltinCode) == builtin:
+                return i
+        code = schema.OperatorCodeT()
+        code.builtinCode = builtin
+        code.deprecatedBuiltinCode = min(builtin, 127)
+        code.version = 1
+        self._model.operatorCodes.append(code)
+        return len(self._model.operatorCodes) - 1
+
     def clear_tensor_quantization(self, index: int) -> None:
         self._graph.tensors[index].quantization = None
 
