@@ -77,6 +77,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", choices=["classification", "reconstruction"], default=None,
                         help="classification (class labels y) or reconstruction (an autoencoder scored by MSE); "
                              "default: reconstruction for data without labels y, else classification")
+    parser.add_argument("--logits", action="store_true",
+                        help="drop a final Softmax: the exported model outputs logits (default: exported as "
+                             "TFLM's int8 SOFTMAX)")
 
 
 @command("cost")
@@ -205,6 +208,8 @@ def load_inputs(args: argparse.Namespace):
     if probe.origin.endswith(".py") and data.num_classes:  # a model file builds its classifier for the data's classes
         seed_everything(args.seed)
         source = load_model(args.model, num_classes=data.num_classes)
+    if args.logits:
+        source = source.as_logits()
     for note in source.notes:
         print(f"note: {note}")
     return board, data, source

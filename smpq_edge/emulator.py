@@ -4,6 +4,11 @@ data split, and compare it with the torch fake-quant network it was exported fro
 Inputs are quantised exactly as the firmware does it (NCHW -> NHWC, round(x / scale) + zero
 point, clamped to int8). The split is cut into chunks that two worker processes run, each with its
 own TFLM interpreter (the interpreter is single-threaded and not shareable across processes).
+
+A model that ends in TFLM's int8 SOFTMAX is scored on those int8 probabilities, as the firmware's
+self-check scores it (first index of the largest byte): softmax is monotone, but two classes can
+saturate to the same byte. The fake-quant network outputs logits; the comparison puts them on the
+SOFTMAX input's int8 grid and applies the same integer softmax (``smpq_edge.softmax``) first.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from tqdm import tqdm
 
 from smpq_edge.errors import UserError
 from smpq_edge.export.tflite_file import TfliteModel
+from smpq_edge.softmax import OUTPUT_SCALE, OUTPUT_ZERO_POINT, softmax_int8, softmax_params
 from smpq_edge.task import CLASSIFICATION, Task
 from smpq_edge.tflm import TensorSpec, TflmRunner, quantise_input, smallest_arena
 
@@ -36,7 +42,7 @@ class EmulationResult:
     # Classification: fraction of samples where TFLM and torch pick the same class;
     # reconstruction: minus the MSE between TFLM's and torch's outputs.
     label_agreement: float | None
-    mean_abs_output_delta: float | None  # mean |TFLM - torch| over dequantised logits
+    mean_abs_output_delta: float | None  # mean |TFLM - torch| over dequantised outputs (probabilities after SOFTMAX)
     max_abs_output_delta: float | None
     arena_bytes: int  # smallest tensor arena TFLM runs the model in
     model_bytes: int
@@ -97,6 +103,27 @@ def _torch_logits(net, x: np.ndarray) -> np.ndarray:
                           for i in range(0, len(x), 1024)]).numpy()
 
 
+def _final_softmax_input(model: TfliteModel) -> tuple[float, int] | None:
+    """(scale, zero point) of the logits a final SOFTMAX reads, or None without one."""
+    operators = model.operators()
+    last = operators[-1] if operators else None
+    if last is None or last.name != "SOFTMAX" or last.outputs[0] != model.outputs[0]:
+        return None
+    q = model.tensor(last.inputs[0]).quantization
+    return q.scales[0], q.zero_points[0]
+
+
+def _torch_outputs(net, x: np.ndarray, softmax_input: tuple[float, int] | None) -> np.ndarray:
+    """The fake-quant network's outputs as the model's output: its logits, or TFLM's integer
+    softmax of them (on the SOFTMAX input's grid), dequantised."""
+    logits = _torch_logits(net, x).astype(np.float64)
+    if softmax_input is None:
+        return logits
+    scale, zero_point = softmax_input
+    q = np.clip(np.round(logits / scale) + zero_point, -128, 127).astype(np.int8)
+    return (softmax_int8(q, softmax_params(scale)).astype(np.float64) - OUTPUT_ZERO_POINT) * OUTPUT_SCALE
+
+
 def emulate(tflite_bytes: bytes, x: np.ndarray, y: np.ndarray, net=None, *, source: str = "<model>",
             workers: int = WORKERS, progress: bool = True, measure_arena: bool = True,
             task: Task = CLASSIFICATION) -> EmulationResult:
@@ -121,7 +148,7 @@ def emulate(tflite_bytes: bytes, x: np.ndarray, y: np.ndarray, net=None, *, sour
     y = np.asarray(y)
     torch_acc = agreement = mean_delta = max_delta = None
     if net is not None:
-        reference = _torch_logits(net, x).astype(np.float64)
+        reference = _torch_outputs(net, x, _final_softmax_input(model))
         torch_acc = task.score(task.predict(reference), x, y)
         agreement = task.agreement(predicted, task.predict(reference))
         delta = np.abs(reference - logits)

@@ -37,6 +37,7 @@ from smpq_edge.firmware import (
     registrations,
     render_firmware,
 )
+from smpq_edge.softmax import BETA, OUTPUT_SCALE, OUTPUT_ZERO_POINT
 from smpq_edge.tflm import TensorSpec, TflmRunner, quantise_input, smallest_arena
 
 VECTORS = 12
@@ -527,18 +528,13 @@ def test_cli_firmware(int8_model, tmp_path, capsys):
 # ---- the real thing: TFLM build and QEMU run ----------------------------------------------------
 
 
-@pytest.mark.parametrize("which, kernels", [("int8", "cmsis_nn"), ("int4", "cmsis_nn"), ("int4", "reference")])
-def test_qemu_self_check_matches_the_emulator(which, kernels, request, digits, tmp_path):
-    """Build for QEMU mps2-an386 with real TFLM (CMSIS-NN, and the reference kernels via
-    ``make KERNELS=reference``) and run: every output byte-equal to the emulator's.
-
-    Set SMPQ_FIRMWARE_BUILD_CACHE to a folder to keep the compiled TFLM between tests and runs
-    (it does not depend on the model; a cold TFLM build takes minutes)."""
+def _qemu_self_check(model: bytes, kernels: str, digits, tmp_path: Path, name: str):
+    """The generated firmware of ``model`` built with real TFLM and run under QEMU: (generation
+    result, QEMU's output, the per-op profile as (op, ticks, instructions)), self-check asserted."""
     _require_tools("arm-none-eabi-g++", "qemu-system-arm", "make")
     tflm = require_tflm()
-    model = request.getfixturevalue(f"{which}_model")
     vectors = build_test_vectors(model, digits.x_test, digits.y_test, count=VECTORS, origin="digits test split")
-    spec = build_spec(model, vectors, name=f"digits {which}.tflite")
+    spec = build_spec(model, vectors, name=name)
     result = generate_firmware(spec, load_board(QEMU_BOARD), tmp_path / "fw")
     build_dir = tmp_path / "build"
     build = subprocess.run(["make", f"TFLM_DIR={tflm}", f"KERNELS={kernels}", f"BUILD_DIR={build_dir}",
@@ -555,7 +551,34 @@ def test_qemu_self_check_matches_the_emulator(which, kernels, request, digits, t
     assert "instructions per inference:" in run.stdout and "PASS" in run.stdout
     assert "per-op profile of the last inference (SysTick ticks, instructions = ticks x 40):" in run.stdout
     ops = re.findall(r"^  op +\d+ (\w+) +(\d+) +(\d+)$", run.stdout, re.M)
-    assert [op for op, _, _ in ops] == ["CONV_2D", "DEPTHWISE_CONV_2D", "CONV_2D", "MEAN", "FULLY_CONNECTED"]
     assert all(int(instructions) == 40 * int(ticks) for _, ticks, instructions in ops)
-    used = int(re.search(r"tensor arena: (\d+) of (\d+) bytes used", run.stdout).group(1))
+    return result, run.stdout, ops
+
+
+@pytest.mark.parametrize("which, kernels", [("int8", "cmsis_nn"), ("int4", "cmsis_nn"), ("int4", "reference")])
+def test_qemu_self_check_matches_the_emulator(which, kernels, request, digits, tmp_path):
+    """Build for QEMU mps2-an386 with real TFLM (CMSIS-NN, and the reference kernels via
+    ``make KERNELS=reference``) and run: every output byte-equal to the emulator's.
+
+    Set SMPQ_FIRMWARE_BUILD_CACHE to a folder to keep the compiled TFLM between tests and runs
+    (it does not depend on the model; a cold TFLM build takes minutes)."""
+    model = request.getfixturevalue(f"{which}_model")
+    result, stdout, ops = _qemu_self_check(model, kernels, digits, tmp_path, f"digits {which}.tflite")
+    assert [op for op, _, _ in ops] == ["CONV_2D", "DEPTHWISE_CONV_2D", "CONV_2D", "MEAN", "FULLY_CONNECTED"]
+    used = int(re.search(r"tensor arena: (\d+) of (\d+) bytes used", stdout).group(1))
     assert used <= result.arena_size
+
+
+@pytest.mark.parametrize("kernels", ["cmsis_nn", "reference"])
+def test_qemu_self_check_of_a_model_ending_in_softmax(kernels, int8_model, digits, tmp_path):
+    """TFLM's int8 SOFTMAX as the exporter appends it: CMSIS-NN's arm_softmax_s8 and the reference
+    kernel give the host interpreter's bytes, and the labels are scored on those probabilities."""
+    model = TfliteModel.from_bytes(int8_model)
+    model.append_softmax(BETA, OUTPUT_SCALE, OUTPUT_ZERO_POINT)
+    model_bytes = model.to_bytes()
+    result, stdout, ops = _qemu_self_check(model_bytes, kernels, digits, tmp_path, "digits softmax.tflite")
+    assert [op for op, _, _ in ops][-2:] == ["FULLY_CONNECTED", "SOFTMAX"]
+    assert "AddSoftmax" in (result.out_dir / "model_runner.cc").read_text()
+    probabilities = TflmRunner(model_bytes).run(build_test_vectors(model_bytes, digits.x_test, digits.y_test,
+                                                                   count=VECTORS).inputs)
+    assert len(np.unique(probabilities)) > 3, "a trained model's probabilities, not only saturated bytes"

@@ -54,3 +54,31 @@ def test_corrupt_onnx_file_is_one_clear_error(tmp_path, content):
     with pytest.raises(UserError) as info:
         load_model(path)
     assert str(path) in str(info.value) and "\n" not in str(info.value)
+
+
+def test_final_softmax_is_a_flag_and_a_softmax_elsewhere_is_refused(tmp_path):
+    torch.manual_seed(0)
+    body = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
+    _export(nn.Sequential(body, nn.Softmax(dim=1)), (1, 8, 8), tmp_path / "s.onnx")
+    source = load_model(tmp_path / "s.onnx")
+    assert source.output_softmax and not source.notes
+    x = torch.randn(3, 1, 8, 8)
+    torch.testing.assert_close(source.module(x), body(x))  # the module gives the logits
+    _export(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Softmax(dim=1), nn.Flatten(), nn.Linear(72, 2)), (1, 8, 8),
+            tmp_path / "inside.onnx")
+    with pytest.raises(UserError, match="only as the model's last op"):
+        load_model(tmp_path / "inside.onnx")
+    _export(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Softmax(dim=1)), (1, 8, 8), tmp_path / "map.onnx")
+    with pytest.raises(UserError, match=r"only over the classes of an \(N, classes\) output"):
+        load_model(tmp_path / "map.onnx")
+
+
+def test_python_sequential_ending_in_softmax_is_a_flag(tmp_path):
+    path = tmp_path / "soft.py"
+    path.write_text("from torch import nn\nINPUT_SHAPE = (1, 8, 8)\n"
+                    "def build_model():\n"
+                    "    return nn.Sequential(nn.Flatten(), nn.Linear(64, 10), nn.Softmax(dim=1))\n")
+    source = load_model(path)
+    assert source.output_softmax and not isinstance(source.module[-1], nn.Softmax)
+    assert list(source.module.state_dict()) == ["1.weight", "1.bias"]  # the children keep their names
+    assert [op.kind for op in trace(source.module, source.input_shape).layers] == ["fc"]

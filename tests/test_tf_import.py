@@ -20,6 +20,8 @@ from smpq_edge.export.tflite_file import TfliteModel
 from smpq_edge.graph import trace
 from smpq_edge.models import load_model
 from smpq_edge.quant import QuantNet
+from smpq_edge.softmax import softmax_int8, softmax_params
+from smpq_edge.tflm import TflmRunner, quantise_input
 
 HERE = Path(__file__).parent
 
@@ -60,8 +62,8 @@ def test_imported_network_computes_what_tensorflow_computes(tf_files, name, suff
     with torch.no_grad():
         got = source.module.eval()(_nchw(reference["x"])).numpy()
     assert _relative_error(got, reference["logits"]) < 1e-5
-    if name != "autoencoder":
-        assert any("final Softmax" in note and "logits" in note for note in source.notes)
+    # The final Softmax is kept as a flag, outside the module (whose outputs are the logits above).
+    assert source.output_softmax == (name != "autoencoder") and not source.notes
 
 
 def test_kws_same_padding_is_kept_asymmetric(tf_files):
@@ -100,6 +102,50 @@ def test_export_keeps_tensorflow_same_padding_without_pad_ops(tf_files):
     convs = [op for op in model.operators() if op.name in ("CONV_2D", "DEPTHWISE_CONV_2D")]
     assert [op.options["padding"] for op in convs][:2] == [0, 0]  # SAME (the 1x1 after it pads nothing)
     assert (convs[0].options["strideH"], convs[0].options["strideW"]) == (2, 2)
+
+
+def _calibrated_net(source) -> tuple[QuantNet, np.ndarray]:
+    graph = trace(source.module, source.input_shape)
+    net = QuantNet(graph, source.module, (4, 8))
+    calibration = np.random.default_rng(0).normal(size=(32, *source.input_shape)).astype(np.float32)
+    net.train()
+    with torch.no_grad():
+        net(torch.from_numpy(calibration))
+        net.commit_observations()
+    return net.eval(), calibration
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".tflite"])
+def test_final_softmax_is_exported_as_tflms_int8_softmax(tf_files, suffix):
+    source = load_model(tf_files / f"cnn{suffix}")
+    net, calibration = _calibrated_net(source)
+    bits = {op.name: 4 if i % 2 else 8 for i, op in enumerate(net.graph.layers)}
+    net.set_policy(bits)
+    with_softmax = export_model(net, bits, calibration, softmax=True)
+    logits = export_model(net, bits, calibration)
+    for tflite in (with_softmax.tflite, with_softmax.tflite_int8, with_softmax.variant(net, bits)):
+        model = TfliteModel.from_bytes(tflite)
+        last, before = model.operators()[-1], model.operators()[-2]
+        assert last.name == "SOFTMAX" and last.options["beta"] == 1.0 and last.inputs == before.outputs
+        output = model.tensor(model.outputs[0])
+        assert output.type == "INT8" and output.quantization.scales == (1 / 256,)
+        assert output.quantization.zero_points == (-128,)
+    assert (with_softmax.output_scale, with_softmax.output_zero_point, with_softmax.softmax) == (1 / 256, -128, True)
+    assert "SOFTMAX" not in [op.name for op in TfliteModel.from_bytes(logits.tflite).operators()]
+    # End to end: TFLM's output of the softmax model is our integer softmax of its logits model's.
+    x = np.random.default_rng(1).normal(size=(200, *source.input_shape)).astype(np.float32)
+    runner, logits_runner = TflmRunner(with_softmax.tflite), TflmRunner(logits.tflite)
+    inputs = quantise_input(x, runner.input)
+    probabilities = runner.run(inputs).reshape(len(x), -1)
+    ours = softmax_int8(logits_runner.run(inputs).reshape(len(x), -1), softmax_params(logits_runner.output.scale))
+    assert np.array_equal(ours, probabilities) and len(np.unique(probabilities)) > 2
+
+
+def test_logits_drops_the_softmax_with_one_notice(tf_files):
+    source = load_model(tf_files / "cnn.keras").as_logits()
+    assert not source.output_softmax
+    assert len(source.notes) == 1 and "final Softmax dropped (--logits)" in source.notes[0]
+    assert source.as_logits() is source  # nothing more to drop, no second notice
 
 
 def test_unsupported_op_is_one_line_naming_file_node_and_op(tf_files):

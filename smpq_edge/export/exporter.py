@@ -13,7 +13,9 @@ activations are not quantised. That model is then rewritten so it carries *our* 
   ops that TFLite runs with the same scale in and out (pooling, reshape) keep their input's;
 - MEAN over H and W (onnx2tf's global average pooling) becomes AVERAGE_POOL_2D with the full
   window, which CMSIS-NN has a kernel for (MEAN has none) and which TFLM computes identically
-  for equal input and output quantisation.
+  for equal input and output quantisation;
+- a model that ended in a Softmax (``ModelSource.output_softmax``) gets TFLM's int8 SOFTMAX after
+  its logits: output scale 1/256, zero point -128 (the only int8 output TFLM accepts), beta 1.
 
 The same onnx2tf layout is rewritten twice: with the policy's bits and with int8 everywhere
 (the reference model). Any mismatch between the traced graph and onnx2tf's operators stops with a
@@ -36,6 +38,7 @@ from smpq_edge.export.onnx_to_tflite import export_int8
 from smpq_edge.export.tflite_file import TfliteModel
 from smpq_edge.graph import Graph, Op
 from smpq_edge.quant import QuantNet, quantize_weight
+from smpq_edge.softmax import BETA, OUTPUT_SCALE, OUTPUT_ZERO_POINT
 
 _WEIGHTED_OPS = {"CONV_2D": "conv", "DEPTHWISE_CONV_2D": "depthwise", "FULLY_CONNECTED": "fc"}
 # Operators that TFLite runs with the same input and output quantisation.
@@ -65,6 +68,7 @@ class ExportResult:
     input_zero_point: int
     output_scale: float
     output_zero_point: int
+    softmax: bool = False  # a SOFTMAX follows the logits (the output is then its 1/256, -128)
     notes: list[str] = field(default_factory=list)
     # onnx2tf's layout, matched to the graph: lets ``variant`` rewrite it for another policy.
     _layout: tuple = field(default=(), repr=False, compare=False)
@@ -72,7 +76,7 @@ class ExportResult:
     def variant(self, net: QuantNet, bits: dict[str, int]) -> bytes:
         """The same model under another policy (same layout and activation scales), no onnx2tf run."""
         template, matched, acts = self._layout
-        return _rewrite(template, net, bits, matched, acts)[0]
+        return _rewrite(template, net, bits, matched, acts, self.softmax)[0]
 
     def to_dict(self) -> dict:
         return {
@@ -83,6 +87,7 @@ class ExportResult:
             "mean_to_avgpool": self.mean_to_avgpool,
             "input": {"scale": self.input_scale, "zero_point": self.input_zero_point},
             "output": {"scale": self.output_scale, "zero_point": self.output_zero_point},
+            "softmax": self.softmax,
             "notes": list(self.notes),
         }
 
@@ -243,7 +248,7 @@ def _mean_to_avgpool(model: TfliteModel) -> int:
             continue
         n, h, w, c = source.shape
         op = graph.operators[info.index]
-        op.opcodeIndex = _opcode_index(raw, schema.BuiltinOperator.AVERAGE_POOL_2D)
+        op.opcodeIndex = model.opcode_index(schema.BuiltinOperator.AVERAGE_POOL_2D)
         options = schema.Pool2DOptionsT()
         options.padding = schema.Padding.VALID
         options.strideW, options.strideH = w, h
@@ -259,19 +264,8 @@ def _mean_to_avgpool(model: TfliteModel) -> int:
     return rewritten
 
 
-def _opcode_index(raw: schema.ModelT, builtin: int) -> int:
-    for i, code in enumerate(raw.operatorCodes):
-        if max(code.builtinCode, code.deprecatedBuiltinCode) == builtin:
-            return i
-    code = schema.OperatorCodeT()
-    code.builtinCode = builtin
-    code.deprecatedBuiltinCode = min(builtin, 127)
-    code.version = 1
-    raw.operatorCodes.append(code)
-    return len(raw.operatorCodes) - 1
-
-
-def _rewrite(template: bytes, net: QuantNet, bits: dict[str, int], matched, acts) -> tuple[bytes, int]:
+def _rewrite(template: bytes, net: QuantNet, bits: dict[str, int], matched, acts,
+             softmax: bool) -> tuple[bytes, int]:
     model = TfliteModel.from_bytes(template, source="onnx2tf output")
     for index, (scale, zero_point) in acts.items():
         model.set_tensor_quantization(index, [scale], [zero_point])
@@ -306,12 +300,15 @@ def _rewrite(template: bytes, net: QuantNet, bits: dict[str, int], matched, acts
         model.set_tensor_data(b_index, q_bias.tobytes())
         model.set_tensor_quantization(b_index, bias_scales.tolist(), [0], 0)
     rewritten = _mean_to_avgpool(model)
+    if softmax:
+        model.append_softmax(BETA, OUTPUT_SCALE, OUTPUT_ZERO_POINT)
     model.compact()
     return model.to_bytes(), rewritten
 
 
-def export_model(net: QuantNet, bits: dict[str, int], calibration: np.ndarray) -> ExportResult:
-    """The mixed ``.tflite`` of ``net`` under ``bits`` (layer -> 4 or 8) and its int8 reference.
+def export_model(net: QuantNet, bits: dict[str, int], calibration: np.ndarray, softmax: bool = False) -> ExportResult:
+    """The mixed ``.tflite`` of ``net`` under ``bits`` (layer -> 4 or 8) and its int8 reference,
+    both ending in an int8 SOFTMAX when ``softmax``.
 
     ``calibration`` (float32 NCHW) only lets onnx2tf finish its own int8 conversion; every scale
     in the result comes from ``net``.
@@ -331,18 +328,19 @@ def export_model(net: QuantNet, bits: dict[str, int], calibration: np.ndarray) -
     template = TfliteModel.from_bytes(int8.tflite, source="onnx2tf output")
     matched = _match_layers(template, graph, float_module)
     acts = _activation_params(template, net)
-    mixed, rewritten = _rewrite(int8.tflite, net, bits, matched, acts)
-    reference, _ = _rewrite(int8.tflite, net, {op.name: 8 for op in graph.layers}, matched, acts)
+    mixed, rewritten = _rewrite(int8.tflite, net, bits, matched, acts, softmax)
+    reference, _ = _rewrite(int8.tflite, net, {op.name: 8 for op in graph.layers}, matched, acts, softmax)
     notes = []
     if any(o.name == "MEAN" for o in TfliteModel.from_bytes(mixed).operators()):
         notes.append("a MEAN operator could not be rewritten to AVERAGE_POOL_2D and was kept")
     (in_index,), (out_index,) = template.inputs, template.outputs
+    output = (OUTPUT_SCALE, OUTPUT_ZERO_POINT) if softmax else acts[out_index]
     return ExportResult(
         tflite=mixed, tflite_int8=reference, bits=dict(bits),
         layers=[ExportedLayer(op.name, op.kind, bits[op.name], i, w, b) for op, i, w, b in matched],
         mean_to_avgpool=rewritten,
         input_scale=acts[in_index][0], input_zero_point=acts[in_index][1],
-        output_scale=acts[out_index][0], output_zero_point=acts[out_index][1],
+        output_scale=output[0], output_zero_point=output[1], softmax=softmax,
         notes=notes,
         _layout=(int8.tflite, matched, acts),
     )

@@ -256,7 +256,7 @@ class TfliteModel:
         out = len(graph.tensors) - 1
         self.set_tensor_quantization(out, [scale], [zero_point])
         op = schema.OperatorT()
-        op.opcodeIndex = self._opcode_index(schema.BuiltinOperator.SOFTMAX)
+        op.opcodeIndex = self.opcode_index(schema.BuiltinOperator.SOFTMAX)
         op.inputs, op.outputs = np.asarray([source], dtype=np.int32), np.asarray([out], dtype=np.int32)
         op.builtinOptionsType = schema.BuiltinOptions.SoftmaxOptions
         op.builtinOptions = schema.SoftmaxOptionsT()
@@ -265,7 +265,7 @@ class TfliteModel:
         graph.outputs = np.asarray([out], dtype=np.int32)
         return out
 
-    def _opcode_index(self, builtin: int) -> int:
+    def opcode_index(self, builtin: int) -> int:
         """The operator code of ``builtin``, added (version 1) if the model has none."""
         for i, code in enumerate(self._model.operatorCodes):
             if max(code.builtinCode, code.deprecatedBuiltinCode) == builtin:

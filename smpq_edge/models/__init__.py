@@ -10,7 +10,7 @@ A model file defines ``build_model()`` (returning a ``torch.nn.Module``) and ``I
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -30,6 +30,16 @@ class ModelSource:
     pretrained: bool
     origin: str  # the file it was read from
     notes: tuple[str, ...] = ()  # what the import changed, for the user (e.g. a dropped final Softmax)
+    # The model ended in a Softmax over its classes. It is kept out of ``module`` so that search and
+    # training see logits (cross-entropy wants them); the exporter appends TFLM's int8 SOFTMAX.
+    output_softmax: bool = False
+
+    def as_logits(self) -> ModelSource:
+        """The model without its final Softmax (``--logits``), with the one-line notice."""
+        if not self.output_softmax:
+            return self
+        note = "final Softmax dropped (--logits): the model outputs logits (same top-1 class)"
+        return replace(self, output_softmax=False, notes=(*self.notes, note))
 
     def check_input(self, shape: tuple[int, ...], data_name: str) -> None:
         """One line naming both shapes, before tracing runs into torch's own shape error."""
@@ -74,8 +84,18 @@ def _load_python(path: Path, num_classes: int | None) -> ModelSource:
         raise UserError(f"{path}: build_model() failed: {_one_line(exc)}") from None
     if not isinstance(module, nn.Module):
         raise UserError(f"{path}: build_model() must return a torch.nn.Module, got {type(module).__name__}")
+    module, softmax = _split_final_softmax(module)
     return ModelSource(path.stem, module, shape, getattr(namespace, "DATASET", None),
-                       bool(getattr(namespace, "PRETRAINED", False)), str(path))
+                       bool(getattr(namespace, "PRETRAINED", False)), str(path), output_softmax=softmax)
+
+
+def _split_final_softmax(module: nn.Module) -> tuple[nn.Module, bool]:
+    """An nn.Sequential ending in a Softmax over the classes, as its body and a flag (the one
+    shape where this is cheap to see; a Softmax inside forward() is refused by the tracer)."""
+    if isinstance(module, nn.Sequential) and len(module) > 1 and isinstance(module[-1], nn.Softmax) \
+            and module[-1].dim in (1, -1):
+        return module[:-1], True  # slicing keeps the children's names, so a state_dict still loads
+    return module, False
 
 
 def _python(path: Path, num_classes: int | None) -> ModelSource:

@@ -5,7 +5,7 @@ files through tf2onnx (see ``tf_import``). Written here rather than taken from o
 onnx2torch depends on torchvision, and PyPI's torchvision (CUDA-linked) fails to import beside
 the CPU build of torch this project pins. The ops below are what ``graph.trace`` accepts, in the
 shapes torch.onnx and tf2onnx write them (NHWC inputs behind a Transpose, TensorFlow's SAME
-padding, MatMul + bias Add, a final Softmax, Reshapes that change nothing), so nothing is lost:
+padding, MatMul + bias Add, a final Softmax (kept as ``ModelSource.output_softmax``), Reshapes that change nothing), so nothing is lost:
 any other op would be refused later anyway, and here it is refused with the ONNX node's name.
 """
 
@@ -74,7 +74,7 @@ class _Importer:
     layers: dict[str, nn.Module] = field(default_factory=dict)
     producer: dict[str, str] = field(default_factory=dict)  # tensor -> layer key that wrote it
     aliases: dict[str, str] = field(default_factory=dict)  # tensor -> the tensor it equals
-    notes: list[str] = field(default_factory=list)
+    output_softmax: bool = False  # a final Softmax was seen (kept out of the module: see ModelSource)
     nhwc_views: set[str] = field(default_factory=set)  # tensors that are channels-last views
 
     def fail(self, node, message: str) -> UserError:
@@ -295,8 +295,11 @@ def _transpose(imp: _Importer, node, key: str, attrs: dict) -> None:
 def _softmax(imp: _Importer, node, key: str, attrs: dict) -> None:
     if node.output[0] != imp.graph_output:
         raise imp.fail(node, "Softmax is supported only as the model's last op")
+    shape = imp.shape(node.input[0])
+    if shape is None or len(shape) != 2 or int(attrs.get("axis", -1)) not in (1, -1):
+        raise imp.fail(node, f"Softmax is supported only over the classes of an (N, classes) output (shape {shape})")
     imp.alias(node)
-    imp.notes.append(f"final Softmax '{node.name or 'Softmax'}' dropped: the model outputs logits (same top-1 class)")
+    imp.output_softmax = True
 
 
 def _reduce_mean(imp: _Importer, node, key: str, attrs: dict) -> None:
@@ -418,7 +421,8 @@ def onnx_source(model, origin: str, name: str) -> ModelSource:
             raise UserError(f"{origin}: ONNX node '{node.name or node.op_type}' ({node.op_type}) is not supported; "
                             f"supported: {SUPPORTED_ONNX}")
     module = OnnxModule(imp.steps, imp.layers, body, imp.source(imp.graph_output)).eval()
-    return ModelSource(name, module, input_shape, None, pretrained=True, origin=origin, notes=tuple(imp.notes))
+    return ModelSource(name, module, input_shape, None, pretrained=True, origin=origin,
+                       output_softmax=imp.output_softmax)
 
 
 _WRAPPERS = re.compile(r"^(functional|model|sequential|StatefulPartitionedCall)(_\d+)*$")
