@@ -18,6 +18,7 @@ import yaml
 from smpq_edge.boards import BOARDS_DIR
 from smpq_edge.cli import main
 from smpq_edge.data import load_dataset
+from smpq_edge.export.tflite_file import TfliteModel
 from smpq_edge.models import load_model
 from smpq_edge.records import read_emulation, read_search
 from smpq_edge.report import make_report
@@ -254,3 +255,37 @@ def test_summary_and_report_say_what_each_figure_is(default_build, capsys):
     html = (default_build / "report.html").read_text()
     row = next(r for r in html.split("<tr>") if "output difference" in r)
     assert row.count("<td>") == 2, "the output-difference row is one figure and one value"
+
+
+SOFTMAX_MODEL = """from torch import nn
+INPUT_SHAPE = (1, 8, 8)
+DATASET = "digits"
+
+
+def build_model(num_classes=10):
+    return nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Flatten(), nn.Linear(512, num_classes),
+                         nn.Softmax(dim=1))
+"""
+
+
+def test_build_of_a_model_ending_in_softmax_ships_tflms_softmax(tmp_path, capsys):
+    model = tmp_path / "soft_digits.py"
+    model.write_text(SOFTMAX_MODEL)
+    out = tmp_path / "out"
+    assert main(["build", "--model", str(model), "--out", str(out), *QUICK]) == 0
+    assert "Softmax dropped" not in capsys.readouterr().out
+    tflite = TfliteModel.from_file(out / "model.tflite")
+    assert [op.name for op in tflite.operators()][-2:] == ["FULLY_CONNECTED", "SOFTMAX"]
+    output = tflite.tensor(tflite.outputs[0]).quantization
+    assert (output.scales, output.zero_points) == ((1 / 256,), (-128,))
+    emulation = read_emulation(out / "emulation.json")
+    # The fake-quant network's logits through the same integer softmax: the same bytes as TFLM's.
+    assert emulation.label_agreement == 1.0 and emulation.max_abs_output_delta < 1e-9
+    assert json.loads((out / "emulation.json").read_text())["output_scale"] == 1 / 256 and emulation.accuracy > 0.5
+    assert "AddSoftmax" in (out / "firmware" / "model_runner.cc").read_text()
+    # --logits: the same build folder exported without it, and the one-line notice.
+    assert main(["export", "--model", str(model), "--out", str(out), "--logits"]) == 0
+    printed = capsys.readouterr().out
+    assert printed.count("note: final Softmax dropped (--logits)") == 1
+    assert "SOFTMAX" not in [op.name for op in TfliteModel.from_file(out / "model.tflite").operators()]
+    assert json.loads((out / "export.json").read_text())["softmax"] is False
