@@ -143,15 +143,15 @@ def emulate(tflite_bytes: bytes, x: np.ndarray, y: np.ndarray, net=None, *, sour
     out_scale, out_zp = out.quantization.scales[0], out.quantization.zero_points[0]
     raw, elapsed = run_tflm(tflite_bytes, quantise_input(x, in_spec, source), source=source, workers=workers,
                             progress=progress)
-    logits = (raw.reshape(len(x), -1).astype(np.float64) - out_zp) * out_scale
-    predicted = task.predict(logits)
+    outputs = (raw.reshape(len(x), -1).astype(np.float64) - out_zp) * out_scale
+    predicted = task.predict(outputs)
     y = np.asarray(y)
     torch_acc = agreement = mean_delta = max_delta = None
     if net is not None:
         reference = _torch_outputs(net, x, _final_softmax_input(model))
         torch_acc = task.score(task.predict(reference), x, y)
         agreement = task.agreement(predicted, task.predict(reference))
-        delta = np.abs(reference - logits)
+        delta = np.abs(reference - outputs)
         mean_delta, max_delta = float(delta.mean()), float(delta.max())
     return EmulationResult(
         samples=len(x),
