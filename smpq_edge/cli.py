@@ -96,7 +96,7 @@ def _cost(parser: argparse.ArgumentParser):
 
         # The model sized to the data's classes, as `search` sizes it: the same model gets priced.
         board, _, source = load_inputs(args)
-        graph = trace(source.module, source.input_shape)
+        graph = trace(source.module, source.input_shape, output_softmax=source.output_softmax)
         if args.bits in ("4", "8"):
             bits = uniform(graph, int(args.bits))
         elif args.bits.endswith(".json") or os.path.exists(args.bits):

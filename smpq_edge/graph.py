@@ -84,6 +84,9 @@ class Graph:
     input_shape: tuple[int, ...]
     output: str
     consumers: dict[str, list[str]] = field(default_factory=dict)
+    # The exported model ends in TFLM's SOFTMAX after ``output`` (ModelSource.output_softmax):
+    # not an op here, since nothing that trains or scores runs it; the cost model prices it.
+    output_softmax: bool = False
 
     def op(self, name: str) -> Op:
         return self._by_name[name]
@@ -101,7 +104,8 @@ class Graph:
         return [op for op in self.ops if op.weighted]
 
     def to_dict(self) -> dict:
-        return {"input_shape": list(self.input_shape), "output": self.output, "ops": [asdict(op) for op in self.ops]}
+        return {"input_shape": list(self.input_shape), "output": self.output, "output_softmax": self.output_softmax,
+                "ops": [asdict(op) for op in self.ops]}
 
 
 def _pair(value) -> tuple[int, int]:
@@ -348,8 +352,9 @@ class _Tracer:
             raise UserError(f"operation '{name}' (graph node '{node.name}') is not supported; supported: {SUPPORTED}")
 
 
-def trace(model: nn.Module, input_shape: tuple[int, ...]) -> Graph:
-    """The TFLite-shaped op list of ``model`` for one sample of ``input_shape`` (C, H, W)."""
+def trace(model: nn.Module, input_shape: tuple[int, ...], output_softmax: bool = False) -> Graph:
+    """The TFLite-shaped op list of ``model`` for one sample of ``input_shape`` (C, H, W);
+    ``output_softmax`` marks a model exported with a final SOFTMAX (see ``Graph``)."""
     was_training = model.training
     model.eval()
     try:
@@ -358,4 +363,5 @@ def trace(model: nn.Module, input_shape: tuple[int, ...]) -> Graph:
         model.train(was_training)
     if not graph.layers:
         raise UserError("model has no Conv2d or Linear layer to quantise")
+    graph.output_softmax = output_softmax
     return graph

@@ -2,6 +2,7 @@
 hand-made lifetimes. Cycle coefficients are read from the board files, so recalibrating a board
 does not break these tests, but a wrong formula does."""
 
+import dataclasses
 import functools
 import json
 
@@ -12,7 +13,8 @@ from torch import nn
 
 from smpq_edge.boards import BOARDS_DIR, KernelCycles, board_names, load_board, parse_board
 from smpq_edge.cost import (
-    ARENA_ALIGNMENT, HOST_ARENA, RUNTIME, TARGET_ARENA, WORK_UNITS, OpWork, arena_activation_peak, estimate,
+    ARENA_ALIGNMENT, FLATBUFFER, HOST_ARENA, QUANT_PARAM_BYTES, RUNTIME, TARGET_ARENA, WORK_UNITS, OpWork,
+    arena_activation_peak, estimate,
     formula_cycles, op_work, registered_kernels, tflite_layout, tflite_operators, uniform, weight_bytes,
 )
 from smpq_edge.errors import UserError
@@ -385,3 +387,39 @@ def test_bad_policy_file(tmp_path, edit, expected):
         load_policy(path)
     message = str(info.value)
     assert message.startswith(f"{path}: ") and expected in message and "\n" not in message
+
+
+@pytest.mark.parametrize("board_name", [CMSIS, REFERENCE])
+def test_a_final_softmax_is_one_more_operator_and_tensor(board_name):
+    board = load_board(board_name)
+    logits = estimate(tiny_graph(), uniform(tiny_graph(), 8), board)
+    softmax_graph = dataclasses.replace(tiny_graph(), output_softmax=True)
+    softmax = estimate(softmax_graph, uniform(softmax_graph, 8), board)
+    operator = tflite_operators(softmax_graph)[-1]
+    assert (operator.name, operator.builtin, operator.inputs) == ("fc/softmax", "SOFTMAX", ("fc",))
+    work = OpWork(outputs=3, pixels=1, rows=1, inputs=3)
+    assert op_work(operator) == work
+    assert softmax.ops[-1].kernel == "other"  # no measured fit: the board's generic elementwise formula
+    assert softmax.cycles - logits.cycles == by_hand(work, board.cycles["other"])
+    # One more activation (its scale and zero point), tensor and operator in the flatbuffer.
+    assert softmax.model_flash_bytes - logits.model_flash_bytes == \
+        QUANT_PARAM_BYTES + FLATBUFFER.per_tensor + FLATBUFFER.per_op
+    kernel_flash = {CMSIS: RUNTIME["cmsis_nn"], REFERENCE: RUNTIME["reference"]}[board_name].flash_per_kernel["SOFTMAX"]
+    assert softmax.runtime_flash_bytes - logits.runtime_flash_bytes == kernel_flash
+    overhead = TARGET_ARENA[board.kernels]
+    # The 3 probabilities get a 16-byte slot of their own next to the 3 logits they are made from.
+    assert softmax.arena_bytes - logits.arena_bytes >= overhead.per_tensor + overhead.per_op
+
+
+def test_cost_command_prices_a_models_final_softmax_unless_logits(tmp_path, capsys):
+    from smpq_edge.cli import main
+
+    path = tmp_path / "soft.py"
+    path.write_text("from torch import nn\nINPUT_SHAPE = (1, 8, 8)\n"
+                    "def build_model(num_classes=10):\n"
+                    "    return nn.Sequential(nn.Flatten(), nn.Linear(64, num_classes), nn.Softmax(dim=1))\n")
+    for extra, expected in (([], ["FULLY_CONNECTED", "SOFTMAX"]), (["--logits"], ["FULLY_CONNECTED"])):
+        assert main(["cost", "--model", str(path), "--json", *extra]) == 0
+        printed = capsys.readouterr().out
+        report = json.loads(printed[printed.index("{"):])
+        assert [op["op"] for op in report["ops"]] == expected
