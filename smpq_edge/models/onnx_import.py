@@ -5,8 +5,9 @@ files through tf2onnx (see ``tf_import``). Written here rather than taken from o
 onnx2torch depends on torchvision, and PyPI's torchvision (CUDA-linked) fails to import beside
 the CPU build of torch this project pins. The ops below are what ``graph.trace`` accepts, in the
 shapes torch.onnx and tf2onnx write them (NHWC inputs behind a Transpose, TensorFlow's SAME
-padding, MatMul + bias Add, a final Softmax (kept as ``ModelSource.output_softmax``), Reshapes that change nothing), so nothing is lost:
-any other op would be refused later anyway, and here it is refused with the ONNX node's name.
+padding, MatMul + bias Add, a final Softmax (kept as ``ModelSource.output_softmax``), Reshapes
+that change nothing), so nothing is lost: any other op would be refused later anyway, and here it
+is refused with the ONNX node's name.
 """
 
 from __future__ import annotations
