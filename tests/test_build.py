@@ -283,6 +283,9 @@ def test_build_of_a_model_ending_in_softmax_ships_tflms_softmax(tmp_path, capsys
     assert emulation.label_agreement == 1.0 and emulation.max_abs_output_delta < 1e-9
     assert json.loads((out / "emulation.json").read_text())["output_scale"] == 1 / 256 and emulation.accuracy > 0.5
     assert "AddSoftmax" in (out / "firmware" / "model_runner.cc").read_text()
+    # The search priced the model it ships: its cost ends in the SOFTMAX too.
+    shipped_cost = json.loads((out / "search.json").read_text())["methods"][0]["cost"]
+    assert [op["op"] for op in shipped_cost["ops"]][-1] == "SOFTMAX"
     # --logits: the same build folder exported without it, and the one-line notice.
     assert main(["export", "--model", str(model), "--out", str(out), "--logits"]) == 0
     printed = capsys.readouterr().out

@@ -269,7 +269,7 @@ def traced_for(source: ModelSource, data: Dataset) -> Graph:
     """The model's graph, after one-line checks that it takes the data and that its output is what
     the data's task scores (the CLI runs them before it makes an output folder)."""
     source.check_input(data.input_shape, data.name)  # before tracing: one line, not torch's shape error
-    graph = trace(source.module, data.input_shape)
+    graph = trace(source.module, data.input_shape, output_softmax=source.output_softmax)
     check_outputs(task_of(data), source.name, graph.op(graph.output).out_shape, data)
     return graph
 
@@ -475,7 +475,8 @@ def load_quantnet(folder: Path, source: ModelSource, board: Board, data: Dataset
         raise UserError(f"{path}: not found; run `search --out {folder}` first") from None
     except Exception as exc:  # torch raises many types for a damaged or foreign file
         raise UserError(f"{path}: not a quantnet checkpoint ({exc.__class__.__name__})") from None
-    net = QuantNet(trace(source.module, data.input_shape), source.module, board.weight_bits)
+    graph = trace(source.module, data.input_shape, output_softmax=source.output_softmax)
+    net = QuantNet(graph, source.module, board.weight_bits)
     try:
         net.load_state_dict(state)
     except RuntimeError as exc:
