@@ -1,8 +1,9 @@
 """SMPQ: Shapley values of (layer, bit-width) players steer the supernet's alpha; the budgeted
 selector then picks one bit-width per layer by summed Shapley contribution.
 
-The value of a coalition is the supernet's top-1 accuracy on a held-out validation batch with
-only that coalition's candidates active. Coalitions are evaluated in batches: C copies of the
+The value of a coalition is how close the supernet's outputs stay to the float model's (minus the
+KL divergence; Shapley-NAS's top-1 accuracy is an option) on a held-out validation batch with only
+that coalition's candidates active. Coalitions are evaluated in batches: C copies of the
 validation batch run in one forward pass, each copy with its own active candidates.
 """
 
@@ -34,13 +35,16 @@ class ShapleyConfig:
     # "top1": accuracy, as the paper; "soft": mean softmax probability of the true class, the
     # same quantity made continuous, so small changes of a coalition are not lost in rounding;
     # "neg_mse": minus the MSE, for reconstruction (set by the task, see ``task.coalition_batch``);
-    # "kl": minus the KL divergence from the float model's output distribution (continuous, and
-    # it needs no labels: a change that moves the outputs counts even where top-1 does not flip).
-    value: str = "top1"
+    # "kl" (the default): minus the KL divergence from the float model's output distribution
+    # (continuous, and it needs no labels: a change that moves the outputs counts even where
+    # top-1 does not flip).
+    value: str = "kl"
     # Players of the final table the selection sums: "candidates", Shapley-NAS's (layer, bit-width)
-    # pairs over the mixed supernet; or "layers", each layer's move from the narrowest to the
-    # widest candidate, so that every coalition is a real policy, run in TFLM's integer arithmetic.
-    final_players: str = "candidates"
+    # pairs over the mixed supernet; or "layers" (the default), each layer's move from the
+    # narrowest to the widest candidate, so that every coalition is a real policy, run in TFLM's
+    # integer arithmetic. bench/real_tasks.py measured kl + layers against top1 + candidates on
+    # ResNet-8 / CIFAR-10 and DS-CNN / FSDD after post-training calibration (bench/RESULTS.md).
+    final_players: str = "layers"
     # A wider bit-width's score is at least a narrower one's (see ``monotone_scores``).
     monotone: bool = True
     momentum: float = 0.8  # accum = momentum * accum + (1 - momentum) * phi
@@ -196,10 +200,9 @@ def pick_by_validation(correct: list[np.ndarray], margin: float) -> int:
     """Which of the K best policies by summed Shapley to keep, given each one's per-sample
     correctness on the validation batch, in order of summed Shapley (0: the best that fits).
 
-    Another policy replaces policy 0 only if it is better on the validation batch by more
-    than ``margin`` standard errors of the paired difference. A few hundred validation samples
-    resolve about 0.2 points, the size of the int4/int8 differences compared here, so a smaller
-    lead is noise, and taking it would trade int8 for int4 where the budget has room for int8.
+    Another policy replaces policy 0 only if it is better on the validation samples by more
+    than ``margin`` standard errors of the paired difference: a smaller lead is noise, and
+    taking it would trade int8 for int4 where the budget has room for int8.
     """
     best, best_gain = 0, 0.0
     base = correct[0].astype(np.float64)
