@@ -111,13 +111,21 @@ class Board(_Strict):
     # Kernel variant of ``KERNEL_VARIANTS[kernels]`` -> its cycle formula; exactly those variants.
     cycles: dict[str, KernelCycles]
 
+    @model_validator(mode="before")
+    @classmethod
+    def _known_variants(cls, raw: object) -> object:
+        """An unknown kernel variant is named as such before its formula's fields are checked."""
+        if isinstance(raw, dict) and isinstance(raw.get("cycles"), dict) and raw.get("kernels") in KERNEL_VARIANTS:
+            wanted = KERNEL_VARIANTS[raw["kernels"]]
+            unknown = [name for name in raw["cycles"] if name not in wanted]
+            if unknown:
+                raise ValueError(f"cycles.{unknown[0]}: not a kernel variant of {raw['kernels']} kernels "
+                                 f"(known: {', '.join(wanted)})")
+        return raw
+
     @model_validator(mode="after")
     def _fits_the_board(self) -> Board:
         wanted = KERNEL_VARIANTS[self.kernels]
-        unknown = [name for name in self.cycles if name not in wanted]
-        if unknown:
-            raise ValueError(f"cycles.{unknown[0]}: not a kernel variant of {self.kernels} kernels "
-                             f"(known: {', '.join(wanted)})")
         missing = [name for name in wanted if name not in self.cycles]
         if missing:
             raise ValueError(f"cycles: no formula for kernel variant {missing[0]} of {self.kernels} kernels")
