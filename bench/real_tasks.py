@@ -56,7 +56,7 @@ from smpq_edge.search.runner import SearchConfig, _pick, _prepare, calibrated_su
 from smpq_edge.search.select import k_best  # noqa: E402
 from smpq_edge.search.smpq import (CoalitionValue, estimate_shapley, monotone_scores, shapley_scores,  # noqa: E402
                                    validation_batch, value_target)
-from smpq_edge.search.train import TrainConfig, seed_everything, train  # noqa: E402
+from smpq_edge.search.train import TrainConfig, score, seed_everything, train  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 DATA = ROOT.parent / "shared" / "data"
@@ -127,14 +127,6 @@ def oracle(net, graph, board, x: np.ndarray, y: np.ndarray, chunk: int = 1000) -
     return rows
 
 
-@torch.no_grad()
-def float_accuracy(model, x: np.ndarray, y: np.ndarray, chunk: int = 1000) -> float:
-    model.eval()
-    hits = sum(int((model(torch.from_numpy(x[i:i + chunk])).argmax(1).numpy() == y[i:i + chunk]).sum())
-               for i in range(0, len(y), chunk))
-    return hits / len(y)
-
-
 def smpq_scores(run, net, variant: str, teacher) -> np.ndarray:
     """SMPQ's selection scores for coalition value and players ``variant`` ("top1:candidates",
     "kl:layers", ...): the search's final Shapley table on ``net`` with the monotone prior. They do
@@ -191,7 +183,7 @@ def ptq_runs(name: str, task: RealTask, source, data, board, args, log) -> dict:
     graph = trace(source.module, data.input_shape)
     n = min(args.oracle_samples, len(data.y_test))
     out = {"task": name, "model": task.model, "data": data.summary(), "oracle_samples": n, "seeds": {},
-           "float_acc": float_accuracy(source.module, data.x_test[:n], data.y_test[:n]), "variants": args.variants}
+           "float_acc": score(source.module, data.x_test[:n], data.y_test[:n]), "variants": args.variants}
     config = SearchConfig().post_training_only()
     config = replace(config, shapley=replace(config.shapley, val_samples=args.val_samples,
                                              final_permutations=args.final_permutations))

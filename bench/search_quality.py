@@ -45,6 +45,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._results import write_section  # noqa: E402
+from bench.real_tasks_report import layer_effects  # noqa: E402
 from smpq_edge.boards import load_board  # noqa: E402
 from smpq_edge.cost import estimate, uniform  # noqa: E402
 from smpq_edge.data import load_dataset  # noqa: E402
@@ -394,14 +395,9 @@ def _tables(args, config, runs, budgets_info, regrets, oracle_rows, command, wal
 
 
 def _layer_effects(oracle_rows: list[dict]) -> tuple[np.ndarray, float, float]:
-    """Oracle accuracy (points) fitted as a constant plus one int8 effect per layer: the effects,
-    the fit's R² and the standard deviation of what it leaves."""
-    names = list(oracle_rows[0]["bits"])
-    design = np.array([[1.0] + [float(r["bits"][n] == 8) for n in names] for r in oracle_rows])
-    accs = np.array([r["acc"] for r in oracle_rows]) * 100
-    coef = np.linalg.lstsq(design, accs, rcond=None)[0]
-    residual = accs - design @ coef
-    return coef[1:], 1 - (residual ** 2).sum() / ((accs - accs.mean()) ** 2).sum(), float(residual.std())
+    """Oracle accuracy (points) fitted as a constant plus one int8 effect per layer (the rows' bits
+    are name -> bits here, in layer order)."""
+    return layer_effects([{"bits": list(r["bits"].values()), "acc": r["acc"]} for r in oracle_rows])
 
 
 def _plot(runs: list[dict], path: str) -> None:
