@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass, fields
 from smpq_edge.boards import Board, KernelCycles
 from smpq_edge.errors import UserError
 from smpq_edge.graph import Graph, Op
+from smpq_edge.ops import KINDS
 
 # TFLite flatbuffer: a scale (float32) per quantisation channel and a zero point (int64), one per
 # channel for activations (one channel) and one for a whole weight or bias tensor, which TFLM's
@@ -251,12 +252,6 @@ class TfliteTensor:
     last: int
 
 
-# Graph op kind -> the TFLite operator the exporter writes for it (global pooling: AVERAGE_POOL_2D).
-BUILTINS = {"conv": "CONV_2D", "depthwise": "DEPTHWISE_CONV_2D", "fc": "FULLY_CONNECTED", "add": "ADD",
-            "avgpool": "AVERAGE_POOL_2D", "global_avgpool": "AVERAGE_POOL_2D", "maxpool": "MAX_POOL_2D",
-            "reshape": "RESHAPE", "relu": "RELU"}
-
-
 @dataclass(frozen=True)
 class TfliteOperator:
     """One operator of the exported model, in execution order."""
@@ -289,15 +284,11 @@ def tflite_operators(graph: Graph) -> list[TfliteOperator]:
             shapes[pad_name] = padded
             out.append(TfliteOperator(pad_name, "PAD", op, sources, source_shape, math.prod(padded)))
             sources = (pad_name,)
-        out.append(TfliteOperator(op.name, BUILTINS.get(op.kind, op.kind.upper()), op, sources, shapes[sources[0]],
-                                  op.out_elements))
+        out.append(TfliteOperator(op.name, KINDS[op.kind].tflite, op, sources, shapes[sources[0]], op.out_elements))
     if graph.output_softmax:
-        # An elementwise op of its own (kind "softmax"): its cycles are priced by the board's "other"
-        # formula, not a measured fit (10 classes on QEMU mps2-an386: 5,480 instructions with
-        # CMSIS-NN, 4,960 reference, where "other" predicts about 2,000).
         last = graph.op(graph.output)
         softmax = Op(f"{graph.output}/softmax", "softmax", (graph.output,), last.out_shape)
-        out.append(TfliteOperator(softmax.name, "SOFTMAX", softmax, (out[-1].name,), last.out_shape,
+        out.append(TfliteOperator(softmax.name, KINDS["softmax"].tflite, softmax, (out[-1].name,), last.out_shape,
                                   softmax.out_elements))
     return out
 
@@ -347,7 +338,7 @@ def op_work(operator: TfliteOperator) -> OpWork:
     inputs = math.prod(operator.input_shape)
     shape = operator_out_shape(operator)
     rows, pixels = (shape[1], shape[1] * shape[2]) if len(shape) == 3 else (1, 1)
-    if op.kind in ("avgpool", "maxpool", "global_avgpool") and operator.builtin != "PAD":
+    if KINDS[op.kind].cost == "pool" and operator.builtin != "PAD":
         # Pooling sums each output's window row by row: taps = window elements, copies = window rows.
         kh, kw = op.kernel
         return OpWork(taps=operator.out_elements * kh * kw, copies=operator.out_elements * kh,
@@ -384,9 +375,10 @@ def kernel_variant(operator: TfliteOperator, bits: int, kernels: str) -> str:
     choice by shape and weight type (boards.KERNEL_VARIANTS). Depthwise multipliers other than 1
     and CMSIS-NN's 1xN convolution (input height 1) are priced as the general kernels."""
     op = operator.op
-    if operator.builtin == "PAD" or not op.weighted:
-        name = operator.builtin.lower()
-        return name if name in ("add", "average_pool_2d", "max_pool_2d", "pad", "reshape") else "other"
+    if operator.builtin == "PAD":
+        return "pad"
+    if not op.weighted:
+        return KINDS[op.kind].cycles
     suffix = f"_s{bits}"
     if op.kind == "fc":
         return "fc" + suffix

@@ -21,12 +21,10 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from smpq_edge.errors import UserError
+from smpq_edge.ops import KINDS, WEIGHTED_KINDS, supported_torch, traceable_modules, traced_kind
 
-WEIGHTED_KINDS = ("conv", "depthwise", "fc")
-SUPPORTED = (
-    "Conv2d (plain or depthwise), Linear, BatchNorm2d after a convolution, ReLU, ReLU6, "
-    "AvgPool2d, AdaptiveAvgPool2d(1), MaxPool2d, Flatten/reshape, add, Dropout, Identity"
-)
+# Folded or aliased by the tracer itself; the other modules are the op kinds' (ops.KINDS).
+_OWN_MODULES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.Dropout, nn.Identity)
 
 
 @dataclass
@@ -34,7 +32,7 @@ class Op:
     """One TFLite operator. Shapes are per sample, channels first: (C, H, W) or (F,)."""
 
     name: str
-    kind: str  # input, conv, depthwise, fc, add, avgpool, maxpool, global_avgpool, reshape, relu
+    kind: str  # a key of ops.KINDS
     inputs: tuple[str, ...]
     out_shape: tuple[int, ...]
     activation: str = "none"  # fused: none, relu, relu6
@@ -139,20 +137,11 @@ def _is_shape_query(node: fx.Node) -> bool:
     return False
 
 
-SUPPORTED_MODULES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.Dropout, nn.Identity, nn.Flatten, nn.AdaptiveAvgPool2d,
-                     nn.AvgPool2d, nn.MaxPool2d)
 
 
 def _unsupported_layer(node: fx.Node, module: nn.Module) -> UserError:
-    return UserError(f"layer '{node.target}' ({type(module).__name__}) is not supported; supported: {SUPPORTED}")
-
-
-def _is_global_mean(node: fx.Node) -> bool:
-    if node.target not in (torch.mean, "mean"):
-        return False
-    dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-    dims = tuple(dims) if isinstance(dims, (tuple, list)) else (dims,)
-    return sorted(d % 4 for d in dims) == [2, 3]
+    return UserError(f"layer '{node.target}' ({type(module).__name__}) is not supported; "
+                     f"supported: {supported_torch()}")
 
 
 def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
@@ -281,7 +270,7 @@ class _Tracer:
         for node in self.gm.graph.nodes:
             if node.op == "call_module" and _is_relu(node, self.modules) is None:
                 module = self.modules[node.target]
-                if not isinstance(module, SUPPORTED_MODULES):
+                if not isinstance(module, (*_OWN_MODULES, *traceable_modules())):
                     raise _unsupported_layer(node, module)
 
     def run(self) -> Graph:
@@ -317,39 +306,26 @@ class _Tracer:
             self._fold_batchnorm(node)
         elif isinstance(module, (nn.Dropout, nn.Identity)):
             self.alias[node.name] = self._source(node.args[0])
-        elif isinstance(module, nn.Flatten):
-            self._reshape(node)
-        elif isinstance(module, nn.AdaptiveAvgPool2d) and _pair(module.output_size) == (1, 1):
-            self._emit(node, Op(node.name, "global_avgpool", (self._source(node.args[0]),), self._shape(node),
-                                kernel=tuple(node.args[0].meta["tensor_meta"].shape[2:])))
-        elif isinstance(module, (nn.AvgPool2d, nn.MaxPool2d)):
-            if getattr(module, "ceil_mode", False) or _pair(getattr(module, "dilation", 1)) != (1, 1):
-                raise UserError(f"layer '{node.target}': ceil_mode/dilated pooling is not supported")
-            kind = "avgpool" if isinstance(module, nn.AvgPool2d) else "maxpool"
-            stride = module.stride if module.stride is not None else module.kernel_size
-            self._emit(node, Op(node.name, kind, (self._source(node.args[0]),), self._shape(node),
-                                kernel=_pair(module.kernel_size), stride=_pair(stride), padding=_pair(module.padding)))
+        elif (kind := traced_kind(node, module)) is not None:
+            self._emit_kind(node, kind.name, module)
         else:
             raise _unsupported_layer(node, module)
 
-    def _reshape(self, node: fx.Node) -> None:
-        self._emit(node, Op(node.name, "reshape", (self._source(node.args[0]),), self._shape(node)))
-
     def _function(self, node: fx.Node) -> None:
-        target = node.target
-        if target in (operator.add, torch.add, "add"):
-            sources = tuple(self._source(a) for a in node.args[:2])
-            self._emit(node, Op(node.name, "add", sources, self._shape(node)))
-        elif target in (torch.flatten, "flatten", "view", "reshape", torch.reshape):
-            self._reshape(node)
-        elif _is_global_mean(node):
-            self._emit(node, Op(node.name, "global_avgpool", (self._source(node.args[0]),), self._shape(node),
-                                kernel=tuple(node.args[0].meta["tensor_meta"].shape[2:])))
-        elif target is getattr:  # x.dtype, x.device, ...: the sizes are handled above
+        if (kind := traced_kind(node, None)) is not None:
+            self._emit_kind(node, kind.name, None)
+        elif node.target is getattr:  # x.dtype, x.device, ...: the sizes are handled above
             raise UserError(f"model graph node '{node.name}': shape-dependent code is not supported")
         else:
-            name = getattr(target, "__name__", str(target))
-            raise UserError(f"operation '{name}' (graph node '{node.name}') is not supported; supported: {SUPPORTED}")
+            name = getattr(node.target, "__name__", str(node.target))
+            raise UserError(f"operation '{name}' (graph node '{node.name}') is not supported; "
+                            f"supported: {supported_torch()}")
+
+    def _emit_kind(self, node: fx.Node, kind: str, module: nn.Module | None) -> None:
+        """An op of a kind with a torch form (ops.KINDS): its tensor operands, shape and fields."""
+        form = KINDS[kind].torch
+        sources = tuple(self._source(a) for a in node.args[:form.arity])
+        self._emit(node, Op(node.name, kind, sources, self._shape(node), **form.fields(node, module)))
 
 
 def trace(model: nn.Module, input_shape: tuple[int, ...], output_softmax: bool = False) -> Graph:

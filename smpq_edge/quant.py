@@ -8,7 +8,8 @@ into the op's output range, pooling and reshape keeping their input's scale. Tra
 keeps the bias float and requantises in float32, with gradients straight through the rounding.
 
 Inference (eval mode, no gradient, calibrated quantisers) follows TFLM's integer arithmetic exactly
-for the input, every layer with one active candidate, ADD, RELU and average pooling: integer
+for the input, every layer with one active candidate, and the other ops whose kind has an integer
+executor (``ops.KINDS``: ADD, RELU, average pooling): integer
 accumulators, the exporter's int32 bias, TFLM's fixed-point requantisation. A float32 forward
 differs from it at rounding boundaries, and which samples flip depended on the CPU's float kernels.
 
@@ -29,15 +30,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smpq_edge.graph import Graph, Op
 from smpq_edge.distributed import SINGLE_PROCESS, Context
+from smpq_edge.fixedpoint import INT8_MAX, INT8_MIN, INT32_MAX, INT32_MIN, Requantiser
+from smpq_edge.graph import Graph, Op
+from smpq_edge.ops import KINDS
 
-INT8_MIN, INT8_MAX = -128, 127
-INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 # A float32 sum of integers is exact, in any order, while every partial sum stays below 2^24.
 FLOAT32_EXACT = 2**24
-# TFLM's int8 ADD scales both inputs by 2^20 before rescaling them (add_common.cc).
-ADD_LEFT_SHIFT = 20
 
 
 def weight_qmax(bits: int) -> int:
@@ -81,63 +80,6 @@ class ActivationParams:
     def tflite_scale(self) -> float:
         """The scale as the .tflite stores it (float32), which TFLM computes with."""
         return float(np.float32(self.scale))
-
-
-# TFLM's integer arithmetic (tensorflow/lite/kernels/internal: quantization_util.cc, common.cc).
-
-def quantize_multiplier(real: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """QuantizeMultiplier, vectorised over non-negative doubles: real = multiplier * 2^(shift - 31)
-    with a 31-bit multiplier; multipliers below 2^-31 flush to zero."""
-    real = np.asarray(real, dtype=np.float64)
-    mantissa, shift = np.frexp(real)
-    fixed = np.floor(mantissa * 2.0**31 + 0.5).astype(np.int64)  # TfLiteRound: half away from zero
-    carry = fixed == 2**31
-    fixed, shift = np.where(carry, fixed // 2, fixed), shift.astype(np.int64) + carry
-    flushed = (real == 0) | (shift < -31)
-    return np.where(flushed, 0, fixed), np.where(flushed, 0, shift)
-
-
-class Requantiser:
-    """TFLM's MultiplyByQuantizedMultiplier(int32 x, multiplier, shift) per channel, in the
-    double-rounding form the tflite-micro wheel runs (its single-rounding form differs at ties):
-    h = SaturatingRoundingDoublingHighMul(x * 2^left, multiplier), x * multiplier / 2^31 rounded
-    half up; then RoundingDivideByPOT(h, right), h / 2^right rounded half away from zero. An int32
-    bias added to x first is folded in. As TFLM, assumes x * 2^left fits int32.
-
-    Both roundings make one shift, since floor((floor(v / 2^31) + c) / 2^r) equals
-    floor((v + c * 2^31) / 2^(31+r)) for integers v, c: RoundingDivideByPOT is that with
-    c = 2^(r-1), less 1 where h < 0."""
-
-    def __init__(self, multiplier: np.ndarray, shift: np.ndarray, view: tuple[int, ...] = (-1,),
-                 bias: np.ndarray | None = None, device: torch.device | str = "cpu"):
-        multiplier, shift = np.asarray(multiplier, np.int64), np.asarray(shift, np.int64)
-        left, right = np.maximum(shift, 0), np.maximum(-shift, 0)
-        scaled = multiplier << left
-        bias = np.zeros_like(scaled) if bias is None else np.asarray(bias, np.int64)
-        shape = np.broadcast_shapes(scaled.shape, bias.shape)  # a per-tensor multiplier, a bias per channel
-
-        def tensor(a: np.ndarray) -> torch.Tensor:
-            return torch.from_numpy(np.array(np.broadcast_to(a, shape))).reshape(view).to(device)
-
-        self.multiplier = tensor(scaled)
-        self.offset = tensor(bias * scaled + 2**30 + (((1 << right) >> 1) << 31))
-        self.shift = tensor(31 + right)
-        # h < 0 exactly when (x + bias) * multiplier < -2^30, i.e. x < this; no x (int32) where
-        # the multiplier is 0 or right is 0 (no tie to move).
-        moves = (scaled > 0) & (right > 0)
-        self.negative_below = tensor(np.where(moves, -(2**30 // np.maximum(scaled, 1)) - bias, -(2**40)))
-
-    @classmethod
-    def of_scales(cls, real: np.ndarray, view: tuple[int, ...] = (-1,), bias: np.ndarray | None = None,
-                  device: torch.device | str = "cpu") -> "Requantiser":
-        """For effective scales in double, through QuantizeMultiplier."""
-        return cls(*quantize_multiplier(real), view, bias, device)
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        """The requantised int64 ``x`` (overwritten)."""
-        minus_one_if_negative = (x - self.negative_below).bitwise_right_shift_(63)  # cheaper than torch.where
-        x = x.mul_(self.multiplier).add_(self.offset).add_(minus_one_if_negative, alpha=2**31)
-        return x.bitwise_right_shift_(self.shift)
 
 
 def activation_range(p: ActivationParams, activation: str) -> tuple[int, int]:
@@ -249,6 +191,15 @@ def same_pad(x: torch.Tensor, op: Op) -> torch.Tensor:
     return F.pad(x, (left, right, top, bottom))
 
 
+def run_layer(op: Op, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """A conv, depthwise or fully connected layer with torch-layout ``weight`` (asymmetric SAME
+    pads applied first), in float or on integers held as floats."""
+    if op.kind == "fc":
+        return F.linear(x, weight, bias)
+    groups = weight.shape[0] if op.kind == "depthwise" else 1
+    return F.conv2d(same_pad(x, op), weight, bias, stride=op.stride, padding=op.padding, groups=groups)
+
+
 @dataclass(frozen=True)
 class IntegerLayer:
     """One candidate of a layer in TFLM's integer arithmetic (reference integer_ops/conv.h,
@@ -263,13 +214,7 @@ class IntegerLayer:
     target: ActQuant
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        k = self.source.integers(x).to(self.weight.dtype)
-        if self.op.kind == "fc":
-            acc = F.linear(k, self.weight)
-        else:
-            groups = self.weight.shape[0] if self.op.kind == "depthwise" else 1
-            acc = F.conv2d(same_pad(k, self.op), self.weight, stride=self.op.stride, padding=self.op.padding,
-                           groups=groups)
+        acc = run_layer(self.op, self.source.integers(x).to(self.weight.dtype), self.weight)
         return self.target.dequantise(self.requantise(acc.to(torch.int64)), self.op.activation)
 
 
@@ -305,12 +250,7 @@ class MixedLayer(nn.Module):
         """The layer with the given (already quantised) weight; not named apply, which nn.Module owns."""
         # Training keeps the bias float (its int32 rounding is far below an output step);
         # inference with one candidate runs ``integer`` instead, with the exported int32 bias.
-        bias = self.bias
-        if self.op.kind == "fc":
-            return F.linear(x, weight, bias)
-        groups = self.weight.shape[0] if self.op.kind == "depthwise" else 1
-        return F.conv2d(same_pad(x, self.op), weight, bias, stride=self.op.stride, padding=self.op.padding,
-                        groups=groups)
+        return run_layer(self.op, x, weight, self.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with(x, self.mixed_weight(self.active))
@@ -367,7 +307,7 @@ class QuantNet(nn.Module):
         self.layers = nn.ModuleDict()
         self.act = nn.ModuleDict()
         # Ops that keep their input's quantisation (TFLite requires the same scale in and out).
-        self.shares_input_scale = {op.name for op in graph.ops if op.kind in ("avgpool", "maxpool", "global_avgpool", "reshape")}
+        self.shares_input_scale = {op.name for op in graph.ops if KINDS[op.kind].shares_input_scale}
         with torch.no_grad():
             for op in graph.ops:
                 if op.weighted:
@@ -433,67 +373,6 @@ class QuantNet(nn.Module):
             return layer.integer(bits, self.activation_quantiser(op.inputs[0]), self.activation_quantiser(op.name))
         return layer.mixed_weight(active)
 
-    def _execute_integer(self, op: Op, inputs: list[torch.Tensor]) -> torch.Tensor | None:
-        """The input, ADD, RELU and unpadded average pooling as TFLM computes them; None for other
-        ops (max pooling and reshape are exact on the grid already)."""
-        target = self.activation_quantiser(op.name)
-        if op.kind == "input":  # the emulator's quantise_input: round(x / scale) + zero point
-            return target.dequantise(target.integers(inputs[0]))
-        if op.kind == "add":
-            return self._integer_add(op, inputs, target)
-        if op.kind == "relu" and op.activation == "relu":
-            return self._integer_relu(op, inputs[0], target)
-        if op.kind == "global_avgpool" or (op.kind == "avgpool" and op.padding == (0, 0)):
-            return self._integer_avgpool(op, inputs[0], target)
-        return None
-
-    def _integer_add(self, op: Op, inputs: list[torch.Tensor], target: ActQuant) -> torch.Tensor:
-        """TFLM's int8 ADD, looked up in ``_add_table``: its output depends on the two int8 inputs only."""
-        table = self._add_table(op, target, inputs[0].device)
-        first, second = (self.activation_quantiser(name) for name in op.inputs)
-        # index (q1 + 128) * 256 + (q2 + 128), exact in float32 (below 2^16)
-        index = first.integers(inputs[0]).add_(first.params().zero_point - INT8_MIN).mul_(256)
-        index.add_(second.integers(inputs[1])).add_(second.params().zero_point - INT8_MIN)
-        return table.take(index.to(torch.int64))
-
-    def _add_table(self, op: Op, target: ActQuant, device: torch.device) -> torch.Tensor:
-        """The ADD's output for every pair of int8 inputs (reference integer_ops/add.h AddFunc:
-        both inputs rescaled after a left shift of 20, summed, rescaled; multipliers as
-        add_common.cc computes them from the float32 scales), on the float grid."""
-        sources = [self.activation_quantiser(name).params() for name in op.inputs]
-        twice_max = 2 * max(p.tflite_scale for p in sources)
-        real = [p.tflite_scale / twice_max for p in sources]
-        real.append(twice_max / ((1 << ADD_LEFT_SHIFT) * target.params().tflite_scale))
-        multiplier, shift = quantize_multiplier(np.array(real))
-        levels = torch.arange(INT8_MIN, INT8_MAX + 1, dtype=torch.int64)
-        first, second = ((Requantiser(m, s)((levels - p.zero_point) << ADD_LEFT_SHIFT))
-                         for m, s, p in zip(multiplier, shift, sources))
-        total = (first[:, None] + second[None, :]).flatten()
-        return target.dequantise(Requantiser(multiplier[2], shift[2])(total), op.activation).to(device)
-
-    def _integer_relu(self, op: Op, x: torch.Tensor, target: ActQuant) -> torch.Tensor:
-        """TFLM's int8 RELU (activations.h ReluQuantized, multiplier as CalculateReluOpData: the
-        float32 ratio of the scales), looked up per int8 input like the ADD."""
-        source = self.activation_quantiser(op.inputs[0])
-        p_in, p_out = source.params(), target.params()
-        multiplier, shift = quantize_multiplier(np.array([float(np.float32(p_in.scale) / np.float32(p_out.scale))]))
-        levels = torch.arange(INT8_MIN, INT8_MAX + 1, dtype=torch.int64)
-        table = target.dequantise(Requantiser(multiplier, shift)(levels - p_in.zero_point), "relu").to(x.device)
-        return table.take(source.integers(x).add_(p_in.zero_point - INT8_MIN).to(torch.int64))
-
-    @staticmethod
-    def _integer_avgpool(op: Op, x: torch.Tensor, target: ActQuant) -> torch.Tensor:
-        """TFLM's int8 AVERAGE_POOL_2D (reference integer_ops/pooling.h): the window's sum of the
-        int8 values, divided with rounding half away from zero, same quantisation in and out."""
-        kernel, stride = (x.shape[2:], 1) if op.kind == "global_avgpool" else (op.kernel, op.stride)
-        count = math.prod(kernel)
-        zero_point = target.params().zero_point
-        q = target.integers(x).add_(zero_point)
-        total = F.avg_pool2d(q, kernel, stride, divisor_override=1).to(torch.float64)
-        half = count // 2
-        rounded = torch.div(torch.where(total > 0, total + half, total - half), count, rounding_mode="trunc")
-        return target.dequantise(rounded.sub_(zero_point), op.activation)
-
     def _execute(self, op: Op, inputs: list[torch.Tensor],
                  weight: torch.Tensor | IntegerLayer | None = None) -> torch.Tensor:
         """One op on its (already quantised) inputs, then its fused activation and output quantiser.
@@ -502,29 +381,17 @@ class QuantNet(nn.Module):
             weight = weight if weight is not None else self._layer_weight(op, self.layer(op.name).active)
             if isinstance(weight, IntegerLayer):
                 return weight(inputs[0])
-        elif self._integer_mode(op):
-            exact = self._execute_integer(op, inputs)
+            y = self.layer(op.name).forward_with(inputs[0], weight)
+            return self.activation_quantiser(op.name)(y, op.activation)
+        kind = KINDS[op.kind]
+        target = self.activation_quantiser(op.name)
+        if kind.integer is not None and self._integer_mode(op):
+            # TFLM's integer kernel where it rounds differently from the float op on the grid.
+            sources = [self.activation_quantiser(name) for name in op.inputs]
+            exact = kind.integer(op, inputs, sources, target)
             if exact is not None:
                 return exact
-        if op.kind == "input":
-            y = inputs[0]
-        elif op.weighted:
-            y = self.layer(op.name).forward_with(inputs[0], weight)
-        elif op.kind == "add":
-            y = inputs[0] + inputs[1]
-        elif op.kind == "avgpool":
-            y = F.avg_pool2d(inputs[0], op.kernel, op.stride, op.padding)
-        elif op.kind == "global_avgpool":
-            y = inputs[0].mean(dim=(2, 3), keepdim=True)
-        elif op.kind == "maxpool":
-            y = F.max_pool2d(inputs[0], op.kernel, op.stride, op.padding)
-        elif op.kind == "reshape":
-            y = inputs[0].reshape(inputs[0].shape[0], *op.out_shape)
-        elif op.kind == "relu":
-            y = inputs[0]
-        else:
-            raise AssertionError(f"op kind {op.kind} has no executor")
-        return self.activation_quantiser(op.name)(y, op.activation)
+        return target(kind.run(op, inputs), op.activation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         whole = _Segment(self.graph.ops, frozenset({self.graph.output}))

@@ -14,8 +14,9 @@ from torch import nn
 from smpq_edge.data import load_dataset
 from smpq_edge.export.exporter import export_model
 from smpq_edge.export.tflite_file import TfliteModel
+from smpq_edge.fixedpoint import Requantiser, quantize_multiplier
 from smpq_edge.graph import trace
-from smpq_edge.quant import QuantNet, Requantiser, quantize_multiplier
+from smpq_edge.quant import QuantNet
 from smpq_edge.search.runner import calibrate
 from smpq_edge.tflm import TflmRunner, quantise_input
 

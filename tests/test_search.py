@@ -15,7 +15,8 @@ from smpq_edge.data import load_dataset
 from smpq_edge.errors import UserError
 from smpq_edge.graph import trace
 from smpq_edge.models import load_model
-from smpq_edge.quant import INT8_MIN, ActQuant, QuantNet, fake_quant_weight, fold_batchnorm, quantize_weight
+from smpq_edge.fixedpoint import INT8_MIN
+from smpq_edge.quant import ActQuant, QuantNet, fake_quant_weight, fold_batchnorm, quantize_weight
 from smpq_edge.search.budget import Budgets
 from smpq_edge.search.runner import SearchConfig, run_search, save_search
 from smpq_edge.search.smpq import (CoalitionValue, estimate_shapley, pick_by_validation, score, validation_batch,

@@ -28,7 +28,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from ai_edge_litert import schema_py_generated as schema
 from torch import nn
 
@@ -37,13 +36,18 @@ from smpq_edge.export.int4 import pack_int4
 from smpq_edge.export.onnx_to_tflite import export_int8
 from smpq_edge.export.tflite_file import TfliteModel
 from smpq_edge.graph import Graph, Op
+from smpq_edge.ops import KINDS
 from smpq_edge.quant import QuantNet, quantize_weight
 from smpq_edge.softmax import BETA, OUTPUT_SCALE, OUTPUT_ZERO_POINT
 
-_WEIGHTED_OPS = {"CONV_2D": "conv", "DEPTHWISE_CONV_2D": "depthwise", "FULLY_CONNECTED": "fc"}
-# Operators that TFLite runs with the same input and output quantisation.
-_SAME_SCALE_OPS = {"PAD", "RESHAPE", "SQUEEZE", "EXPAND_DIMS", "TRANSPOSE", "MEAN", "AVERAGE_POOL_2D", "MAX_POOL_2D"}
-_STANDALONE = {"ADD": "add", "RELU": "relu", "RELU6": "relu"}
+_WEIGHTED_OPS = {kind.tflite: kind.name for kind in KINDS.values() if kind.weighted}
+# Operators that TFLite runs with the same input and output quantisation: those of the kinds that
+# share their input's, and the layout operators onnx2tf writes around them (MEAN: global pooling).
+_SAME_SCALE_OPS = {"PAD", "SQUEEZE", "EXPAND_DIMS", "TRANSPOSE", "MEAN"} | {
+    kind.tflite for kind in KINDS.values() if kind.shares_input_scale}
+# Operators with a quantisation of their own, other than the layers: TFLite operator -> kind.
+_STANDALONE = {name: kind.name for kind in KINDS.values() if kind.tflite and kind.run and not kind.weighted
+               and not kind.shares_input_scale for name in (kind.tflite, *kind.tflite_aliases)}
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
 
@@ -123,25 +127,11 @@ class FloatGraphModule(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         values: dict[str, torch.Tensor] = {}
         for op in self.graph.ops:
-            src = values[op.inputs[0]] if op.inputs else None
-            if op.kind == "input":
-                y = x
-            elif op.weighted:
-                y = self.layers[QuantNet.key(op.name)](src)
-            elif op.kind == "add":
-                y = src + values[op.inputs[1]]
-            elif op.kind == "avgpool":
-                y = F.avg_pool2d(src, op.kernel, op.stride, op.padding)
-            elif op.kind == "global_avgpool":
-                y = src.mean(dim=(2, 3), keepdim=True)
-            elif op.kind == "maxpool":
-                y = F.max_pool2d(src, op.kernel, op.stride, op.padding)
-            elif op.kind == "reshape":
-                y = torch.flatten(src, 1) if len(op.out_shape) == 1 else src.reshape(src.shape[0], *op.out_shape)
-            elif op.kind == "relu":
-                y = src
+            inputs = [values[name] for name in op.inputs] if op.inputs else [x]
+            if op.weighted:
+                y = self.layers[QuantNet.key(op.name)](inputs[0])
             else:
-                raise UserError(f"op '{op.name}' ({op.kind}) cannot be exported")
+                y = KINDS[op.kind].run(op, inputs)
             if op.activation == "relu":
                 y = torch.relu(y)
             elif op.activation == "relu6":
@@ -212,7 +202,7 @@ def _activation_params(model: TfliteModel, net: QuantNet) -> dict[int, tuple[flo
 
     (input_index,) = model.inputs
     params[input_index] = of("input")
-    queues = {kind: [op for op in net.graph.ops if op.kind == kind] for kind in ("add", "relu")}
+    queues = {kind: [op for op in net.graph.ops if op.kind == kind] for kind in set(_STANDALONE.values())}
     layers = iter(net.graph.layers)
     for tfl in model.operators():
         out = tfl.outputs[0]
