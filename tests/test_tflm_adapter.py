@@ -14,11 +14,13 @@ from smpq_edge.tflm import ARENA_ALIGNMENT, TflmRunner, smallest_arena
 
 # int8 TFLM may trail the float model by a little on 300 digits (measured: it matched it).
 INT8_ACCURACY_SLACK = 0.03
-# One layer in int4 (PTQ): measured argmax agreement 0.94-0.97 with the int8 model; a stale bias
-# or swapped nibbles gave agreement <= 0.21. How far the outputs move (3-11 int8 steps on the
-# depthwise layer) depends on the float training, so it is no check; the packing is checked
-# exactly instead: the INT4 model's outputs equal those of the same integers stored as INT8.
-INT4_MIN_AGREEMENT = 0.85
+# One layer in int4 (PTQ): measured argmax agreement 0.94-0.97 with the int8 model on one
+# machine, 0.78 for the depthwise layer on another (the float training's kernels differ by CPU);
+# a stale bias or swapped nibbles gave agreement <= 0.21. So the bound sits between the two; how
+# far the outputs move (3-11 int8 steps on the depthwise layer) depends on the float training, so
+# it is no check; the packing is checked exactly instead: the INT4 model's outputs equal those of
+# the same integers stored as INT8.
+INT4_MIN_AGREEMENT = 0.5
 CONV, DEPTHWISE, POINTWISE, FC = 0, 1, 2, 4  # operator positions in the digits model
 
 
