@@ -21,7 +21,7 @@ from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
 from smpq_edge.errors import UserError
-from smpq_edge.ops import KINDS, WEIGHTED_KINDS, supported_torch, traceable_modules, traced_kind
+from smpq_edge.ops import WEIGHTED_KINDS, OpKind, supported_torch, traceable_modules, traced_kind
 
 # Folded or aliased by the tracer itself; the other modules are the op kinds' (ops.KINDS).
 _OWN_MODULES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.Dropout, nn.Identity)
@@ -267,10 +267,11 @@ class _Tracer:
     def _check_layers(self) -> None:
         """The first layer TFLM cannot run is the error, not the reshaping some code does to feed it
         (an LSTM's squeeze) nor a shape it gets wrong."""
+        supported = (*_OWN_MODULES, *traceable_modules())
         for node in self.gm.graph.nodes:
             if node.op == "call_module" and _is_relu(node, self.modules) is None:
                 module = self.modules[node.target]
-                if not isinstance(module, (*_OWN_MODULES, *traceable_modules())):
+                if not isinstance(module, supported):
                     raise _unsupported_layer(node, module)
 
     def run(self) -> Graph:
@@ -307,13 +308,13 @@ class _Tracer:
         elif isinstance(module, (nn.Dropout, nn.Identity)):
             self.alias[node.name] = self._source(node.args[0])
         elif (kind := traced_kind(node, module)) is not None:
-            self._emit_kind(node, kind.name, module)
+            self._emit_kind(node, kind, module)
         else:
             raise _unsupported_layer(node, module)
 
     def _function(self, node: fx.Node) -> None:
         if (kind := traced_kind(node, None)) is not None:
-            self._emit_kind(node, kind.name, None)
+            self._emit_kind(node, kind, None)
         elif node.target is getattr:  # x.dtype, x.device, ...: the sizes are handled above
             raise UserError(f"model graph node '{node.name}': shape-dependent code is not supported")
         else:
@@ -321,11 +322,10 @@ class _Tracer:
             raise UserError(f"operation '{name}' (graph node '{node.name}') is not supported; "
                             f"supported: {supported_torch()}")
 
-    def _emit_kind(self, node: fx.Node, kind: str, module: nn.Module | None) -> None:
+    def _emit_kind(self, node: fx.Node, kind: OpKind, module: nn.Module | None) -> None:
         """An op of a kind with a torch form (ops.KINDS): its tensor operands, shape and fields."""
-        form = KINDS[kind].torch
-        sources = tuple(self._source(a) for a in node.args[:form.arity])
-        self._emit(node, Op(node.name, kind, sources, self._shape(node), **form.fields(node, module)))
+        sources = tuple(self._source(a) for a in node.args[:kind.torch.arity])
+        self._emit(node, Op(node.name, kind.name, sources, self._shape(node), **kind.torch.fields(node, module)))
 
 
 def trace(model: nn.Module, input_shape: tuple[int, ...], output_softmax: bool = False) -> Graph:

@@ -46,7 +46,7 @@ _WEIGHTED_OPS = {kind.tflite: kind.name for kind in KINDS.values() if kind.weigh
 _SAME_SCALE_OPS = {"PAD", "SQUEEZE", "EXPAND_DIMS", "TRANSPOSE", "MEAN"} | {
     kind.tflite for kind in KINDS.values() if kind.shares_input_scale}
 # Operators with a quantisation of their own, other than the layers: TFLite operator -> kind.
-_STANDALONE = {name: kind.name for kind in KINDS.values() if kind.tflite and kind.run and not kind.weighted
+_STANDALONE = {name: kind.name for kind in KINDS.values() if kind.tflite and not kind.weighted
                and not kind.shares_input_scale for name in (kind.tflite, *kind.tflite_aliases)}
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
 
