@@ -40,6 +40,35 @@ def test_imported_example_matches_torch_and_traces_to_the_same_layers(name, dyna
     assert got == expected
 
 
+class _ViewByBatchSize(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv, self.fc = nn.Conv2d(1, 4, 3), nn.Linear(4 * 6 * 6, 10)
+
+    def forward(self, x):
+        x = torch.relu(self.conv(x))
+        return self.fc(x.view(x.size(0), -1))
+
+
+def test_flatten_computed_from_a_dynamic_batch_size_imports(tmp_path):
+    """x.view(x.size(0), -1) under a dynamic batch axis is Shape -> Gather -> Unsqueeze -> Concat
+    -> Reshape (tf2onnx leaves the same when TensorFlow does not fold a Keras Flatten): the shape
+    arithmetic is not the network, and the Reshape is the flatten it computes."""
+    import onnx
+
+    torch.manual_seed(0)
+    module = _ViewByBatchSize().eval()
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.zeros(1, 1, 8, 8),), str(tmp_path / "d.onnx"), dynamo=False,
+                          opset_version=17, input_names=["x"], dynamic_axes={"x": {0: "n"}})
+    assert "Shape" in [node.op_type for node in onnx.load(str(tmp_path / "d.onnx")).graph.node]
+    imported = load_model(tmp_path / "d.onnx")
+    x = torch.randn(5, 1, 8, 8)
+    torch.testing.assert_close(imported.module(x), module(x), rtol=1e-4, atol=1e-5)
+    assert [op.kind for op in trace(imported.module, imported.input_shape).ops] == ["input", "conv", "reshape", "fc"]
+
+
 def test_unsupported_onnx_op_names_the_node(tmp_path):
     _export(nn.Sequential(nn.Conv2d(1, 2, 3), nn.Sigmoid(), nn.Flatten(), nn.Linear(72, 2)), (1, 8, 8),
             tmp_path / "s.onnx")

@@ -12,6 +12,7 @@ is refused with the ONNX node's name.
 
 from __future__ import annotations
 
+import copy
 import operator
 import re
 from dataclasses import dataclass, field
@@ -363,8 +364,15 @@ def _dequantize(node, constants: dict[str, np.ndarray], attrs: dict) -> np.ndarr
 def _static_shapes(model) -> dict[str, list[int]]:
     import onnx
 
+    # A batch of one and data propagation: a Reshape whose target is computed from Shape (see
+    # ``_shape_arithmetic``) then gets its static result shape too; the importer reads no batch size.
+    model = copy.deepcopy(model)
+    for info in model.graph.input:
+        dims = info.type.tensor_type.shape.dim
+        if dims and not dims[0].HasField("dim_value"):
+            dims[0].dim_value = 1
     try:
-        inferred = onnx.shape_inference.infer_shapes(model)
+        inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
     except Exception:  # a graph onnx cannot infer is still importable where no shape is needed
         inferred = model
     shapes = {}
@@ -372,6 +380,28 @@ def _static_shapes(model) -> dict[str, list[int]]:
         dims = [d.dim_value if d.HasField("dim_value") else 0 for d in info.type.tensor_type.shape.dim]
         shapes[info.name] = dims
     return shapes
+
+
+def _shape_arithmetic(graph) -> set[int]:
+    """Indices of the nodes that only compute a Reshape's target shape: ``x.view(x.size(0), -1)``
+    under a dynamic batch axis, or a Keras Flatten that TensorFlow's constant folding left
+    unfolded, is Shape -> Gather/Slice -> Unsqueeze -> Concat -> Reshape. ``_reshape`` takes the
+    result shape from shape inference, so these nodes are not part of the network."""
+    readers: dict[str, list[tuple[int, int]]] = {}  # tensor -> (node index, input position)
+    for index, node in enumerate(graph.node):
+        for position, name in enumerate(node.input):
+            readers.setdefault(name, []).append((index, position))
+    skipped: set[int] = set()
+
+    def shape_only(name: str) -> bool:
+        return bool(readers.get(name)) and all(
+            (graph.node[r].op_type == "Reshape" and position == 1) or r in skipped for r, position in readers[name])
+
+    for index in reversed(range(len(graph.node))):  # topological order: a node's readers come later
+        node = graph.node[index]
+        if node.op_type != "Reshape" and node.output and all(shape_only(name) for name in node.output if name):
+            skipped.add(index)
+    return skipped
 
 
 def _input_layout(dims: list[int], origin: str) -> tuple[tuple[int, ...], bool]:
@@ -410,8 +440,11 @@ def onnx_source(model, origin: str, name: str) -> ModelSource:
     body = "flat_input" if flat else input_name
     if flat:  # the data loader gives (N, 1, F, 1); the dense model reads (N, F)
         imp.steps.append(("flatten", "", (body,), input_name))
+    shape_arithmetic = _shape_arithmetic(graph)
     for index, node in enumerate(graph.node):
         attrs = _attributes(node)
+        if index in shape_arithmetic:
+            continue
         if node.op_type == "Constant":
             constants[node.output[0]] = numpy_helper.to_array(attrs["value"]).astype(np.float32)
         elif node.op_type == "DequantizeLinear" and node.input[0] in constants:
