@@ -129,13 +129,15 @@ def oracle(net, graph, board, x: np.ndarray, y: np.ndarray, chunk: int = 1000) -
 
 def smpq_scores(run, net, variant: str, teacher) -> np.ndarray:
     """SMPQ's selection scores for coalition value and players ``variant`` ("top1:candidates",
-    "kl:layers", ...): the search's final Shapley table on ``net`` with the monotone prior. They do
-    not depend on the budget, so each seed computes them once."""
-    value, players = variant.split(":")
+    "kl:layers", "kl:layers:sampled" for layer players always sampled, never enumerated): the
+    search's final Shapley table on ``net`` with the monotone prior. They do not depend on the
+    budget, so each seed computes them once."""
+    value, players, *how = variant.split(":")
     shapley = run.config.shapley
     x_val, y_val = validation_batch(run.data, shapley.val_samples, run.seed)
     table = estimate_shapley(net, x_val, value_target(value, x_val, y_val, teacher), shapley.final_permutations,
-                             shapley.truncation, run.seed, value=value, players=players)
+                             shapley.truncation, run.seed, value=value, players=players,
+                             exact_layers=shapley.exact_layers and how != ["sampled"])
     return monotone_scores(shapley_scores(table, len(run.graph.layers), len(net.candidates)), net.candidates)
 
 
@@ -249,7 +251,8 @@ def main() -> None:
     p.add_argument("--fractions", nargs="+", type=float, default=[0.2, 0.5, 0.8])
     p.add_argument("--oracle-samples", type=int, default=2500, help="held-out test samples the oracle scores on")
     p.add_argument("--variants", nargs="+", default=["kl:layers", "top1:candidates"],
-                   help="post-training SMPQ variants, VALUE:PLAYERS (ShapleyConfig.value and .final_players)")
+                   help="post-training SMPQ variants, VALUE:PLAYERS[:sampled] (ShapleyConfig.value and "
+                        ".final_players; ':sampled' never enumerates layer players exactly)")
     p.add_argument("--dmpq-epochs", type=int, default=2)
     p.add_argument("--dmpq-lr", type=float, default=1e-3, help="DMPQ's alpha search (weights and alpha)")
     p.add_argument("--dmpq-samples", type=int, default=10000, help="training samples of DMPQ's alpha search")

@@ -1,6 +1,7 @@
 """The supernet's numerics, batched coalition evaluation, and a short search under a tight budget."""
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -267,3 +268,34 @@ def test_layer_players_score_real_policies_and_credit_the_widest_candidate(train
     value = CoalitionValue(net, x, y)
     all8, all4 = np.tile([False, True], n_layers), np.tile([True, False], n_layers)
     assert table.mean[1::2].sum() == pytest.approx(value(all8[None])[0] - value(all4[None])[0])
+
+
+def test_layer_players_are_enumerated_exactly_when_that_costs_no_more(trained_digits_net, digits):
+    """With exact_layers and (L + 1) x permutations >= 2^L, the table is the exact Shapley value of
+    the 2^L policies: no sampling error, so every seed gives the same table, and each layer's value
+    is the weighted mean of its int4 -> int8 moves over all policies of the other layers."""
+    net = trained_digits_net
+    x, y = validation_batch(digits, 128, seed=0)
+    n_layers = len(net.graph.layers)
+    permutations = 2**n_layers // (n_layers + 1) + 1
+    tables = [estimate_shapley(net, x, y, permutations, 0.5, seed=seed, players="layers", exact_layers=True)
+              for seed in (0, 1)]
+    np.testing.assert_array_equal(tables[0].mean, tables[1].mean)
+    assert tables[0].n_permutations == 0 and (tables[0].stderr[1::2] == 0).all()
+    assert tables[0].n_coalitions == 2**n_layers
+
+    value = CoalitionValue(net, x, y)
+    subsets = np.arange(2**n_layers)
+    int8 = (subsets[:, None] >> np.arange(n_layers)) & 1 == 1
+    masks = np.stack([~int8, int8], axis=-1).reshape(len(subsets), -1)
+    values = value(masks)
+    for layer in range(n_layers):
+        without = subsets[~int8[:, layer]]
+        size = int8[without].sum(axis=1)
+        weight = np.array([math.factorial(s) * math.factorial(n_layers - s - 1) for s in size]) / math.factorial(n_layers)
+        expected = np.sum(weight * (values[without | (1 << layer)] - values[without]))
+        assert tables[0].mean[2 * layer + 1] == pytest.approx(expected, abs=1e-12)
+    # One permutation fewer than the rule needs, and the table is sampled again.
+    sampled = estimate_shapley(net, x, y, 2**n_layers // (n_layers + 1) - 1 or 1, 0.5, seed=0, players="layers",
+                               exact_layers=True)
+    assert sampled.n_permutations > 0

@@ -39,7 +39,7 @@ def empty_and_full(value_fn, n):
 def test_exact_matches_closed_form_for_additive_plus_pairwise():
     # An interaction term c_ij is split equally between i and j.
     expected = WEIGHTS + 0.5 * (PAIRS.sum(axis=0) + PAIRS.sum(axis=1))
-    np.testing.assert_allclose(exact_shapley(additive_pairwise, N), expected, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(exact_shapley(additive_pairwise, N).mean, expected, rtol=0, atol=1e-12)
 
 
 def test_exact_matches_hand_computed_weighted_majority():
@@ -48,19 +48,19 @@ def test_exact_matches_hand_computed_weighted_majority():
     def majority(masks):
         return (masks.astype(float) @ np.array([4.0, 2.0, 1.0, 1.0]) >= 5).astype(float)
 
-    np.testing.assert_allclose(exact_shapley(majority, 4), [3 / 4, 1 / 12, 1 / 12, 1 / 12], atol=1e-12)
+    np.testing.assert_allclose(exact_shapley(majority, 4).mean, [3 / 4, 1 / 12, 1 / 12, 1 / 12], atol=1e-12)
 
 
 def test_exact_is_efficient():
     empty, full = empty_and_full(game, N)
-    assert exact_shapley(game, N).sum() == pytest.approx(full - empty, abs=1e-12)
+    assert exact_shapley(game, N).mean.sum() == pytest.approx(full - empty, abs=1e-12)
 
 
 # --- Monte Carlo against exact ----------------------------------------------------------------
 
 
 def test_estimate_within_three_standard_errors_of_exact():
-    exact = exact_shapley(game, N)
+    exact = exact_shapley(game, N).mean
     estimate = monte_carlo_shapley(game, N, 2000, seed=11)
     assert np.all(estimate.count == 2000)
     assert np.all(np.abs(estimate.mean - exact) <= 3 * estimate.stderr), (estimate.mean, exact, estimate.stderr)
@@ -76,7 +76,7 @@ def test_every_permutation_telescopes_to_full_minus_empty():
 
 
 def test_error_and_standard_error_shrink_with_samples():
-    exact = exact_shapley(game, N)
+    exact = exact_shapley(game, N).mean
     few = monte_carlo_shapley(game, N, 100, seed=5)
     many = monte_carlo_shapley(game, N, 4000, seed=5)
     assert np.mean(np.abs(many.mean - exact)) < np.mean(np.abs(few.mean - exact))
@@ -193,7 +193,7 @@ def test_group_rule_estimates_drop_while_the_group_keeps_another_member():
     members = slice(0, 5)
     assert np.all(np.abs(estimate.mean[members] - expected[members]) <= 3 * estimate.stderr[members])
     # The grouped values differ from the plain Shapley values, so the check above has teeth.
-    assert np.max(np.abs(expected[members] - exact_shapley(game, N)[members])) > 10 * estimate.stderr[members].max()
+    assert np.max(np.abs(expected[members] - exact_shapley(game, N).mean[members])) > 10 * estimate.stderr[members].max()
 
 
 # --- truncation -------------------------------------------------------------------------------

@@ -323,7 +323,7 @@ def _smpq_search(run: _Run, net: QuantNet, teacher: torch.nn.Module):
         n, run.data, config.search, run.seed + 1, params=weight_params(n), after_epoch=updater, desc="SMPQ search",
         progress=run.progress, teacher=teacher, context=run.context), config.search.epochs)
     table = estimate_shapley(net, x_val, target, config.shapley.final_permutations, config.shapley.truncation,
-                             run.seed, run.context, shapley.value, shapley.final_players)
+                             run.seed, run.context, shapley.value, shapley.final_players, shapley.exact_layers)
     scores = shapley_scores(table, len(run.graph.layers), len(run.candidates))
     if config.shapley.monotone:
         scores = monotone_scores(scores, run.candidates)

@@ -148,8 +148,10 @@ def monte_carlo_shapley(
     return _summarise(samples, full_value, evaluate)
 
 
-def exact_shapley(value_fn: ValueFn, n_players: int, max_batch: int = 4096) -> np.ndarray:
-    """Shapley values by enumerating all 2**n coalitions (no groups, no truncation).
+def exact_shapley(value_fn: ValueFn, n_players: int, max_batch: int = 4096) -> ShapleyEstimate:
+    """Shapley values by enumerating all 2**n coalitions (no groups, no truncation), as an
+    estimate with no sampling error: std and stderr 0, ``count`` the 2**(n-1) marginal
+    contributions each value weighs, ``n_permutations`` 0.
 
     Row i of the coalition matrix is the subset whose bit j says whether player j is present.
     """
@@ -168,7 +170,10 @@ def exact_shapley(value_fn: ValueFn, n_players: int, max_batch: int = 4096) -> n
     for i in range(n_players):
         without = subsets[~masks[:, i]]
         phi[i] = np.sum(weight[size[without]] * (values[without | (1 << i)] - values[without]))
-    return phi
+    zeros = np.zeros(n_players)
+    return ShapleyEstimate(mean=phi, std=zeros, stderr=zeros, count=np.full(n_players, 2 ** (n_players - 1)),
+                           mean_minus_std=phi, full_value=float(values[-1]), n_permutations=0,
+                           n_coalitions=evaluate.coalitions, n_calls=evaluate.calls)
 
 
 def _group_index(groups: np.ndarray | None, n_players: int) -> np.ndarray | None:

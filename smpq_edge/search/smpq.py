@@ -18,7 +18,7 @@ import torch
 from smpq_edge.data import Dataset
 from smpq_edge.quant import QuantNet
 from smpq_edge.distributed import SINGLE_PROCESS, Context
-from smpq_edge.search.shapley import ShapleyEstimate, monte_carlo_shapley
+from smpq_edge.search.shapley import ShapleyEstimate, exact_shapley, monte_carlo_shapley
 
 # Coalitions per value_fn call: the more in one call, the more prefixes they share (memory
 # does not grow with it, see QuantNet.coalition_logits).
@@ -45,6 +45,10 @@ class ShapleyConfig:
     # integer arithmetic. bench/real_tasks.py measured kl + layers against top1 + candidates on
     # ResNet-8 / CIFAR-10 and DS-CNN / FSDD after post-training calibration (bench/RESULTS.md).
     final_players: str = "layers"
+    # Layer players are enumerated exactly (all 2^L policies, no sampling error) when that takes
+    # no more coalitions than the final permutations would: (L + 1) x final_permutations >= 2^L,
+    # up to 10 layers at the default 96. Sampled otherwise, or always when False.
+    exact_layers: bool = True
     # A wider bit-width's score is at least a narrower one's (see ``monotone_scores``).
     monotone: bool = True
     momentum: float = 0.8  # accum = momentum * accum + (1 - momentum) * phi
@@ -135,13 +139,14 @@ def value_target(value: str, x: np.ndarray, y: np.ndarray, teacher: torch.nn.Mod
 
 def estimate_shapley(net: QuantNet, x: np.ndarray, y: np.ndarray, permutations: int, truncation: float,
                      seed: int, context: Context = SINGLE_PROCESS, value: str = "top1",
-                     players: str = "candidates") -> ShapleyEstimate:
+                     players: str = "candidates", exact_layers: bool = False) -> ShapleyEstimate:
     """One entry per (layer, candidate) player, whichever the players: with "layers" the widest
-    candidate holds the layer's value and the others have no sample."""
+    candidate holds the layer's value and the others have no sample (see ``ShapleyConfig`` for
+    ``exact_layers``)."""
     value = CoalitionValue(net, x, y, context, value)
     net.set_policy(None)
     if players == "layers":
-        return _layer_upgrades(value, net, permutations, seed, context)
+        return _layer_upgrades(value, net, permutations, seed, context, exact_layers)
     if players != "candidates":
         raise ValueError(f"unknown Shapley players {players!r}")
     groups = np.repeat(np.arange(len(net.graph.layers)), len(net.candidates))
@@ -150,7 +155,7 @@ def estimate_shapley(net: QuantNet, x: np.ndarray, y: np.ndarray, permutations: 
 
 
 def _layer_upgrades(value: CoalitionValue, net: QuantNet, permutations: int, seed: int,
-                    context: Context) -> ShapleyEstimate:
+                    context: Context, exact: bool) -> ShapleyEstimate:
     """Shapley values of the layers, where a coalition's layers take the widest candidate and the
     others the narrowest. No truncation: every coalition is a working network."""
     n_layers, k = len(net.graph.layers), len(net.candidates)
@@ -162,7 +167,11 @@ def _layer_upgrades(value: CoalitionValue, net: QuantNet, permutations: int, see
         choice[..., narrow] |= ~masks
         return value(choice.reshape(len(masks), -1))
 
-    layers = monte_carlo_shapley(policies, n_layers, permutations, seed=seed, max_batch=value.max_batch * context.world)
+    max_batch = value.max_batch * context.world
+    if exact and 2**n_layers <= (n_layers + 1) * permutations:
+        layers = exact_shapley(policies, n_layers, max_batch=max_batch)
+    else:
+        layers = monte_carlo_shapley(policies, n_layers, permutations, seed=seed, max_batch=max_batch)
 
     def per_candidate(a: np.ndarray, missing: float) -> np.ndarray:
         out = np.full((n_layers, k), missing, dtype=np.float64)
