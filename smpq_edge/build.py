@@ -20,6 +20,7 @@ from typing import Callable
 import smpq_edge
 from smpq_edge import firmware
 from smpq_edge.boards import Board, board_path
+from smpq_edge.cost import estimate
 from smpq_edge.data import BUILTIN_DATASETS, Dataset
 from smpq_edge.emulator import emulate
 from smpq_edge.export.exporter import ExportResult, export_model
@@ -27,7 +28,7 @@ from smpq_edge.fileio import ensure_dir, read_json, write_bytes, write_json, wri
 from smpq_edge.models import EXAMPLES_DIR, ModelSource
 from smpq_edge.policy import load_policy
 from smpq_edge.quant import QuantNet
-from smpq_edge.search.runner import SearchConfig, finetune, load_quantnet, save_quantnet
+from smpq_edge.search.runner import SearchConfig, finetune, load_quantnet, save_quantnet, traced_for
 from smpq_edge.search.train import TrainConfig
 from smpq_edge.task import task_of
 from smpq_edge.versions import versions
@@ -209,10 +210,27 @@ def emulate_stage(out: Path, source: ModelSource, data: Dataset, board: Board) -
     return record
 
 
-def firmware_stage(out: Path, data: Dataset, board: Board, seed: int) -> None:
-    """Firmware sources for model.tflite, with the arena the emulate stage measured (not measured again)."""
-    arena = read_json(out / "emulation.json", "emulation record")["arena_bytes"]
+TARGET_ARENA_BASIS = "the cost model's target arena for CMSIS-NN kernels (bench/cycles.py)"
+
+
+def firmware_arena(out: Path, source: ModelSource, data: Dataset, board: Board) -> tuple[int, str]:
+    """The arena the firmware is sized from, and where it comes from. With reference kernels, the
+    emulate stage's measurement: the host runs the same kernels, and its 64-bit pointers only add.
+    CMSIS-NN kernels plan other scratch than the host's reference kernels: they read an INT4
+    filter packed where the reference kernels unpack it into an int8 copy in the arena (16 KB for
+    a 256 x 64 dense layer, ten times the default model's arena), and they ask for im2col buffers
+    the reference kernels do not. There the cost model's target arena, fitted to the firmware's
+    own report on QEMU, is the estimate."""
+    if board.kernels != "cmsis_nn":
+        return read_json(out / "emulation.json", "emulation record")["arena_bytes"], firmware.HOST_ARENA_BASIS
+    graph = traced_for(source, data)
+    return estimate(graph, load_policy(out / "policy.json").bits, board).arena_bytes, TARGET_ARENA_BASIS
+
+
+def firmware_stage(out: Path, source: ModelSource, data: Dataset, board: Board, seed: int) -> None:
+    """Firmware sources for model.tflite, with the arena ``firmware_arena`` estimates."""
+    arena, basis = firmware_arena(out, source, data, board)
     labels = data.y_test if task_of(data).has_classes else None  # anomaly labels are no classes to hit
     firmware.generate_from_tflite(out / "model.tflite", board, out / "firmware", x=data.x_test, labels=labels,
-                                  vectors=FIRMWARE_VECTORS, seed=seed, arena_bytes=arena,
+                                  vectors=FIRMWARE_VECTORS, seed=seed, arena_bytes=arena, arena_basis=basis,
                                   origin=f"{data.name} test split (seed {seed}), first {FIRMWARE_VECTORS} samples")

@@ -61,9 +61,15 @@ def _boards(parser: argparse.ArgumentParser):
     return run
 
 
+# The default build: a model that does not fit a small part in int8 but does with int4 where it
+# costs least, so that a first run shows what the search is for (see examples/digits_dense.py).
+DEFAULT_BOARD = "nucleo-l412kb"
+DEFAULT_MODEL = "digits_dense"
+
+
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--board", default="nucleo-l4r5zi", help="board name or YAML path (default: %(default)s)")
-    parser.add_argument("--model", default="digits_cnn",
+    parser.add_argument("--board", default=DEFAULT_BOARD, help="board name or YAML path (default: %(default)s)")
+    parser.add_argument("--model", default=DEFAULT_MODEL,
                         help="example name, or a model file: .py, .onnx, .keras, .h5, .tflite, or a SavedModel folder")
     parser.add_argument("--data", default=None,
                         help="built-in data set, .npz file, or a folder of images or WAV files (default: the model's)")
@@ -361,8 +367,9 @@ def _build(parser: argparse.ArgumentParser):
                   lambda folder: export_stage(folder, source, data, board, seed=args.seed), computed),
             Stage("emulate", ("model.tflite", "quantnet.pt", "policy.json"), ("emulation.json",),
                   lambda folder: emulate_stage(folder, source, data, board), computed),
-            Stage("firmware", ("model.tflite", "emulation.json"), ("firmware",),
-                  lambda folder: firmware_stage(folder, data, board, args.seed), ("data", "board", "code", "templates")),
+            Stage("firmware", ("model.tflite", "emulation.json", "policy.json"), ("firmware",),
+                  lambda folder: firmware_stage(folder, source, data, board, args.seed),
+                  ("data", "board", "code", "templates")),
             Stage("report", ("search.json", "emulation.json"), ("report.md", "report.html"), report_stage, ("code",)),
         ]
         arguments = {k: v for k, v in vars(args).items() if k not in ("run", "resume", "out")}
@@ -441,7 +448,7 @@ def _emulate(parser: argparse.ArgumentParser):
 def _firmware(parser: argparse.ArgumentParser):
     """C/C++ firmware sources for a board from a .tflite: model array, op resolver, arena, self-check."""
     parser.add_argument("model", help="int8-in/int8-out .tflite file")
-    parser.add_argument("--board", default="nucleo-l4r5zi", help="board name or YAML path (default: %(default)s)")
+    parser.add_argument("--board", default=DEFAULT_BOARD, help="board name or YAML path (default: %(default)s)")
     parser.add_argument("--out", required=True, help="output folder for the sources")
     parser.add_argument("--data", default=None,
                         help="data set for the self-check vectors (its test split); default: random int8 inputs")
@@ -470,7 +477,7 @@ def _firmware(parser: argparse.ArgumentParser):
         print(f"firmware for {result.board} ({result.port} port) in {result.out_dir}")
         for registration in result.registrations:
             print(f"  {registration.call}: {registration.reason}")
-        print(f"tensor arena {result.arena_size} B = measured {result.arena_measured} B + margin "
+        print(f"tensor arena {result.arena_size} B = {result.arena_estimate} B {result.arena_basis} + margin "
               f"{result.arena_margin} B; {result.vectors} test vectors; {len(result.files)} files")
         print(f"build: make -C {result.out_dir} TFLM_DIR=/path/to/tflite-micro (see README.md there)")
         return 0

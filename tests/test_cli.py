@@ -118,7 +118,7 @@ def test_cost_with_a_policy_file(tmp_path, capsys):
         LayerChoice(name=op.name, kind=op.kind, weight_bits=b, params=op.weight_count)
         for op, b in zip(graph.layers, bits)])
     path = save_policy(policy, tmp_path / "policy.json")
-    code, out, _ = run(capsys, "cost", "--bits", str(path), "--json")
+    code, out, _ = run(capsys, "cost", "--model", "digits_cnn", "--bits", str(path), "--json")
     assert code == 0
     assert [layer["weight_bits"] for layer in json.loads(out)["layers"]] == bits
 

@@ -230,12 +230,12 @@ def test_arena_constant_is_the_measurement_plus_the_margin(int8_firmware, int8_s
     size = int(re.search(r"constexpr size_t kArenaSize = (\d+);", runner).group(1))
     assert size == measured + default_arena_margin(measured) == int8_firmware.arena_size
     assert size % 16 == 0
-    assert f"{measured} bytes measured with the TFLM host interpreter" in runner
+    assert f"{measured} bytes (measured with the TFLM host interpreter" in runner
     assert "alignas(16) static uint8_t tensor_arena[kArenaSize];" in runner
     header = (int8_firmware.out_dir / "model_runner.h").read_text()
     assert f"#define SMPQ_TENSOR_ARENA_SIZE {size}" in header
     readme = (int8_firmware.out_dir / "README.md").read_text()
-    assert f"**{size} bytes** = {measured} bytes measured" in readme
+    assert f"**{size} bytes** = {measured} bytes (measured with the TFLM host interpreter" in readme
     # An explicit margin is used as given (rounded up to the arena alignment).
     _, result = render_firmware(int8_spec, load_board(QEMU_BOARD), margin=100)
     assert result.arena_size == -(-(measured + 100) // 16) * 16

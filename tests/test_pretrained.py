@@ -81,7 +81,7 @@ def test_ptq_refuses_an_untrained_model(tmp_path, capsys):
     code = main(["search", "--ptq", "--quick", "--out", str(tmp_path / "o")])
     assert code == 2
     err = capsys.readouterr().err.strip()
-    assert err.startswith("error: --ptq: model digits_cnn is not trained") and "\n" not in err
+    assert err.startswith("error: --ptq: model digits_dense is not trained") and "\n" not in err
     assert not (tmp_path / "o").exists()
 
 
