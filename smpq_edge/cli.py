@@ -295,6 +295,23 @@ def _print_floor(search) -> None:
               "See report.html.")
 
 
+def _print_methods(search) -> None:
+    """SMPQ's pick next to the baselines under the same budgets (when the search ran them)."""
+    from smpq_edge.task import TASKS
+
+    if len(search.methods) < 2:
+        return
+    task = TASKS[search.task]
+    names = [layer.name for layer in search.shipped.cost.layers]
+    rows = [[m.method, " ".join(str(m.bits[name]) for name in names), f"{m.cost.model_flash_bytes:,} B",
+             task.show(m.test_acc)] for m in search.methods]
+    rows += [[f"uniform{bits}", " ".join(str(bits) for _ in names), "over budget", "-"]
+             for bits in search.candidates if f"uniform{bits}" not in {m.method for m in search.methods}]
+    print(f"\nmethods under the same budgets (bits of layers {' '.join(names)}; fake-quant test {task.metric} "
+          "after each one's finetune):")
+    _print_table(rows, ["method", "bits", "model flash", f"test {task.metric}"])
+
+
 def _print_build_summary(out) -> None:
     from smpq_edge.records import read_emulation, read_search
     from smpq_edge.task import TASKS
@@ -326,13 +343,14 @@ def _print_build_summary(out) -> None:
     _print_table([
         ["flash", f"{cost.model_flash_bytes:,} B (.tflite {emulation.model_bytes:,} B)", f"{cost.reserve_flash_bytes:,} B",
          f"{cost.flash_total_bytes:,} B", f"{cost.flash_budget_bytes:,} B", use(cost.flash_total_bytes, cost.flash_budget_bytes)],
-        ["RAM", f"arena {cost.arena_bytes:,} B (TFLM {emulation.arena_bytes:,} B)", f"{cost.reserve_ram_bytes:,} B",
+        ["RAM", f"arena {cost.arena_bytes:,} B (host TFLM {emulation.arena_bytes:,} B)", f"{cost.reserve_ram_bytes:,} B",
          f"{cost.ram_total_bytes:,} B", f"{cost.ram_budget_bytes:,} B", use(cost.ram_total_bytes, cost.ram_budget_bytes)],
         ["latency", f"{cost.cycles:,} cycles", "-", f"{cost.latency_ms:.2f} ms", f"{cost.cycle_budget:,} cycles",
          use(cost.cycles, cost.cycle_budget)],
     ], ["predicted", "model", "board reserve", "whole firmware", "budget", "use"])
     print("\nweights per layer: " + ", ".join(f"{layer.name} ({layer.kind}) int{layer.weight_bits}"
                                           for layer in cost.layers))
+    _print_methods(search)
     _print_floor(search)
     print(f"\nbuild folder: {out}  (report: {out / 'report.html'}, firmware: {out / 'firmware'})")
 

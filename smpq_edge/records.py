@@ -116,6 +116,12 @@ class SearchRecord(_Record):
     methods: list[MethodRecord]
     layer_shapes: dict[str, list[int]]  # layer -> TFLite weight shape
     rerank_margin: float
+    config: dict = {}  # the SearchConfig, as written
+
+    @property
+    def coalition_value(self) -> str:
+        """What the Shapley table's coalitions were scored by (``ShapleyConfig.value``)."""
+        return self.config.get("shapley", {}).get("value", "top1")
 
     @property
     def shipped(self) -> MethodRecord:

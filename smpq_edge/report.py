@@ -61,7 +61,9 @@ def _shapley_plot(search: SearchRecord) -> bytes:
                      label="score the selection used (after the monotone prior)" if j == 0 else None)
     axis.set_xticks(range(len(layers)), layers, rotation=45, ha="right", fontsize=8)
     axis.axhline(0, color="black", linewidth=0.6)
-    axis.set_ylabel(f"contribution to validation {TASKS[search.task].value_name}")
+    value = ("minus the KL divergence from float" if search.coalition_value == "kl"
+             else TASKS[search.task].value_name)
+    axis.set_ylabel(f"contribution to {value}\n(validation batch)")
     axis.set_title("Shapley value per layer and bit-width (outlined: the shipped choice)", fontsize=10)
     axis.legend(fontsize=7, loc="best")
     return _png(figure)
@@ -178,11 +180,11 @@ def _why_section(search: SearchRecord, task: Task) -> str:
              "**shipped**" if k.chosen else ""] for k in search.k_best]
     chosen = next(i for i, k in enumerate(search.k_best) if k.chosen)
     reason = ("the best by summed Shapley value that fits every budget; no other of these led it on the validation "
-              f"batch by more than {search.rerank_margin:g} paired standard error(s)" if chosen == 0 else
-              f"it led the summed-Shapley optimum on the validation batch by more than {search.rerank_margin:g} "
+              f"split by more than {search.rerank_margin:g} paired standard error(s)" if chosen == 0 else
+              f"it led the summed-Shapley optimum on the validation split by more than {search.rerank_margin:g} "
               "paired standard error(s)")
     return ("## Why this policy\n\nThe selection takes the policies with the largest summed Shapley value within "
-            f"the budgets (an exact knapsack) and measures each on the validation batch. Shipped: {reason}.\n\n"
+            f"the budgets (an exact knapsack) and measures each on the whole validation split. Shipped: {reason}.\n\n"
             + _table(["bits per layer", "summed Shapley", f"validation {task.metric}", ""], rows))
 
 

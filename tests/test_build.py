@@ -296,3 +296,25 @@ def test_build_of_a_model_ending_in_softmax_ships_tflms_softmax(tmp_path, capsys
     assert printed.count("note: final Softmax dropped (--logits)") == 1
     assert "SOFTMAX" not in [op.name for op in TfliteModel.from_file(out / "model.tflite").operators()]
     assert json.loads((out / "export.json").read_text())["softmax"] is False
+
+
+def test_summary_sets_the_pick_beside_the_baselines(default_build, tmp_path, capsys):
+    from smpq_edge.cli import _print_build_summary
+
+    out = tmp_path / "with_baselines"
+    shutil.copytree(default_build, out)
+    record = json.loads((out / "search.json").read_text())
+    hawq = json.loads(json.dumps(record["methods"][0]))
+    hawq["method"], hawq["test_acc"] = "hawq", 0.5
+    hawq["bits"] = {name: 4 for name in hawq["bits"]}
+    record["methods"].append(hawq)
+    (out / "search.json").write_text(json.dumps(record))
+    _print_build_summary(out)
+    lines = capsys.readouterr().out.splitlines()
+    table = lines[next(i for i, line in enumerate(lines) if line.startswith("methods under the same budgets")):]
+    bits = " ".join(str(b) for b in record["methods"][0]["bits"].values())
+    assert table[3].split()[0] == "smpq" and bits in table[3]
+    assert table[4].split()[0] == "hawq" and "50.00 %" in table[4]
+    # A uniform policy the search did not train was over the budget (run_search records it so).
+    assert [line.split()[0] for line in table[5:7]] == ["uniform4", "uniform8"]
+    assert all("over budget" in line for line in table[5:7])
