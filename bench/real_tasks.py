@@ -7,9 +7,9 @@ Two regimes:
 * **Post-training** (``--ptq-tasks``, both by default). The float model is trained once per task
   (seed 0, cached in ``--work``); each seed then calibrates the supernet as ``run_search`` does and
   picks as the post-training search (``SearchConfig.post_training_only()``: no weight training)
-  would: SMPQ's final Shapley table for each ``--variants`` (coalition value : players) with the
-  K best re-ranked on the Shapley batch, not re-ranked ("/sum"), or re-ranked on the whole
-  validation split ("/val-all", what the search does now); HAWQ's and the uniform picks. DMPQ
+  would: SMPQ's final Shapley table for each ``--variants`` (coalition value : players), not
+  re-ranked ("/sum"), or with the K best re-ranked on the whole validation split ("/val-all",
+  what the search does); HAWQ's and the uniform picks. DMPQ
   learns alpha by gradient, so its pick comes from ``dmpq_scores`` on a copy of the same
   calibrated network (``--dmpq-epochs`` over ``--dmpq-samples`` training samples). The **oracle** scores every policy (2^10 for both models)
   on that calibrated network, with TFLM-exact integer arithmetic for the chosen bit-widths, on the
@@ -155,15 +155,13 @@ def picks_at(fraction: float, seed: int, source, data, board, config, net, score
     budgets, info = flash_budget(net.graph, board, fraction)
     run = _prepare(source, data, board, budgets, config, seed, False, lambda m: None, SINGLE_PROCESS)
     bits, seconds = {}, {}
-    whole_val = replace(run, config=replace(config, shapley=replace(config.shapley, val_samples=len(data.y_val))))
     for method, method_scores in scores.items():
         t0 = time.perf_counter()
         if method.startswith("smpq"):
-            # As the search picks (the K best re-ranked on its validation batch), and two
-            # alternatives: the best summed Shapley alone, and the re-rank on the whole split.
-            bits[method] = _pick(run, net, method_scores)[2]
+            # As the search picks (the K best re-ranked on the whole validation split), and the
+            # best summed Shapley alone.
             bits[f"{method}/sum"] = selected(run, method_scores)
-            bits[f"{method}/val-all"] = _pick(whole_val, net, method_scores)[2]
+            bits[f"{method}/val-all"] = _pick(run, net, method_scores)[2]
         else:
             bits[method] = selected(run, method_scores)
         seconds[method] = time.perf_counter() - t0

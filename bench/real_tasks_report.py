@@ -10,11 +10,15 @@ BASELINES = ("dmpq", "hawq", "uniform8", "uniform4")
 QAT_METHODS = ("smpq",) + BASELINES
 
 
-# SMPQ's post-training picks by coalition value and players ("kl:layers"), and by how the K best
-# are re-ranked: on the Shapley batch (no suffix), not at all ("/sum"), on the whole validation
-# split ("/val-all"). The first is what the search ships now.
+# SMPQ's post-training picks by coalition value and players ("kl:layers"; ":sampled", the layer
+# table by 96 permutations where the search would enumerate it), and by how the K best are
+# re-ranked: on the Shapley batch (no suffix; older runs of this bench: the search now
+# re-ranks on the whole split), not at all ("/sum"), on the whole validation split
+# ("/val-all"). The first is what the search ships now.
 SMPQ_LABELS = {"smpq[kl:layers]/val-all": "smpq", "smpq[kl:layers]": "smpq, batch re-rank",
-               "smpq[kl:layers]/sum": "smpq, no re-rank", "smpq[top1:candidates]": "smpq before"}
+               "smpq[kl:layers]/sum": "smpq, no re-rank", "smpq[kl:layers:sampled]/val-all": "smpq, sampled table",
+               "smpq[kl:layers:sampled]/sum": "smpq, sampled table, no re-rank",
+               "smpq[top1:candidates]": "smpq before"}
 
 
 def ptq_methods(task: dict) -> list[str]:
