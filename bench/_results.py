@@ -19,3 +19,20 @@ def write_section(heading: str, body: str) -> None:
     end = current.find("\n## ", start + len(heading))
     rest = "" if end == -1 else "\n" + current[end + 1:]
     RESULTS.write_text(current[:start] + section + rest)
+
+
+def timed_log(threads: int):
+    """Set torch's thread count (0: leave it) and return a log function that stamps each line with
+    the seconds since this call: the benches' progress lines."""
+    import time
+
+    import torch
+
+    if threads:
+        torch.set_num_threads(threads)
+    started = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - started:7.0f} s] {msg}", flush=True)
+
+    return log

@@ -31,7 +31,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._results import write_section  # noqa: E402
+from bench._results import timed_log, write_section  # noqa: E402
 from bench.real_tasks import TASKS, float_model, smpq_scores  # noqa: E402
 from bench.search_quality import flash_budget  # noqa: E402
 from smpq_edge.boards import load_board  # noqa: E402
@@ -131,12 +131,8 @@ def main() -> None:
     p.add_argument("--out", default=str(HERE / "qat_target.json"))
     p.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     started = time.perf_counter()
-
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - started:7.0f} s] {msg}", flush=True)
+    log = timed_log(args.threads)
 
     payload = measure(args, log)
     payload["wall_s"] = time.perf_counter() - started

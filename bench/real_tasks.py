@@ -43,7 +43,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._results import write_section  # noqa: E402
+from bench._results import timed_log, write_section  # noqa: E402
 from bench.search_quality import flash_budget, pretrained  # noqa: E402
 from smpq_edge.boards import load_board  # noqa: E402
 from smpq_edge.cost import estimate, uniform  # noqa: E402
@@ -267,12 +267,8 @@ def main() -> None:
                    help="run nothing: combine these outputs (e.g. tasks run in parallel) into --out, tables and plot")
     p.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
     args = p.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     started = time.perf_counter()
-
-    def log(msg: str) -> None:
-        print(f"[{time.perf_counter() - started:7.0f} s] {msg}", flush=True)
+    log = timed_log(args.threads)
 
     if args.merge:
         payload = merged([json.loads(Path(f).read_text(encoding="utf-8")) for f in args.merge])
