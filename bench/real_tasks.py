@@ -289,9 +289,11 @@ def main() -> None:
 
 
 def merged(parts: list[dict]) -> dict:
-    """Runs made in parallel (a task, a regime or a seed each) as one payload: their commands, the
-    longest wall time, and the union of their tasks and seeds."""
+    """Runs made in parallel (a task, a regime or a seed each) as one payload: their commands and
+    dates, the longest wall time, and the union of their tasks and seeds (a later part's seeds of a
+    task replace an earlier part's)."""
     payload = {**parts[0], "command": " ; ".join(part["command"] for part in parts),
+               "date": " and ".join(sorted({part["date"] for part in parts})),
                "wall_s": max(part.get("wall_s", 0) for part in parts), "ptq": {}, "qat": {}, "merged": len(parts)}
     for part in parts:
         for name, task in part["ptq"].items():  # one task's seeds may come from several parts
