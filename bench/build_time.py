@@ -33,8 +33,8 @@ def main() -> None:
     search_rows = [f"| {name.removesuffix('_s')} | {seconds:.1f} |" for name, seconds in timings.items()]
     write_section("## Default build, end to end (bench/build_time.py)", "\n".join([
         f"Command: `python bench/build_time.py` ({datetime.date.today()}, 2-core x86-64 machine): runs "
-        "`python -m smpq_edge build` with no arguments (digits_cnn, digits, nucleo-l4r5zi, full SearchConfig with "
-        "baselines). Target: about two minutes.",
+        f"`python -m smpq_edge build` with no arguments ({search['model']}, {search['data']['name']}, "
+        f"{search['board']}, full SearchConfig with baselines). Target: about a minute.",
         "",
         f"Wall time, process start to exit: **{total:.1f} s**.",
         "",
