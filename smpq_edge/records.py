@@ -84,6 +84,7 @@ class ShapleyRecord(_Record):
     players: list[str]
     mean: list[float | None]
     stderr: list[float | None]
+    value: str | None = None  # the coalition value the table was scored by (None: written before it was kept)
 
 
 class KBestRecord(_Record):
@@ -116,12 +117,11 @@ class SearchRecord(_Record):
     methods: list[MethodRecord]
     layer_shapes: dict[str, list[int]]  # layer -> TFLite weight shape
     rerank_margin: float
-    config: dict = {}  # the SearchConfig, as written
 
     @property
-    def coalition_value(self) -> str:
-        """What the Shapley table's coalitions were scored by (``ShapleyConfig.value``)."""
-        return self.config.get("shapley", {}).get("value", "top1")
+    def coalition_value(self) -> str | None:
+        """What the Shapley table's coalitions were scored by (``smpq.score``'s value names)."""
+        return self.shapley.value
 
     @property
     def shipped(self) -> MethodRecord:

@@ -50,6 +50,7 @@ def test_default_build_writes_every_artefact(default_build):
     shipped = json.loads((default_build / "search.json").read_text())["methods"][0]["cost"]
     assert firmware["arena"]["estimate"] == shipped["arena_bytes"] > 0
     assert "target arena" in firmware["arena"]["basis"]
+    assert json.loads((default_build / "search.json").read_text())["shapley"]["value"] == "kl"
     record = json.loads((default_build / "build.json").read_text())
     assert list(record["stages"]) == ["search", "export", "emulate", "firmware", "report"]
     assert record["arguments"]["board"] == "nucleo-l412kb" and record["versions"]["torch"]

@@ -99,6 +99,7 @@ def test_build_reports_mse_and_auc(built, capsys):
     search = json.loads((built / "search.json").read_text())
     emulation = json.loads((built / "emulation.json").read_text())
     assert search["task"] == emulation["task"] == "reconstruction"
+    assert search["shapley"]["value"] == "neg_mse", "the value the table was scored by, not the configured one"
     for name in ("float", "ptq_int8", "shipped"):
         assert search["reference"][name]["test_acc"] < 0, "scores are minus the MSE"
     # The data guarantee: zero reconstruction gives about 1 per value for either kind; a model that

@@ -224,7 +224,7 @@ def run_search(source: ModelSource, data: Dataset, board: Board, *, budgets: Bud
         f"{len(run.candidates)} candidates)")
     warm = warm_supernet(model, run.graph, data, run.candidates, config.warmup, seed, progress, context, run.guard)
     run.lap("warmup_s")
-    net, table, scores, history = _smpq_search(run, copy.deepcopy(warm), model)
+    net, table, value, scores, history = _smpq_search(run, copy.deepcopy(warm), model)
     ranked, chosen, chosen_bits = _pick(run, net, scores)
     tuned, methods = _train_methods(run, warm, model, chosen, chosen_bits)
     run.timings["total_s"] = time.perf_counter() - run.started
@@ -244,7 +244,8 @@ def run_search(source: ModelSource, data: Dataset, board: Board, *, budgets: Bud
         "config": config.to_dict(), "float_test_acc": float_measured.test_acc,
         "reference": {"float": asdict(float_measured), **{k: asdict(m) for k, m in measured.items()}},
         "stage_checks": run.guard.to_list(), "floor_check": asdict(floor_check),
-        "shapley": {"players": [f"{name}:w{bits}a8" for name, bits in net.players()], **table.to_dict()},
+        "shapley": {"players": [f"{name}:w{bits}a8" for name, bits in net.players()], "value": value,
+                    **table.to_dict()},
         # After the monotone prior: what the selection summed (the raw means are in "shapley").
         "shapley_scores": scores.tolist(), "candidates": list(run.candidates),
         "layer_shapes": {op.name: list(op.weight_shape) for op in run.graph.layers},
@@ -311,7 +312,8 @@ def _float_model(run: _Run) -> tuple[torch.nn.Module, Reference, Measured]:
 
 
 def _smpq_search(run: _Run, net: QuantNet, teacher: torch.nn.Module):
-    """Shapley-steered alpha during the search epochs, then the final Shapley table and scores."""
+    """Shapley-steered alpha during the search epochs, then the final Shapley table, the coalition
+    value it was scored by (the task's, where it has one) and the selection's scores."""
     config = run.config
     # The task's inputs and targets for the coalitions' value (labels, or the normal inputs themselves).
     x_val, target, value = run.task.coalition_batch(*validation_batch(run.data, config.shapley.val_samples, run.seed))
@@ -328,7 +330,7 @@ def _smpq_search(run: _Run, net: QuantNet, teacher: torch.nn.Module):
     if config.shapley.monotone:
         scores = monotone_scores(scores, run.candidates)
     run.lap("smpq_search_s")
-    return net, table, scores, updater.history
+    return net, table, shapley.value, scores, updater.history
 
 
 def _pick(run: _Run, net: QuantNet, scores: np.ndarray):
