@@ -115,7 +115,9 @@ class Board(_Strict):
     @classmethod
     def _known_variants(cls, raw: object) -> object:
         """An unknown kernel variant is named as such before its formula's fields are checked."""
-        if isinstance(raw, dict) and isinstance(raw.get("cycles"), dict) and raw.get("kernels") in KERNEL_VARIANTS:
+        kernels = raw.get("kernels") if isinstance(raw, dict) else None
+        # A list or mapping under `kernels` is refused by the field's own check; only a known name is looked up.
+        if isinstance(kernels, str) and kernels in KERNEL_VARIANTS and isinstance(raw.get("cycles"), dict):
             wanted = KERNEL_VARIANTS[raw["kernels"]]
             unknown = [name for name in raw["cycles"] if name not in wanted]
             if unknown:

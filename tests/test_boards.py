@@ -103,6 +103,9 @@ BAD_BOARDS = [
     ("reserve-eats-ram-budget", _set("reserve.ram_kb", 700), "reserve.ram_kb"),
     ("unknown-core", _set("core", "cortex-m99"), "core"),
     ("unknown-kernels", _set("kernels", "tflm-fast"), "kernels"),
+    # Unhashable values once crashed the kernel-variant lookup with a traceback (Hypothesis found them).
+    ("kernels-as-list", _set("kernels", []), "kernels"),
+    ("kernels-as-mapping", _set("kernels", {"a": 1}), "kernels"),
     ("unknown-candidate", _set("candidates", ["w2a8", "w8a8"]), "candidates"),
     ("duplicated-candidate", _set("candidates", ["w4a8", "w4a8"]), "candidates"),
     ("no-candidates", _set("candidates", []), "candidates"),
@@ -228,3 +231,13 @@ def test_readme_boards_table_lists_board(name):
 def test_unmutated_dump_parses():
     # The bad cases are only meaningful if the dump of the untouched dict is a valid board.
     assert parse_board(yaml.safe_dump(valid_board()), "ok.yaml") == load_board(VALID)
+
+
+def test_unhashable_kernels_is_one_line_and_exit_2(tmp_path, capsys):
+    from smpq_edge.cli import main
+
+    path = tmp_path / "odd.yaml"
+    path.write_text(yaml.safe_dump({**valid_board(), "kernels": ["cmsis_nn"]}), encoding="utf-8")
+    assert main(["boards", "show", str(path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {path}: kernels") and "\n" not in err
