@@ -233,4 +233,5 @@ def firmware_stage(out: Path, source: ModelSource, data: Dataset, board: Board, 
     labels = data.y_test if task_of(data).has_classes else None  # anomaly labels are no classes to hit
     firmware.generate_from_tflite(out / "model.tflite", board, out / "firmware", x=data.x_test, labels=labels,
                                   vectors=FIRMWARE_VECTORS, seed=seed, arena_bytes=arena, arena_basis=basis,
-                                  origin=f"{data.name} test split (seed {seed}), first {FIRMWARE_VECTORS} samples")
+                                  origin=f"{data.name} test split (seed {seed}), first {FIRMWARE_VECTORS} samples",
+                                  input_preprocessing=data.input_description)

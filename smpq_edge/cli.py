@@ -14,6 +14,7 @@ from dataclasses import replace
 from typing import Callable
 
 from smpq_edge.errors import UserError
+from smpq_edge.preprocess import CHANNEL_ORDERS, INPUT_RANGES, Preprocessing, parse_floats
 
 COMMANDS: dict[str, Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace], int]]] = {}
 
@@ -86,6 +87,25 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--logits", action="store_true",
                         help="drop a final Softmax: the exported model outputs logits (default: exported as "
                              "TFLM's int8 SOFTMAX)")
+    add_preprocessing_arguments(parser)
+
+
+def add_preprocessing_arguments(parser: argparse.ArgumentParser) -> None:
+    """How image pixels become model inputs: part of a trained model's contract (preprocess.py)."""
+    group = parser.add_argument_group("image preprocessing (pixels p in 0..255; what the model was trained on)")
+    group.add_argument("--input-range", choices=list(INPUT_RANGES), default="0..1",
+                       help="pixels scaled to this range: 0..1 is p / 255, -1..1 is p / 127.5 - 1 "
+                            "(default: %(default)s)")
+    group.add_argument("--mean", default=None, metavar="M[,M,M]",
+                       help="per-channel mean subtracted after the range, as torchvision's Normalize")
+    group.add_argument("--std", default=None, metavar="S[,S,S]", help="per-channel std divided by after the mean")
+    group.add_argument("--channel-order", choices=list(CHANNEL_ORDERS), default="rgb",
+                       help="channel order the model expects (default: %(default)s)")
+
+
+def preprocessing_from(args: argparse.Namespace) -> Preprocessing:
+    return Preprocessing(args.input_range, parse_floats(args.mean, "--mean"), parse_floats(args.std, "--std"),
+                         args.channel_order)
 
 
 @command("cost")
@@ -149,14 +169,19 @@ def add_search_arguments(parser: argparse.ArgumentParser, out_default: str) -> N
     parser.add_argument("--ptq", action="store_true",
                         help="no training at all: choose the policy on the calibrated network of a trained model "
                              "and export it as it is (for a model without its training data)")
+    parser.add_argument("--allow-chance-accuracy", action="store_true",
+                        help="go on with a trained model that scores no better than chance on the data (the build "
+                             "stops otherwise, before any search: usually the preprocessing is wrong)")
 
 
 def search_config(args: argparse.Namespace, source, data):
     """The search's schedule: quick or full, gentle for a model that arrives trained, none with --ptq;
     checked, with the model against the data and its task, before any output folder is made."""
+    from smpq_edge.search.guard import check_trained
     from smpq_edge.search.runner import SearchConfig, check_config, traced_for
 
     traced_for(source, data)
+    check_trained(source, data, args.allow_chance_accuracy, args.seed)
 
     config = SearchConfig.quick() if args.quick else SearchConfig()
     if source.pretrained:
@@ -206,7 +231,7 @@ def load_inputs(args: argparse.Namespace):
     channels, height, width = probe.input_shape
     data = load_dataset(args.data or probe.default_data or "digits", seed=args.seed, channels=channels,
                         size=(height, width), resize=args.resize, name_pattern=args.name_pattern,
-                        split_by=args.split_by)
+                        split_by=args.split_by, pixels=preprocessing_from(args))
     data = with_task(data, args.task)
     if args.task is None and data.task != "classification":
         print(f"note: task {data.task}: data {data.name} has no class labels y (give --task to choose)")
@@ -431,6 +456,7 @@ def _emulate(parser: argparse.ArgumentParser):
     parser.add_argument("--data", default="digits", help="built-in data set name or .npz file (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data split (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
+    add_preprocessing_arguments(parser)
 
     def run(args: argparse.Namespace) -> int:
         from pathlib import Path
@@ -445,7 +471,7 @@ def _emulate(parser: argparse.ArgumentParser):
             model_bytes = path.read_bytes()
         except OSError as exc:
             raise UserError(f"{path}: cannot read TFLite file ({exc.strerror})") from None
-        data = load_dataset(args.data, seed=args.seed)
+        data = load_dataset(args.data, seed=args.seed, pixels=preprocessing_from(args))
         task = task_of(data)
         result = emulate(model_bytes, data.x_test, data.y_test, source=str(path), task=task)
         # Its own file: a build's emulation.json holds the agreement figures this run cannot measure.
@@ -474,6 +500,7 @@ def _firmware(parser: argparse.ArgumentParser):
     parser.add_argument("--seed", type=int, default=0, help="seed for the data split or random inputs")
     parser.add_argument("--margin", type=int, default=None,
                         help="tensor arena margin in bytes over the measured arena (default: 25%%, at least 1024)")
+    add_preprocessing_arguments(parser)
 
     def run(args: argparse.Namespace) -> int:
         from smpq_edge.boards import load_board
@@ -486,7 +513,7 @@ def _firmware(parser: argparse.ArgumentParser):
 
             from smpq_edge.task import task_of
 
-            dataset = load_dataset(args.data, seed=args.seed)
+            dataset = load_dataset(args.data, seed=args.seed, pixels=preprocessing_from(args))
             # Anomaly labels are not classes the self-check could count top-1 hits of.
             x, labels = dataset.x_test, dataset.y_test if task_of(dataset).has_classes else None
             origin = f"{dataset.name} test split (seed {args.seed}), first {min(args.vectors, len(labels))} samples"

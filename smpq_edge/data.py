@@ -17,6 +17,7 @@ from typing import Callable
 import numpy as np
 
 from smpq_edge.errors import UserError
+from smpq_edge.preprocess import Preprocessing
 
 MAX_CLASSES = 1000
 
@@ -41,11 +42,26 @@ class Dataset:
     # A key of ``task.TASKS``. For "reconstruction" the y arrays are anomaly labels (0 normal,
     # 1 anomalous; all 0 where none were given), num_classes is 0 and x_train holds only normal samples.
     task: str = "classification"
+    # How 8-bit pixels became x, for image data (the sanity gate's probe inverts it); None otherwise.
+    pixels: Preprocessing | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
         """Shape of one sample, channels first: (C, H, W)."""
         return tuple(self.x_train.shape[1:])
+
+    @property
+    def input_description(self) -> str:
+        """What one input value is, in words a firmware author can reproduce from the stored samples."""
+        if self.pixels is not None:
+            return self.pixels.describe()
+        record = self.preprocessing
+        if "pixels" in record:
+            return f"{record['pixels']} ({self.name})"
+        if record.get("kind") == "audio":
+            return (f"{record['coefficients']} MFCC coefficients per {record['window_ms']:g} ms frame every "
+                    f"{record['hop_ms']:g} ms ({record['implementation']}; the whole front end is in build.json)")
+        return f"x as stored in {self.name} (cast to float32)"
 
     def summary(self) -> dict:
         return {
@@ -59,6 +75,7 @@ class Dataset:
             "source_hash": self.source_hash,
             "class_names": list(self.class_names),
             "preprocessing": self.preprocessing,
+            "input_description": self.input_description,
         }
 
 
@@ -322,10 +339,14 @@ def _with_origin(data: Dataset, name: str, seed: int) -> Dataset:
 
 def load_dataset(name_or_path: str | Path, seed: int = 0, *, channels: int | None = None,
                  size: tuple[int, int] | None = None, resize: bool = False, name_pattern: str | None = None,
-                 split_by: str = "sample", front_end=None) -> Dataset:
+                 split_by: str = "sample", front_end=None, pixels: Preprocessing = Preprocessing()) -> Dataset:
     """A built-in data set by name (``digits``, ``mnist1d``, ...), an ``.npz`` file, or a folder of
-    images or WAV files (see ``datafolders.load_folder`` for the folder options)."""
+    images or WAV files (see ``datafolders.load_folder`` for the folder options). ``pixels`` turns
+    an image folder's pixels into model inputs; other data is fed as stored."""
     text = str(name_or_path)
+    if not pixels.is_default and not Path(text).is_dir():
+        raise UserError(f"{pixels.options()} applies to a folder of images; data '{text}' is fed as stored "
+                        "(scale an .npz's x before saving it)")
     if split_by not in ("sample", "group"):
         raise UserError(f"split_by must be 'sample' or 'group', not '{split_by}'")
     if split_by == "group" and not Path(text).is_dir():
@@ -337,7 +358,8 @@ def load_dataset(name_or_path: str | Path, seed: int = 0, *, channels: int | Non
         from smpq_edge.datafolders import AudioFrontEnd, ImageOptions, load_folder
 
         return load_folder(Path(text), seed, image=ImageOptions(channels, size, resize),
-                           front_end=front_end or AudioFrontEnd(), name_pattern=name_pattern, split_by=split_by)
+                           front_end=front_end or AudioFrontEnd(), name_pattern=name_pattern, split_by=split_by,
+                           pixels=pixels)
     if text.endswith(".npz") or Path(text).exists():
         return load_npz(Path(text), seed)
     raise UserError(f"unknown data set '{text}'; built-in: {', '.join(BUILTIN_DATASETS)} "

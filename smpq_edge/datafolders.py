@@ -1,7 +1,8 @@
 """Data in the folder layouts users keep: one subfolder per class of images or WAV files, or a flat
 folder of WAV files whose names carry the label (FSDD's ``7_jackson_32.wav``).
 
-Images become float32 pixel value / 255 in [0, 1], NCHW. WAV files (16-bit PCM mono) become
+Images become float32 NCHW model inputs through a ``preprocess.Preprocessing`` (default pixel value
+/ 255, in [0, 1]). WAV files (16-bit PCM mono) become
 MLPerf-Tiny-KWS-style MFCC frames from ``AudioFrontEnd``, (1, frames, coefficients). Decoded arrays
 are cached under ``$SMPQ_CACHE_DIR`` (default ``~/.cache/smpq_edge``), keyed by the folder's
 content and the decoding options, so a second load reads one file instead of decoding them all.
@@ -26,6 +27,7 @@ import numpy as np
 from smpq_edge.data import Dataset, check_labels, check_no_gaps
 from smpq_edge.errors import UserError
 from smpq_edge.fileio import write_bytes
+from smpq_edge.preprocess import Preprocessing
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
 AUDIO_SUFFIXES = frozenset({".wav"})
@@ -326,7 +328,7 @@ def decode_images(listing: Listing, options: ImageOptions) -> tuple[np.ndarray, 
     x = np.stack([np.repeat(p, channels // p.shape[2], axis=2) for p in images]).transpose(0, 3, 1, 2)
     return np.ascontiguousarray(x), {"kind": "image", "channels": channels, "size": list(size),
                                      "resize": "bilinear (Pillow)" if options.resize else "none",
-                                     "pixels": "value / 255, float32 in [0, 1]", "layout": "NCHW"}
+                                     "layout": "NCHW"}
 
 
 # --- audio --------------------------------------------------------------------------------------
@@ -473,17 +475,16 @@ def decode(listing: Listing, source_hash: str, image: ImageOptions, front_end: A
     return cached
 
 
-def _as_float(x: np.ndarray) -> np.ndarray:
-    # Images stay uint8 (a quarter of the size) through the cache and the split; the model sees value / 255.
-    return np.divide(x, np.float32(255), dtype=np.float32) if x.dtype == np.uint8 else x
-
-
 def load_folder(root: Path, seed: int, *, image: ImageOptions = ImageOptions(),
                 front_end: AudioFrontEnd = AudioFrontEnd(), name_pattern: str | None = None,
-                split_by: str = "sample") -> Dataset:
+                split_by: str = "sample", pixels: Preprocessing = Preprocessing()) -> Dataset:
     """Class subfolders (labels from classes.txt or the sorted folder names) or a flat folder with
-    ``name_pattern`` (e.g. '{label}_{group}_{index}'); images or 16-bit mono WAV files."""
+    ``name_pattern`` (e.g. '{label}_{group}_{index}'); images or 16-bit mono WAV files. Images
+    become model inputs through ``pixels``."""
     listing = list_folder(root, name_pattern)
+    if listing.kind != "image" and not pixels.is_default:
+        raise UserError(f"{root}: {pixels.options()} applies to image pixels; this folder holds audio, whose "
+                        "MFCC features are fed as computed")
     num_classes = int(listing.labels.max()) + 1
     # Before splitting: the split walks the classes by label, which needs labels 0..K-1.
     check_no_gaps(str(root), listing.labels, num_classes)
@@ -491,8 +492,13 @@ def load_folder(root: Path, seed: int, *, image: ImageOptions = ImageOptions(),
     check_labels(str(root), tuple(listing.labels[p] for p in parts), num_classes)
     source_hash, hashed_content = content_key(listing)
     x, preprocessing = decode(listing, source_hash, image, front_end)
-    arrays = [a for p in parts for a in (_as_float(x[p]), listing.labels[p])]
+    # Images stay uint8 (a quarter of the size) through the cache and the split.
+    as_input = pixels.apply if listing.kind == "image" else (lambda a: a)
+    arrays = [a for p in parts for a in (as_input(x[p]), listing.labels[p])]
+    if listing.kind == "image":
+        preprocessing = {**preprocessing, "pixels": pixels.describe(), "input": pixels.to_dict()}
     return Dataset(root.name, *arrays, num_classes=num_classes, source_hash=f"sha256:{source_hash}",
                    class_names=listing.class_names,
                    preprocessing={**preprocessing, "split": split, "content_hashed": hashed_content,
-                                  "name_pattern": name_pattern})
+                                  "name_pattern": name_pattern},
+                   pixels=pixels if listing.kind == "image" else None)

@@ -181,6 +181,9 @@ class TestVectors:
         return len(self.inputs)
 
 
+UNKNOWN_PREPROCESSING = "the float values the model was built with (not recorded for this .tflite)"
+
+
 @dataclass(frozen=True, eq=False)
 class FirmwareSpec:
     """Everything the generator needs to know about a model."""
@@ -194,6 +197,8 @@ class FirmwareSpec:
     output: TensorQuant
     vectors: TestVectors
     arena_basis: str = HOST_ARENA_BASIS  # where arena_bytes comes from
+    # What the float input x is, from the stored samples (e.g. pixels p -> p / 255), for the README.
+    input_preprocessing: str = UNKNOWN_PREPROCESSING
 
 
 @dataclass(frozen=True)
@@ -464,6 +469,7 @@ def build_spec(
     name: str = "model.tflite",
     arena_bytes: int | None = None,
     arena_basis: str = HOST_ARENA_BASIS,
+    input_preprocessing: str = UNKNOWN_PREPROCESSING,
 ) -> FirmwareSpec:
     """Describe a .tflite for the generator; measures the arena when ``arena_bytes`` is None (else
     ``arena_basis`` says where it comes from)."""
@@ -486,6 +492,7 @@ def build_spec(
         model_bytes=bytes(model_bytes), name=name, operators=operators, ops=ops,
         arena_bytes=measured, input=io[0], output=io[1], vectors=vectors,
         arena_basis=arena_basis if arena_bytes is not None else HOST_ARENA_BASIS,
+        input_preprocessing=input_preprocessing,
     )
     _check_vectors(spec)
     return spec
@@ -714,7 +721,7 @@ def render_firmware(
         "registration_list": "\n".join(f"- `{r.call}`: {r.reason}" for r in regs),
         **arena,
         "input_shape": _shape_text(spec.input.shape), "input_scale_text": f"{spec.input.scale:.9g}",
-        "input_zero_point": spec.input.zero_point,
+        "input_zero_point": spec.input.zero_point, "input_preprocessing": spec.input_preprocessing,
         "output_shape": _shape_text(spec.output.shape), "output_scale_text": f"{spec.output.scale:.9g}",
         "output_zero_point": spec.output.zero_point,
         "cmsis_needs": ", CMSIS and CMSIS-NN" if cmsis else "",
@@ -788,6 +795,7 @@ def generate_from_tflite(
     origin: str | None = None,
     arena_bytes: int | None = None,
     arena_basis: str = HOST_ARENA_BASIS,
+    input_preprocessing: str = UNKNOWN_PREPROCESSING,
 ) -> FirmwareResult:
     """A .tflite file -> firmware folder: test vectors from ``x``/``labels`` (float, channels
     first; seeded random int8 inputs when None), arena measured on the host unless ``arena_bytes``
@@ -799,5 +807,6 @@ def generate_from_tflite(
     except OSError as exc:
         raise UserError(f"{path}: cannot read TFLite file ({exc.strerror or exc.__class__.__name__})") from None
     test_vectors = build_test_vectors(model_bytes, x, labels, count=vectors, seed=seed, source=str(path), origin=origin)
-    spec = build_spec(model_bytes, test_vectors, name=path.name, arena_bytes=arena_bytes, arena_basis=arena_basis)
+    spec = build_spec(model_bytes, test_vectors, name=path.name, arena_bytes=arena_bytes, arena_basis=arena_basis,
+                      input_preprocessing=input_preprocessing)
     return generate_firmware(spec, board, out_dir, margin=margin)

@@ -228,7 +228,9 @@ def make_report(search: SearchRecord, emulation: EmulationRecord | None) -> Repo
                    for m in search.methods]
     sections = [
         f"# smpq_edge build: {search.model} on {search.board}",
-        f"Data: {search.data['name']} ({search.data['test']} test samples), task {task.name}. Seed {search.seed}.",
+        f"Data: {search.data['name']}, {search.data['train']:,} training / {search.data['val']:,} validation / "
+        f"{search.data['test']:,} test samples, task {task.name}. Seed {search.seed}. "
+        f"Model input: {search.data.get('input_description', 'not recorded')}.",
         _accuracy_section(search, emulation, task),
         "## Budgets (predicted by the cost model)\n\n"
         + _table(["", "model", "board reserve", "total", "budget", ""], budget_rows) + "\n\n![budget use](budget.png)",

@@ -79,7 +79,7 @@ def test_image_folder_labels_pixels_and_stratified_split(tmp_path):
     together = np.concatenate([x for x, _ in splits(d)])
     assert together.dtype == np.float32 and any(np.array_equal(x, expected) for x in together)
     assert len({x.tobytes() for x in together}) == 60
-    assert d.preprocessing["pixels"] == "value / 255, float32 in [0, 1]"
+    assert d.preprocessing["pixels"] == "pixels p in 0..255 -> x = p / 255 (range 0..1), channels RGB"
     assert d.preprocessing["channels"] == 3 and d.preprocessing["size"] == [6, 5]
     assert d.summary()["preprocessing"] == d.preprocessing and d.source_hash.startswith("sha256:")
 

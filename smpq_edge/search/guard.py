@@ -15,9 +15,13 @@ from dataclasses import asdict, dataclass, field
 from typing import Callable
 
 import numpy as np
+import torch
 from torch import nn
 
-from smpq_edge.search.train import per_sample
+from smpq_edge.errors import UserError
+from smpq_edge.preprocess import COMMON, Preprocessing
+from smpq_edge.records import percent
+from smpq_edge.search.train import per_sample, predictions
 from smpq_edge.task import CLASSIFICATION, Task
 
 
@@ -123,3 +127,73 @@ class FloorCheck:
                 f"{task.show(self.shipped_val_acc)} against {task.show(self.floor_val_acc)} for calibration-only "
                 f"int8 (worse by more than one standard error, {task.show_spread(self.standard_error)}); "
                 "the budget needs int4 where it hurts")
+
+
+# The sanity gate: a trained model that scores at chance on its data is fed the wrong numbers (or
+# the wrong data), and everything after would quantise noise, so it stops before any search.
+GATE_SAMPLES = 1000  # enough to tell chance (10 % +- 1 %) from a working model within a second or two
+PROBE_SAMPLES = 300
+
+
+@dataclass(frozen=True)
+class ChanceCheck:
+    """A trained model's float accuracy on a validation sample against the largest class's share."""
+
+    accuracy: float
+    samples: int
+    chance: float  # the largest class's share of the sample: what always guessing it scores
+    standard_error: float
+
+    @property
+    def at_chance(self) -> bool:
+        """Within two standard errors of the largest class's share (or below it)."""
+        return self.accuracy <= self.chance + 2 * self.standard_error
+
+    @staticmethod
+    def of(model: nn.Module, x: np.ndarray, y: np.ndarray) -> ChanceCheck:
+        with torch.no_grad():
+            accuracy = float((predictions(model, x) == y).mean())
+        chance = float(np.bincount(y).max() / len(y))
+        return ChanceCheck(accuracy, len(y), chance, float(np.sqrt(chance * (1 - chance) / len(y))))
+
+
+def _sample(data, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    take = np.random.default_rng(seed).permutation(len(data.y_val))[:count]
+    return data.x_val[take], data.y_val[take]
+
+
+def _probe(model: nn.Module, data, seed: int) -> tuple[Preprocessing, ChanceCheck] | None:
+    """The common preprocessing that scores best on a few hundred validation samples, if it beats chance."""
+    x, y = _sample(data, PROBE_SAMPLES, seed)
+    pixels = data.pixels.invert(x)
+    tried = [(p, ChanceCheck.of(model, p.apply(pixels), y)) for p in COMMON
+             if p != data.pixels and (p.mean is None or len(p.mean) == pixels.shape[1])]
+    best = max(tried, key=lambda pair: pair[1].accuracy, default=None)
+    return best if best is not None and not best[1].at_chance else None
+
+
+def check_trained(source, data, allow: bool, seed: int = 0, log: Callable[[str], None] = print) -> ChanceCheck | None:
+    """Stop (one line) when a model that arrives trained scores no better than chance on the data;
+    with ``allow`` say so loudly and go on. None where it does not apply (a model trained here,
+    or a task without classes)."""
+    if not source.pretrained or data.task != "classification":
+        return None
+    check = ChanceCheck.of(source.module.eval(), *_sample(data, GATE_SAMPLES, seed))
+    if not check.at_chance:
+        return check
+    fed = data.pixels.describe() if data.pixels is not None else f"data {data.name} as stored"
+    message = (f"model {source.name} scores {percent(check.accuracy)} on {check.samples} validation samples of "
+               f"{data.name}, no better than chance (the largest class is {percent(check.chance)}); inputs were "
+               f"{fed}")
+    if data.pixels is not None:
+        found = _probe(source.module, data, seed)
+        message += (f"; with {found[0].options()} it scores {percent(found[1].accuracy)} on {found[1].samples} "
+                    "samples, so try that" if found else
+                    f"; none of the common preprocessings did better on {PROBE_SAMPLES} samples")
+        message += " (options: --input-range, --mean, --std, --channel-order)"
+    else:
+        message += " (is the model trained for this data?)"
+    if not allow:
+        raise UserError(message + "; --allow-chance-accuracy goes on anyway")
+    log(f"WARNING: {message}; going on because of --allow-chance-accuracy")
+    return check
