@@ -1,7 +1,8 @@
 """Trained TensorFlow models in every format users hold import faithfully: Keras 3 .keras and .h5,
-a legacy tf.keras .h5, SavedModel, float and dynamic-range .tflite, and tf2onnx's ONNX. The
-imported float network computes what TensorFlow computes; TF's SAME padding survives export as
-TFLite's own SAME (no PAD op); what TFLM cannot run stops with one line naming the node."""
+a legacy tf.keras .h5, SavedModel, float and dynamic-range .tflite, and tf2onnx's ONNX, for
+functional, Sequential and subclassed Keras models. The imported float network computes what
+TensorFlow computes; TF's SAME padding survives export as TFLite's own SAME (no PAD op); what
+TFLM cannot run, or a file that cannot be read, stops with one line naming the node or the way out."""
 
 from __future__ import annotations
 
@@ -49,7 +50,12 @@ def _relative_error(got: np.ndarray, want: np.ndarray) -> float:
     return float(np.abs(got - want).max() / np.abs(want).max())
 
 
-FAITHFUL = [("cnn", suffix) for suffix in (".keras", ".h5", "_savedmodel", ".tflite", "_tf2onnx.onnx")] + \
+# Every construction (functional "cnn", Sequential, subclassed) in every format Keras 3 writes for it
+# (.keras, .h5, model.export's SavedModel, TFLiteConverter's .tflite): a subclassed model's .keras
+# and .h5 name its class without its code, so those are refused (see the test below).
+FAITHFUL = [(name, suffix) for name in ("cnn", "sequential")
+            for suffix in (".keras", ".h5", "_savedmodel", ".tflite")] + \
+    [("subclassed", "_savedmodel"), ("subclassed", ".tflite"), ("cnn", "_tf2onnx.onnx")] + \
     [("kws", suffix) for suffix in (".keras", ".tflite", "_legacy.h5")] + \
     [("autoencoder", suffix) for suffix in (".keras", "_tf2onnx.onnx")]
 
@@ -154,6 +160,16 @@ def test_unsupported_op_is_one_line_naming_file_node_and_op(tf_files):
         load_model(path)
     message = str(info.value)
     assert message.startswith(str(path)) and "(Sigmoid) is not supported" in message and "\n" not in message
+
+
+@pytest.mark.parametrize("suffix", [".keras", ".h5"])
+def test_subclassed_model_file_is_one_line_asking_for_model_export(tf_files, suffix):
+    path = tf_files / f"subclassed{suffix}"
+    with pytest.raises(UserError) as info:
+        load_model(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}: ") and "'Subclassed' is a custom Keras class" in message
+    assert "model.export(PATH)" in message and "legacy tf.keras" not in message and "\n" not in message
 
 
 def test_corrupt_keras_and_tflite_files_are_one_line(tmp_path):

@@ -2,9 +2,11 @@
 
 Run as a child process (``python tests/tf_models.py OUT_DIR [--legacy]``) so TensorFlow's global
 state stays out of the test process; with ``--legacy`` it runs under TF_USE_LEGACY_KERAS=1 and
-writes a tf.keras 2 ``.h5`` that Keras 3 cannot deserialise. For each model it writes every
-format and ``NAME.npz`` (``NAME_legacy.npz``) with random inputs (NHWC or (N, F)) and the reference outputs (logits:
-the output before a final Softmax).
+writes a tf.keras 2 ``.h5`` that Keras 3 cannot deserialise. The models are functional, one
+``keras.Sequential`` and one ``keras.Model`` subclass. For each it writes .keras, .h5, a
+SavedModel (``model.export``) and .tflite (the functional ones also a dynamic-range .tflite and
+tf2onnx's ONNX), and ``NAME.npz`` (``NAME_legacy.npz``) with random inputs (NHWC or (N, F)) and
+the reference outputs (logits: the output before a final Softmax).
 """
 
 from __future__ import annotations
@@ -52,7 +54,40 @@ def _models(keras):
         x = layers.Flatten()(layers.Conv2D(2, 3, activation="sigmoid")(inp))
         return keras.Model(inp, layers.Dense(2)(x))
 
-    return {"cnn": cnn, "kws": kws, "autoencoder": autoencoder, "sigmoid": sigmoid}
+    def sequential():
+        """A CNN as a ``keras.Sequential`` (tf2onnx's from_keras fails on it: KeyError 'keras_tensor_NN')."""
+        return keras.Sequential([
+            keras.Input((16, 16, 3)), layers.Conv2D(8, 3, strides=2, padding="same"), layers.BatchNormalization(),
+            layers.ReLU(), layers.DepthwiseConv2D(3, padding="same"), layers.BatchNormalization(), layers.ReLU(6.0),
+            layers.Conv2D(12, 1, activation="relu"), layers.AveragePooling2D(8), layers.Flatten(), layers.Dense(10),
+            layers.Softmax()])
+
+    class Subclassed(keras.Model):
+        """A ``keras.Model`` subclass: its .keras / .h5 name the class but cannot rebuild it elsewhere."""
+
+        def __init__(self, **kwargs):
+            super().__init__(**kwargs)
+            self.conv = layers.Conv2D(8, 3, strides=2, padding="same")
+            self.norm = layers.BatchNormalization()
+            self.depthwise = layers.DepthwiseConv2D(3, padding="same")
+            self.pool = layers.GlobalAveragePooling2D()
+            self.dense = layers.Dense(10)
+            self.softmax = layers.Softmax()
+
+        def logits(self, x, training=None):
+            x = keras.ops.relu(self.norm(self.conv(x), training=training))
+            return self.dense(self.pool(keras.ops.relu(self.depthwise(x))))
+
+        def call(self, x, training=None):
+            return self.softmax(self.logits(x, training=training))
+
+    def subclassed():
+        model = Subclassed()
+        model(keras.ops.zeros((1, 16, 16, 3)))  # builds it (the shape it is exported with)
+        return model
+
+    return {"cnn": cnn, "kws": kws, "autoencoder": autoencoder, "sigmoid": sigmoid, "sequential": sequential,
+            "subclassed": subclassed}
 
 
 def _randomise_batchnorm(model, rng) -> None:
@@ -79,17 +114,23 @@ def main(out: Path, legacy: bool) -> None:
             continue
         model = build()
         _randomise_batchnorm(model, rng)
-        x = rng.normal(size=(4, *model.inputs[0].shape[1:])).astype(np.float32)
-        ends_in_softmax = model.layers[-1].__class__.__name__ == "Softmax"
-        logits = keras.Model(model.inputs, model.layers[-2].output) if ends_in_softmax else model
+        x = rng.normal(size=(4, *_input_shape(model))).astype(np.float32)
+        if hasattr(model, "logits"):  # the subclassed model
+            logits = lambda batch: model.logits(batch, training=False)  # noqa: E731
+        elif model.layers[-1].__class__.__name__ == "Softmax":
+            logits = keras.Model(model.inputs, model.layers[-2].output)
+        else:
+            logits = model
         np.savez(out / f"{name}{'_legacy' if legacy else ''}.npz", x=x, logits=np.asarray(logits(x)))
         if legacy:
             model.save(out / f"{name}_legacy.h5")
             continue
         model.save(out / f"{name}.keras")
-        model.save(out / f"{name}.h5")
+        model.save(out / f"{name}.h5")  # a subclassed model's too: Keras 3 writes it, nothing can read it back
         model.export(str(out / f"{name}_savedmodel"), verbose=False)
         (out / f"{name}.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
+        if name in ("sequential", "subclassed"):
+            continue  # the constructions' own formats; dynamic range and ONNX are the functional models'
         converter = tf.lite.TFLiteConverter.from_keras_model(model)
         converter.optimizations = [tf.lite.Optimize.DEFAULT]  # no representative data: dynamic range
         (out / f"{name}_dynamic_range.tflite").write_bytes(converter.convert())
@@ -98,6 +139,13 @@ def main(out: Path, legacy: bool) -> None:
         spec = (tf.TensorSpec(model.inputs[0].shape, tf.float32, name="input"),)
         proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset=17)
         (out / f"{name}_tf2onnx.onnx").write_bytes(proto.SerializeToString())
+
+
+def _input_shape(model) -> tuple[int, ...]:
+    """One sample's shape: a subclassed model has no Input, only the shape it was built with."""
+    if hasattr(model, "logits"):
+        return tuple(model.get_build_config()["input_shape"][1:])
+    return tuple(model.inputs[0].shape[1:])
 
 
 if __name__ == "__main__":

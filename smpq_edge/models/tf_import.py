@@ -7,6 +7,16 @@ the pinned tensorflow / onnx / protobuf with ``pip check`` clean, folds BatchNor
 dequantises "dynamic-range" int8 weights of a .tflite, and its output is an op set the ONNX
 importer already knows; a direct reader would be a second importer per format.
 
+A .keras or .h5 model (functional or ``Sequential``, Keras 3 or legacy tf.keras) is loaded by
+Keras itself and traced as a ``tf.function`` of ``model(x, training=False)`` (inference:
+BatchNorm's moving statistics, no Dropout) for ``tf2onnx.convert.from_function``, as a
+SavedModel's serving signature is. tf2onnx's ``from_keras`` traces the same function but then
+looks the outputs up by Keras tensor names, which fails on a Keras 3 ``Sequential``
+(``KeyError: 'keras_tensor_NN'``). A .keras or .h5 file holds a custom class's name, not its
+code (a ``keras.Model`` subclass, a custom layer), so nothing can rebuild it here: that is one
+line asking for ``model.export(PATH)`` (a SavedModel folder, which holds the traced graph and
+imports like any other) or a .tflite instead.
+
 The conversion runs in a child process: it imports TensorFlow (slow, noisy, global state), and
 legacy tf.keras .h5 files that Keras 3 cannot deserialise (a DepthwiseConv2D config carrying
 ``groups``) load only with TF_USE_LEGACY_KERAS=1 set before TensorFlow is imported.
@@ -25,13 +35,24 @@ from smpq_edge.models import ModelSource
 
 ONNX_OPSET = 17
 _ERROR = "smpq-error: "
+_CUSTOM = "is a custom Keras class"  # in the child's refusal; no legacy tf.keras retry for it
 
 _CHILD = f"""
-import sys
+import re, sys
 kind, source, target = sys.argv[1:4]
+
+
+class Refusal(Exception):
+    pass
+
+
 try:
     import tensorflow as tf
     import tf2onnx
+
+    def from_function(call, shape):
+        spec = (tf.TensorSpec(shape, tf.float32, name="input"),)
+        return tf2onnx.convert.from_function(tf.function(call), input_signature=spec, opset={ONNX_OPSET})[0]
 
     def keras_model():
         import os
@@ -39,7 +60,26 @@ try:
             import tf_keras as keras
         else:
             import keras
-        return keras.models.load_model(source, compile=False)
+        try:
+            return keras.models.load_model(source, compile=False)
+        except Exception as exc:
+            custom = re.search(r"(?:Could not locate class|Unknown layer:?) '([^']+)'", str(exc))
+            if custom is None:
+                raise
+            raise Refusal(f"'{{custom[1]}}' {_CUSTOM}: the file holds its name, not its code, so it cannot be "
+                          "rebuilt; save the model with model.export(PATH) (a SavedModel folder) "
+                          "or as .tflite") from None
+
+    def input_shape(model):
+        try:
+            inputs = model.inputs
+        except (AttributeError, ValueError):  # a model never built has none
+            inputs = None
+        if not inputs:
+            raise Refusal("the model has no input shape: it was saved before it was built or called")
+        if len(inputs) != 1:
+            raise Refusal(f"the model has {{len(inputs)}} inputs; one is supported")
+        return (None, *tuple(inputs[0].shape)[1:])  # any batch, whatever batch it was called with
 
     if kind == "tflite":
         proto, _ = tf2onnx.convert.from_tflite(source, opset={ONNX_OPSET})
@@ -47,17 +87,15 @@ try:
         loaded = tf.saved_model.load(source)  # kept alive: the signature refers to its variables
         signature = loaded.signatures["serving_default"]
         (key, spec), = signature.structured_input_signature[1].items()
-        wrapped = tf.function(lambda x: next(iter(signature(**{{key: x}}).values())))
-        proto, _ = tf2onnx.convert.from_function(
-            wrapped, input_signature=(tf.TensorSpec(spec.shape, tf.float32, name="input"),), opset={ONNX_OPSET})
+        proto = from_function(lambda x: next(iter(signature(**{{key: x}}).values())), spec.shape)
     else:
         model = keras_model()
-        if len(model.inputs) != 1:
-            raise ValueError(f"the model has {{len(model.inputs)}} inputs; one is supported")
-        spec = (tf.TensorSpec(model.inputs[0].shape, tf.float32, name="input"),)
-        proto, _ = tf2onnx.convert.from_keras(model, input_signature=spec, opset={ONNX_OPSET})
+        proto = from_function(lambda x: model(x, training=False), input_shape(model))
     with open(target, "wb") as f:
         f.write(proto.SerializeToString())
+except Refusal as exc:
+    print("{_ERROR}" + str(exc), file=sys.stderr)
+    sys.exit(3)
 except Exception as exc:
     lines = str(exc).strip().splitlines()
     print("{_ERROR}" + type(exc).__name__ + (": " + lines[0][:300] if lines else ""), file=sys.stderr)
@@ -128,7 +166,7 @@ def load_tensorflow(path: Path) -> ModelSource:
         else:
             path_read = path
         error = _convert(kind, path_read, target, legacy_keras=False)
-        if error is not None and kind == "keras":  # a tf.keras 2 file Keras 3 cannot read
+        if error is not None and kind == "keras" and _CUSTOM not in error:  # a tf.keras 2 file Keras 3 cannot read
             legacy = _convert(kind, path, target, legacy_keras=True)
             error = None if legacy is None else f"{error} (and with legacy tf.keras: {legacy})"
         if error is not None:
