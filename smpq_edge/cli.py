@@ -305,6 +305,7 @@ def _print_methods(search) -> None:
 
 
 def _print_floor(search) -> None:
+    from smpq_edge.search.guard import FloorCheck
     from smpq_edge.task import TASKS
 
     task = TASKS[search.task]
@@ -312,12 +313,10 @@ def _print_floor(search) -> None:
         if check.undone:
             print(f"note: {check.stage} made validation {task.metric} worse, {task.show(check.val_acc_before)} to "
                   f"{task.show(check.val_acc_after)}; it was undone")
-    floor = search.floor_check
-    if floor.below_floor:
-        print(f"\nWARNING: the shipped model is BELOW plain int8 quantisation: validation {task.metric} "
-              f"{task.show(floor.shipped_val_acc)} against {task.show(floor.floor_val_acc)} (worse by more than one "
-              f"standard error, {task.show_spread(floor.standard_error)}); the budgets force int4 where it hurts. "
-              "See report.html.")
+    if search.floor_action:
+        print(f"\n{search.floor_action.message}")
+    verdict = FloorCheck(**search.floor_check.model_dump()).verdict(task)
+    print(f"\n{'WARNING: ' if search.floor_check.below_floor else ''}{verdict[0].upper()}{verdict[1:]}.")
 
 
 def _print_methods(search) -> None:

@@ -80,6 +80,13 @@ class FloorCheckRecord(_Record):
     below_floor: bool
 
 
+class FloorActionRecord(_Record):
+    action: str
+    shipped_method: str
+    message: str
+    tried: list[dict] = []
+
+
 class ShapleyRecord(_Record):
     players: list[str]
     mean: list[float | None]
@@ -109,7 +116,8 @@ class SearchRecord(_Record):
     float_test_acc: float
     reference: dict[str, MeasuredRecord]  # float, ptq_int8, shipped
     stage_checks: list[StageCheckRecord]
-    floor_check: FloorCheckRecord
+    floor_check: FloorCheckRecord  # the shipped network against the floor
+    floor_action: FloorActionRecord | None = None  # what replaced SMPQ's pick when it fell below the floor
     shapley: ShapleyRecord
     shapley_scores: list[list[float]]  # per layer and candidate: the scores the selection used
     candidates: list[int]

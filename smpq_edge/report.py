@@ -19,6 +19,7 @@ from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from smpq_edge.records import CostRecord, EmulationRecord, MethodRecord, SearchRecord  # noqa: E402
+from smpq_edge.search.guard import FloorCheck  # noqa: E402
 from smpq_edge.task import TASKS, Task  # noqa: E402
 
 
@@ -151,13 +152,11 @@ def _accuracy_section(search: SearchRecord, emulation: EmulationRecord | None, t
             row("shipped policy, fake-quant (torch)", ref["shipped"])]
     if emulation:
         rows.append(row("shipped policy, TFLM emulator (on-device numerics)", None, emulation))
-    floor = search.floor_check
-    verdict = (f"**WARNING: the shipped model is below plain int8 quantisation** on validation "
-               f"({show(floor.shipped_val_acc)} against {show(floor.floor_val_acc)}, worse by more than one standard "
-               f"error, {task.show_spread(floor.standard_error)}): the budgets force int4 where it hurts."
-               if floor.below_floor else
-               f"The shipped model keeps the floor: validation {task.metric} {show(floor.shipped_val_acc)} against "
-               f"{show(floor.floor_val_acc)} for PTQ int8 (one standard error: {task.show_spread(floor.standard_error)}).")
+    floor = FloorCheck(**search.floor_check.model_dump())
+    verdict = floor.verdict(task)
+    verdict = f"{'**WARNING:** ' if floor.below_floor else ''}{verdict[0].upper()}{verdict[1:]}."
+    if search.floor_action:
+        verdict = f"{search.floor_action.message}.\n\n{verdict}"
     origin = "arrived trained" if search.pretrained else "was trained here in float"
     header = ["network", f"validation {task.metric}", f"test {task.metric}", f"test {task.agreement_metric}"]
     return (f"## {task.heading}\n\nThe model {origin}.\n\n"

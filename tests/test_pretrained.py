@@ -117,6 +117,96 @@ def test_floor_check_and_standard_error():
     floor = np.array([1] * 9 + [0])
     shipped = np.array([1] * 5 + [0] * 5)
     check = FloorCheck.of(shipped == y, floor == y)
-    assert check.below_floor and "below plain int8" in check.warning()
+    assert check.below_floor and check.verdict().startswith("the shipped model is BELOW the int8 floor")
+    assert FloorCheck.of(floor == y, floor == y).verdict().startswith("the shipped model is at or above")
+    slightly = FloorCheck.of(np.array([1] * 8 + [0] * 2) == y, floor == y)
+    assert not slightly.below_floor and "within one standard error" in slightly.verdict()
     assert not FloorCheck.of(floor == y, floor == y).below_floor
     assert paired_standard_error(np.ones(4), np.ones(4)) == 0.0
+
+
+# --- the floor is enforced: what ships when SMPQ's pick falls below it -----------------------------
+
+class _PolicyNet(torch.nn.Module):
+    """Right on every sample under the policies in ``good``, wrong on every one otherwise (labels
+    are the argmax of the two input features)."""
+
+    def __init__(self, good: list[dict[str, int]], bits: dict[str, int]):
+        super().__init__()
+        self.good, self.bits = good, bits
+        self.unused = torch.nn.Parameter(torch.zeros(1))  # where the network lives, for predictions()
+
+    def set_policy(self, bits):
+        self.bits = bits
+
+    def forward(self, x):
+        sign = 1.0 if self.bits in self.good else -1.0
+        return sign * x.flatten(1)
+
+
+def _floor_run(int8_fits: bool, logged: list[str]):
+    from types import SimpleNamespace
+
+    from smpq_edge.distributed import SINGLE_PROCESS
+    from smpq_edge.task import CLASSIFICATION
+
+    x = np.random.default_rng(0).normal(size=(200, 2, 1, 1)).astype(np.float32)
+    y = x[:, :, 0, 0].argmax(1)
+    data = SimpleNamespace(x_val=x[:100], y_val=y[:100], x_test=x[100:], y_test=y[100:], task="classification")
+    layers = [SimpleNamespace(name=n) for n in ("a", "b")]
+
+    def cost(bits):
+        fits = {"flash": int8_fits or 4 in bits.values(), "ram": True, "cycles": True}
+        per_layer = [SimpleNamespace(name=n, weight_bits=b, flash_bytes=100 * b) for n, b in bits.items()]
+        return SimpleNamespace(fits=fits, layers=per_layer, to_dict=lambda: {"fits": fits})
+
+    none = TrainConfig(epochs=0)
+    return SimpleNamespace(data=data, task=CLASSIFICATION, candidates=(4, 8), graph=SimpleNamespace(layers=layers),
+                           config=SimpleNamespace(finetune=none, search=none), seed=0, progress=False,
+                           context=SINGLE_PROCESS, log=logged.append, cost=cost)
+
+
+def _ranked(*policies):
+    from types import SimpleNamespace
+
+    return [(None, SimpleNamespace(score=1.0 - i / 10), bits) for i, bits in enumerate(policies)]
+
+
+def test_below_the_floor_with_int8_in_budget_ships_the_floor():
+    from smpq_edge.search.runner import _keep_floor
+
+    int8, pick = {"a": 8, "b": 8}, {"a": 4, "b": 4}
+    logged, methods = [], []
+    floor = _PolicyNet([int8], int8)
+    net, check, action = _keep_floor(_floor_run(True, logged), floor, _PolicyNet([int8], pick), pick,
+                                     _ranked(pick), methods, None)
+    assert action.action == "uniform int8" and action.shipped_method == "floor int8"
+    assert net.bits == int8 and not check.below_floor
+    assert [m.method for m in methods] == ["floor int8"] and methods[0].bits == int8
+    assert "SMPQ's pick (4 4) scored validation accuracy 0.00 %" in logged[0]
+
+
+def test_below_the_floor_over_budget_tries_the_next_policies_from_the_floor():
+    from smpq_edge.search.runner import _keep_floor
+
+    int8, pick, second, third = {"a": 8, "b": 8}, {"a": 4, "b": 4}, {"a": 4, "b": 8}, {"a": 8, "b": 4}
+    logged, methods = [], []
+    floor = _PolicyNet([int8, third], int8)  # the floor's weights are good under the third policy
+    net, check, action = _keep_floor(_floor_run(False, logged), floor, _PolicyNet([], pick), pick,
+                                     _ranked(pick, second, third), methods, None)
+    assert action.action == "next policy" and action.shipped_method == "smpq #3" and net.bits == third
+    assert not check.below_floor
+    assert [t["method"] for t in action.tried] == ["smpq #2", "smpq #3"]
+    assert [m.method for m in methods] == ["smpq #2", "smpq #3"]
+
+
+def test_below_the_floor_with_nothing_better_ships_the_best_and_says_so():
+    from smpq_edge.search.runner import _keep_floor
+
+    int8, pick, second = {"a": 8, "b": 8}, {"a": 4, "b": 4}, {"a": 4, "b": 8}
+    logged, methods = [], []
+    net, check, action = _keep_floor(_floor_run(False, logged), _PolicyNet([int8], int8), _PolicyNet([], pick),
+                                     pick, _ranked(pick, second), methods, None)
+    assert action.action == "best below floor" and check.below_floor
+    assert logged[-1].startswith("WARNING: SMPQ's pick (4 4)")
+    assert "int8 is over the flash budget" in logged[-1] and "fewer bits in a int4 (saves 400 B), b int4" in logged[-1]

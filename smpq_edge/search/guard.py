@@ -83,13 +83,16 @@ class StageGuard:
     task: Task = CLASSIFICATION
     checks: list[StageCheck] = field(default_factory=list)
 
-    def run(self, stage: str, net: nn.Module, step: Callable[[nn.Module], object]) -> nn.Module:
+    def run(self, stage: str, net: nn.Module, step: Callable[[nn.Module], object],
+            measured_as: dict[str, int] | None = None) -> nn.Module:
         """``step(net)`` trains ``net`` in place; returns it, or its state before the step if the
-        step lost more than one paired standard error of the validation score."""
+        step lost more than one paired standard error of the validation score. A supernet is
+        measured under the policy ``measured_as`` (the warm-up as the int8 network it must not
+        make worse than the floor), then set back to mixing its candidates."""
         start = copy.deepcopy(net)
-        before = per_sample(net, self.x_val, self.y_val, self.task)
+        before = self._scores(net, measured_as)
         step(net)
-        after = per_sample(net, self.x_val, self.y_val, self.task)
+        after = self._scores(net, measured_as)
         error = paired_standard_error(after, before)
         undone = bool(after.mean() < before.mean() - error)
         self.checks.append(StageCheck(stage, float(before.mean()), float(after.mean()), error, undone))
@@ -100,6 +103,15 @@ class StageGuard:
                      f"({self.task.show_spread(error)}); stage undone, its starting weights kept")
             return start
         return net
+
+    def _scores(self, net: nn.Module, policy: dict[str, int] | None) -> np.ndarray:
+        if policy is None:
+            return per_sample(net, self.x_val, self.y_val, self.task)
+        net.set_policy(policy)
+        try:
+            return per_sample(net, self.x_val, self.y_val, self.task)
+        finally:
+            net.set_policy(None)
 
     def to_list(self) -> list[dict]:
         return [asdict(check) for check in self.checks]
@@ -120,13 +132,26 @@ class FloorCheck:
         error = paired_standard_error(shipped, floor)
         return FloorCheck(float(floor.mean()), float(shipped.mean()), error, bool(shipped.mean() < floor.mean() - error))
 
-    def warning(self, task: Task = CLASSIFICATION) -> str | None:
-        if not self.below_floor:
-            return None
-        return (f"WARNING: the shipped model is below plain int8 quantisation: validation {task.metric} "
-                f"{task.show(self.shipped_val_acc)} against {task.show(self.floor_val_acc)} for calibration-only "
-                f"int8 (worse by more than one standard error, {task.show_spread(self.standard_error)}); "
-                "the budget needs int4 where it hurts")
+    def verdict(self, task: Task = CLASSIFICATION) -> str:
+        """What the comparison says, in the words that fit the numbers (the summary and the report)."""
+        show, spread = task.show, task.show_spread(self.standard_error)
+        figures = (f"validation {task.metric} {show(self.shipped_val_acc)} against {show(self.floor_val_acc)} for "
+                   f"calibration-only int8 on the same samples")
+        if self.below_floor:
+            return f"the shipped model is BELOW the int8 floor: {figures}, worse by more than one standard error ({spread})"
+        if self.shipped_val_acc >= self.floor_val_acc:
+            return f"the shipped model is at or above the int8 floor: {figures}"
+        return f"the shipped model is within one standard error ({spread}) below the int8 floor: {figures}"
+
+
+@dataclass(frozen=True)
+class FloorAction:
+    """What the build did when its pick fell below the floor: which network it shipped and why."""
+
+    action: str  # "uniform int8" | "next policy" | "best below floor"
+    shipped_method: str
+    message: str
+    tried: tuple[dict, ...] = ()  # each policy tried after the pick: its bits and validation score
 
 
 # The sanity gate: a trained model that scores at chance on its data is fed the wrong numbers (or

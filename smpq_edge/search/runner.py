@@ -26,7 +26,7 @@ from smpq_edge.policy import LayerChoice, Policy, save_policy
 from smpq_edge.quant import QuantNet
 from smpq_edge.search.baselines import dmpq_scores, hawq_scores
 from smpq_edge.search.budget import DIMENSIONS, Budgets, cost_of, knapsack
-from smpq_edge.search.guard import FloorCheck, Measured, Reference, StageGuard
+from smpq_edge.search.guard import FloorAction, FloorCheck, Measured, Reference, StageGuard
 from smpq_edge.distributed import SINGLE_PROCESS, Context
 from smpq_edge.search.select import Selection, k_best, smallest_achievable
 from smpq_edge.search.smpq import (AlphaUpdater, ShapleyConfig, estimate_shapley, monotone_scores,
@@ -128,21 +128,22 @@ def warm_supernet(model: torch.nn.Module, graph: Graph, data: Dataset, candidate
                   warmup: TrainConfig, seed: int, progress: bool = False,
                   context: Context = SINGLE_PROCESS, guard: StageGuard | None = None) -> QuantNet:
     """The calibrated supernet with its weights trained for ``warmup`` (distilled from ``model``
-    when ``warmup.distill``; undone if ``guard`` finds it worse): where SMPQ and every baseline
-    start (and the benches' oracles)."""
+    when ``warmup.distill``; undone if ``guard`` finds its int8 network worse): where SMPQ and
+    every baseline start (and the benches' oracles)."""
     net = calibrated_supernet(model, graph, data, candidates, seed, context)
+    int8 = {op.name: max(candidates) for op in graph.layers}
     return _guarded(guard, "warm-up", net, lambda n: train(
         n, data, warmup, seed, params=weight_params(n), desc="warm-up", progress=progress, teacher=model,
-        context=context), warmup.epochs)
+        context=context), warmup.epochs, measured_as=int8)
 
 
 def _guarded(guard: StageGuard | None, stage: str, net: QuantNet, step: Callable[[QuantNet], object],
-             epochs: int) -> QuantNet:
+             epochs: int, measured_as: dict[str, int] | None = None) -> QuantNet:
     """``step(net)``, checked by ``guard`` when there is one and the stage trains at all."""
     if guard is None or epochs == 0:
         step(net)
         return net
-    return guard.run(stage, net, step)
+    return guard.run(stage, net, step, measured_as)
 
 
 def weight_params(net: QuantNet) -> list[torch.nn.Parameter]:
@@ -227,16 +228,14 @@ def run_search(source: ModelSource, data: Dataset, board: Board, *, budgets: Bud
     net, table, value, scores, history = _smpq_search(run, copy.deepcopy(warm), model)
     ranked, chosen, chosen_bits = _pick(run, net, scores)
     tuned, methods = _train_methods(run, warm, model, chosen, chosen_bits)
+    tuned, floor_check, floor_action = _keep_floor(run, floor, tuned, chosen_bits, ranked, methods, model)
+    shipped = next(m for m in methods if m.method == (floor_action.shipped_method if floor_action else "smpq"))
     run.timings["total_s"] = time.perf_counter() - run.started
 
     task = run.task
     measured = {name: Measured.of(predictions(n, data.x_val, task), predictions(n, data.x_test, task), reference)
                 for name, n in (("ptq_int8", floor), ("shipped", tuned))}
-    floor_check = FloorCheck.of(per_sample(tuned, data.x_val, data.y_val, task),
-                                per_sample(floor, data.x_val, data.y_val, task))
-    if floor_check.warning(task):
-        log(floor_check.warning(task))
-    policy = _policy(run, chosen_bits, scores, methods[0].cost)
+    policy = _policy(run, shipped, scores)
     record = {
         "model": source.name, "task": task.name, "data": data.summary(), "board": board.name, "seed": seed,
         "pretrained": source.pretrained, "budgets": run.budgets.to_dict(),
@@ -249,7 +248,8 @@ def run_search(source: ModelSource, data: Dataset, board: Board, *, budgets: Bud
         # After the monotone prior: what the selection summed (the raw means are in "shapley").
         "shapley_scores": scores.tolist(), "candidates": list(run.candidates),
         "layer_shapes": {op.name: list(op.weight_shape) for op in run.graph.layers},
-        "rerank_margin": config.rerank_margin, "shipped_method": "smpq",
+        "rerank_margin": config.rerank_margin, "shipped_method": shipped.method,
+        "floor_action": asdict(floor_action) if floor_action else None,
         "alpha_history": history,
         "k_best": [{"bits": bits, "summed_shapley": sel.score, "val_acc": float(hits.mean()), "cost": list(sel.cost),
                     "chosen": sel is chosen} for hits, sel, bits in ranked],
@@ -392,8 +392,74 @@ def _train_methods(run: _Run, warm: QuantNet, teacher: torch.nn.Module, chosen: 
     return tuned, methods
 
 
-def _policy(run: _Run, bits: dict[str, int], scores: np.ndarray, cost: dict) -> Policy:
-    return Policy(board=run.board.name, model=run.source.name, method="smpq", layers=[
+def _keep_floor(run: _Run, floor: QuantNet, tuned: QuantNet, chosen_bits: dict[str, int], ranked: list,
+                methods: list[MethodResult], teacher: torch.nn.Module) -> tuple[QuantNet, FloorCheck, FloorAction | None]:
+    """The network to ship, never below the calibration-only int8 floor by more than a paired
+    standard error on validation when anything within the budgets keeps it: SMPQ's pick; else
+    uniform int8 (the floor itself) where it fits; else the next of the K best, each trained from
+    the floor's weights; else the best of those, loudly. Methods tried are added to ``methods``."""
+    x_val, y_val, task = run.data.x_val, run.data.y_val, run.task
+    floor_scores = per_sample(floor, x_val, y_val, task)
+    check = FloorCheck.of(per_sample(tuned, x_val, y_val, task), floor_scores)
+    if not check.below_floor:
+        return tuned, check, None
+    show = task.show
+    missed = (f"SMPQ's pick ({_bits_text(chosen_bits)}) scored validation {task.metric} "
+              f"{show(check.shipped_val_acc)} against the int8 floor's {show(check.floor_val_acc)}")
+    int8 = {op.name: max(run.candidates) for op in run.graph.layers}
+    int8_cost = run.cost(int8)
+    if all(int8_cost.fits.values()):
+        net = copy.deepcopy(floor)
+        test = score(net, run.data.x_test, run.data.y_test, task)
+        methods.append(MethodResult("floor int8", int8, int8_cost.to_dict(), None, test, test, None))
+        action = FloorAction("uniform int8", "floor int8", f"{missed}; uniform int8 fits the budgets, so the "
+                             "calibration-only int8 network (the floor itself) is shipped")
+        run.log(f"note: {action.message}")
+        return net, FloorCheck.of(floor_scores, floor_scores), action
+    schedule = replace(run.config.finetune, epochs=run.config.finetune.epochs + run.config.search.epochs)
+    best, tried = (check, tuned, "smpq", chosen_bits), []
+    for rank, (_, selection, bits) in enumerate(ranked, start=1):
+        if bits == chosen_bits:
+            continue
+        name = f"smpq #{rank}"
+        net, before, after = finetune(floor, bits, run.data, schedule, run.seed, run.progress, f"finetune {name}",
+                                      run.context, None, teacher)
+        trial = FloorCheck.of(per_sample(net, x_val, y_val, task), floor_scores)
+        methods.append(MethodResult(name, bits, run.cost(bits).to_dict(), selection.score, before, after, None))
+        tried.append({"method": name, "bits": bits, "val_acc": trial.shipped_val_acc, "below_floor": trial.below_floor})
+        if not trial.below_floor:
+            action = FloorAction("next policy", name, f"{missed}; int8 is over budget, so the K-best policy {name} "
+                                 f"({_bits_text(bits)}), trained from the floor's weights, is shipped: "
+                                 f"{show(trial.shipped_val_acc)}", tuple(tried))
+            run.log(f"note: {action.message}")
+            return net, trial, action
+        if trial.shipped_val_acc > best[0].shipped_val_acc:
+            best = (trial, net, name, bits)
+    trial, net, name, bits = best
+    over = ", ".join(k for k, ok in int8_cost.fits.items() if not ok)
+    action = FloorAction("best below floor", name, f"WARNING: {missed}; int8 is over the {over} budget and none "
+                         f"of the {len(tried)} next best policies keeps the floor; shipped {name} at "
+                         f"{show(trial.shipped_val_acc)}, below the floor, with {_int4_cost(run, bits, int8_cost)}",
+                         tuple(tried))
+    run.log(action.message)
+    return net, trial, action
+
+
+def _bits_text(bits: dict[str, int]) -> str:
+    return " ".join(str(b) for b in bits.values())
+
+
+def _int4_cost(run: _Run, bits: dict[str, int], int8_cost) -> str:
+    """The layers below int8 in ``bits`` and the flash each saves: why the budget needs them."""
+    cost = run.cost(bits)
+    saved = [f"{low.name} int{low.weight_bits} (saves {high.flash_bytes - low.flash_bytes:,} B)"
+             for low, high in zip(cost.layers, int8_cost.layers) if low.weight_bits < high.weight_bits]
+    return "fewer bits in " + ", ".join(saved)
+
+
+def _policy(run: _Run, shipped: MethodResult, scores: np.ndarray) -> Policy:
+    bits, cost = shipped.bits, shipped.cost
+    return Policy(board=run.board.name, model=run.source.name, method=shipped.method, layers=[
         LayerChoice(name=op.name, kind=op.kind, weight_bits=bits[op.name], params=op.weight_count,
                     flash_bytes=layer_cost["flash_bytes"], cycles=layer_cost["cycles"],
                     shapley={f"w{b}a8": float(scores[i, k]) for k, b in enumerate(run.candidates)})
