@@ -116,12 +116,12 @@ def _cost(parser: argparse.ArgumentParser):
     parser.add_argument("--json", action="store_true", help="print the cost report as JSON")
 
     def run(args: argparse.Namespace) -> int:
+        # The model sized to the data's classes, as `search` sizes it: the same model gets priced.
+        board, _, source = load_inputs(args)
         from smpq_edge.cost import estimate, uniform
         from smpq_edge.graph import trace
         from smpq_edge.policy import load_policy
 
-        # The model sized to the data's classes, as `search` sizes it: the same model gets priced.
-        board, _, source = load_inputs(args)
         graph = trace(source.module, source.input_shape, output_softmax=source.output_softmax)
         if args.bits in ("4", "8"):
             bits = uniform(graph, int(args.bits))
@@ -221,17 +221,24 @@ def torch_cuda_available() -> bool:
 def load_inputs(args: argparse.Namespace):
     """Board, data set and model of a command, with the model sized to the data's classes."""
     from smpq_edge.boards import load_board
-    from smpq_edge.data import load_dataset, with_task
-    from smpq_edge.models import load_model
+    from smpq_edge.data import check_data_argument, load_dataset, with_task
+    from smpq_edge.models import check_model_argument, load_model
+
+    # The cheap checks first, so that a typo is one line in a second, not after torch's import.
+    board = load_board(args.board)
+    check_model_argument(args.model)
+    if args.data is not None:
+        check_data_argument(args.data)
+    pixels = preprocessing_from(args)
+
     from smpq_edge.search.train import seed_everything
 
-    board = load_board(args.board)
     seed_everything(args.seed)  # the model's initial weights are part of what the seed fixes
     probe = load_model(args.model)  # its input shape is what image and audio folders are decoded to
     channels, height, width = probe.input_shape
     data = load_dataset(args.data or probe.default_data or "digits", seed=args.seed, channels=channels,
                         size=(height, width), resize=args.resize, name_pattern=args.name_pattern,
-                        split_by=args.split_by, pixels=preprocessing_from(args))
+                        split_by=args.split_by, pixels=pixels)
     data = with_task(data, args.task)
     if args.task is None and data.task != "classification":
         print(f"note: task {data.task}: data {data.name} has no class labels y (give --task to choose)")
@@ -260,11 +267,11 @@ def _search(parser: argparse.ArgumentParser):
     def run(args: argparse.Namespace) -> int:
         from pathlib import Path
 
-        from smpq_edge.fileio import ensure_dir
+        board, data, source = load_inputs(args)
         from smpq_edge.distributed import init_from_environment, shutdown
+        from smpq_edge.fileio import ensure_dir
         from smpq_edge.search.runner import run_search, save_search
 
-        board, data, source = load_inputs(args)
         budgets = budgets_from(args, board)
         config = search_config(args, source, data)
         out = ensure_dir(Path(args.out))  # after the inputs, so a bad input leaves no folder behind
@@ -388,12 +395,12 @@ def _build(parser: argparse.ArgumentParser):
     def run(args: argparse.Namespace) -> int:
         from pathlib import Path
 
+        board, data, source = load_inputs(args)
         from smpq_edge.build import (Stage, emulate_stage, export_stage, firmware_stage, outside_keys, report_stage,
                                      run_stages)
         from smpq_edge.fileio import ensure_dir
         from smpq_edge.search.runner import run_search, save_search
 
-        board, data, source = load_inputs(args)
         budgets = budgets_from(args, board)
         config = search_config(args, source, data)
         out = ensure_dir(Path(args.out))  # after the inputs, so a bad input leaves no folder behind
@@ -434,10 +441,10 @@ def _export(parser: argparse.ArgumentParser):
     def run(args: argparse.Namespace) -> int:
         from pathlib import Path
 
-        from smpq_edge.build import export_stage
-
         out = Path(args.out)
         board, data, source = load_inputs(args)
+        from smpq_edge.build import export_stage
+
         result = export_stage(out, source, data, board, args.calibration)
         print(f"wrote {out / 'model.tflite'} ({len(result.tflite)} B), "
               f"{out / 'model_int8.tflite'} ({len(result.tflite_int8)} B)")

@@ -337,6 +337,18 @@ def _with_origin(data: Dataset, name: str, seed: int) -> Dataset:
     return replace(data, source_hash=f"builtin:{name}:seed={seed}", preprocessing=preprocessing)
 
 
+def check_data_argument(name_or_path: str | Path) -> None:
+    """``load_dataset``'s one-line error for data that is neither built in nor there, without
+    reading anything (so the CLI says it before the heavy imports)."""
+    text = str(name_or_path)
+    if text in BUILTIN_DATASETS or Path(text).exists():
+        return
+    if text.endswith(".npz"):
+        raise UserError(f"{text}: data file not found")
+    raise UserError(f"unknown data set '{text}'; built-in: {', '.join(BUILTIN_DATASETS)} "
+                    f"(or give an .npz file or a folder of images or WAV files)")
+
+
 def load_dataset(name_or_path: str | Path, seed: int = 0, *, channels: int | None = None,
                  size: tuple[int, int] | None = None, resize: bool = False, name_pattern: str | None = None,
                  split_by: str = "sample", front_end=None, pixels: Preprocessing = Preprocessing()) -> Dataset:

@@ -153,3 +153,20 @@ def test_output_into_a_closed_pipe_ends_quietly():
     result = subprocess.run(f"{sys.executable} -m smpq_edge boards | true", shell=True, capture_output=True,
                             text=True, cwd=Path(__file__).resolve().parents[1])
     assert "Traceback" not in result.stderr and "BrokenPipeError" not in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["build", "--board", "no-such-board"],
+    ["build", "--model", "missing.onnx"],
+    ["search", "--data", "missing.npz"],
+    ["cost", "--model", "no_such_model"],
+    ["export", "--board", "no-such-board"],
+])
+def test_bad_arguments_fail_before_torch_is_imported(argv):
+    """A typo costs a second, not the 10 s of importing torch and TensorFlow first."""
+    code = ("import sys; from smpq_edge.cli import main; code = main(sys.argv[1:]); "
+            "heavy = sorted(m for m in ('torch', 'tensorflow', 'onnx') if m in sys.modules); "
+            "print('heavy:', heavy); sys.exit(code)")
+    result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
+    assert result.returncode == 2 and result.stderr.startswith("error: "), result.stderr
+    assert "heavy: []" in result.stdout

@@ -12,11 +12,12 @@ from __future__ import annotations
 import importlib.util
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
-
-from torch import nn
+from typing import TYPE_CHECKING, Callable
 
 from smpq_edge.errors import UserError
+
+if TYPE_CHECKING:  # torch is imported where a model is built, so that a bad argument fails fast
+    from torch import nn
 
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"  # package data: found installed or not
 
@@ -82,6 +83,8 @@ def _load_python(path: Path, num_classes: int | None) -> ModelSource:
         module = namespace.build_model(num_classes) if num_classes is not None else namespace.build_model()
     except (Exception, SystemExit) as exc:
         raise UserError(f"{path}: build_model() failed: {_one_line(exc)}") from None
+    from torch import nn
+
     if not isinstance(module, nn.Module):
         raise UserError(f"{path}: build_model() must return a torch.nn.Module, got {type(module).__name__}")
     module, softmax = _split_final_softmax(module)
@@ -92,6 +95,8 @@ def _load_python(path: Path, num_classes: int | None) -> ModelSource:
 def _split_final_softmax(module: nn.Module) -> tuple[nn.Module, bool]:
     """An nn.Sequential ending in a Softmax over the classes, as its body and a flag (the one
     shape where this is cheap to see; a Softmax inside forward() is refused by the tracer)."""
+    from torch import nn
+
     if isinstance(module, nn.Sequential) and len(module) > 1 and isinstance(module[-1], nn.Softmax) \
             and module[-1].dim in (1, -1):
         return module[:-1], True  # slicing keeps the children's names, so a state_dict still loads
@@ -122,6 +127,25 @@ MODEL_FORMATS: dict[str, Callable[[Path, int | None], ModelSource]] = {
 }
 
 
+def check_model_argument(name_or_path: str | Path) -> None:
+    """The one-line errors of ``load_model`` for a missing file or an unknown name, without loading
+    anything (so the CLI says them before importing torch or TensorFlow)."""
+    text = str(name_or_path)
+    path = Path(text)
+    if text in example_names() or path.is_dir():
+        return
+    if path.suffix in MODEL_FORMATS:
+        if not path.is_file():
+            raise UserError(f"{path}: model file not found")
+        return
+    _unknown_model(text)
+
+
+def _unknown_model(text: str):
+    raise UserError(f"unknown model '{text}'; examples: {', '.join(example_names())} (or give a model file: "
+                    f"{', '.join(MODEL_FORMATS)}, or a SavedModel folder)")
+
+
 def load_model(name_or_path: str | Path, num_classes: int | None = None) -> ModelSource:
     """A built-in example by name (``digits_cnn``) or a model file of one of ``MODEL_FORMATS``.
 
@@ -135,5 +159,4 @@ def load_model(name_or_path: str | Path, num_classes: int | None = None) -> Mode
         return MODEL_FORMATS[path.suffix](path, num_classes)
     if path.is_dir():
         return _tensorflow(path, num_classes)
-    raise UserError(f"unknown model '{text}'; examples: {', '.join(example_names())} (or give a model file: "
-                    f"{', '.join(MODEL_FORMATS)}, or a SavedModel folder)")
+    _unknown_model(text)
