@@ -300,17 +300,6 @@ def _search(parser: argparse.ArgumentParser):
     return run
 
 
-def _print_methods(search) -> None:
-    from smpq_edge.task import TASKS
-
-    task = TASKS[search.task]
-    rows = [[m.method, task.show(m.test_acc_before_finetune), task.show(m.test_acc), f"{m.cost.flash_total_bytes:,}",
-             f"{m.cost.ram_total_bytes:,}", f"{m.cost.cycles:,}", " ".join(str(b) for b in m.bits.values())]
-            for m in search.methods]
-    _print_table(rows, ["method", f"test {task.metric} before finetune", "after", "flash B", "RAM B", "cycles",
-                        "bits per layer"])
-
-
 def _print_floor(search) -> None:
     from smpq_edge.search.guard import FloorCheck
     from smpq_edge.task import TASKS
@@ -338,8 +327,9 @@ def _print_methods(search) -> None:
              task.show(m.test_acc)] for m in search.methods]
     rows += [[f"uniform{bits}", " ".join(str(bits) for _ in names), "over budget", "-"]
              for bits in search.candidates if f"uniform{bits}" not in {m.method for m in search.methods}]
-    print(f"\nmethods under the same budgets (bits of layers {' '.join(names)}; fake-quant test {task.metric} "
-          "after each one's finetune):")
+    trained = "post-training, nothing trained" if search.post_training else "after each one's finetune"
+    print(f"\nmethods under the same budgets (bits of layers {' '.join(names)}; fake-quant test {task.metric}, "
+          f"{trained}):")
     _print_table(rows, ["method", "bits", "model flash", f"test {task.metric}"])
 
 

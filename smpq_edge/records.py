@@ -125,6 +125,12 @@ class SearchRecord(_Record):
     methods: list[MethodRecord]
     layer_shapes: dict[str, list[int]]  # layer -> TFLite weight shape
     rerank_margin: float
+    config: dict = {}  # the search's schedule (runner.SearchConfig)
+
+    @property
+    def post_training(self) -> bool:
+        """Nothing was trained (``--ptq``)."""
+        return bool(self.config.get("post_training", False))
 
     @property
     def coalition_value(self) -> str | None:

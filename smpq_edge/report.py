@@ -222,9 +222,13 @@ def make_report(search: SearchRecord, emulation: EmulationRecord | None) -> Repo
     ]
     layer_rows = [[layer.name, layer.kind, "×".join(str(d) for d in search.layer_shapes[layer.name]),
                    layer.weight_bits, layer.params, layer.flash_bytes, layer.cycles] for layer in cost.layers]
-    method_rows = [[m.method, " ".join(str(b) for b in m.bits.values()), task.show(m.test_acc_before_finetune),
-                    task.show(m.test_acc), f"{m.cost.model_flash_bytes:,}", f"{m.cost.cycles:,}"]
-                   for m in search.methods]
+    # Post-training, "before" and "after" are one figure: one column, and no word of a finetune.
+    scores = (lambda m: [task.show(m.test_acc)]) if search.post_training else \
+        (lambda m: [task.show(m.test_acc_before_finetune), task.show(m.test_acc)])
+    score_header = [f"test {task.metric} (post-training)"] if search.post_training else \
+        [f"test {task.metric} before finetune", "after"]
+    method_rows = [[m.method, " ".join(str(b) for b in m.bits.values()), *scores(m), f"{m.cost.model_flash_bytes:,}",
+                    f"{m.cost.cycles:,}"] for m in search.methods]
     sections = [
         f"# smpq_edge build: {search.model} on {search.board}",
         f"Data: {search.data['name']}, {search.data['train']:,} training / {search.data['val']:,} validation / "
@@ -240,8 +244,7 @@ def make_report(search: SearchRecord, emulation: EmulationRecord | None) -> Repo
         "## Shapley values\n\n![shapley](shapley.png)",
         _stages_section(search, task),
         "## SMPQ and the baselines (same budgets)\n\n"
-        + _table(["method", "bits", f"test {task.metric} before finetune", "after", "model flash B", "cycles"],
-                 method_rows) + f"\n\n![{task.metric} vs flash](accuracy_vs_flash.png)",
+        + _table(["method", "bits", *score_header, "model flash B", "cycles"], method_rows) + f"\n\n![{task.metric} vs flash](accuracy_vs_flash.png)",
     ]
     if emulation:
         sections.append(_emulator_section(emulation, cost, task))

@@ -30,10 +30,10 @@ def pretrained_digits():
     return replace(source, pretrained=True), data
 
 
-def _search(source, data, config):
+def _search(source, data, config, log=lambda _: None):
     fresh = replace(source, module=copy.deepcopy(source.module))
     return run_search(fresh, data, load_board("nucleo-l4r5zi"), config=config, seed=0, progress=False,
-                      log=lambda _: None).record
+                      log=log).record
 
 
 def test_a_damaging_stage_is_undone_and_the_floor_kept(pretrained_digits):
@@ -70,8 +70,11 @@ def test_the_pretrained_schedule_distils_gently(pretrained_digits):
 
 def test_ptq_trains_nothing(pretrained_digits):
     source, data = pretrained_digits
-    record = _search(source, data, SearchConfig.quick().post_training_only())
+    logged = []
+    record = _search(source, data, SearchConfig.quick().post_training_only(), logged.append)
     assert record["stage_checks"] == []  # no stage ran, so none was checked
+    assert logged and not any("finetune" in line for line in logged), logged
+    assert not any("finetune" in key for key in record["timings"]), record["timings"]
     assert "dmpq" not in {m["method"] for m in record["methods"]}
     for method in record["methods"]:
         assert method["test_acc_before_finetune"] == method["test_acc"]

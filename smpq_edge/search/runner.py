@@ -368,9 +368,8 @@ def _train_methods(run: _Run, warm: QuantNet, teacher: torch.nn.Module, chosen: 
         return finetune(start, bits, data, schedule, seed, progress, desc, context, guard, teacher)
 
     tuned, before, after = tune(warm, chosen_bits, long_finetune, "finetune SMPQ")
-    show = run.task.show
-    run.log(f"SMPQ: test {run.task.metric} {show(before)} before finetune, {show(after)} after")
-    run.lap("smpq_finetune_s")
+    run.log(f"SMPQ: {_trained_text(run, before, after)}")
+    run.lap("smpq_score_s" if config.post_training else "smpq_finetune_s")  # --ptq trains nothing
     methods = [MethodResult("smpq", chosen_bits, run.cost(chosen_bits).to_dict(), chosen.score, before, after,
                             after if config.baselines else None)]
     for method in config.baselines:
@@ -387,9 +386,16 @@ def _train_methods(run: _Run, warm: QuantNet, teacher: torch.nn.Module, chosen: 
         # HAWQ and the uniform policies already finetune from the warm-up for the long schedule.
         same = after if method != "dmpq" else tune(warm, bits, long_finetune, "same finetune", None)[2]
         methods.append(MethodResult(method, bits, run.cost(bits).to_dict(), score, before, after, same))
-        run.log(f"{method}: test {run.task.metric} {show(before)} before finetune, {show(after)} after")
+        run.log(f"{method}: {_trained_text(run, before, after)}")
         run.timings[f"{method}_s"] = time.perf_counter() - t0
     return tuned, methods
+
+
+def _trained_text(run: _Run, before: float, after: float) -> str:
+    show, metric = run.task.show, run.task.metric
+    if run.config.post_training:
+        return f"test {metric} {show(after)} (post-training, nothing trained)"
+    return f"test {metric} {show(before)} before finetune, {show(after)} after"
 
 
 def _keep_floor(run: _Run, floor: QuantNet, tuned: QuantNet, chosen_bits: dict[str, int], ranked: list,
