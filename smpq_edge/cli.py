@@ -364,16 +364,29 @@ def _print_build_summary(out) -> None:
     _print_table([
         ["flash", f"{cost.model_flash_bytes:,} B (.tflite {emulation.model_bytes:,} B)", f"{cost.reserve_flash_bytes:,} B",
          f"{cost.flash_total_bytes:,} B", f"{cost.flash_budget_bytes:,} B", use(cost.flash_total_bytes, cost.flash_budget_bytes)],
-        ["RAM", f"arena {cost.arena_bytes:,} B (host TFLM {emulation.arena_bytes:,} B)", f"{cost.reserve_ram_bytes:,} B",
+        ["RAM", f"arena {cost.arena_bytes:,} B (*)", f"{cost.reserve_ram_bytes:,} B",
          f"{cost.ram_total_bytes:,} B", f"{cost.ram_budget_bytes:,} B", use(cost.ram_total_bytes, cost.ram_budget_bytes)],
         ["latency", f"{cost.cycles:,} cycles", "-", f"{cost.latency_ms:.2f} ms", f"{cost.cycle_budget:,} cycles",
          use(cost.cycles, cost.cycle_budget)],
     ], ["predicted", "model", "board reserve", "whole firmware", "budget", "use"])
+    print(_arena_note(search, cost, emulation))
     print("\nweights per layer: " + ", ".join(f"{layer.name} ({layer.kind}) int{layer.weight_bits}"
                                           for layer in cost.layers))
     _print_methods(search)
     _print_floor(search)
     print(f"\nbuild folder: {out}  (report: {out / 'report.html'}, firmware: {out / 'firmware'})")
+
+
+KERNEL_NAMES = {"cmsis_nn": "CMSIS-NN", "reference": "TFLM reference"}
+
+
+def _arena_note(search, cost, emulation) -> str:
+    """Which kernels each arena figure assumes: the two differ by design, not by error."""
+    int4 = any(layer.weight_bits < 8 for layer in cost.layers)
+    target = f"{KERNEL_NAMES[search.kernels]} kernels" if search.kernels else "its kernels"
+    return (f"(*) the arena predicted for board {search.board} with {target}, which sizes the firmware's arena; the "
+            f"host TFLM interpreter ran the model in {emulation.arena_bytes:,} B with TFLM's reference kernels and "
+            "64-bit pointers" + (", unpacking each INT4 filter into an int8 copy in the arena" if int4 else ""))
 
 
 @command("build")
@@ -567,7 +580,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Libraries' warnings (deprecations, layout hints) are for their developers, not for the user's
+# terminal; the SDK's own warnings (a class missing from a split) still show.
+QUIET_LIBRARIES = r"(matplotlib|torch|tensorflow|keras|tf_keras|onnx|onnx2tf|tf2onnx|google|absl|numpy|scipy|sklearn)"
+
+
 def main(argv: list[str] | None = None) -> int:
+    import warnings
+
+    warnings.filterwarnings("ignore", module=QUIET_LIBRARIES + r"(\..*)?$")
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "run", None):

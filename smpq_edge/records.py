@@ -110,6 +110,7 @@ class SearchRecord(_Record):
     task: str = "classification"
     data: dict
     board: str
+    kernels: str | None = None  # the board's kernel set (None: written before it was recorded)
     seed: int
     pretrained: bool
     shipped_method: str

@@ -32,7 +32,6 @@ class Report:
 
 def _png(figure) -> bytes:
     buffer = io.BytesIO()
-    figure.tight_layout()
     figure.savefig(buffer, format="png", dpi=110)
     plt.close(figure)
     return buffer.getvalue()
@@ -50,7 +49,7 @@ def _shapley_plot(search: SearchRecord) -> bytes:
     err = np.array([0.0 if v is None else v for v in search.shapley.stderr]).reshape(len(layers), k)
     used = np.array(search.shapley_scores)
     chosen = search.shipped.bits
-    figure, axis = plt.subplots(figsize=(max(6.5, 0.8 * len(layers)), 4.0))
+    figure, axis = plt.subplots(figsize=(max(6.5, 0.8 * len(layers)), 4.0), layout="constrained")
     width = 0.8 / k
     for j, bits in enumerate(search.candidates):
         x = np.arange(len(layers)) + (j - (k - 1) / 2) * width
@@ -72,7 +71,7 @@ def _shapley_plot(search: SearchRecord) -> bytes:
 
 def _bits_plot(methods: list[MethodRecord]) -> bytes:
     layers = list(methods[0].bits)
-    figure, axis = plt.subplots(figsize=(max(6, 0.6 * len(layers)), 1.9 + 0.45 * len(methods)))
+    figure, axis = plt.subplots(figsize=(max(6, 0.6 * len(layers)), 1.9 + 0.45 * len(methods)), layout="constrained")
     grid = np.array([[m.bits[name] for name in layers] for m in methods])
     axis.imshow(grid == 8, cmap=ListedColormap([INT4_COLOUR, INT8_COLOUR]), vmin=0, vmax=1, aspect="auto")
     for (row, col), value in np.ndenumerate(grid):
@@ -89,7 +88,7 @@ def _budget_plot(cost: CostRecord) -> bytes:
     used = [cost.flash_total_bytes, cost.ram_total_bytes, cost.cycles]
     budget = [cost.flash_budget_bytes, cost.ram_budget_bytes, cost.cycle_budget]
     share = [100.0 * u / b for u, b in zip(used, budget)]
-    figure, axis = plt.subplots(figsize=(6, 2.4))
+    figure, axis = plt.subplots(figsize=(6, 2.4), layout="constrained")
     axis.barh(["flash", "RAM", "cycles"], share, color=["tab:green" if s <= 100 else "tab:red" for s in share])
     axis.axvline(100, color="black", linestyle="--", linewidth=0.8)
     for row, (s, u) in enumerate(zip(share, used)):
@@ -104,7 +103,7 @@ MARKERS = "os^DvP*X"
 
 def _accuracy_plot(search: SearchRecord, task: Task) -> bytes:
     """Every method's pick; hollow markers of different shapes, so coinciding points stay visible."""
-    figure, axis = plt.subplots(figsize=(6.5, 3.8))
+    figure, axis = plt.subplots(figsize=(6.5, 3.8), layout="constrained")
     for i, m in enumerate(search.methods):
         axis.scatter(m.cost.model_flash_bytes, task.plotted(m.test_acc), s=70 - 8 * i,
                      marker=MARKERS[i % len(MARKERS)], facecolors="none", edgecolors=f"C{i}", linewidths=1.6,

@@ -36,6 +36,19 @@ def default_build(tmp_path_factory):
     return out
 
 
+def test_library_warnings_do_not_reach_the_terminal_but_the_sdks_do():
+    import warnings
+
+    main(["boards"])  # installs the CLI's filter, as every command does
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.warn_explicit("Tight layout not applied", UserWarning, "layout_engine.py", 1,
+                               module="matplotlib.layout_engine", registry={})
+        warnings.warn_explicit("deprecated", FutureWarning, "x.py", 1, module="torch.onnx", registry={})
+        warnings.warn_explicit("class 3 has no sample in the val split", UserWarning, "data.py", 1,
+                               module="smpq_edge.data", registry={})
+    assert [str(w.message) for w in caught] == ["class 3 has no sample in the val split"]
+
+
 def test_default_build_writes_every_artefact(default_build):
     for name in OUTPUTS:
         assert (default_build / name).is_file(), name
@@ -253,6 +266,13 @@ def test_summary_and_report_say_what_each_figure_is(default_build, capsys):
         assert column in header
     assert "board reserve" in out and "whole firmware" in out
     assert "weights per layer: 0 (conv) int" in out  # names and kinds, not bare indices
+    # Each arena figure says which kernels it assumes; the floor verdict fits the numbers.
+    assert "(*) the arena predicted for board nucleo-l412kb with CMSIS-NN kernels" in out
+    assert "host TFLM interpreter ran the model in" in out and "reference kernels" in out
+    assert "keeps the floor" not in out and "int8 floor: validation accuracy" in out
+    search = read_search(default_build / "search.json")
+    assert f"{search.data['train']:,} training / {search.data['val']:,} validation / {search.data['test']:,} test" \
+        in (default_build / "report.md").read_text()
     markdown = (default_build / "report.md").read_text()
     for section in ("## Why this policy", "## Training stages", "PTQ int8: every layer int8, calibration only",
                     "weight shape (TFLite)", "test agreement with float"):

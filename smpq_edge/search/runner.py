@@ -237,7 +237,7 @@ def run_search(source: ModelSource, data: Dataset, board: Board, *, budgets: Bud
                 for name, n in (("ptq_int8", floor), ("shipped", tuned))}
     policy = _policy(run, shipped, scores)
     record = {
-        "model": source.name, "task": task.name, "data": data.summary(), "board": board.name, "seed": seed,
+        "model": source.name, "task": task.name, "data": data.summary(), "board": board.name, "kernels": board.kernels, "seed": seed,
         "pretrained": source.pretrained, "budgets": run.budgets.to_dict(),
         "knapsack_budgets": dict(zip(DIMENSIONS, run.sack.budgets)),
         "config": config.to_dict(), "float_test_acc": float_measured.test_acc,
