@@ -29,9 +29,9 @@ from smpq_edge.errors import UserError
 from smpq_edge.graph import Graph, Op
 from smpq_edge.ops import KINDS
 
-# TFLite flatbuffer: a scale (float32) per quantisation channel and a zero point (int64), one per
-# channel for activations (one channel) and one for a whole weight or bias tensor, which TFLM's
-# allocator expands (the exporter writes it so).
+# TFLite flatbuffer: a scale (float32) and a zero point (int64) per quantisation channel, as the
+# schema wants and LiteRT checks (TFLM would take one zero point per tensor; the exporter does not
+# write that, so that every TFLite tool opens the model).
 SCALE_BYTES, ZERO_POINT_BYTES = 4, 8
 QUANT_PARAM_BYTES = SCALE_BYTES + ZERO_POINT_BYTES
 # TFLM aligns every arena buffer to 16 bytes (MicroArenaBufferAlignment).
@@ -476,8 +476,8 @@ def estimate(graph: Graph, bits: dict[str, int], board: Board, flash_budget_byte
             name=op.name, kind=op.kind, weight_bits=b, params=op.weight_count, macs=op.macs,
             weight_bytes=weight_bytes(op.weight_count, b),
             bias_bytes=4 * op.out_channels,
-            # weights and bias each carry their own scales, and one zero point each
-            quant_param_bytes=2 * (SCALE_BYTES * channels + ZERO_POINT_BYTES),
+            # weights and bias each carry a scale and a zero point per channel
+            quant_param_bytes=2 * QUANT_PARAM_BYTES * channels,
             scratch_bytes=scratch[op.name],
             cycles=op_cycles[op.name],
         ))

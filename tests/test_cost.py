@@ -64,12 +64,12 @@ def test_weight_bytes_packing():
 
 
 def test_tiny_model_flash_by_hand():
-    # (weight bytes, bias bytes = 4 x out channels, quant params = a 4-byte scale per output channel
-    # for conv/depthwise (one for the FC) plus one 8-byte zero point, for the weights and again for
-    # the bias)
+    # (weight bytes, bias bytes = 4 x out channels, quant params = a 4-byte scale and an 8-byte zero
+    # point per output channel for conv/depthwise (one each for the FC), for the weights and again
+    # for the bias)
     hand = {
-        4: {"conv": (68, 20, 2 * (4 * 5 + 8)), "dw": (23, 20, 2 * (4 * 5 + 8)), "fc": (120, 12, 2 * (4 + 8))},
-        8: {"conv": (135, 20, 2 * (4 * 5 + 8)), "dw": (45, 20, 2 * (4 * 5 + 8)), "fc": (240, 12, 2 * (4 + 8))},
+        4: {"conv": (68, 20, 2 * 5 * (4 + 8)), "dw": (23, 20, 2 * 5 * (4 + 8)), "fc": (120, 12, 2 * (4 + 8))},
+        8: {"conv": (135, 20, 2 * 5 * (4 + 8)), "dw": (45, 20, 2 * 5 * (4 + 8)), "fc": (240, 12, 2 * (4 + 8))},
     }
     board = load_board(CMSIS)
     for bits, layers in hand.items():

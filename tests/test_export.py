@@ -142,13 +142,14 @@ def test_global_pool_is_average_pool_not_mean(case):
     assert case.export.mean_to_avgpool == 1 and not case.export.notes
 
 
-def test_weights_and_biases_store_one_zero_point(case):
-    """Per-channel weight and bias tensors keep one 8-byte zero point, not one per channel: TFLM's
-    allocator expands it, and test_model_loads_and_runs_in_tflm runs the model with it."""
+def test_weights_and_biases_store_a_zero_point_per_scale(case):
+    """Per-channel weight and bias tensors keep one zero point (0) per scale, as the TFLite schema
+    wants: LiteRT refuses fewer (test_litert), though TFLM's allocator would expand a single one."""
     for tflite in (case.export.tflite, case.export.tflite_int8):
         model = TfliteModel.from_bytes(tflite)
         per_channel = [t for t in model.tensors() if t.quantization and len(t.quantization.scales) > 1]
-        assert per_channel and all(t.quantization.zero_points == (0,) for t in per_channel)
+        assert per_channel and all(t.quantization.zero_points == (0,) * len(t.quantization.scales)
+                                   for t in per_channel)
 
 
 def test_int8_reference_is_all_int8_and_larger(case):

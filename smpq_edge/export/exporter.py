@@ -266,8 +266,9 @@ def _rewrite(template: bytes, net: QuantNet, bits: dict[str, int], matched, acts
         q = _tflite_layout(op, q.numpy().astype(np.int8))
         scales = scales.detach().numpy().astype(np.float64)
         axis = _quant_axis(op)
-        # One zero point for all channels: TFLM expands it (see TfliteModel.set_tensor_quantization).
-        model.set_tensor_quantization(w_index, scales.tolist(), [0], axis if len(scales) > 1 else 0)
+        # One zero point per scale, as the TFLite schema wants: LiteRT refuses a tensor with fewer
+        # (TFLM alone accepts one for all channels, but every tool a user checks a model with reads these files).
+        model.set_tensor_quantization(w_index, scales.tolist(), [0] * len(scales), axis if len(scales) > 1 else 0)
         if b == 4:
             model.set_tensor_type(w_index, "INT4")
             model.set_tensor_data(w_index, pack_int4(q))
@@ -288,7 +289,7 @@ def _rewrite(template: bytes, net: QuantNet, bits: dict[str, int], matched, acts
             continue
         model.set_tensor_type(b_index, "INT32")
         model.set_tensor_data(b_index, q_bias.tobytes())
-        model.set_tensor_quantization(b_index, bias_scales.tolist(), [0], 0)
+        model.set_tensor_quantization(b_index, bias_scales.tolist(), [0] * len(bias_scales), 0)
     rewritten = _mean_to_avgpool(model)
     if softmax:
         model.append_softmax(BETA, OUTPUT_SCALE, OUTPUT_ZERO_POINT)

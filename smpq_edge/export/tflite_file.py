@@ -225,8 +225,8 @@ class TfliteModel:
         zero_points: Sequence[int],
         quantized_dimension: int = 0,
     ) -> None:
-        # One zero point for many scales is what TFLM's allocator expands to every channel
-        # (micro_allocator.cc): 8 bytes instead of 8 per channel for weights and biases.
+        # One zero point for many scales is read by TFLM's allocator (micro_allocator.cc), but the
+        # schema and LiteRT want one per scale; the exporter writes one per scale.
         if len(scales) == 0 or len(zero_points) not in (1, len(scales)):
             raise ValueError("scales must be non-empty, with one zero point or one per scale")
         q = schema.QuantizationParametersT()
