@@ -300,6 +300,16 @@ def _search(parser: argparse.ArgumentParser):
     return run
 
 
+def rerank_note(search, task) -> None:
+    """When measuring the K best on validation replaced the summed-Shapley optimum, both figures."""
+    chosen = next((i for i, k in enumerate(search.k_best) if k.chosen), 0)
+    if chosen:
+        top, pick = search.k_best[0], search.k_best[chosen]
+        print(f"note: the re-rank on validation picked the K-best policy #{chosen + 1} "
+              f"({' '.join(map(str, pick.bits.values()))}, validation {task.metric} {task.show(pick.val_acc)}) over "
+              f"the summed-Shapley optimum ({' '.join(map(str, top.bits.values()))}, {task.show(top.val_acc)})")
+
+
 def _print_floor(search) -> None:
     from smpq_edge.search.guard import FloorCheck
     from smpq_edge.task import TASKS
@@ -309,6 +319,7 @@ def _print_floor(search) -> None:
         if check.undone:
             print(f"note: {check.stage} made validation {task.metric} worse, {task.show(check.val_acc_before)} to "
                   f"{task.show(check.val_acc_after)}; it was undone")
+    rerank_note(search, task)
     if search.floor_action:
         print(f"\n{search.floor_action.message}")
     verdict = FloorCheck(**search.floor_check.model_dump()).verdict(task)

@@ -174,16 +174,18 @@ def _stages_section(search: SearchRecord, task: Task) -> str:
 
 
 def _why_section(search: SearchRecord, task: Task) -> str:
+    label = "**SMPQ's pick, shipped**" if search.shipped_method == "smpq" else "**SMPQ's pick**"
     rows = [[" ".join(str(b) for b in k.bits.values()), f"{k.summed_shapley:.4f}", task.show(k.val_acc),
-             "**shipped**" if k.chosen else ""] for k in search.k_best]
+             label if k.chosen else ""] for k in search.k_best]
     chosen = next(i for i, k in enumerate(search.k_best) if k.chosen)
     reason = ("the best by summed Shapley value that fits every budget; no other of these led it on the validation "
               f"split by more than {search.rerank_margin:g} paired standard error(s)" if chosen == 0 else
               f"it led the summed-Shapley optimum on the validation split by more than {search.rerank_margin:g} "
               "paired standard error(s)")
+    floor = f"\n\n{search.floor_action.message}." if search.floor_action else ""
     return ("## Why this policy\n\nThe selection takes the policies with the largest summed Shapley value within "
-            f"the budgets (an exact knapsack) and measures each on the whole validation split. Shipped: {reason}.\n\n"
-            + _table(["bits per layer", "summed Shapley", f"validation {task.metric}", ""], rows))
+            f"the budgets (an exact knapsack) and measures each on the whole validation split. SMPQ's pick: {reason}."
+            f"{floor}\n\n" + _table(["bits per layer", "summed Shapley", f"validation {task.metric}", ""], rows))
 
 
 def _emulator_section(emulation: EmulationRecord, cost: CostRecord, task: Task) -> str:

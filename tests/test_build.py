@@ -339,3 +339,19 @@ def test_summary_sets_the_pick_beside_the_baselines(default_build, tmp_path, cap
     # A uniform policy the search did not train was over the budget (run_search records it so).
     assert [line.split()[0] for line in table[5:7]] == ["uniform4", "uniform8"]
     assert all("over budget" in line for line in table[5:7])
+
+
+def test_summary_says_when_the_rerank_replaced_the_shapley_optimum(default_build, capsys):
+    from smpq_edge.cli import rerank_note
+    from smpq_edge.task import TASKS
+
+    search = read_search(default_build / "search.json")
+    assert len(search.k_best) >= 2
+    rerank_note(search.model_copy(update={"k_best": [k.model_copy(update={"chosen": i == 0})
+                                                     for i, k in enumerate(search.k_best)]}), TASKS[search.task])
+    assert capsys.readouterr().out == "", "nothing to say when the optimum itself was picked"
+    second = [k.model_copy(update={"chosen": i == 1}) for i, k in enumerate(search.k_best)]
+    rerank_note(search.model_copy(update={"k_best": second}), TASKS[search.task])
+    out = capsys.readouterr().out
+    assert "picked the K-best policy #2" in out and "over the summed-Shapley optimum" in out
+    assert TASKS[search.task].show(search.k_best[1].val_acc) in out and TASKS[search.task].show(search.k_best[0].val_acc) in out

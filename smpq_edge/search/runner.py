@@ -158,10 +158,11 @@ def finetune(net: QuantNet, bits: dict[str, int], data: Dataset, config: TrainCo
     tuned.set_policy(bits)
     task = task_of(data)
     before = score(tuned, data.x_test, data.y_test, task)
-    if config.epochs:
-        tuned = _guarded(guard, desc, tuned, lambda n: train(
-            n, data, config, seed, params=weight_params(n), desc=desc, progress=progress, teacher=teacher,
-            context=context), config.epochs)
+    if not config.epochs:  # post-training: nothing changes, and a test pass of ResNet-8 costs seconds
+        return tuned, before, before
+    tuned = _guarded(guard, desc, tuned, lambda n: train(
+        n, data, config, seed, params=weight_params(n), desc=desc, progress=progress, teacher=teacher,
+        context=context), config.epochs)
     return tuned, before, score(tuned, data.x_test, data.y_test, task)
 
 
@@ -187,6 +188,20 @@ class _Run:
     guard: StageGuard
     timings: dict[str, float] = field(default_factory=dict)
     started: float = field(default_factory=time.perf_counter)
+    # (network, split) -> its predictions: the floor and the shipped network are measured by the
+    # floor check and again for the record, each a full pass over a split (seconds on ResNet-8).
+    predicted: dict = field(default_factory=dict)
+
+    def predict(self, net: torch.nn.Module, split: str) -> np.ndarray:
+        """``net``'s predictions on the "val" or "test" split; ``net`` must not change afterwards."""
+        if (net, split) not in self.predicted:
+            x = self.data.x_val if split == "val" else self.data.x_test
+            self.predicted[net, split] = predictions(net, x, self.task)
+        return self.predicted[net, split]
+
+    def per_sample(self, net: torch.nn.Module) -> np.ndarray:
+        """``net``'s per-sample validation scores (``Task.per_sample``)."""
+        return self.task.per_sample(self.predict(net, "val"), self.data.x_val, self.data.y_val)
 
     @property
     def candidates(self) -> tuple[int, ...]:
@@ -233,7 +248,7 @@ def run_search(source: ModelSource, data: Dataset, board: Board, *, budgets: Bud
     run.timings["total_s"] = time.perf_counter() - run.started
 
     task = run.task
-    measured = {name: Measured.of(predictions(n, data.x_val, task), predictions(n, data.x_test, task), reference)
+    measured = {name: Measured.of(run.predict(n, "val"), run.predict(n, "test"), reference)
                 for name, n in (("ptq_int8", floor), ("shipped", tuned))}
     policy = _policy(run, shipped, scores)
     record = {
@@ -404,9 +419,9 @@ def _keep_floor(run: _Run, floor: QuantNet, tuned: QuantNet, chosen_bits: dict[s
     standard error on validation when anything within the budgets keeps it: SMPQ's pick; else
     uniform int8 (the floor itself) where it fits; else the next of the K best, each trained from
     the floor's weights; else the best of those, loudly. Methods tried are added to ``methods``."""
-    x_val, y_val, task = run.data.x_val, run.data.y_val, run.task
-    floor_scores = per_sample(floor, x_val, y_val, task)
-    check = FloorCheck.of(per_sample(tuned, x_val, y_val, task), floor_scores)
+    task = run.task
+    floor_scores = run.per_sample(floor)
+    check = FloorCheck.of(run.per_sample(tuned), floor_scores)
     if not check.below_floor:
         return tuned, check, None
     show = task.show
@@ -415,8 +430,8 @@ def _keep_floor(run: _Run, floor: QuantNet, tuned: QuantNet, chosen_bits: dict[s
     int8 = {op.name: max(run.candidates) for op in run.graph.layers}
     int8_cost = run.cost(int8)
     if all(int8_cost.fits.values()):
-        net = copy.deepcopy(floor)
-        test = score(net, run.data.x_test, run.data.y_test, task)
+        net = floor  # the floor's own network: its measurements so far are its
+        test = task.score(run.predict(net, "test"), run.data.x_test, run.data.y_test)
         methods.append(MethodResult("floor int8", int8, int8_cost.to_dict(), None, test, test, None))
         action = FloorAction("uniform int8", "floor int8", f"{missed}; uniform int8 fits the budgets, so the "
                              "calibration-only int8 network (the floor itself) is shipped")
@@ -430,7 +445,7 @@ def _keep_floor(run: _Run, floor: QuantNet, tuned: QuantNet, chosen_bits: dict[s
         name = f"smpq #{rank}"
         net, before, after = finetune(floor, bits, run.data, schedule, run.seed, run.progress, f"finetune {name}",
                                       run.context, None, teacher)
-        trial = FloorCheck.of(per_sample(net, x_val, y_val, task), floor_scores)
+        trial = FloorCheck.of(run.per_sample(net), floor_scores)
         methods.append(MethodResult(name, bits, run.cost(bits).to_dict(), selection.score, before, after, None))
         tried.append({"method": name, "bits": bits, "val_acc": trial.shipped_val_acc, "below_floor": trial.below_floor})
         if not trial.below_floor:
