@@ -97,10 +97,12 @@ def run_tflm(model_bytes: bytes, batch: np.ndarray, *, source: str = "<model>", 
 def _torch_logits(net, x: np.ndarray) -> np.ndarray:
     import torch
 
+    from smpq_edge.search.train import PREDICT_BATCH
+
     net.eval()
     with torch.no_grad():
-        return torch.cat([net(torch.from_numpy(np.ascontiguousarray(x[i:i + 1024])))
-                          for i in range(0, len(x), 1024)]).numpy()
+        return torch.cat([net(torch.from_numpy(np.ascontiguousarray(x[i:i + PREDICT_BATCH])))
+                          for i in range(0, len(x), PREDICT_BATCH)]).numpy()
 
 
 def _final_softmax_input(model: TfliteModel) -> tuple[float, int] | None:

@@ -157,3 +157,30 @@ def test_exported_activation_quantisation_is_the_integer_paths():
         p = net.activation_quantiser(name).params()
         quantization = model.tensor(index).quantization
         assert (quantization.scales[0], quantization.zero_points[0]) == (p.tflite_scale, p.zero_point), name
+
+
+def test_split_float32_accumulation_equals_float64():
+    """A layer whose sums could pass 2^24 runs as two float32 convolutions of the inputs' high
+    and low parts (quant.SPLIT): exactly the float64 accumulator, where one float32 sum is not."""
+    from dataclasses import replace
+
+    from smpq_edge.data import Dataset
+    from smpq_edge.quant import FLOAT32_EXACT
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(256, 4, 3, padding=1), nn.Flatten(), nn.Linear(64, 2)).eval()
+    with torch.no_grad():  # every weight at the channel's largest magnitude: the largest sums there are
+        module[0].weight.copy_(torch.sign(torch.randn_like(module[0].weight)))
+    x = torch.rand(64, 256, 4, 4) * 4 - 1  # a zero point away from the middle: inputs up to 255 from it
+    data = Dataset("big-sums", x.numpy(), np.zeros(64, np.int64), x.numpy(), np.zeros(64, np.int64), x.numpy(),
+                   np.zeros(64, np.int64), num_classes=1)
+    net = QuantNet(trace(module, (256, 4, 4)), module, (4, 8))
+    calibrate(net, data, 0)
+    net.eval()
+    op = net.graph.layers[0]
+    layer = net.layer(op.name).integer(8, net.activation_quantiser(op.inputs[0]), net.activation_quantiser(op.name))
+    assert layer.split and layer.weight.dtype == torch.float32
+    assert 256 * 9 * 127 * 255 > FLOAT32_EXACT, "one float32 sum would not be exact here"
+    wide = replace(layer, weight=layer.weight.to(torch.float64), split=False)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), wide(x), rtol=0, atol=0)

@@ -45,8 +45,14 @@ def device_of(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
 
 
+# Inference batch: the integer-exact path's int64 intermediates of a 1,024-image ResNet-8 batch are
+# 128 MB each; at 128 they stay in cache and a pass over 2,000 images took 2.2 s instead of 4.9 s.
+PREDICT_BATCH = 128
+
+
 @torch.no_grad()
-def predictions(model: nn.Module, x: np.ndarray, task: Task = CLASSIFICATION, batch_size: int = 1024) -> np.ndarray:
+def predictions(model: nn.Module, x: np.ndarray, task: Task = CLASSIFICATION,
+                batch_size: int = PREDICT_BATCH) -> np.ndarray:
     """What ``task`` keeps of the model's outputs per sample (the top-1 class, or the output)."""
     model.eval()
     device = device_of(model)
