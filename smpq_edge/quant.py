@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -415,7 +416,8 @@ class QuantNet(nn.Module):
         return self._run_segment(whole, {"": x})[self.graph.output]
 
     @torch.no_grad()
-    def coalition_logits(self, x: torch.Tensor, coalitions: np.ndarray) -> tuple[torch.Tensor, np.ndarray]:
+    def coalition_logits(self, x: torch.Tensor, coalitions: np.ndarray,
+                         on_leaf: Callable[[int], None] | None = None) -> tuple[torch.Tensor, np.ndarray]:
         """Logits of batch ``x`` under each of C coalitions ((C, players) bool masks).
 
         Coalitions that agree on every layer up to some op have identical activations there. So
@@ -425,6 +427,7 @@ class QuantNet(nn.Module):
         copies of the batch (on a CPU those copies cost more than the shared layers saved,
         measured in bench/search_speed.py), and it holds one path of the tree in memory.
         Returns (logits (U, B, classes) of the U distinct coalitions, index (C,) coalition -> row).
+        ``on_leaf(U)`` is called as each distinct coalition's logits are ready (for progress).
         """
         k = len(self.candidates)
         codes = (coalitions.reshape(len(coalitions), -1, k) * (1 << np.arange(k))).sum(axis=2)
@@ -438,23 +441,30 @@ class QuantNet(nn.Module):
                 active = torch.tensor([(code >> j) & 1 == 1 for j in range(k)], device=self.layer(op.name).alpha.device)
                 weights[depth, code] = self._layer_weight(op, active)
         leaves: list[torch.Tensor] = []
-        self._descend(segments, 0, distinct, self._run_segment(segments[0], {"": x}), leaves, weights)
+
+        def leaf(logits: torch.Tensor) -> None:
+            leaves.append(logits)
+            if on_leaf is not None:
+                on_leaf(len(distinct))
+
+        self._descend(segments, 0, distinct, self._run_segment(segments[0], {"": x}), leaf, weights)
         return torch.stack(leaves), index.reshape(-1)
 
     def _descend(self, segments: list[_Segment], depth: int, codes: np.ndarray, env: dict[str, torch.Tensor],
-                 leaves: list[torch.Tensor], weights: dict[tuple[int, int], torch.Tensor | IntegerLayer]) -> None:
+                 leaf: Callable[[torch.Tensor], None],
+                 weights: dict[tuple[int, int], torch.Tensor | IntegerLayer]) -> None:
         """For each distinct choice of layer ``depth`` among ``codes`` (rows sharing the choices of
         the layers before it, so each choice is one contiguous run), run that layer's segment,
         then the child's subtree."""
         if depth == len(segments) - 1:
-            leaves.append(env[self.graph.output])
+            leaf(env[self.graph.output])
             return
         column = codes[:, depth].tolist()
         start = 0
         for stop in range(1, len(column) + 1):
             if stop == len(column) or column[stop] != column[start]:
                 child = self._run_segment(segments[depth + 1], env, weights[depth, column[start]])
-                self._descend(segments, depth + 1, codes[start:stop], child, leaves, weights)
+                self._descend(segments, depth + 1, codes[start:stop], child, leaf, weights)
                 start = stop
 
     def _segments(self) -> list[_Segment]:

@@ -51,3 +51,38 @@ def test_training_logs_progress_lines_when_not_on_a_terminal(monkeypatch, capsys
     lines = capsys.readouterr().err.splitlines()
     assert lines[0] == "float: 1/8 batches (0 s)" and lines[-1].startswith("float: 8/8 batches, epochs done 1/2, loss ")
     assert len(lines) == 8
+
+
+class TickingClock(Clock):
+    """Each reading is 11 s after the last: every scored policy of a Shapley table takes 11 s."""
+
+    def __call__(self):
+        self.now += 11.0
+        return self.now
+
+
+def test_a_long_shapley_table_prints_progress_lines(monkeypatch, capsys):
+    from smpq_edge.graph import trace
+    from smpq_edge.quant import QuantNet
+    from smpq_edge.search.smpq import estimate_shapley
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+                           nn.Flatten(), nn.Linear(64, 3)).eval()
+    net = QuantNet(trace(module, (1, 4, 4)), module, (4, 8))
+    x = torch.randn(32, 1, 4, 4)
+    net.train()
+    with torch.no_grad():
+        net(x)
+        net.commit_observations()
+    net.eval()
+    clock = TickingClock()
+    monkeypatch.setattr(progress.time, "monotonic", clock)
+    monkeypatch.setattr(progress, "_last_line", clock.now)
+    y = np.zeros(32, np.int64)
+    estimate_shapley(net, x.numpy(), y, 96, 0.5, 0, players="layers", exact_layers=True, show_progress=True)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines and all(line.startswith("Shapley table: ") and line.endswith(" s)") for line in lines), lines
+    assert lines[-1].startswith("Shapley table: 8/8 policies")  # 2^3 layer policies, enumerated exactly
+    estimate_shapley(net, x.numpy(), y, 96, 0.5, 0, players="layers", exact_layers=True)
+    assert capsys.readouterr().err == "", "silent unless asked"

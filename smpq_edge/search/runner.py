@@ -23,6 +23,7 @@ from smpq_edge.fileio import write_bytes, write_json
 from smpq_edge.graph import Graph, trace
 from smpq_edge.models import ModelSource
 from smpq_edge.policy import LayerChoice, Policy, save_policy
+from smpq_edge.progress import progress as progress_bar
 from smpq_edge.quant import QuantNet
 from smpq_edge.search.baselines import dmpq_scores, hawq_scores
 from smpq_edge.search.budget import DIMENSIONS, Budgets, cost_of, knapsack
@@ -340,7 +341,8 @@ def _smpq_search(run: _Run, net: QuantNet, teacher: torch.nn.Module):
         n, run.data, config.search, run.seed + 1, params=weight_params(n), after_epoch=updater, desc="SMPQ search",
         progress=run.progress, teacher=teacher, context=run.context), config.search.epochs)
     table = estimate_shapley(net, x_val, target, config.shapley.final_permutations, config.shapley.truncation,
-                             run.seed, run.context, shapley.value, shapley.final_players, shapley.exact_layers)
+                             run.seed, run.context, shapley.value, shapley.final_players, shapley.exact_layers,
+                             show_progress=run.progress)
     scores = shapley_scores(table, len(run.graph.layers), len(run.candidates))
     if config.shapley.monotone:
         scores = monotone_scores(scores, run.candidates)
@@ -355,12 +357,16 @@ def _pick(run: _Run, net: QuantNet, scores: np.ndarray):
     x_val, y_val = run.data.x_val, run.data.y_val
     sack = run.sack
     ranked = []
-    for selection in k_best(scores.tolist(), sack.costs, sack.budgets, run.config.k_best, aggregate=sack.aggregate,
-                            names=sack.names):
+    selections = k_best(scores.tolist(), sack.costs, sack.budgets, run.config.k_best, aggregate=sack.aggregate,
+                        names=sack.names)
+    bar = progress_bar(len(selections), f"re-rank on {len(y_val):,} validation samples", "policies", run.progress)
+    for selection in selections:
         bits = _bits(run.graph, run.candidates, selection)
         if all(run.cost(bits).fits.values()):
             net.set_policy(bits)
             ranked.append((per_sample(net, x_val, y_val, run.task), selection, bits))
+        bar.update(1)
+    bar.close()
     net.set_policy(None)
     if not ranked:
         raise UserError("no policy among the best by Shapley fits every budget under the full cost model")

@@ -18,6 +18,7 @@ import torch
 from smpq_edge.data import Dataset
 from smpq_edge.quant import QuantNet
 from smpq_edge.distributed import SINGLE_PROCESS, Context
+from smpq_edge.progress import progress
 from smpq_edge.search.shapley import ShapleyEstimate, exact_shapley, monte_carlo_shapley
 
 # Coalitions per value_fn call: the more in one call, the more prefixes they share (memory
@@ -75,8 +76,9 @@ class CoalitionValue:
     """value_fn for the Shapley estimator: the supernet's score under each coalition."""
 
     def __init__(self, net: QuantNet, x: np.ndarray, y: np.ndarray, context: Context = SINGLE_PROCESS,
-                 value: str = "top1"):
+                 value: str = "top1", progress: str | None = None):
         self.net = net
+        self.progress = progress  # a name for the progress lines of each call, or None for none
         self.context = context
         self.value = value
         device = next(net.parameters()).device
@@ -100,7 +102,16 @@ class CoalitionValue:
         self.net.eval()
         if len(masks) == 0:
             return np.zeros(0)
-        blocks, index = self.net.coalition_logits(self.x, masks)
+        bar = None
+
+        def scored(total: int) -> None:
+            nonlocal bar
+            bar = bar or progress(total, self.progress, "policies")
+            bar.update(1)
+
+        blocks, index = self.net.coalition_logits(self.x, masks, scored if self.progress else None)
+        if bar is not None:
+            bar.close()
         return score(blocks, self.y, self.value)[index].cpu().numpy()
 
     @torch.no_grad()
@@ -139,11 +150,12 @@ def value_target(value: str, x: np.ndarray, y: np.ndarray, teacher: torch.nn.Mod
 
 def estimate_shapley(net: QuantNet, x: np.ndarray, y: np.ndarray, permutations: int, truncation: float,
                      seed: int, context: Context = SINGLE_PROCESS, value: str = "top1",
-                     players: str = "candidates", exact_layers: bool = False) -> ShapleyEstimate:
+                     players: str = "candidates", exact_layers: bool = False,
+                     show_progress: bool = False) -> ShapleyEstimate:
     """One entry per (layer, candidate) player, whichever the players: with "layers" the widest
     candidate holds the layer's value and the others have no sample (see ``ShapleyConfig`` for
     ``exact_layers``)."""
-    value = CoalitionValue(net, x, y, context, value)
+    value = CoalitionValue(net, x, y, context, value, "Shapley table" if show_progress else None)
     net.set_policy(None)
     if players == "layers":
         return _layer_upgrades(value, net, permutations, seed, context, exact_layers)
