@@ -108,6 +108,9 @@ class Board(_Strict):
     reserve: Reserve
     budgets: Budgets
     candidates: tuple[BitWidthCandidate, ...] = Field(default=("w4a8", "w8a8"), min_length=1)
+    # "per_channel": a zero point per scale, as the TFLite schema wants and LiteRT checks.
+    # "single": one per weight or bias tensor, which TFLM alone reads (16 B less per output channel).
+    zero_points: Literal["per_channel", "single"] = "per_channel"
     # Kernel variant of ``KERNEL_VARIANTS[kernels]`` -> its cycle formula; exactly those variants.
     cycles: dict[str, KernelCycles]
 

@@ -87,6 +87,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--logits", action="store_true",
                         help="drop a final Softmax: the exported model outputs logits (default: exported as "
                              "TFLM's int8 SOFTMAX)")
+    parser.add_argument("--single-zero-point", action="store_true",
+                        help="weights and biases keep one zero point per tensor instead of one per channel: "
+                             "16 B less flash per output channel, which TFLM reads but LiteRT and other TFLite "
+                             "tools refuse")
     add_preprocessing_arguments(parser)
 
 
@@ -226,6 +230,8 @@ def load_inputs(args: argparse.Namespace):
 
     # The cheap checks first, so that a typo is one line in a second, not after torch's import.
     board = load_board(args.board)
+    if args.single_zero_point:
+        board = board.model_copy(update={"zero_points": "single"})
     check_model_argument(args.model)
     if args.data is not None:
         check_data_argument(args.data)

@@ -30,8 +30,8 @@ from smpq_edge.graph import Graph, Op
 from smpq_edge.ops import KINDS
 
 # TFLite flatbuffer: a scale (float32) and a zero point (int64) per quantisation channel, as the
-# schema wants and LiteRT checks (TFLM would take one zero point per tensor; the exporter does not
-# write that, so that every TFLite tool opens the model).
+# schema wants and LiteRT checks; weight and bias tensors may instead keep one zero point, which
+# TFLM alone reads (``Board.zero_points``).
 SCALE_BYTES, ZERO_POINT_BYTES = 4, 8
 QUANT_PARAM_BYTES = SCALE_BYTES + ZERO_POINT_BYTES
 # TFLM aligns every arena buffer to 16 bytes (MicroArenaBufferAlignment).
@@ -451,6 +451,17 @@ def arena_activation_peak(tensors: list[TfliteTensor], scratch: dict[str, int]) 
     return peak
 
 
+def zero_points(board: Board, channels: int) -> int:
+    """Zero points stored for a weight or bias tensor of ``channels`` scales (``Board.zero_points``)."""
+    return 1 if board.zero_points == "single" else channels
+
+
+def zero_point_saving(graph: Graph, bits: dict[str, int], board: Board) -> int:
+    """Model bytes the board's zero-point form saves against one zero point per channel."""
+    per_channel = board.model_copy(update={"zero_points": "per_channel"})
+    return estimate(graph, bits, per_channel).model_flash_bytes - estimate(graph, bits, board).model_flash_bytes
+
+
 def estimate(graph: Graph, bits: dict[str, int], board: Board, flash_budget_bytes: int | None = None,
              ram_budget_bytes: int | None = None, cycle_budget: int | None = None, host: bool = False) -> CostReport:
     """The cost of ``bits`` (layer name -> weight bit-width) on ``board``.
@@ -476,8 +487,8 @@ def estimate(graph: Graph, bits: dict[str, int], board: Board, flash_budget_byte
             name=op.name, kind=op.kind, weight_bits=b, params=op.weight_count, macs=op.macs,
             weight_bytes=weight_bytes(op.weight_count, b),
             bias_bytes=4 * op.out_channels,
-            # weights and bias each carry a scale and a zero point per channel
-            quant_param_bytes=2 * QUANT_PARAM_BYTES * channels,
+            # weights and bias each carry a scale per channel, and a zero point per channel or one
+            quant_param_bytes=2 * (SCALE_BYTES * channels + ZERO_POINT_BYTES * zero_points(board, channels)),
             scratch_bytes=scratch[op.name],
             cycles=op_cycles[op.name],
         ))

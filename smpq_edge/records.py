@@ -111,6 +111,8 @@ class SearchRecord(_Record):
     data: dict
     board: str
     kernels: str | None = None  # the board's kernel set (None: written before it was recorded)
+    zero_points: str = "per_channel"  # boards.Board.zero_points
+    zero_point_saving_bytes: int = 0  # what "single" saved against per-channel zero points
     seed: int
     pretrained: bool
     shipped_method: str

@@ -173,6 +173,14 @@ def _stages_section(search: SearchRecord, task: Task) -> str:
             + _table(["stage", "val before", "val after", "standard error", "result"], rows))
 
 
+def _zero_point_note(search: SearchRecord) -> str:
+    if search.zero_points != "single":
+        return ""
+    return (f"\n\nWeights and biases keep one zero point per tensor (`--single-zero-point`): "
+            f"{search.zero_point_saving_bytes:,} B less flash than one per channel, as the TFLite schema wants. TFLM "
+            "runs this model; LiteRT and other TFLite tools refuse it.")
+
+
 def _why_section(search: SearchRecord, task: Task) -> str:
     label = "**SMPQ's pick, shipped**" if search.shipped_method == "smpq" else "**SMPQ's pick**"
     rows = [[" ".join(str(b) for b in k.bits.values()), f"{k.summed_shapley:.4f}", task.show(k.val_acc),
@@ -237,7 +245,8 @@ def make_report(search: SearchRecord, emulation: EmulationRecord | None) -> Repo
         f"Model input: {search.data.get('input_description', 'not recorded')}.",
         _accuracy_section(search, emulation, task),
         "## Budgets (predicted by the cost model)\n\n"
-        + _table(["", "model", "board reserve", "total", "budget", ""], budget_rows) + "\n\n![budget use](budget.png)",
+        + _table(["", "model", "board reserve", "total", "budget", ""], budget_rows) + _zero_point_note(search)
+        + "\n\n![budget use](budget.png)",
         "## Bits per layer\n\n"
         + _table(["layer", "kind", "weight shape (TFLite)", "bits", "params", "flash B", "cycles"], layer_rows)
         + "\n\n![bits](bits.png)",

@@ -47,3 +47,38 @@ def test_litert_opens_the_export_and_agrees_with_tflm(name, which):
     assert np.abs(tflm - litert).max() <= 1
     assert (tflm == litert).mean() >= 0.99
     assert (tflm.argmax(1) == litert.argmax(1)).mean() >= 0.98
+
+
+def test_single_zero_point_is_tflms_alone_smaller_by_what_the_cost_model_says():
+    """--single-zero-point: one zero point per weight and bias tensor, 16 B less per output channel;
+    TFLM runs it exactly as before, LiteRT refuses it (as it refused every export before)."""
+    from dataclasses import replace
+
+    from smpq_edge.boards import load_board
+    from smpq_edge.cost import estimate, zero_point_saving
+
+    case = trained_case("digits_cnn")
+    compact = replace(case.export, single_zero_point=True).variant(case.net, case.bits)
+    per_tensor = [t for t in TfliteModel.from_bytes(compact).tensors() if t.quantization and len(t.quantization.scales) > 1]
+    assert per_tensor and all(t.quantization.zero_points == (0,) for t in per_tensor)
+    board = load_board("nucleo-l4r5zi")
+    single = board.model_copy(update={"zero_points": "single"})
+    saving = zero_point_saving(case.net.graph, case.bits, single)
+    assert len(case.export.tflite) - len(compact) == saving > 0
+    assert estimate(case.net.graph, case.bits, board).model_flash_bytes - \
+        estimate(case.net.graph, case.bits, single).model_flash_bytes == saving
+    runner = TflmRunner(case.export.tflite)
+    x = quantise_input(case.data.x_test[:SAMPLES], runner.input)
+    np.testing.assert_array_equal(TflmRunner(compact).run(x), runner.run(x))
+    with pytest.raises(ValueError, match="zero_point values"):
+        litert_outputs(compact, x[:1])
+
+
+def test_report_states_what_the_single_zero_point_saved():
+    from smpq_edge.report import _zero_point_note
+    from smpq_edge.records import SearchRecord
+
+    fields = {"zero_points": "single", "zero_point_saving_bytes": 1234}
+    note = _zero_point_note(SearchRecord.model_construct(**fields))
+    assert "1,234 B less flash" in note and "LiteRT" in note
+    assert _zero_point_note(SearchRecord.model_construct(zero_points="per_channel")) == ""

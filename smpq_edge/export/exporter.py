@@ -74,13 +74,14 @@ class ExportResult:
     output_zero_point: int
     softmax: bool = False  # a SOFTMAX follows the logits (the output is then its 1/256, -128)
     notes: list[str] = field(default_factory=list)
+    single_zero_point: bool = False  # weights and biases keep one zero point each (TFLM only)
     # onnx2tf's layout, matched to the graph: lets ``variant`` rewrite it for another policy.
     _layout: tuple = field(default=(), repr=False, compare=False)
 
     def variant(self, net: QuantNet, bits: dict[str, int]) -> bytes:
         """The same model under another policy (same layout and activation scales), no onnx2tf run."""
         template, matched, acts = self._layout
-        return _rewrite(template, net, bits, matched, acts, self.softmax)[0]
+        return _rewrite(template, net, bits, matched, acts, self.softmax, self.single_zero_point)[0]
 
     def to_dict(self) -> dict:
         return {
@@ -92,6 +93,7 @@ class ExportResult:
             "input": {"scale": self.input_scale, "zero_point": self.input_zero_point},
             "output": {"scale": self.output_scale, "zero_point": self.output_zero_point},
             "softmax": self.softmax,
+            "zero_points": "single" if self.single_zero_point else "per_channel",
             "notes": list(self.notes),
         }
 
@@ -255,7 +257,7 @@ def _mean_to_avgpool(model: TfliteModel) -> int:
 
 
 def _rewrite(template: bytes, net: QuantNet, bits: dict[str, int], matched, acts,
-             softmax: bool) -> tuple[bytes, int]:
+             softmax: bool, single_zero_point: bool) -> tuple[bytes, int]:
     model = TfliteModel.from_bytes(template, source="onnx2tf output")
     for index, (scale, zero_point) in acts.items():
         model.set_tensor_quantization(index, [scale], [zero_point])
@@ -266,9 +268,10 @@ def _rewrite(template: bytes, net: QuantNet, bits: dict[str, int], matched, acts
         q = _tflite_layout(op, q.numpy().astype(np.int8))
         scales = scales.detach().numpy().astype(np.float64)
         axis = _quant_axis(op)
-        # One zero point per scale, as the TFLite schema wants: LiteRT refuses a tensor with fewer
-        # (TFLM alone accepts one for all channels, but every tool a user checks a model with reads these files).
-        model.set_tensor_quantization(w_index, scales.tolist(), [0] * len(scales), axis if len(scales) > 1 else 0)
+        # One zero point per scale, as the TFLite schema wants: LiteRT refuses a tensor with fewer.
+        # TFLM alone also reads one for all channels (``single_zero_point``, Board.zero_points).
+        zeros = [0] if single_zero_point else [0] * len(scales)
+        model.set_tensor_quantization(w_index, scales.tolist(), zeros, axis if len(scales) > 1 else 0)
         if b == 4:
             model.set_tensor_type(w_index, "INT4")
             model.set_tensor_data(w_index, pack_int4(q))
@@ -289,7 +292,8 @@ def _rewrite(template: bytes, net: QuantNet, bits: dict[str, int], matched, acts
             continue
         model.set_tensor_type(b_index, "INT32")
         model.set_tensor_data(b_index, q_bias.tobytes())
-        model.set_tensor_quantization(b_index, bias_scales.tolist(), [0] * len(bias_scales), 0)
+        model.set_tensor_quantization(b_index, bias_scales.tolist(), [0] if single_zero_point else [0] * len(bias_scales),
+                                      0)
     rewritten = _mean_to_avgpool(model)
     if softmax:
         model.append_softmax(BETA, OUTPUT_SCALE, OUTPUT_ZERO_POINT)
@@ -297,9 +301,11 @@ def _rewrite(template: bytes, net: QuantNet, bits: dict[str, int], matched, acts
     return model.to_bytes(), rewritten
 
 
-def export_model(net: QuantNet, bits: dict[str, int], calibration: np.ndarray, softmax: bool = False) -> ExportResult:
+def export_model(net: QuantNet, bits: dict[str, int], calibration: np.ndarray, softmax: bool = False,
+                 single_zero_point: bool = False) -> ExportResult:
     """The mixed ``.tflite`` of ``net`` under ``bits`` (layer -> 4 or 8) and its int8 reference,
-    both ending in an int8 SOFTMAX when ``softmax``.
+    both ending in an int8 SOFTMAX when ``softmax``; ``single_zero_point`` writes the TFLM-only
+    form of per-channel weights and biases (one zero point each, which LiteRT refuses).
 
     ``calibration`` (float32 NCHW) only lets onnx2tf finish its own int8 conversion; every scale
     in the result comes from ``net``.
@@ -319,8 +325,9 @@ def export_model(net: QuantNet, bits: dict[str, int], calibration: np.ndarray, s
     template = TfliteModel.from_bytes(int8.tflite, source="onnx2tf output")
     matched = _match_layers(template, graph, float_module)
     acts = _activation_params(template, net)
-    mixed, rewritten = _rewrite(int8.tflite, net, bits, matched, acts, softmax)
-    reference, _ = _rewrite(int8.tflite, net, {op.name: 8 for op in graph.layers}, matched, acts, softmax)
+    mixed, rewritten = _rewrite(int8.tflite, net, bits, matched, acts, softmax, single_zero_point)
+    reference, _ = _rewrite(int8.tflite, net, {op.name: 8 for op in graph.layers}, matched, acts, softmax,
+                            single_zero_point)
     notes = []
     if any(o.name == "MEAN" for o in TfliteModel.from_bytes(mixed).operators()):
         notes.append("a MEAN operator could not be rewritten to AVERAGE_POOL_2D and was kept")
@@ -332,6 +339,6 @@ def export_model(net: QuantNet, bits: dict[str, int], calibration: np.ndarray, s
         mean_to_avgpool=rewritten,
         input_scale=acts[in_index][0], input_zero_point=acts[in_index][1],
         output_scale=output[0], output_zero_point=output[1], softmax=softmax,
-        notes=notes,
+        notes=notes, single_zero_point=single_zero_point,
         _layout=(int8.tflite, matched, acts),
     )

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from smpq_edge.boards import Board
+from smpq_edge.cost import zero_point_saving
 from smpq_edge.data import Dataset
 from smpq_edge.errors import UserError
 from smpq_edge.fileio import write_bytes, write_json
@@ -254,6 +255,7 @@ def run_search(source: ModelSource, data: Dataset, board: Board, *, budgets: Bud
     policy = _policy(run, shipped, scores)
     record = {
         "model": source.name, "task": task.name, "data": data.summary(), "board": board.name, "kernels": board.kernels, "seed": seed,
+        "zero_points": board.zero_points, "zero_point_saving_bytes": zero_point_saving(run.graph, shipped.bits, board),
         "pretrained": source.pretrained, "budgets": run.budgets.to_dict(),
         "knapsack_budgets": dict(zip(DIMENSIONS, run.sack.budgets)),
         "config": config.to_dict(), "float_test_acc": float_measured.test_acc,
