@@ -303,3 +303,18 @@ def test_layer_players_are_enumerated_exactly_when_that_costs_no_more(trained_di
     sampled = estimate_shapley(net, x, y, 2**n_layers // (n_layers + 1) - 1 or 1, 0.5, seed=0, players="layers",
                                exact_layers=True)
     assert sampled.n_permutations > 0
+
+
+def test_hawq_never_prefers_fewer_bits_on_a_negative_trace_estimate(digits):
+    """One Hutchinson probe on an untrained network's indefinite Hessian comes out negative for some
+    layers; unclamped, their score favoured int4 over int8 (and every layer's score went positive)."""
+    from smpq_edge.search.baselines import hawq_scores
+    from smpq_edge.search.runner import calibrate
+
+    torch.manual_seed(0)
+    source = load_model("digits_cnn")
+    source.module.eval()
+    net = QuantNet(trace(source.module, digits.input_shape), source.module, (4, 8))
+    calibrate(net, digits, 0)
+    scores = hawq_scores(net, digits, 0, batches_used=1, probes=1)
+    assert (scores <= 0).all() and (scores[:, 1] >= scores[:, 0]).all()

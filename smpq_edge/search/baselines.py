@@ -74,6 +74,10 @@ def hawq_scores(net: QuantNet, data: Dataset, seed: int, batches_used: int = 4, 
             hvs = torch.autograd.grad(grads, weights, grad_outputs=vs, retain_graph=True)
             traces += np.array([float((hv * v).sum()) for hv, v in zip(hvs, vs)]) / (probes * batches_used)
     net.set_policy(None)
+    # Hutchinson's estimate of a small trace can come out negative; a negative trace would turn
+    # "fewer bits cost more loss" around and prefer int4 for the most sensitive layers. HAWQ-V3
+    # assumes a positive semi-definite Hessian: clamp at zero.
+    traces = np.maximum(traces, 0.0)
     scores = np.zeros((len(layers), len(net.candidates)))
     with torch.no_grad():
         for i, layer in enumerate(layers):
