@@ -163,15 +163,19 @@ def _floor_run(int8_fits: bool, logged: list[str]):
         per_layer = [SimpleNamespace(name=n, weight_bits=b, flash_bytes=100 * b) for n, b in bits.items()]
         return SimpleNamespace(fits=fits, layers=per_layer, to_dict=lambda: {"fits": fits})
 
-    def val_scores(net):
-        from smpq_edge.search.train import per_sample
+    from smpq_edge.search.train import per_sample, predictions
 
+    def val_scores(net):
         return per_sample(net, data.x_val, data.y_val)
+
+    def predict(net, split):
+        return predictions(net, data.x_val if split == "val" else data.x_test)
 
     none = TrainConfig(epochs=0)
     return SimpleNamespace(data=data, task=CLASSIFICATION, candidates=(4, 8), graph=SimpleNamespace(layers=layers),
                            config=SimpleNamespace(finetune=none, search=none), seed=0, progress=False,
-                           context=SINGLE_PROCESS, log=logged.append, cost=cost, per_sample=val_scores)
+                           context=SINGLE_PROCESS, log=logged.append, cost=cost, per_sample=val_scores,
+                           predict=predict)
 
 
 def _ranked(*policies):
