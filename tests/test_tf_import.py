@@ -65,6 +65,8 @@ def test_imported_network_computes_what_tensorflow_computes(tf_files, name, suff
     source = load_model(tf_files / f"{name}{suffix}")
     reference = np.load(tf_files / f"{name}{'_legacy' if 'legacy' in suffix else ''}.npz")
     assert source.pretrained
+    # Named after its file (or SavedModel folder), not a graph tensor such as 'functional_1/dense_1/BiasAdd:0'.
+    assert source.name == Path(f"{name}{suffix}").stem
     with torch.no_grad():
         got = source.module.eval()(_nchw(reference["x"])).numpy()
     assert _relative_error(got, reference["logits"]) < 1e-5

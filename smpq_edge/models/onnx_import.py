@@ -425,8 +425,8 @@ def onnx_source(model, origin: str, name: str) -> ModelSource:
         raise UserError(f"{origin}: the model must have one input and one output")
     readers: dict[str, int] = {}
     for node in graph.node:
-        for name in node.input:
-            readers[name] = readers.get(name, 0) + 1
+        for tensor in node.input:  # not ``name``: that is the model's, from its file name
+            readers[tensor] = readers.get(tensor, 0) + 1
     imp = _Importer(origin, constants, _static_shapes(model), readers, graph.output[0].name)
     input_name = real_inputs[0].name
     dims = imp.shape(input_name) or []
