@@ -46,7 +46,7 @@ from smpq_edge.preprocess import Preprocessing  # noqa: E402
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10" / "train"
 BOARD = "nucleo-l4r5zi"
 PIXELS = Preprocessing("0..255")  # the model below is trained on raw pixels, no rescaling layer
-FORMATS = (".keras", ".h5", ".tflite", ".onnx")
+FORMATS = (".keras", ".h5", ".tflite")
 
 # Keras side, in a child so TensorFlow's state stays out of this process.
 _TRAIN = r"""
@@ -194,7 +194,7 @@ def main() -> None:
             print(f"{mode} {suffix}: {runs[f'{mode} {suffix}']['emulator_acc']:.4f}", flush=True)
     (args.work / "results.json").write_text(json.dumps({"float": float_acc, "converter": conv.to_dict(),
                                                        "runs": runs, "timings": timings, "gate": gate}, indent=2))
-    write_section("## A trained Keras ResNet-8 on CIFAR-10, from .h5, .tflite and .onnx (bench/pretrained.py)",
+    write_section("## A trained Keras ResNet-8 on CIFAR-10 pixels 0..255, from .keras, .h5 and .tflite (bench/pretrained.py)",
                   report(args, float_acc, conv, converter, budget, runs, timings, gate))
 
 
