@@ -69,7 +69,7 @@ def main() -> None:
     heading, arguments = CASES[case]
     write_section(heading, "\n".join([
         f"Command: `{command}` ({datetime.date.today()}, 2-core x86-64 machine): runs "
-        f"`python -m smpq_edge build {' '.join(a if '/' not in a else Path(a).name for a in arguments)}` "
+        f"`{' '.join(['python -m smpq_edge build', *(a if '/' not in a else Path(a).name for a in arguments)])}` "
         f"({search['model']}, {search['data']['name']}: {search['data']['train']:,} / {search['data']['val']:,} / "
         f"{search['data']['test']:,} samples, {search['board']}).",
         "",
