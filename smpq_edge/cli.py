@@ -112,6 +112,11 @@ def preprocessing_from(args: argparse.Namespace) -> Preprocessing:
                          args.channel_order)
 
 
+# `cost`'s exit code when the policy is over a budget: a script can tell "does not fit" (3) from
+# a bad argument (2) and from fits (0).
+OVER_BUDGET_EXIT = 3
+
+
 @command("cost")
 def _cost(parser: argparse.ArgumentParser):
     """Flash, RAM and cycle cost per layer of a model under a policy on a board."""
@@ -141,7 +146,7 @@ def _cost(parser: argparse.ArgumentParser):
             raise UserError(f"{args.bits}: {exc}") from None  # name the policy file at fault
         if args.json:
             print(json.dumps(report.to_dict(), indent=2))
-            return 0
+            return 0 if all(report.fits.values()) else OVER_BUDGET_EXIT
         rows = [[l.name, l.kind, l.weight_bits, l.params, l.macs, l.flash_bytes, l.scratch_bytes, l.cycles]
                 for l in report.layers]
         _print_table(rows, ["layer", "kind", "bits", "params", "MACs", "flash B", "scratch B", "cycles"])
@@ -153,7 +158,7 @@ def _cost(parser: argparse.ArgumentParser):
               f"of {report.ram_budget_bytes} B ({'ok' if fits['ram'] else 'OVER'})")
         print(f"{report.cycles} cycles = {report.latency_ms:.2f} ms at {board.clock_mhz:g} MHz, budget "
               f"{board.budgets.latency_ms:g} ms ({'ok' if fits['cycles'] else 'OVER'})")
-        return 0
+        return 0 if all(fits.values()) else OVER_BUDGET_EXIT
 
     return run
 

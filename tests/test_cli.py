@@ -170,3 +170,14 @@ def test_bad_arguments_fail_before_torch_is_imported(argv):
     result = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True)
     assert result.returncode == 2 and result.stderr.startswith("error: "), result.stderr
     assert "heavy: []" in result.stdout
+
+
+def test_cost_over_budget_exits_3(capsys):
+    """Fits: 0; over a budget: 3 (with the OVER line); a bad argument: 2. The default model's int8
+    is over the default board's 16 KB model flash, its int4 fits."""
+    code, out, _ = run(capsys, "cost", "--bits", "8")
+    assert code == 3 and "(OVER)" in out
+    code, out, _ = run(capsys, "cost", "--bits", "4")
+    assert code == 0 and "(OVER)" not in out
+    code, out, _ = run(capsys, "cost", "--bits", "8", "--json")
+    assert code == 3 and json.loads(out)["fits"]["flash"] is False
