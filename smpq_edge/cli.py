@@ -39,7 +39,7 @@ def _print_table(rows: list[list[str]], header: list[str]) -> None:
 
 @command("boards")
 def _boards(parser: argparse.ArgumentParser):
-    """List the built-in board profiles, or show one (``boards show NAME``)."""
+    """List the built-in board profiles, or show one ('boards show NAME')."""
     parser.add_argument("action", nargs="?", choices=["list", "show"], default="list")
     parser.add_argument("name", nargs="?", help="board name or YAML path (with 'show')")
 

@@ -181,3 +181,15 @@ def test_cost_over_budget_exits_3(capsys):
     assert code == 0 and "(OVER)" not in out
     code, out, _ = run(capsys, "cost", "--bits", "8", "--json")
     assert code == 3 and json.loads(out)["fits"]["flash"] is False
+
+
+def test_help_texts_hold_no_docstring_markup(capsys):
+    """Sub-command help comes from the commands' docstrings: reST's double backticks would print as they are."""
+    from smpq_edge.cli import COMMANDS
+
+    texts = []
+    for argv in (["--help"], *([name, "--help"] for name in COMMANDS)):
+        with pytest.raises(SystemExit):  # argparse exits after printing the help
+            main(argv)
+        texts.append(capsys.readouterr().out)
+    assert all(texts) and not [t for t in texts if "``" in t]
