@@ -446,7 +446,7 @@ def _build(parser: argparse.ArgumentParser):
                   ("data", "board", "code", "templates")),
             Stage("report", ("search.json", "emulation.json"), ("report.md", "report.html"), report_stage, ("code",)),
         ]
-        arguments = {k: v for k, v in vars(args).items() if k not in ("run", "resume", "out")}
+        arguments = {k: v for k, v in vars(args).items() if k not in ("run", "parser", "resume", "out")}
         arguments["board_profile"] = board.model_dump(mode="json")
         run_stages(stages, out, arguments, args.resume,
                    outside_keys(source, data, args.data or source.default_data, args.board))
@@ -598,8 +598,17 @@ def build_parser() -> argparse.ArgumentParser:
     for name, setup in COMMANDS.items():
         doc = (setup.__doc__ or "").strip()
         sub_parser = sub.add_parser(name, help=doc.splitlines()[0] if doc else None, description=doc)
-        sub_parser.set_defaults(run=setup(sub_parser))
+        sub_parser.set_defaults(run=setup(sub_parser), parser=sub_parser)
     return parser
+
+
+def parse(parser: argparse.ArgumentParser, argv: list[str] | None) -> argparse.Namespace:
+    """The arguments; an unknown option is reported with its command's usage (argparse's top-level
+    parser would show the list of commands instead)."""
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:
+        (getattr(args, "parser", None) or parser).error(f"unrecognized arguments: {' '.join(unknown)}")
+    return args
 
 
 # Libraries' warnings (deprecations, layout hints) are for their developers, not for the user's
@@ -612,7 +621,7 @@ def main(argv: list[str] | None = None) -> int:
 
     warnings.filterwarnings("ignore", module=QUIET_LIBRARIES + r"(\..*)?$")
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args = parse(parser, argv)
     if not getattr(args, "run", None):
         parser.print_help()
         return 0

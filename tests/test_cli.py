@@ -193,3 +193,11 @@ def test_help_texts_hold_no_docstring_markup(capsys):
             main(argv)
         texts.append(capsys.readouterr().out)
     assert all(texts) and not [t for t in texts if "``" in t]
+
+
+def test_a_misspelt_option_shows_its_commands_usage(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["build", "--flsh-kb", "3"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2
+    assert err.startswith("usage: python -m smpq_edge build") and "unrecognized arguments: --flsh-kb 3" in err
