@@ -191,7 +191,7 @@ def export_stage(out: Path, source: ModelSource, data: Dataset, board: Board,
     policy = load_policy(out / "policy.json")
     net, note = net_for_policy(out, source, data, board, policy.bits, seed)
     result = export_model(net, policy.bits, data.x_train[:calibration], softmax=source.output_softmax,
-                          single_zero_point=board.zero_points == "single")
+                          single_zero_point=board.zero_points == "single", input_shape=source.file_input_shape)
     if note:
         result.notes.append(note)
     write_bytes(out / "model.tflite", result.tflite)

@@ -65,11 +65,14 @@ class TensorSpec:
 def quantise_input(x: np.ndarray, spec: TensorSpec, source: str = "<model>") -> np.ndarray:
     """Float data-set samples -> the int8 batch the model takes, exactly as the firmware's test
     vectors and the emulator feed it: channels-first samples (N, C, H, W) go channels last where
-    the model's input is (N, H, W, C); then round(x / scale) + zero point (half to even), clamped."""
+    the model's input is (N, H, W, C), and (N, 1, F, 1) vectors (as the data loader keeps (N, F)
+    data) go flat where it is (N, F); then round(x / scale) + zero point (half to even), clamped."""
     target = tuple(spec.shape[1:])
     x = np.asarray(x, dtype=np.float32)
     if x.ndim == 4 and (x.shape[2], x.shape[3], x.shape[1]) == target:
         x = x.transpose(0, 2, 3, 1)
+    elif x.ndim == 4 and x.shape[1] == x.shape[3] == 1 and target == (x.shape[2],):
+        x = x.reshape(len(x), -1)
     elif tuple(x.shape[1:]) != target:
         raise UserError(f"{source}: data samples have shape {tuple(x.shape[1:])} (channels first); the model "
                         f"takes {target} (channels last)")

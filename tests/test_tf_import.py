@@ -149,6 +149,30 @@ def test_final_softmax_is_exported_as_tflms_int8_softmax(tf_files, suffix):
     assert np.array_equal(ours, probabilities) and len(np.unique(probabilities)) > 2
 
 
+@pytest.mark.parametrize("suffix", [".keras", ".tflite"])
+def test_export_keeps_a_flat_input_shape(tf_files, suffix):
+    """A Keras model that takes (N, 20) is exported taking [1, 20], not the traced graph's [1, 20, 1, 1],
+    and computes in TFLM what the same model computes in that 4-D form."""
+    source = load_model(tf_files / f"autoencoder{suffix}")
+    assert source.file_input_shape == (20,) and source.input_shape == (1, 20, 1)
+    net, calibration = _calibrated_net(source)
+    bits = {op.name: 4 if i % 2 else 8 for i, op in enumerate(net.graph.layers)}
+    net.set_policy(bits)
+    kept = export_model(net, bits, calibration, input_shape=source.file_input_shape)
+    traced = export_model(net, bits, calibration)
+    for tflite in (kept.tflite, kept.tflite_int8, kept.variant(net, bits)):
+        model = TfliteModel.from_bytes(tflite)
+        assert model.tensor(model.inputs[0]).shape == (1, 20) and model.tensor(model.outputs[0]).shape == (1, 20)
+    traced_model = TfliteModel.from_bytes(traced.tflite)
+    assert traced_model.tensor(traced_model.inputs[0]).shape == (1, 20, 1, 1)
+    x = np.random.default_rng(1).normal(size=(50, *source.input_shape)).astype(np.float32)
+    runner, traced_runner = TflmRunner(kept.tflite), TflmRunner(traced.tflite)
+    assert runner.input.shape == (1, 20)
+    flat = quantise_input(x, runner.input)
+    assert flat.shape == (50, 20)
+    assert np.array_equal(runner.run(flat), traced_runner.run(quantise_input(x, traced_runner.input)))
+
+
 def test_logits_drops_the_softmax_with_one_notice(tf_files):
     source = load_model(tf_files / "cnn.keras").as_logits()
     assert not source.output_softmax

@@ -301,11 +301,35 @@ def _rewrite(template: bytes, net: QuantNet, bits: dict[str, int], matched, acts
     return model.to_bytes(), rewritten
 
 
+# Readers of a graph input that take any shape of its size: TFLM's FULLY_CONNECTED reads its
+# input as (elements / depth, depth), RESHAPE reads only the element count.
+_SHAPE_BLIND_READERS = {"RESHAPE", "FULLY_CONNECTED"}
+
+
+def _with_input_shape(tflite: bytes, input_shape: tuple[int, ...] | None) -> bytes:
+    """onnx2tf's model taking ``(1, *input_shape)``, the input as the user's file declared it.
+
+    The traced graph takes every sample as (C, H, W), so an (N, F) model reaches onnx2tf as
+    (N, F, 1, 1); its first operator reads the input as a flat vector, so only the shape changes."""
+    model = TfliteModel.from_bytes(tflite, source="onnx2tf output")
+    (index,) = model.inputs
+    shape = (1, *input_shape) if input_shape else None
+    if shape is None or model.tensor(index).shape == shape:
+        return tflite
+    readers = {o.name for o in model.operators() if index in o.inputs}
+    if not readers <= _SHAPE_BLIND_READERS:
+        raise UserError(f"the exported model cannot take the input shape {list(shape)}: its first operators "
+                        f"{sorted(readers)} read it as {list(model.tensor(index).shape)}")
+    model.set_tensor_shape(index, shape)
+    return model.to_bytes()
+
+
 def export_model(net: QuantNet, bits: dict[str, int], calibration: np.ndarray, softmax: bool = False,
-                 single_zero_point: bool = False) -> ExportResult:
+                 single_zero_point: bool = False, input_shape: tuple[int, ...] | None = None) -> ExportResult:
     """The mixed ``.tflite`` of ``net`` under ``bits`` (layer -> 4 or 8) and its int8 reference,
     both ending in an int8 SOFTMAX when ``softmax``; ``single_zero_point`` writes the TFLM-only
-    form of per-channel weights and biases (one zero point each, which LiteRT refuses).
+    form of per-channel weights and biases (one zero point each, which LiteRT refuses);
+    ``input_shape`` (per sample) is the input's shape in the model file, where it is not (C, H, W).
 
     ``calibration`` (float32 NCHW) only lets onnx2tf finish its own int8 conversion; every scale
     in the result comes from ``net``.
@@ -322,11 +346,12 @@ def export_model(net: QuantNet, bits: dict[str, int], calibration: np.ndarray, s
     float_module = FloatGraphModule(net, bits).eval()
     int8 = export_int8(float_module, (1, *graph.input_shape), np.ascontiguousarray(calibration, dtype=np.float32),
                        conv_pads=float_module.onnx_conv_pads)
-    template = TfliteModel.from_bytes(int8.tflite, source="onnx2tf output")
+    layout = _with_input_shape(int8.tflite, input_shape)
+    template = TfliteModel.from_bytes(layout, source="onnx2tf output")
     matched = _match_layers(template, graph, float_module)
     acts = _activation_params(template, net)
-    mixed, rewritten = _rewrite(int8.tflite, net, bits, matched, acts, softmax, single_zero_point)
-    reference, _ = _rewrite(int8.tflite, net, {op.name: 8 for op in graph.layers}, matched, acts, softmax,
+    mixed, rewritten = _rewrite(layout, net, bits, matched, acts, softmax, single_zero_point)
+    reference, _ = _rewrite(layout, net, {op.name: 8 for op in graph.layers}, matched, acts, softmax,
                             single_zero_point)
     notes = []
     if any(o.name == "MEAN" for o in TfliteModel.from_bytes(mixed).operators()):
@@ -340,5 +365,5 @@ def export_model(net: QuantNet, bits: dict[str, int], calibration: np.ndarray, s
         input_scale=acts[in_index][0], input_zero_point=acts[in_index][1],
         output_scale=output[0], output_zero_point=output[1], softmax=softmax,
         notes=notes, single_zero_point=single_zero_point,
-        _layout=(int8.tflite, matched, acts),
+        _layout=(layout, matched, acts),
     )

@@ -218,6 +218,15 @@ class TfliteModel:
             raise ValueError(f"unknown TFLite tensor type {type_name!r}")
         self._graph.tensors[index].type = _TYPE_CODES[type_name]
 
+    def set_tensor_shape(self, index: int, shape: Sequence[int]) -> None:
+        """Give a tensor another shape of the same size (its readers must not care which)."""
+        t = self._graph.tensors[index]
+        if int(np.prod(shape)) != int(np.prod(t.shape)):
+            raise ValueError(f"tensor {index}: shape {tuple(shape)} does not hold {tuple(t.shape)}'s elements")
+        t.shape = np.asarray(shape, dtype=np.int32)
+        if t.shapeSignature is not None and len(t.shapeSignature):  # keeps a dynamic batch (-1)
+            t.shapeSignature = np.asarray([t.shapeSignature[0], *shape[1:]], dtype=np.int32)
+
     def set_tensor_quantization(
         self,
         index: int,

@@ -34,6 +34,9 @@ class ModelSource:
     # The model ended in a Softmax over its classes. It is kept out of ``module`` so that search and
     # training see logits (cross-entropy wants them); the exporter appends TFLM's int8 SOFTMAX.
     output_softmax: bool = False
+    # One sample's input shape as the model file declares it, where that is not ``input_shape``'s
+    # (C, H, W): (F,) for an (N, F) input. The exported model takes it this way.
+    file_input_shape: tuple[int, ...] | None = None
 
     def as_logits(self) -> ModelSource:
         """The model without its final Softmax (``--logits``), with the one-line notice."""

@@ -456,7 +456,7 @@ def onnx_source(model, origin: str, name: str) -> ModelSource:
                             f"supported: {SUPPORTED_ONNX}")
     module = OnnxModule(imp.steps, imp.layers, body, imp.source(imp.graph_output)).eval()
     return ModelSource(name, module, input_shape, None, pretrained=True, origin=origin,
-                       output_softmax=imp.output_softmax)
+                       output_softmax=imp.output_softmax, file_input_shape=(dims[1],) if flat else None)
 
 
 _WRAPPERS = re.compile(r"^(functional|model|sequential|StatefulPartitionedCall)(_\d+)*$")
