@@ -121,7 +121,7 @@ def run_stages(stages: list[Stage], out: Path, arguments: dict, resume: bool, ou
         outputs = {name: _hash_path(out / name) for name in stage.outputs}
         if done and done["inputs"] == fingerprint and done["outputs"] == outputs and "missing" not in outputs.values():
             log(f"[{stage.name}] unchanged, skipped (--resume)")
-            build.stages[stage.name] = done
+            build.stages[stage.name] = {**done, "skipped": True}  # its seconds are the run's that made it
         else:
             log(f"[{stage.name}] running")
             started = time.perf_counter()

@@ -230,7 +230,7 @@ def torch_cuda_available() -> bool:
 def load_inputs(args: argparse.Namespace):
     """Board, data set and model of a command, with the model sized to the data's classes."""
     from smpq_edge.boards import load_board
-    from smpq_edge.data import check_data_argument, load_dataset, with_task
+    from smpq_edge.data import check_data_argument, load_dataset, with_input_affine, with_task
     from smpq_edge.models import check_model_argument, load_model
 
     # The cheap checks first, so that a typo is one line in a second, not after torch's import.
@@ -257,6 +257,7 @@ def load_inputs(args: argparse.Namespace):
     if probe.origin.endswith(".py") and data.num_classes:  # a model file builds its classifier for the data's classes
         seed_everything(args.seed)
         source = load_model(args.model, num_classes=data.num_classes)
+    data = with_input_affine(data, source.input_affine)
     if args.logits:
         source = source.as_logits()
     for note in source.notes:
@@ -355,7 +356,7 @@ def _print_methods(search) -> None:
     _print_table(rows, ["method", "bits", "model flash", f"test {task.metric}"])
 
 
-def _print_build_summary(out) -> None:
+def _print_build_summary(out, stages: dict | None = None) -> None:
     from smpq_edge.records import read_emulation, read_search
     from smpq_edge.task import TASKS
 
@@ -396,7 +397,17 @@ def _print_build_summary(out) -> None:
                                           for layer in cost.layers))
     _print_methods(search)
     _print_floor(search)
+    if stages:
+        print("\n" + stage_times(stages))
     print(f"\nbuild folder: {out}  (report: {out / 'report.html'}, firmware: {out / 'firmware'})")
+
+
+def stage_times(stages: dict) -> str:
+    """One line of each build stage's wall time (a stage --resume skipped shows the earlier run's)."""
+    parts = [f"{name} {stage['seconds']:.1f} s" + (" (skipped; earlier run)" if stage.get("skipped") else "")
+             for name, stage in stages.items()]
+    ran = sum(stage["seconds"] for stage in stages.values() if not stage.get("skipped"))
+    return f"wall time per stage: {', '.join(parts)}; {ran:.1f} s in all this run"
 
 
 KERNEL_NAMES = {"cmsis_nn": "CMSIS-NN", "reference": "TFLM reference"}
@@ -448,9 +459,9 @@ def _build(parser: argparse.ArgumentParser):
         ]
         arguments = {k: v for k, v in vars(args).items() if k not in ("run", "parser", "resume", "out")}
         arguments["board_profile"] = board.model_dump(mode="json")
-        run_stages(stages, out, arguments, args.resume,
-                   outside_keys(source, data, args.data or source.default_data, args.board))
-        _print_build_summary(out)
+        record = run_stages(stages, out, arguments, args.resume,
+                            outside_keys(source, data, args.data or source.default_data, args.board))
+        _print_build_summary(out, record["stages"])
         return 0
 
     return run

@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 
 from smpq_edge.errors import UserError
-from smpq_edge.preprocess import Preprocessing
+from smpq_edge.preprocess import InputAffine, Preprocessing
 
 MAX_CLASSES = 1000
 
@@ -53,15 +53,20 @@ class Dataset:
     @property
     def input_description(self) -> str:
         """What one input value is, in words a firmware author can reproduce from the stored samples."""
-        if self.pixels is not None:
-            return self.pixels.describe()
         record = self.preprocessing
-        if "pixels" in record:
-            return f"{record['pixels']} ({self.name})"
-        if record.get("kind") == "audio":
-            return (f"{record['coefficients']} MFCC coefficients per {record['window_ms']:g} ms frame every "
+        if self.pixels is not None:
+            text = self.pixels.describe()
+        elif "pixels" in record:
+            text = f"{record['pixels']} ({self.name})"
+        elif record.get("kind") == "audio":
+            text = (f"{record['coefficients']} MFCC coefficients per {record['window_ms']:g} ms frame every "
                     f"{record['hop_ms']:g} ms ({record['implementation']}; the whole front end is in build.json)")
-        return f"x as stored in {self.name} (cast to float32)"
+        else:
+            text = f"x as stored in {self.name} (cast to float32)"
+        scaling = record.get("model_input_scaling")
+        if scaling:  # folded into ``pixels`` already, else a step of its own
+            text += f" (this includes {scaling})" if self.pixels is not None else f", then {scaling}"
+        return text
 
     def summary(self) -> dict:
         return {
@@ -271,6 +276,19 @@ def with_task(data: Dataset, task: str | None) -> Dataset:
         raise UserError(f"--task must be classification or reconstruction, not '{task}'")
     zeros = {f"y_{split}": np.zeros(len(getattr(data, f"y_{split}")), dtype=np.int64) for split in ("train", "val", "test")}
     return replace(data, **zeros, num_classes=0, class_names=(), task="reconstruction")
+
+
+def with_input_affine(data: Dataset, affine: InputAffine | None) -> Dataset:
+    """The data as a model that starts with its own input scaling reads it, once that scaling is
+    taken out of the model (``ModelSource.input_affine``): every split scaled, and the scaling
+    recorded with the rest of the preprocessing (for image data folded into ``pixels``, so the
+    sanity gate's probe and the firmware's README see one preprocessing)."""
+    if affine is None:
+        return data
+    scaled = {f"x_{split}": affine.apply(getattr(data, f"x_{split}")) for split in ("train", "val", "test")}
+    pixels = affine.after(data.pixels) if data.pixels is not None else None
+    record = {**data.preprocessing, "model_input_scaling": affine.describe()}
+    return replace(data, **scaled, pixels=pixels, preprocessing=record)
 
 
 def file_sha256(path: Path) -> str:

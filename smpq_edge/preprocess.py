@@ -117,3 +117,47 @@ def parse_floats(text: str | None, option: str) -> tuple[float, ...] | None:
     if not all(np.isfinite(values)):
         raise UserError(f"{option}: values must be finite, got '{text}'")
     return values
+
+
+@dataclass(frozen=True)
+class InputAffine:
+    """A model's own input scaling, ``x * scale + offset``: a Keras ``Rescaling`` or
+    ``Normalization`` layer, or the constant Mul/Add/Sub/Div an ONNX graph starts with.
+
+    TFLM's int8 input is a quantisation of whatever the first layer reads, so the scaling is taken
+    out of the network and applied to the data instead: the exported model then takes the scaled
+    values, and its input quantisation (stated with this scaling in the firmware's README) says how
+    raw values map to int8. ``scale`` and ``offset`` broadcast to one sample, channels first."""
+
+    scale: np.ndarray
+    offset: np.ndarray
+    nodes: tuple[str, ...]  # the model's own names for what was taken out
+
+    def apply(self, x: np.ndarray) -> np.ndarray:
+        return (x * self.scale[None] + self.offset[None]).astype(np.float32, copy=False)
+
+    def describe(self) -> str:
+        def values(a: np.ndarray) -> str:
+            flat = a.reshape(-1)
+            return ", ".join(f"{v:.6g}" for v in (flat[:1] if np.all(flat == flat[0]) else flat))
+
+        return f"x * [{values(self.scale)}] + [{values(self.offset)}] (the model's own {', '.join(self.nodes)})"
+
+    def after(self, pixels: Preprocessing) -> Preprocessing:
+        """``pixels`` followed by this scaling, as one preprocessing (``invert`` stays exact):
+        ((x - m) / s) * a + b = (x - (m - b s / a)) / (s / a), per channel."""
+        def per_channel(a: np.ndarray) -> bool:
+            return a.size == 1 or a.ndim == 3 and a.shape[1:] == (1, 1)
+
+        if not (per_channel(self.scale) and per_channel(self.offset)) or np.any(self.scale <= 0):
+            raise UserError(f"the model's input scaling {self.describe()} is not a positive scale per channel, "
+                            "which image data needs")
+        count = max(self.scale.size, self.offset.size, len(pixels.mean or ()), len(pixels.std or ()))
+
+        def channels(values) -> np.ndarray:
+            return np.broadcast_to(np.asarray(values, np.float64).reshape(-1), (count,))
+
+        a, b = channels(self.scale), channels(self.offset)
+        mean, std = channels(pixels.mean or (0.0,)), channels(pixels.std or (1.0,))
+        return Preprocessing(pixels.input_range, tuple((mean - b * std / a).tolist()), tuple((std / a).tolist()),
+                             pixels.channel_order)

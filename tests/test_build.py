@@ -92,7 +92,11 @@ def test_report_html_embeds_its_images(default_build):
 def test_resume_skips_finished_stages(default_build, capsys):
     before = {name: (default_build / name).stat().st_mtime_ns for name in OUTPUTS if name != "build.json"}
     assert main(["build", "--out", str(default_build), *QUICK, "--resume"]) == 0
-    assert capsys.readouterr().out.count("unchanged, skipped (--resume)") == 5
+    out = capsys.readouterr().out
+    assert out.count("unchanged, skipped (--resume)") == 5
+    # The summary's stage times say which ran now: none did.
+    times = next(line for line in out.splitlines() if line.startswith("wall time per stage: search "))
+    assert times.count("(skipped; earlier run)") == 5 and times.endswith("; 0.0 s in all this run")
     after = {name: (default_build / name).stat().st_mtime_ns for name in before}
     assert after == before
 
@@ -355,3 +359,12 @@ def test_summary_says_when_the_rerank_replaced_the_shapley_optimum(default_build
     out = capsys.readouterr().out
     assert "picked the K-best policy #2" in out and "over the summed-Shapley optimum" in out
     assert TASKS[search.task].show(search.k_best[1].val_acc) in out and TASKS[search.task].show(search.k_best[0].val_acc) in out
+
+
+def test_stage_times_name_each_stage_and_what_ran():
+    from smpq_edge.cli import stage_times
+
+    line = stage_times({"search": {"seconds": 8.84}, "export": {"seconds": 11.5, "skipped": True},
+                        "emulate": {"seconds": 3.06}})
+    assert line == ("wall time per stage: search 8.8 s, export 11.5 s (skipped; earlier run), emulate 3.1 s; "
+                    "11.9 s in all this run")

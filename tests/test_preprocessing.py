@@ -15,7 +15,7 @@ from smpq_edge.cli import main
 from smpq_edge.data import load_dataset
 from smpq_edge.errors import UserError
 from smpq_edge.models import load_model
-from smpq_edge.preprocess import COMMON, Preprocessing
+from smpq_edge.preprocess import COMMON, InputAffine, Preprocessing
 from smpq_edge.search.guard import check_trained
 from smpq_edge.search.train import TrainConfig, seed_everything, train
 
@@ -134,3 +134,44 @@ def test_allowed_at_chance_goes_on_loudly_and_records_the_preprocessing(digits_p
     data = json.loads((out / "search.json").read_text())["data"]
     assert data["preprocessing"]["input"]["input_range"] == "0..1"
     assert data["input_description"].startswith("pixels p in 0..255 -> x = p / 255")
+
+
+def test_a_models_own_input_scaling_composes_with_the_preprocessing():
+    """((x - m) / s) * a + b as one preprocessing: the same numbers, and its pixels invert exactly."""
+    pixels = np.random.default_rng(0).integers(0, 256, (5, 3, 4, 4)).astype(np.uint8)
+    affine = InputAffine(np.float32([0.5, 2, 4]).reshape(3, 1, 1), np.float32([-1, 0, 0.25]).reshape(3, 1, 1),
+                         ("normalization",))
+    for pre in (Preprocessing(), Preprocessing("0..255", mean=(1, 2, 3), std=(2,), channel_order="bgr")):
+        composed = affine.after(pre)
+        np.testing.assert_allclose(composed.apply(pixels), affine.apply(pre.apply(pixels)), rtol=1e-5, atol=1e-5)
+        np.testing.assert_array_equal(composed.invert(composed.apply(pixels)), pixels)
+    with pytest.raises(UserError, match="not a positive scale per channel"):
+        InputAffine(np.float32([-1]).reshape(1, 1, 1), np.zeros((1, 1, 1), np.float32), ("mul",)).after(Preprocessing())
+
+
+class _ScalesItsInput(torch.nn.Module):
+    """The 0..255 digits model behind its own ``x * 255``: it takes pixels / 255, the default range."""
+
+    def __init__(self, net: torch.nn.Module):
+        super().__init__()
+        self.net = net
+
+    def forward(self, x):
+        return self.net(x * 255.0)
+
+
+def test_a_model_that_scales_its_own_input_builds_at_the_range_it_takes(digits_pixels, model_for_0_255, tmp_path):
+    """The leading Mul is taken out of the network (TFLM has no int8 op for it, and the int8 input
+    quantises whatever the first layer reads), the data is scaled instead, the sanity gate passes at
+    the default range, and the records say what the exported model's input is."""
+    path = tmp_path / "scaled.onnx"
+    torch.onnx.export(_ScalesItsInput(load_model(model_for_0_255).module.eval()), torch.zeros(1, 1, 8, 8),
+                      str(path), dynamo=False)
+    source = load_model(path)
+    assert source.input_affine is not None and float(source.input_affine.scale.reshape(-1)[0]) == 255
+    out = tmp_path / "o"
+    assert main(["search", "--ptq", "--quick", "--no-baselines", "--model", str(path), "--data", str(digits_pixels),
+                 "--out", str(out)]) == 0
+    record = json.loads((out / "search.json").read_text())["data"]
+    assert record["input_description"].startswith("pixels p in 0..255 -> x = p / 255 (range 0..1), then (x - [0]) / [0.00392157]")
+    assert "(this includes x * [255] + [0] (the model's own " in record["input_description"]

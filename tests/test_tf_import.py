@@ -7,6 +7,7 @@ TFLM cannot run, or a file that cannot be read, stops with one line naming the n
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -57,7 +58,8 @@ FAITHFUL = [(name, suffix) for name in ("cnn", "sequential")
             for suffix in (".keras", ".h5", "_savedmodel", ".tflite")] + \
     [("subclassed", "_savedmodel"), ("subclassed", ".tflite"), ("cnn", "_tf2onnx.onnx")] + \
     [("kws", suffix) for suffix in (".keras", ".tflite", "_legacy.h5")] + \
-    [("autoencoder", suffix) for suffix in (".keras", "_tf2onnx.onnx")]
+    [("autoencoder", suffix) for suffix in (".keras", "_tf2onnx.onnx")] + \
+    [("rescaled", suffix) for suffix in (".keras", ".h5", "_savedmodel", ".tflite")]
 
 
 @pytest.mark.parametrize("name,suffix", FAITHFUL)
@@ -67,11 +69,35 @@ def test_imported_network_computes_what_tensorflow_computes(tf_files, name, suff
     assert source.pretrained
     # Named after its file (or SavedModel folder), not a graph tensor such as 'functional_1/dense_1/BiasAdd:0'.
     assert source.name == Path(f"{name}{suffix}").stem
+    x = _nchw(reference["x"])
+    # A Rescaling / Normalization the model starts with is taken out and applied to the data.
+    assert (source.input_affine is not None) == (name == "rescaled")
+    if source.input_affine is not None:
+        assert source.input_affine.nodes == ("rescaling", "normalization")
+        x = torch.from_numpy(source.input_affine.apply(x.numpy()))
     with torch.no_grad():
-        got = source.module.eval()(_nchw(reference["x"])).numpy()
+        got = source.module.eval()(x).numpy()
     assert _relative_error(got, reference["logits"]) < 1e-5
     # The final Softmax is kept as a flag, outside the module (whose outputs are the logits above).
-    assert source.output_softmax == (name != "autoencoder") and not source.notes
+    assert source.output_softmax == (name not in ("autoencoder", "rescaled")) and not source.notes
+    # Layers carry the Keras layers' names in every format, not TF's scopes ('conv2d_1_2' for
+    # conv2d_1) or a fused BatchNorm's. A Keras 3 subclassed model's graph is not told from a
+    # tf.keras 2 one, and keeps TF's scope names (README, "Layer names").
+    names = [op.name for op in trace(source.module, source.input_shape).layers]
+    keras_names = [str(n) for n in reference["layers"]]
+    if name == "subclassed":
+        keras_names = [f"{n}_1" for n in keras_names]
+    elif suffix == ".tflite" and name == "rescaled":  # its output layer's name is lost (test below)
+        keras_names[-1] = names[-1]
+    assert names == keras_names
+
+
+def test_a_layer_a_tflite_kept_no_name_for_is_named_by_its_op_and_position(tf_files):
+    """TFLite names an output layer's tensors after the signature ('StatefulPartitionedCall_1:0')
+    and its weights 'arith.constantN': the Keras name is gone, so the op and its node index stand in."""
+    source = load_model(tf_files / "autoencoder.tflite")
+    names = [op.name for op in trace(source.module, source.input_shape).layers]
+    assert names[:2] == ["dense_3", "dense_4"] and re.fullmatch(r"matmul\d+", names[2])
 
 
 def test_kws_same_padding_is_kept_asymmetric(tf_files):

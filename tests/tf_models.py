@@ -6,7 +6,8 @@ writes a tf.keras 2 ``.h5`` that Keras 3 cannot deserialise. The models are func
 ``keras.Sequential`` and one ``keras.Model`` subclass. For each it writes .keras, .h5, a
 SavedModel (``model.export``) and .tflite (the functional ones also a dynamic-range .tflite and
 tf2onnx's ONNX), and ``NAME.npz`` (``NAME_legacy.npz``) with random inputs (NHWC or (N, F)) and
-the reference outputs (logits: the output before a final Softmax).
+the reference outputs (logits: the output before a final Softmax) and the names of the layers
+with weights.
 """
 
 from __future__ import annotations
@@ -54,6 +55,13 @@ def _models(keras):
         x = layers.Flatten()(layers.Conv2D(2, 3, activation="sigmoid")(inp))
         return keras.Model(inp, layers.Dense(2)(x))
 
+    def rescaled():
+        """A Sequential that scales its own input: Rescaling to -1..1, then a per-channel Normalization."""
+        return keras.Sequential([
+            keras.Input((8, 8, 3)), layers.Rescaling(1 / 127.5, offset=-1.0),
+            layers.Normalization(mean=[0.1, -0.2, 0.3], variance=[0.25, 0.5, 1.0]),
+            layers.Conv2D(4, 3, padding="same", activation="relu"), layers.GlobalAveragePooling2D(), layers.Dense(3)])
+
     def sequential():
         """A CNN as a ``keras.Sequential`` (tf2onnx's from_keras fails on it: KeyError 'keras_tensor_NN')."""
         return keras.Sequential([
@@ -87,7 +95,7 @@ def _models(keras):
         return model
 
     return {"cnn": cnn, "kws": kws, "autoencoder": autoencoder, "sigmoid": sigmoid, "sequential": sequential,
-            "subclassed": subclassed}
+            "subclassed": subclassed, "rescaled": rescaled}
 
 
 def _randomise_batchnorm(model, rng) -> None:
@@ -121,7 +129,8 @@ def main(out: Path, legacy: bool) -> None:
             logits = keras.Model(model.inputs, model.layers[-2].output)
         else:
             logits = model
-        np.savez(out / f"{name}{'_legacy' if legacy else ''}.npz", x=x, logits=np.asarray(logits(x)))
+        layers = [layer.name for layer in model.layers if any("kernel" in getattr(w, "path", w.name) for w in layer.weights)]
+        np.savez(out / f"{name}{'_legacy' if legacy else ''}.npz", x=x, logits=np.asarray(logits(x)), layers=layers)
         if legacy:
             model.save(out / f"{name}_legacy.h5")
             continue
@@ -129,7 +138,7 @@ def main(out: Path, legacy: bool) -> None:
         model.save(out / f"{name}.h5")  # a subclassed model's too: Keras 3 writes it, nothing can read it back
         model.export(str(out / f"{name}_savedmodel"), verbose=False)
         (out / f"{name}.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
-        if name in ("sequential", "subclassed"):
+        if name in ("sequential", "subclassed", "rescaled"):
             continue  # the constructions' own formats; dynamic range and ONNX are the functional models'
         converter = tf.lite.TFLiteConverter.from_keras_model(model)
         converter.optimizations = [tf.lite.Optimize.DEFAULT]  # no representative data: dynamic range

@@ -19,6 +19,8 @@ from smpq_edge.errors import UserError
 if TYPE_CHECKING:  # torch is imported where a model is built, so that a bad argument fails fast
     from torch import nn
 
+    from smpq_edge.preprocess import InputAffine
+
 EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"  # package data: found installed or not
 
 
@@ -37,6 +39,9 @@ class ModelSource:
     # One sample's input shape as the model file declares it, where that is not ``input_shape``'s
     # (C, H, W): (F,) for an (N, F) input. The exported model takes it this way.
     file_input_shape: tuple[int, ...] | None = None
+    # The model's own input scaling (a Keras Rescaling or Normalization), taken out of ``module``:
+    # the data is scaled instead (``data.with_input_affine``), so TFLM's int8 input covers it.
+    input_affine: InputAffine | None = None
 
     def as_logits(self) -> ModelSource:
         """The model without its final Softmax (``--logits``), with the one-line notice."""

@@ -26,6 +26,7 @@ from torch import nn
 from smpq_edge.errors import UserError
 from smpq_edge.graph import SameConv2d, same_padding
 from smpq_edge.models import ModelSource
+from smpq_edge.preprocess import InputAffine
 
 NCHW_FROM_NHWC = [0, 3, 1, 2]
 NHWC_FROM_NCHW = [0, 2, 3, 1]
@@ -414,63 +415,183 @@ def _input_layout(dims: list[int], origin: str) -> tuple[tuple[int, ...], bool]:
     return (dims[1], dims[2], dims[3]), False
 
 
-def onnx_source(model, origin: str, name: str) -> ModelSource:
-    """The torch module of an ONNX ``ModelProto`` (counted as trained)."""
+def onnx_source(model, origin: str, name: str, keras3_scopes: bool | None = None) -> ModelSource:
+    """The torch module of an ONNX ``ModelProto`` (counted as trained). ``keras3_scopes``: whether
+    tf2onnx traced a Keras 3 model (see ``_keras_layer``); None tells it from the input's name."""
     from onnx import numpy_helper
 
     graph = model.graph
     constants = {t.name: numpy_helper.to_array(t).astype(np.float32) for t in graph.initializer}
-    real_inputs = [i for i in graph.input if i.name not in constants]
-    if len(real_inputs) != 1 or len(graph.output) != 1:
-        raise UserError(f"{origin}: the model must have one input and one output")
+    constants.update({n.output[0]: numpy_helper.to_array(_attributes(n)["value"]).astype(np.float32)
+                      for n in graph.node if n.op_type == "Constant" and "value" in _attributes(n)})
     readers: dict[str, int] = {}
     for node in graph.node:
         for tensor in node.input:  # not ``name``: that is the model's, from its file name
             readers[tensor] = readers.get(tensor, 0) + 1
+    # tf2onnx can leave a folded constant behind as an input that nothing reads.
+    real_inputs = [i for i in graph.input if i.name not in constants and i.name in readers]
+    if len(real_inputs) != 1 or len(graph.output) != 1:
+        raise UserError(f"{origin}: the model must have one input and one output")
     imp = _Importer(origin, constants, _static_shapes(model), readers, graph.output[0].name)
     input_name = real_inputs[0].name
+    keras = None
+    if model.producer_name == "tf2onnx":
+        keras = _traced_by_keras3(graph, input_name) if keras3_scopes is None else keras3_scopes
     dims = imp.shape(input_name) or []
-    first = next((n for n in graph.node if input_name in n.input), None)
-    if len(dims) == 4 and first is not None and (
-            (first.op_type == "Transpose" and list(_attributes(first).get("perm", [])) == NCHW_FROM_NHWC)
-            or (first.op_type == "Reshape" and _is_channel_move(dims, imp.shape(first.output[0])))):
+    scaling = _input_scaling(graph, input_name, constants, readers)
+    body_start = scaling[-1][0].output[0] if scaling else input_name
+    for node, _, _ in scaling:
+        imp.aliases[node.output[0]] = input_name
+    channels_last = _channels_last(graph, imp, dims, body_start)
+    affine = _input_affine(scaling, dims, channels_last, origin, bool(keras))
+    if channels_last:
         imp.nhwc_views.add(input_name)  # channels last, as TensorFlow models take it
         dims = [dims[0], dims[3], dims[1], dims[2]]
     input_shape, flat = _input_layout(dims, origin)
     body = "flat_input" if flat else input_name
     if flat:  # the data loader gives (N, 1, F, 1); the dense model reads (N, F)
         imp.steps.append(("flatten", "", (body,), input_name))
-    shape_arithmetic = _shape_arithmetic(graph)
+    skipped = _shape_arithmetic(graph) | {index for index, node in enumerate(graph.node)
+                                          if any(node is taken for taken, _, _ in scaling)}
+    keys = _layer_keys(graph.node, keras)
     for index, node in enumerate(graph.node):
         attrs = _attributes(node)
-        if index in shape_arithmetic:
+        if index in skipped:
             continue
         if node.op_type == "Constant":
-            constants[node.output[0]] = numpy_helper.to_array(attrs["value"]).astype(np.float32)
-        elif node.op_type == "DequantizeLinear" and node.input[0] in constants:
+            continue  # read with the initializers, above
+        if node.op_type == "DequantizeLinear" and node.input[0] in constants:
             constants[node.output[0]] = _dequantize(node, constants, attrs)
         elif node.op_type in HANDLERS:
-            HANDLERS[node.op_type](imp, node, _layer_key(node, index, imp.layers), attrs)
+            HANDLERS[node.op_type](imp, node, keys[index], attrs)
         else:
             raise UserError(f"{origin}: ONNX node '{node.name or node.op_type}' ({node.op_type}) is not supported; "
                             f"supported: {SUPPORTED_ONNX}")
     module = OnnxModule(imp.steps, imp.layers, body, imp.source(imp.graph_output)).eval()
     return ModelSource(name, module, input_shape, None, pretrained=True, origin=origin,
-                       output_softmax=imp.output_softmax, file_input_shape=(dims[1],) if flat else None)
+                       output_softmax=imp.output_softmax, file_input_shape=(dims[1],) if flat else None,
+                       input_affine=affine)
+
+
+def _channels_last(graph, imp: _Importer, dims: list[int], body_start: str) -> bool:
+    """Whether the 4-D input is NHWC: TensorFlow graphs start by moving channels first."""
+    first = next((n for n in graph.node if body_start in n.input), None)
+    return len(dims) == 4 and first is not None and (
+        (first.op_type == "Transpose" and list(_attributes(first).get("perm", [])) == NCHW_FROM_NHWC)
+        or (first.op_type == "Reshape" and _is_channel_move(dims, imp.shape(first.output[0]))))
 
 
 _WRAPPERS = re.compile(r"^(functional|model|sequential|StatefulPartitionedCall)(_\d+)*$")
+# The TensorFlow op that a Keras layer's weights feed: the scope part before it is the layer's.
+_TF_LAYER_OPS = {"convolution", "depthwise", "MatMul", "Conv2D", "DepthwiseConv2dNative", "BiasAdd"}
+_UNIQUIFIER = re.compile(r"_\d+$")
+_WEIGHTED_ONNX_OPS = {"Conv", "Gemm", "MatMul"}
 
 
-def _layer_key(node, index: int, taken: dict) -> str:
-    """A layer name users recognise: the Keras layer ("functional_1/conv2d_1/BiasAdd" -> "conv2d_1")
-    or torch module path ("/features/conv1/Conv" -> "features_conv1"), unique, never clashing
-    with an nn.Module attribute; else the op and its index."""
+def _keras_layer(node, keras3_scopes: bool) -> str | None:
+    """The Keras layer a TensorFlow-made node computes, from the scopes in its name or its weight's.
+
+    A converter names a fused node after all the ops it fused ("relu/Relu;bn/add_1;conv2d/convolution"),
+    or "Conv__31" with the conv's scope only on its weight. Keras 3 opens each layer's TF name scope
+    twice per call (once to build, once to call), and the ops land in the second, which TF always
+    uniquifies with one "_N": "conv2d" runs in "conv2d_1", "conv2d_1" in "conv2d_1_2"."""
+    for name in (node.name, *node.input[1:2]):
+        for segment in name.split(";"):
+            parts = [p for p in segment.split("/") if not _WRAPPERS.match(p)]
+            found = next((i for i, part in enumerate(parts) if i and part in _TF_LAYER_OPS), None)
+            if found is not None:
+                layer = parts[found - 1]
+                return _UNIQUIFIER.sub("", layer) if keras3_scopes else layer
+    return None
+
+
+def _layer_key(node, index: int, taken: set[str], keras: bool | None) -> str:
+    """A layer name users recognise: the Keras layer of a tf2onnx graph (``keras``: None for other
+    graphs, else whether the names come from a Keras 3 trace) or the torch module path
+    ("/features/conv1/Conv" -> "features_conv1"), unique, never clashing with an nn.Module
+    attribute; else the op and its index."""
     parts = [p for p in node.name.split(";")[-1].split("/") if p and not _WRAPPERS.match(p)][:-1]
-    key = re.sub(r"\W+", "_", "_".join(parts)).strip("_") or f"{node.op_type.lower()}{index}"
+    layer = None if keras is None else _keras_layer(node, keras)
+    key = layer or re.sub(r"\W+", "_", "_".join(parts)).strip("_")
+    key = key or f"{node.op_type.lower()}{index}"
     if key in taken or key[0].isdigit() or hasattr(nn.Module, key) or key in ("steps", "input_name", "output_name"):
         key = f"{key}_{index}"
     return key
+
+
+_SCALING_OPS = {"Mul", "Div", "Add", "Sub"}
+
+
+def _input_scaling(graph, input_name: str, constants: dict, readers: dict) -> list[tuple[object, str, np.ndarray]]:
+    """The chain of (node, op, constant) that scales the graph input before anything else reads it:
+    a Keras Rescaling (Mul, Add) or Normalization (Sub, Div), or a torch ``x * s + b``."""
+    chain, current = [], input_name
+    while readers.get(current) == 1:
+        node = next(n for n in graph.node if current in n.input)
+        if node.op_type not in _SCALING_OPS or len(node.input) != 2:
+            break
+        data_first = node.input[0] == current
+        constant = constants.get(node.input[1] if data_first else node.input[0])
+        if constant is None or (not data_first and node.op_type in ("Sub", "Div")):
+            break
+        chain.append((node, node.op_type, constant))
+        current = node.output[0]
+    return chain
+
+
+def _input_affine(scaling, dims: list[int], channels_last: bool, origin: str, keras3: bool) -> InputAffine | None:
+    """``scaling`` as one ``x * scale + offset`` on samples laid out channels first, (C, H, W); a
+    constant must be one number, one per channel, or (for an (N, F) input) one per feature."""
+    if not scaling:
+        return None
+    if len(dims) == 2:
+        shape, axis_size = (1, dims[1], 1), dims[1]
+    else:
+        channels = dims[3] if channels_last else dims[1]
+        shape, axis_size = (channels, 1, 1), channels
+    scale, offset = np.ones(shape), np.zeros(shape)
+    for node, op, constant in scaling:
+        trailing = constant.shape[-3:] if not channels_last and len(dims) == 4 else constant.shape[-1:]
+        wanted = (axis_size, 1, 1) if not channels_last and len(dims) == 4 else (axis_size,)
+        if constant.size != 1 and (constant.size != axis_size or tuple(trailing) != wanted):
+            raise UserError(f"{origin}: ONNX node '{node.name or op}' ({op}) scales the input by a constant of shape "
+                            f"{list(constant.shape)}; one number, one per channel or one per feature is supported")
+        c = constant.reshape(-1)[0] if constant.size == 1 else constant.reshape(shape)
+        if op == "Mul":
+            scale, offset = scale * c, offset * c
+        elif op == "Div":
+            scale, offset = scale / c, offset / c
+        else:
+            offset = offset + (c if op == "Add" else -c)
+    return InputAffine(scale.astype(np.float32), offset.astype(np.float32),
+                       tuple(dict.fromkeys(_scope(node, keras3) for node, _, _ in scaling)))
+
+
+def _scope(node, keras3: bool) -> str:
+    """A scaling node's layer as the model names it ('sequential_1/rescaling_1/mul' -> 'rescaling')."""
+    parts = [p for p in node.name.split("/") if p and not _WRAPPERS.match(p)]
+    if len(parts) < 2:
+        return node.name or node.op_type
+    return _UNIQUIFIER.sub("", parts[-2]) if keras3 else parts[-2]
+
+
+def _traced_by_keras3(graph, input_name: str) -> bool:
+    """Whether tf2onnx's graph came from a Keras 3 model: Keras 3 names its inputs keras_tensor_N
+    and a functional model "functional" (tf.keras 2 says "model"). A Keras 3 Sequential traced with
+    an input of another name is not told apart, and keeps the scope names as they are."""
+    scopes = {node.name.split("/")[0] for node in graph.node}
+    return "keras_tensor" in input_name or any(re.match(r"^functional(_\d+)*$", scope) for scope in scopes)
+
+
+def _layer_keys(nodes, keras: bool | None) -> list[str]:
+    """Every node's module key, the weighted ones chosen first: a ReLU or pool named after the
+    same Keras layer ("dense/Relu") must not take the name a layer's weights are known by."""
+    order = sorted(range(len(nodes)), key=lambda i: nodes[i].op_type not in _WEIGHTED_ONNX_OPS)
+    keys, taken = [""] * len(nodes), set()
+    for index in order:
+        keys[index] = _layer_key(nodes[index], index, taken, keras)
+        taken.add(keys[index])
+    return keys
 
 
 def load_onnx(path: Path) -> ModelSource:

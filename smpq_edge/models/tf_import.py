@@ -36,9 +36,10 @@ from smpq_edge.models import ModelSource
 ONNX_OPSET = 17
 _ERROR = "smpq-error: "
 _CUSTOM = "is a custom Keras class"  # in the child's refusal; no legacy tf.keras retry for it
+_KERAS3 = "smpq-keras3-scopes"  # the child traced a Keras 3 model (see onnx_import._keras_layer)
 
 _CHILD = f"""
-import re, sys
+import os, re, sys
 kind, source, target = sys.argv[1:4]
 
 
@@ -81,16 +82,20 @@ try:
             raise Refusal(f"the model has {{len(inputs)}} inputs; one is supported")
         return (None, *tuple(inputs[0].shape)[1:])  # any batch, whatever batch it was called with
 
-    if kind == "tflite":
+    if kind == "tflite":  # its input keeps its name, keras_tensor_N where Keras 3 made it
         proto, _ = tf2onnx.convert.from_tflite(source, opset={ONNX_OPSET})
     elif kind == "saved_model":
         loaded = tf.saved_model.load(source)  # kept alive: the signature refers to its variables
         signature = loaded.signatures["serving_default"]
         (key, spec), = signature.structured_input_signature[1].items()
         proto = from_function(lambda x: next(iter(signature(**{{key: x}}).values())), spec.shape)
+        if key.startswith("keras_tensor"):  # Keras 3's model.export
+            print("{_KERAS3}")
     else:
         model = keras_model()
         proto = from_function(lambda x: model(x, training=False), input_shape(model))
+        if os.environ.get("TF_USE_LEGACY_KERAS") != "1":
+            print("{_KERAS3}")
     with open(target, "wb") as f:
         f.write(proto.SerializeToString())
 except Refusal as exc:
@@ -139,17 +144,19 @@ def _float_weights(path: Path, target: Path) -> Path:
     return target
 
 
-def _convert(kind: str, path: Path, target: Path, legacy_keras: bool) -> str | None:
-    """tf2onnx in a child; None on success, else its one-line error."""
+def _convert(kind: str, path: Path, target: Path, legacy_keras: bool) -> tuple[str | None, bool | None]:
+    """tf2onnx in a child: None on success, else its one-line error; and whether it traced a
+    Keras 3 model (None for a .tflite, whose input name tells)."""
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", CUDA_VISIBLE_DEVICES="")
     if legacy_keras:
         env["TF_USE_LEGACY_KERAS"] = "1"
     result = subprocess.run([sys.executable, "-c", _CHILD, kind, str(path), str(target)], env=env,
                             capture_output=True, text=True, check=False)
+    keras3 = None if kind == "tflite" else _KERAS3 in result.stdout.splitlines()
     if result.returncode == 0 and target.is_file():
-        return None
+        return None, keras3
     errors = [line[len(_ERROR):] for line in result.stderr.splitlines() if line.startswith(_ERROR)]
-    return errors[-1] if errors else f"converter exited with code {result.returncode}"
+    return (errors[-1] if errors else f"converter exited with code {result.returncode}"), keras3
 
 
 def load_tensorflow(path: Path) -> ModelSource:
@@ -165,12 +172,12 @@ def load_tensorflow(path: Path) -> ModelSource:
             path_read = _float_weights(path, Path(tmp) / "float_weights.tflite")
         else:
             path_read = path
-        error = _convert(kind, path_read, target, legacy_keras=False)
+        error, keras3 = _convert(kind, path_read, target, legacy_keras=False)
         if error is not None and kind == "keras" and _CUSTOM not in error:  # a tf.keras 2 file Keras 3 cannot read
-            legacy = _convert(kind, path, target, legacy_keras=True)
+            legacy, keras3 = _convert(kind, path, target, legacy_keras=True)
             error = None if legacy is None else f"{error} (and with legacy tf.keras: {legacy})"
         if error is not None:
             label = {"saved_model": "SavedModel", "keras": "Keras model", "tflite": ".tflite model"}[kind]
             raise UserError(f"{path}: cannot read this {label}: {error}")
         model = onnx.load(str(target))
-    return onnx_source(model, str(path), path.stem if path.is_file() else path.name)
+    return onnx_source(model, str(path), path.stem if path.is_file() else path.name, keras3_scopes=keras3)

@@ -187,12 +187,18 @@ def _sample(data, count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return data.x_val[take], data.y_val[take]
 
 
-def _probe(model: nn.Module, data, seed: int) -> tuple[Preprocessing, ChanceCheck] | None:
-    """The common preprocessing that scores best on a few hundred validation samples, if it beats chance."""
+def _probe(source, data, seed: int) -> tuple[Preprocessing, ChanceCheck] | None:
+    """The common preprocessing that scores best on a few hundred validation samples, if it beats
+    chance (each followed by the model's own input scaling, which ``data.pixels`` includes)."""
     x, y = _sample(data, PROBE_SAMPLES, seed)
     pixels = data.pixels.invert(x)
-    tried = [(p, ChanceCheck.of(model, p.apply(pixels), y)) for p in COMMON
-             if p != data.pixels and (p.mean is None or len(p.mean) == pixels.shape[1])]
+    affine = source.input_affine
+
+    def fed(p: Preprocessing) -> Preprocessing:
+        return affine.after(p) if affine is not None else p
+
+    tried = [(p, ChanceCheck.of(source.module, fed(p).apply(pixels), y)) for p in COMMON
+             if fed(p) != data.pixels and (p.mean is None or len(p.mean) == pixels.shape[1])]
     best = max(tried, key=lambda pair: pair[1].accuracy, default=None)
     return best if best is not None and not best[1].at_chance else None
 
@@ -211,7 +217,7 @@ def check_trained(source, data, allow: bool, seed: int = 0, log: Callable[[str],
                f"{data.name}, no better than chance (the largest class is {percent(check.chance)}); inputs were "
                f"{fed}")
     if data.pixels is not None:
-        found = _probe(source.module, data, seed)
+        found = _probe(source, data, seed)
         message += (f"; with {found[0].options()} it scores {percent(found[1].accuracy)} on {found[1].samples} "
                     "samples, so try that" if found else
                     f"; none of the common preprocessings did better on {PROBE_SAMPLES} samples")
