@@ -67,6 +67,29 @@ def regrets(task: dict) -> dict[str, dict[str, list[dict]]]:
     return out
 
 
+def rerank_replacements(task: dict) -> str:
+    """How often the re-rank on the validation split shipped another policy than the summed-Shapley
+    optimum, and how those replacements fared on the oracle (issue 24: evidence about the estimator)."""
+    shipped, summed = "smpq[kl:layers]/val-all", "smpq[kl:layers]/sum"
+    seen, changes = 0, []
+    for seed in task["seeds"].values():
+        accuracy = {tuple(r["bits"]): 100 * r["acc"] for r in seed["oracle"]}
+        for pick in seed["picks"].values():
+            bits = pick["bits"]
+            if shipped not in bits or summed not in bits:
+                continue
+            seen += 1
+            if bits[shipped] != bits[summed]:
+                changes.append(accuracy[tuple(bits[shipped])] - accuracy[tuple(bits[summed])])
+    if not seen:
+        return "The re-rank was not measured apart from the summed-Shapley pick here."
+    text = f"The re-rank replaced the summed-Shapley optimum in {len(changes)} of {seen} seed-budgets"
+    if changes:
+        text += (f"; on the oracle the replacement scored {_ms(changes)} points more ({_wtl(changes)} "
+                 "better / equal / worse)")
+    return text + "."
+
+
 def layer_effects(rows: list[dict]) -> tuple[np.ndarray, float, float]:
     """Oracle accuracy (points) as a constant plus an int8 effect per layer: effects, R², residual std."""
     design = np.array([[1.0] + [float(b == 8) for b in r["bits"]] for r in rows])
@@ -119,6 +142,7 @@ def ptq_tables(name: str, task: dict) -> list[str]:
             d = [o["regret"] - s["regret"] for o, s in zip(picked[m], picked[smpq])]
             cells.append(f"{_ms(d)} ({_wtl(d)})")
         lines.append(f"| {float(fraction):g} | " + " | ".join(cells) + " |")
+    lines += ["", rerank_replacements(task)]
     lines += ["", "How much the choice of layers matters here: per seed, the spread of all policies' oracle accuracy "
               "and a least-squares fit on one int8-over-int4 effect per layer (points):", "",
               "| seed | min / median / max (%) | int8 effect per layer | R² | residual std |", "|---|---|---|---|---|"]
