@@ -59,7 +59,7 @@ FAITHFUL = [(name, suffix) for name in ("cnn", "sequential")
     [("subclassed", "_savedmodel"), ("subclassed", ".tflite"), ("cnn", "_tf2onnx.onnx")] + \
     [("kws", suffix) for suffix in (".keras", ".tflite", "_legacy.h5")] + \
     [("autoencoder", suffix) for suffix in (".keras", "_tf2onnx.onnx")] + \
-    [("rescaled", suffix) for suffix in (".keras", ".h5", "_savedmodel", ".tflite")]
+    [(name, suffix) for name in ("rescaled", "flatten_dense") for suffix in (".keras", ".h5", "_savedmodel", ".tflite")]
 
 
 @pytest.mark.parametrize("name,suffix", FAITHFUL)
@@ -79,7 +79,7 @@ def test_imported_network_computes_what_tensorflow_computes(tf_files, name, suff
         got = source.module.eval()(x).numpy()
     assert _relative_error(got, reference["logits"]) < 1e-5
     # The final Softmax is kept as a flag, outside the module (whose outputs are the logits above).
-    assert source.output_softmax == (name not in ("autoencoder", "rescaled")) and not source.notes
+    assert source.output_softmax == (name in ("cnn", "sequential", "subclassed", "kws")) and not source.notes
     # Layers carry the Keras layers' names in every format, not TF's scopes ('conv2d_1_2' for
     # conv2d_1) or a fused BatchNorm's. A Keras 3 subclassed model's graph is not told from a
     # tf.keras 2 one, and keeps TF's scope names (README, "Layer names").
@@ -87,7 +87,7 @@ def test_imported_network_computes_what_tensorflow_computes(tf_files, name, suff
     keras_names = [str(n) for n in reference["layers"]]
     if name == "subclassed":
         keras_names = [f"{n}_1" for n in keras_names]
-    elif suffix == ".tflite" and name == "rescaled":  # its output layer's name is lost (test below)
+    elif suffix == ".tflite" and not source.output_softmax:  # the output layer's name is lost (test below)
         keras_names[-1] = names[-1]
     assert names == keras_names
 
@@ -197,6 +197,22 @@ def test_export_keeps_a_flat_input_shape(tf_files, suffix):
     flat = quantise_input(x, runner.input)
     assert flat.shape == (50, 20)
     assert np.array_equal(runner.run(flat), traced_runner.run(quantise_input(x, traced_runner.input)))
+
+
+def test_a_dense_layer_on_a_flattened_feature_map_exports_and_runs_in_tflm(tf_files):
+    """Keras flattens (N, H, W, C) in H, W, C order, torch in C, H, W: the dense layer's columns are
+    reordered on import, and the exported model computes in TFLM what the fake-quant network does."""
+    source = load_model(tf_files / "flatten_dense.keras")
+    net, calibration = _calibrated_net(source)
+    bits = {op.name: 8 for op in net.graph.layers}
+    net.set_policy(bits)
+    runner = TflmRunner(export_model(net, bits, calibration).tflite)
+    x = np.random.default_rng(2).normal(size=(64, *source.input_shape)).astype(np.float32)
+    out = runner.run(quantise_input(x, runner.input)).reshape(len(x), -1).astype(np.float64)
+    tflm = (out - runner.output.zero_point) * runner.output.scale
+    with torch.no_grad():
+        fake_quant = net(torch.from_numpy(x)).numpy()
+    assert np.abs(tflm - fake_quant).max() <= 1.01 * runner.output.scale
 
 
 def test_logits_drops_the_softmax_with_one_notice(tf_files):

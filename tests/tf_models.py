@@ -55,6 +55,12 @@ def _models(keras):
         x = layers.Flatten()(layers.Conv2D(2, 3, activation="sigmoid")(inp))
         return keras.Model(inp, layers.Dense(2)(x))
 
+    def flatten_dense():
+        """Keras' common head: a feature map larger than 1x1 flattened (in H, W, C order) into a Dense."""
+        inp = keras.Input((6, 6, 2))
+        x = layers.Flatten()(layers.Conv2D(3, 3, activation="relu")(inp))
+        return keras.Model(inp, layers.Dense(4)(x))
+
     def rescaled():
         """A Sequential that scales its own input: Rescaling to -1..1, then a per-channel Normalization."""
         return keras.Sequential([
@@ -95,7 +101,8 @@ def _models(keras):
         return model
 
     return {"cnn": cnn, "kws": kws, "autoencoder": autoencoder, "sigmoid": sigmoid, "sequential": sequential,
-            "subclassed": subclassed, "rescaled": rescaled}
+            "subclassed": subclassed, "rescaled": rescaled,
+            "flatten_dense": flatten_dense}
 
 
 def _randomise_batchnorm(model, rng) -> None:
@@ -138,7 +145,7 @@ def main(out: Path, legacy: bool) -> None:
         model.save(out / f"{name}.h5")  # a subclassed model's too: Keras 3 writes it, nothing can read it back
         model.export(str(out / f"{name}_savedmodel"), verbose=False)
         (out / f"{name}.tflite").write_bytes(tf.lite.TFLiteConverter.from_keras_model(model).convert())
-        if name in ("sequential", "subclassed", "rescaled"):
+        if name in ("sequential", "subclassed", "rescaled", "flatten_dense"):
             continue  # the constructions' own formats; dynamic range and ONNX are the functional models'
         converter = tf.lite.TFLiteConverter.from_keras_model(model)
         converter.optimizations = [tf.lite.Optimize.DEFAULT]  # no representative data: dynamic range

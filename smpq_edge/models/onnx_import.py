@@ -79,6 +79,9 @@ class _Importer:
     aliases: dict[str, str] = field(default_factory=dict)  # tensor -> the tensor it equals
     output_softmax: bool = False  # a final Softmax was seen (kept out of the module: see ModelSource)
     nhwc_views: set[str] = field(default_factory=set)  # tensors that are channels-last views
+    # Flattened channels-last maps larger than 1x1 -> their (C, H, W): TensorFlow's features are in
+    # H, W, C order and torch's in C, H, W, so the dense layer reading one has its columns reordered.
+    hwc_flattened: dict[str, tuple[int, int, int]] = field(default_factory=dict)
 
     def fail(self, node, message: str) -> UserError:
         return UserError(f"{self.origin}: ONNX node '{node.name or node.op_type}' ({node.op_type}): {message}")
@@ -99,7 +102,9 @@ class _Importer:
     def inputs(self, node, count: int) -> tuple[str, ...]:
         names = tuple(self.source(n) for n in node.input[:count])
         if any(name in self.nhwc_views for name in names):
-            raise self.fail(node, "takes a channels-last tensor, which only a flatten of a 1x1 map may")
+            raise self.fail(node, "takes a channels-last tensor, which only a flatten may")
+        if any(name in self.hwc_flattened for name in names):
+            raise self.fail(node, "reads a flattened channels-last feature map, which only a dense layer may")
         return names
 
     def emit(self, node, key: str, module: nn.Module, output: str | None = None) -> None:
@@ -188,6 +193,10 @@ def _linear(imp: _Importer, node, key: str, attrs: dict) -> None:
         weight = weight.T  # MatMul: x @ W with W (in, out)
     if weight.ndim != 2:
         raise imp.fail(node, f"only a 2-D weight is supported (rank {weight.ndim})")
+    flattened = imp.hwc_flattened.pop(imp.source(node.input[0]), None)
+    if flattened is not None:  # the columns in torch's C, H, W order, not TensorFlow's H, W, C
+        channels, height, width = flattened
+        weight = weight.reshape(-1, height, width, channels).transpose(0, 3, 1, 2).reshape(weight.shape[0], -1)
     bias = imp.constants.get(node.input[2]) if node.op_type == "Gemm" and len(node.input) > 2 else None
     linear = nn.Linear(weight.shape[1], weight.shape[0], bias=True)
     linear.weight.data = torch.from_numpy(np.ascontiguousarray(weight))
@@ -270,10 +279,16 @@ def _reshape(imp: _Importer, node, key: str, attrs: dict) -> None:
     elif before is not None and after is not None and before[1:] == after[1:]:
         imp.alias(node)
     elif after is not None and len(after) == 2 and before is not None and int(np.prod(before[1:])) == after[1]:
-        if imp.source(node.input[0]) in imp.nhwc_views and any(d != 1 for d in before[1:-1]):
-            raise imp.fail(node, "flattening a channels-last feature map larger than 1x1 is not supported; "
-                                 "pool it to 1x1 first")
-        imp.step("flatten", node, 1)
+        source = imp.source(node.input[0])
+        if source not in imp.nhwc_views:
+            imp.step("flatten", node, 1)
+            return
+        _, height, width, channels = before
+        if (height, width) != (1, 1):
+            if imp.readers.get(node.output[0], 0) != 1:
+                raise imp.fail(node, "a flattened channels-last feature map must be read by one dense layer only")
+            imp.hwc_flattened[node.output[0]] = (channels, height, width)
+        imp.steps.append(("flatten", "", (source,), node.output[0]))
     else:
         raise imp.fail(node, f"only a flatten to (N, features) is supported (shape {before} -> {after})")
 
