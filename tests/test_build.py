@@ -180,7 +180,7 @@ def fake_stages(monkeypatch):
     monkeypatch.setattr(build, "emulate_stage", writer("emulate", "emulation.json"))
     monkeypatch.setattr(build, "firmware_stage", writer("firmware", "firmware"))
     monkeypatch.setattr(build, "report_stage", writer("report", "report.md", "report.html"))
-    monkeypatch.setattr(cli, "_print_build_summary", lambda out: None)
+    monkeypatch.setattr(cli, "_print_build_summary", lambda out, stages=None: None)
     return ran
 
 

@@ -164,8 +164,8 @@ def test_policy_mismatch_is_a_user_error():
     c = trained_case("digits_cnn")
     with pytest.raises(UserError, match="missing layers"):
         export_model(c.net, {}, c.data.x_train[:8])
-    with pytest.raises(UserError, match="int4 or int8"):
-        export_model(c.net, {name: 2 for name in c.bits}, c.data.x_train[:8])
+    with pytest.raises(UserError, match="2 to 8 bits"):
+        export_model(c.net, {name: 16 for name in c.bits}, c.data.x_train[:8])
 
 
 def test_cli_emulate_rejects_a_corrupt_file(tmp_path, capsys):

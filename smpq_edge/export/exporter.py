@@ -24,6 +24,7 @@ The same onnx2tf layout is rewritten twice: with the policy's bits and with int8
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -49,6 +50,11 @@ _SAME_SCALE_OPS = {"PAD", "SQUEEZE", "EXPAND_DIMS", "TRANSPOSE", "MEAN"} | {
 _STANDALONE = {name: kind.name for kind in KINDS.values() if kind.tflite and not kind.weighted
                and not kind.shares_input_scale for name in (kind.tflite, *kind.tflite_aliases)}
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
+# Weight bits the exporter writes: 8 as int8, 4 as packed INT4 (CMSIS-NN's s4 kernels read it as
+# it is), the rest as int8 values on a b-bit grid stored LUT-compressed (TFLM's DECODE expands them
+# into the arena before the layer runs; a LUT cannot hold an INT4 tensor).
+LUT_BITS = (2, 3, 5, 6, 7)
+WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8)
 
 
 @dataclass(frozen=True)
@@ -275,11 +281,9 @@ def _rewrite(template: bytes, net: QuantNet, bits: dict[str, int], matched, acts
         if b == 4:
             model.set_tensor_type(w_index, "INT4")
             model.set_tensor_data(w_index, pack_int4(q))
-        elif b == 8:
+        else:  # int8 values; on a b-bit grid for a LUT layer, whose indices ``_lut_compress`` writes
             model.set_tensor_type(w_index, "INT8")
             model.set_tensor_data(w_index, np.ascontiguousarray(q).tobytes())
-        else:
-            raise UserError(f"layer '{op.name}': {b}-bit weights cannot be exported (TFLM runs int4 and int8)")
         tfl = model.operators()[op_index]
         input_scale = acts[tfl.inputs[0]][0]
         bias = layer.bias.detach().numpy().astype(np.float64)
@@ -298,7 +302,27 @@ def _rewrite(template: bytes, net: QuantNet, bits: dict[str, int], matched, acts
     if softmax:
         model.append_softmax(BETA, OUTPUT_SCALE, OUTPUT_ZERO_POINT)
     model.compact()
-    return model.to_bytes(), rewritten
+    lut = [(op_index, bits[op.name], _quant_axis(op) if net.layer(op.name).per_channel else None)
+           for op, op_index, _, _ in matched if bits[op.name] in LUT_BITS]
+    return _lut_compress(model, lut), rewritten
+
+
+def _lut_compress(model: TfliteModel, layers: list[tuple[int, int, int | None]]) -> bytes:
+    """The model with each listed layer's weights (operator index, bits, per-channel axis or None)
+    stored as ``bits``-bit indices into int8 value tables, and TFLM's DECODE operator before the
+    layer, written by tflite-micro's own compression tool (its spec and DECODE insertion)."""
+    from tflite_micro.tensorflow.lite.micro.compression import spec
+    from tflite_micro.tensorflow.lite.micro.compression.compress import compress
+
+    if not layers:
+        return model.to_bytes()
+    operators = model.operators()
+    specs = [spec.Tensor(subgraph=0, tensor=operators[op_index].inputs[1], compression=[spec.LookUpTableCompression(
+        index_bitwidth=b, mode=spec.PerTensor() if axis is None else spec.PerChannel(axis=axis))])
+        for op_index, b, axis in layers]
+    with warnings.catch_warnings():  # "resulted in expansion" for a small layer: the cost model prices it
+        warnings.simplefilter("ignore", UserWarning)
+        return bytes(compress(model.to_bytes(), specs))
 
 
 # Readers of a graph input that take any shape of its size: TFLM's FULLY_CONNECTED reads its
@@ -339,9 +363,9 @@ def export_model(net: QuantNet, bits: dict[str, int], calibration: np.ndarray, s
     unknown = sorted(set(bits) - {op.name for op in graph.layers})
     if missing or unknown:
         raise UserError(f"policy does not match the model: missing layers {missing}, unknown layers {unknown}")
-    bad = {name: b for name, b in bits.items() if b not in (4, 8)}
+    bad = {name: b for name, b in bits.items() if b not in WEIGHT_BITS}
     if bad:
-        raise UserError(f"TFLM runs int4 or int8 weights only; policy has {bad}")
+        raise UserError(f"TFLM runs weights of 2 to 8 bits; policy has {bad}")
     net.eval()
     float_module = FloatGraphModule(net, bits).eval()
     int8 = export_int8(float_module, (1, *graph.input_shape), np.ascontiguousarray(calibration, dtype=np.float32),

@@ -1,0 +1,66 @@
+"""LUT weights (issue 21, the export slice): a layer of 2, 3, 5, 6 or 7 bits is written as int8
+values on a b-bit grid, stored by tflite-micro's compression tool as b-bit indices into value
+tables with a DECODE operator before it, and TFLM computes from it exactly what the fake-quant
+network computes. The search and the cost model do not offer these widths yet."""
+
+from __future__ import annotations
+
+import pytest
+
+from smpq_edge.data import load_dataset
+from smpq_edge.emulator import emulate
+from smpq_edge.errors import UserError
+from smpq_edge.export.exporter import LUT_BITS, WEIGHT_BITS, export_model
+from smpq_edge.export.tflite_file import TfliteModel
+from smpq_edge.graph import trace
+from smpq_edge.models import load_model
+from smpq_edge.quant import QuantNet
+from smpq_edge.search.runner import calibrate
+from smpq_edge.search.train import TrainConfig, seed_everything, train
+
+SAMPLES = 200
+
+
+@pytest.fixture(scope="module")
+def digits():
+    """digits_cnn, trained in float (a few epochs), calibrated with every weight width a candidate."""
+    seed_everything(0)
+    data = load_dataset("digits", seed=0)
+    source = load_model("digits_cnn", num_classes=data.num_classes)
+    train(source.module, data, TrainConfig(epochs=8, lr=1e-2), 0, progress=False)
+    source.module.eval()
+    net = QuantNet(trace(source.module, data.input_shape), source.module, WEIGHT_BITS)
+    calibrate(net, data, 0)
+    return net.eval(), data
+
+
+@pytest.mark.parametrize("bits", LUT_BITS)
+def test_lut_layers_decode_in_tflm_to_what_the_fake_quant_computes(digits, bits):
+    net, data = digits
+    layers = net.graph.layers
+    # Alternate layers take the LUT width: the two convs for even widths, the depthwise (per-channel
+    # tables on axis 3) and the fc (one table, per-tensor scale) for odd ones.
+    policy = {op.name: bits if (i + bits) % 2 == 0 else 8 for i, op in enumerate(layers)}
+    net.set_policy(policy)
+    exported = export_model(net, policy, data.x_train[:64])
+    model = TfliteModel.from_bytes(exported.tflite)
+    names = [op.name for op in model.operators()]
+    lut_layers = sum(b == bits for b in policy.values())
+    assert names.count("CUSTOM:TFLM_DECODE") == lut_layers >= 2
+    result = emulate(exported.tflite, data.x_test[:SAMPLES], data.y_test[:SAMPLES], net, progress=False,
+                     measure_arena=False)
+    assert result.label_agreement == 1.0
+    # TFLM's int8 outputs exactly: float32 against float64 dequantisation is all that differs.
+    assert result.max_abs_output_delta < 1e-3 * result.output_scale
+    # The all-int8 reference of the same export stays plain int8.
+    reference = TfliteModel.from_bytes(exported.tflite_int8)
+    assert "CUSTOM:TFLM_DECODE" not in [op.name for op in reference.operators()]
+
+
+def test_weights_wider_than_8_or_narrower_than_2_bits_are_refused(digits):
+    net, data = digits
+    policy = {op.name: 8 for op in net.graph.layers}
+    policy[net.graph.layers[0].name] = 1
+    with pytest.raises(UserError, match="TFLM runs weights of 2 to 8 bits"):
+        export_model(net, policy, data.x_train[:64])
+
