@@ -276,13 +276,11 @@ class MixedLayer(nn.Module):
         p_in, p_out = source.params(), target.params()
         bias_scale = np.broadcast_to(float(p_in.scale) * w_scale, (len(self.bias),))
         bias = np.clip(np.round(self.bias.detach().cpu().numpy().astype(np.float64) / bias_scale), INT32_MIN, INT32_MAX)
-        # TFLM's effective scale from the float32 scales in the file: the conv kernels multiply in
-        # double (PopulateConvolutionQuantizationParams), fully connected in float32
-        # (GetQuantizedConvolutionMultipler).
-        if self.op.kind == "fc":
-            product = (np.float32(p_in.tflite_scale) * w_scale.astype(np.float32)).astype(np.float64)
-        else:
-            product = p_in.tflite_scale * w_scale
+        # TFLM's effective scale from the float32 scales in the file, multiplied in double by the
+        # conv kernels (PopulateConvolutionQuantizationParams) and, in TFLM 90b983c and the pinned
+        # wheel, by fully connected too (GetQuantizedConvolutionMultipler; an older TFLM took the
+        # product in float32, which flipped one ResNet-8 output by a step).
+        product = p_in.tflite_scale * w_scale
         view = (-1,) if self.op.kind == "fc" else (-1, 1, 1)
         requantise = Requantiser.of_scales(product / p_out.tflite_scale, view, bias.astype(np.int64), q.device)
         k_max = max(INT8_MAX - p_in.zero_point, p_in.zero_point - INT8_MIN)
