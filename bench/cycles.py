@@ -2,8 +2,9 @@
 on an emulated Cortex-M4 (QEMU mps2-an386, ``-icount shift=0``), and the cycle formulas fitted to
 them.
 
-Every case (the four example models and two shapes built here) is exported under int8, all-int4
-and a mixed policy WITHOUT training (instruction counts and sizes do not depend on the trained
+Every case (the four example models and two shapes built here) is exported under int8, all-int4,
+a mixed int4/int8 policy and a LUT policy (layers at 2, 3, 5, 6, 7 bits in turn, each with its
+DECODE) WITHOUT training (instruction counts and sizes do not depend on the trained
 weights), turned into firmware for ``qemu-mps2-an386`` with one test vector, built with CMSIS-NN
 and with reference kernels (``make KERNELS=reference``) and run. The formulas of
 ``smpq_edge.cost`` (per kernel variant, over the terms of ``TERMS``: per MAC, im2col element,
@@ -51,12 +52,13 @@ from smpq_edge.export.tflite_file import TfliteModel  # noqa: E402
 from smpq_edge.firmware import ADD_METHODS, build_spec, build_test_vectors, generate_firmware  # noqa: E402
 from smpq_edge.graph import Graph, trace  # noqa: E402
 from smpq_edge.models import load_model  # noqa: E402
+from smpq_edge.precision import CANDIDATES, LUT_BITS, WEIGHT_BITS, is_lut  # noqa: E402
 from smpq_edge.quant import QuantNet  # noqa: E402
 from smpq_edge.validate import build_firmware, parse_self_check, run_qemu  # noqa: E402
 
 BOARD = "qemu-mps2-an386"
 KERNEL_SETS = ("cmsis_nn", "reference")
-POLICIES = ("int8", "int4", "mixed")
+POLICIES = ("int8", "int4", "mixed", "lut")
 DEFAULT_WORK = Path("/tmp/smpq_cycles_bench")
 MEASUREMENTS = "measurements.json"
 SECTION = "## Cycles and memory on the firmware (bench/cycles.py)"
@@ -117,6 +119,7 @@ def policies(graph: Graph) -> dict[str, dict[str, int]]:
         "int8": {op.name: 8 for op in graph.layers},
         "int4": {op.name: 4 for op in graph.layers},
         "mixed": {op.name: 4 if i % 2 == 0 else 8 for i, op in enumerate(graph.layers)},
+        "lut": {op.name: LUT_BITS[i % len(LUT_BITS)] for i, op in enumerate(graph.layers)},
     }
 
 
@@ -127,7 +130,7 @@ def export_case(name: str, work: Path) -> dict[str, Path]:
     module, shape = case_model(name)
     module.eval()
     graph = trace(module, shape)
-    net = QuantNet(graph, module, (4, 8))
+    net = QuantNet(graph, module, WEIGHT_BITS)
     x = np.random.default_rng(0).normal(size=(64, *shape)).astype(np.float32)
     net.train()
     with torch.no_grad():
@@ -233,6 +236,8 @@ def load_runs(work: Path) -> list[Run]:
 _ELEMENTWISE = {"add": ("outputs", "calls"), "average_pool_2d": ("taps", "copies", "outputs", "calls"),
                 "max_pool_2d": ("taps", "copies", "outputs", "calls"), "pad": ("outputs", "rows", "calls"),
                 "reshape": ("outputs", "calls"), "other": ("outputs", "calls")}
+# DECODE's LUT loops: a table lookup per weight, a run per channel, set-up per call (the same code for both kernel sets).
+_DECODE = {name: ("weights", "unrolled", "channels", "calls") for name in ("decode_lut2", "decode_lut3", "decode_lut")}
 TERMS: dict[str, dict[str, tuple[str, ...]]] = {
     "cmsis_nn": {
         **{f"conv_1x1{s}_s{b}": ("macs", "outputs", "calls") for s in ("", "_strided") for b in (4, 8)},
@@ -242,6 +247,7 @@ TERMS: dict[str, dict[str, tuple[str, ...]]] = {
         **{f"depthwise_s{b}": ("macs", "copies", "outputs", "calls") for b in (4, 8)},
         **{f"fc_s{b}": ("macs", "outputs", "calls") for b in (4, 8)},
         **_ELEMENTWISE,
+        **_DECODE,
         # arm_pad_s8 copies the input a row (width x channels) at a time.
         "pad": ("outputs", "rows", "calls"),
     },
@@ -250,6 +256,7 @@ TERMS: dict[str, dict[str, tuple[str, ...]]] = {
         # INT4: the kernel first unpacks the whole filter into int8 (per weight), then runs the int8 loops.
         **{f"{kind}_s4": ("macs", "taps", "outputs", "weights", "calls") for kind in ("conv", "depthwise", "fc")},
         **_ELEMENTWISE,
+        **_DECODE,
         # PadImpl tests every output element against the borders (copied ones test them all).
         "pad": ("inputs", "outputs", "pixels", "calls"),
     },
@@ -281,9 +288,10 @@ def samples(runs: list[Run], work_dir: Path) -> list[OpSample]:
     for run in runs:
         graph = graphs.setdefault(run.case, case_graph(run.case))
         bits = policies(graph)[run.policy]
-        operators = tflite_operators(graph)
+        operators = tflite_operators(graph, bits)
         model = TfliteModel.from_file(work_dir / run.case / run.policy / "model.tflite")
-        real = [(o.name, model.tensor(o.inputs[1]).shape if o.name in WEIGHTED else ()) for o in model.operators()]
+        real = [(o.name.removeprefix("CUSTOM:"), model.tensor(o.inputs[1]).shape if o.name in WEIGHTED else ())
+                for o in model.operators()]
         ours = [(o.builtin, o.op.weight_shape if o.builtin in WEIGHTED else ()) for o in operators]
         profiled = [op for op, _ in run.ops]
         if real != ours or profiled != [name for name, _ in ours]:
@@ -291,7 +299,7 @@ def samples(runs: list[Run], work_dir: Path) -> list[OpSample]:
         for index, (operator, (_, measured)) in enumerate(zip(operators, run.ops)):
             layer_bits = 8 if operator.builtin == "PAD" else bits.get(operator.op.name, 8)
             out.append(OpSample(run.case, run.policy, run.kernels, index, operator.name, operator.builtin,
-                                kernel_variant(operator, layer_bits, run.kernels), op_work(operator), measured))
+                                kernel_variant(operator, layer_bits, run.kernels), op_work(operator, layer_bits), measured))
     return out
 
 
@@ -327,7 +335,7 @@ def registered(run: Run) -> tuple[str, ...]:
     names = set()
     for call in run.registrations:
         match = re.fullmatch(r"Register_(\w+)_(INT[48])", call)
-        op = match.group(1) if match else METHOD_OPS[call]
+        op = match.group(1) if match else METHOD_OPS[call].removeprefix("CUSTOM:")
         if run.kernels == "cmsis_nn" and op in VARIANT_OPS:
             names.update([f"{op}_{match.group(2)}"] if match else [f"{op}_INT4", f"{op}_INT8"])
         else:
@@ -362,14 +370,16 @@ def predicted_static_ram(run: Run, runtime: RuntimeMemory) -> int:
 
 
 def arena_terms(case: str, policy: str, kernels: str) -> tuple[int, list[int]]:
-    """Planned activations and scratch, and the overhead terms (1, tensors, ops, channels)."""
+    """Planned activations and scratch, and the overhead terms (1, tensors, ops, channels, DECODEs),
+    as ``ArenaOverhead.bytes`` counts them: a DECODE's op and two tensors in its own term."""
     graph = case_graph(case)
     bits = policies(graph)[policy]
     board = load_board(BOARD).model_copy(update={"kernels": kernels})  # scratch_bytes reads only .kernels
-    n_ops, n_tensors, activations = tflite_layout(graph)
+    n_ops, n_tensors, activations = tflite_layout(graph, bits)
     scratch = {op.name: scratch_bytes(op, bits[op.name], board) for op in graph.layers}
     channels = sum(op.out_channels for op in graph.layers if op.kind != "fc")
-    return arena_activation_peak(activations, scratch), [1, n_tensors, n_ops, channels]
+    decodes = sum(1 for b in bits.values() if is_lut(b))
+    return arena_activation_peak(activations, scratch), [1, n_tensors - 2 * decodes, n_ops - decodes, channels, decodes]
 
 
 def fit_arena(runs: list[Run], kernels: str) -> ArenaOverhead:
@@ -380,16 +390,15 @@ def fit_arena(runs: list[Run], kernels: str) -> ArenaOverhead:
 
 
 def predicted_arena(run: Run, overhead: ArenaOverhead) -> int:
-    peak, (_, n_tensors, n_ops, channels) = arena_terms(run.case, run.policy, run.kernels)
-    return (peak + overhead.fixed + overhead.per_tensor * n_tensors + overhead.per_op * n_ops
-            + overhead.per_channel * channels)
+    peak, (_, tensors, ops, channels, decodes) = arena_terms(run.case, run.policy, run.kernels)
+    return peak + overhead.bytes(tensors + 2 * decodes, ops + decodes, channels, decodes)
 
 
 def predicted_flash(run: Run, runtime: RuntimeMemory) -> int:
     """Cost model's model flash + the runtime table + the test vectors this firmware embeds."""
     graph = case_graph(run.case)
     bits = policies(graph)[run.policy]
-    board = load_board(BOARD)
+    board = load_board(BOARD).with_candidates(list(CANDIDATES))  # every width a policy here uses
     model = estimate(graph, bits, board).model_flash_bytes
     return (model + runtime.flash_base + sum(runtime.flash_per_kernel.get(k, 0) for k in registered(run))
             + run.vector_bytes)
@@ -574,7 +583,12 @@ def shipped_differences(fitted: Fitted) -> list[str]:
     for kernels in KERNEL_SETS:
         if TARGET_ARENA[kernels] != fitted.arena[kernels]:
             out.append(f"cost.TARGET_ARENA[{kernels!r}] = {fitted.arena[kernels]}")
-        if RUNTIME[kernels] != fitted.runtime[kernels]:
+        shipped = RUNTIME[kernels]
+        # Kernels no case registers (SOFTMAX) keep their separately measured entries.
+        shipped = RuntimeMemory(shipped.flash_base, {k: v for k, v in shipped.flash_per_kernel.items()
+                                                     if k in fitted.runtime[kernels].flash_per_kernel},
+                                shipped.static_ram, shipped.static_ram_per_op)
+        if shipped != fitted.runtime[kernels]:
             out.append(f"cost.RUNTIME[{kernels!r}] = {fitted.runtime[kernels]}")
     for path in sorted(BOARDS_DIR.glob("*.yaml")):
         board = load_board(path)
@@ -590,7 +604,8 @@ def report(runs: list[Run], ops: list[OpSample], fitted: Fitted) -> str:
     return (
         f"Command: `TFLM_DIR=../shared/tflm python bench/cycles.py` ({datetime.date.today()}, 2-core machine; "
         "TFLM 90b983c, CMSIS-NN 4ab83cc3, arm-none-eabi-gcc -O2). Each case exported untrained under int8, "
-        "all-int4 and a mixed policy (layers alternately int4/int8), built for qemu-mps2-an386 with one test "
+        "all-int4, a mixed policy (layers alternately int4/int8) and a LUT policy (layers at 2, 3, 5, 6, 7 bits "
+        "in turn, a DECODE before each), built for qemu-mps2-an386 with one test "
         "vector, run under `qemu-system-arm -M mps2-an386 -icount shift=0`: the firmware's per-op profile in "
         "executed instructions (SysTick ticks x 40, 40-instruction resolution), its arena report and "
         f"`arm-none-eabi-size`. Fitted on {', '.join(FIT)}; checked on {', '.join(HELD_OUT)} (held out). "

@@ -12,9 +12,10 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, Strict, StrictBool, ValidationError, model_validator
+from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, Strict, StrictBool, ValidationError, field_validator, model_validator
 
 from smpq_edge.errors import UserError
+from smpq_edge.precision import candidate_bits
 
 BOARDS_DIR = Path(__file__).resolve().parent / "board_profiles"  # package data: found installed or not
 
@@ -23,7 +24,6 @@ MAX_FLASH_KB = 64 * 1024
 MAX_RAM_KB = 16 * 1024
 MAX_CLOCK_MHZ = 2000
 
-BitWidthCandidate = Literal["w4a8", "w8a8"]
 
 # Strict: a YAML `true` or a quoted "120" is a mistake, not a number (lax pydantic read `true` as 1).
 # `.nan` and `.inf` are refused as "not a finite number" rather than by a misleading range check.
@@ -72,10 +72,15 @@ class Budgets(_Strict):
 # only) or the general one. The reference kernels have one loop nest per op and weight type.
 # ``smpq_edge.cost.kernel_variant`` maps an operator to its name here.
 _ELEMENTWISE_VARIANTS = ("add", "average_pool_2d", "max_pool_2d", "pad", "reshape", "other")
+# TFLM's DECODE before a LUT layer (``smpq_edge.cost.decode_variant``): unrolled 2 and 3-bit loops,
+# and the generic one; the same code with either kernel set.
+_DECODE_VARIANTS = ("decode_lut2", "decode_lut3", "decode_lut")
 KERNEL_VARIANTS: dict[str, tuple[str, ...]] = {
     "cmsis_nn": ("conv_1x1_s8", "conv_1x1_s4", "conv_1x1_strided_s8", "conv_1x1_strided_s4", "conv_s8", "conv_s4",
-                 "depthwise_3x3_s8", "depthwise_s8", "depthwise_s4", "fc_s8", "fc_s4", *_ELEMENTWISE_VARIANTS),
-    "reference": ("conv_s8", "conv_s4", "depthwise_s8", "depthwise_s4", "fc_s8", "fc_s4", *_ELEMENTWISE_VARIANTS),
+                 "depthwise_3x3_s8", "depthwise_s8", "depthwise_s4", "fc_s8", "fc_s4", *_ELEMENTWISE_VARIANTS,
+                 *_DECODE_VARIANTS),
+    "reference": ("conv_s8", "conv_s4", "depthwise_s8", "depthwise_s4", "fc_s8", "fc_s4", *_ELEMENTWISE_VARIANTS,
+                  *_DECODE_VARIANTS),
 }
 
 
@@ -92,6 +97,8 @@ class KernelCycles(_Strict):
     per_row: Number = Field(default=0, ge=0, le=1e4)  # output height
     per_input: Number = Field(default=0, ge=0, le=1e4)  # input elements
     per_weight: Number = Field(default=0, ge=0, le=1e4)  # weight elements (e.g. unpacking INT4)
+    per_channel: Number = Field(default=0, ge=0, le=1e6)  # a DECODE's value tables (one per channel or tensor)
+    per_unrolled: Number = Field(default=0, ge=0, le=1e4)  # weights a DECODE unpacks in unrolled groups
     per_call: Number = Field(default=0, ge=0, le=1e8)
 
 
@@ -107,7 +114,8 @@ class Board(_Strict):
     kernels: Literal["cmsis_nn", "reference"]
     reserve: Reserve
     budgets: Budgets
-    candidates: tuple[BitWidthCandidate, ...] = Field(default=("w4a8", "w8a8"), min_length=1)
+    # Per-layer precisions the search chooses among (``smpq_edge.precision``: w2a8 ... w8a8).
+    candidates: tuple[str, ...] = Field(default=("w4a8", "w8a8"), min_length=1)
     # "per_channel": a zero point per scale, as the TFLite schema wants and LiteRT checks.
     # "single": one per weight or bias tensor, which TFLM alone reads (16 B less per output channel).
     zero_points: Literal["per_channel", "single"] = "per_channel"
@@ -127,6 +135,13 @@ class Board(_Strict):
                 raise ValueError(f"cycles.{unknown[0]}: not a kernel variant of {raw['kernels']} kernels "
                                  f"(known: {', '.join(wanted)})")
         return raw
+
+    @field_validator("candidates")
+    @classmethod
+    def _runnable(cls, candidates: tuple[str, ...]) -> tuple[str, ...]:
+        for name in candidates:
+            candidate_bits(name)  # a candidate TFLM cannot run is refused with its reason
+        return candidates
 
     @model_validator(mode="after")
     def _fits_the_board(self) -> Board:
@@ -155,7 +170,14 @@ class Board(_Strict):
     @property
     def weight_bits(self) -> tuple[int, ...]:
         """Weight bit-widths of the candidates, e.g. (4, 8); activations are int8 for all of them."""
-        return tuple(sorted(int(c[1]) for c in self.candidates))
+        return tuple(sorted(candidate_bits(c) for c in self.candidates))
+
+    def with_candidates(self, candidates: list[str]) -> Board:
+        """This board with other candidates, checked as a board file's are."""
+        try:
+            return Board.model_validate({**self.model_dump(), "candidates": tuple(candidates)})
+        except ValidationError as e:
+            raise UserError(f"--candidates: {_describe(e.errors()[0]).removeprefix('candidates: ')}") from None
 
     @property
     def model_flash_budget_bytes(self) -> int:

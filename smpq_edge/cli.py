@@ -14,6 +14,7 @@ from dataclasses import replace
 from typing import Callable
 
 from smpq_edge.errors import UserError
+from smpq_edge.precision import PACKED_INT4, weight_form
 from smpq_edge.preprocess import CHANNEL_ORDERS, INPUT_RANGES, Preprocessing, parse_floats
 
 COMMANDS: dict[str, Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace], int]]] = {}
@@ -91,6 +92,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weights and biases keep one zero point per tensor instead of one per channel: "
                              "16 B less flash per output channel, which TFLM reads but LiteRT and other TFLite "
                              "tools refuse")
+    parser.add_argument("--candidates", nargs="+", default=None, metavar="wWa8",
+                        help="per-layer precisions to choose among, e.g. 'w2a8 w4a8 w8a8' (default: the board's; "
+                             "w4a8 is packed INT4, w2/3/5/6/7a8 are LUT-compressed int8 that TFLM's DECODE expands)")
     add_preprocessing_arguments(parser)
 
 
@@ -121,7 +125,8 @@ OVER_BUDGET_EXIT = 3
 def _cost(parser: argparse.ArgumentParser):
     """Flash, RAM and cycle cost per layer of a model under a policy on a board."""
     add_model_arguments(parser)
-    parser.add_argument("--bits", default="8", help="uniform weight bits (4 or 8), or a policy.json path")
+    parser.add_argument("--bits", default="8", help="uniform weight bits (2 to 8, a candidate of the board or of "
+                                                    "--candidates), or a policy.json path")
     parser.add_argument("--json", action="store_true", help="print the cost report as JSON")
 
     def run(args: argparse.Namespace) -> int:
@@ -130,18 +135,23 @@ def _cost(parser: argparse.ArgumentParser):
         from smpq_edge.cost import estimate, uniform
         from smpq_edge.graph import trace
         from smpq_edge.policy import load_policy
+        from smpq_edge.precision import WEIGHT_BITS
 
         graph = trace(source.module, source.input_shape, output_softmax=source.output_softmax)
-        if args.bits in ("4", "8"):
+        uniform_bits = args.bits in {str(b) for b in WEIGHT_BITS}
+        if uniform_bits and int(args.bits) not in board.weight_bits:
+            raise UserError(f"--bits {args.bits}: not a candidate on board {board.name} ({' '.join(board.candidates)}); "
+                            f"add it with --candidates w{args.bits}a8 ...")
+        if uniform_bits:
             bits = uniform(graph, int(args.bits))
         elif args.bits.endswith(".json") or os.path.exists(args.bits):
             bits = load_policy(args.bits).bits
         else:
-            raise UserError(f"--bits: expected 4, 8 or a policy .json file, got '{args.bits}'")
+            raise UserError(f"--bits: expected 2 to 8 or a policy .json file, got '{args.bits}'")
         try:
             report = estimate(graph, bits, board)
         except UserError as exc:
-            if args.bits in ("4", "8"):
+            if uniform_bits:
                 raise
             raise UserError(f"{args.bits}: {exc}") from None  # name the policy file at fault
         if args.json:
@@ -237,6 +247,8 @@ def load_inputs(args: argparse.Namespace):
     board = load_board(args.board)
     if args.single_zero_point:
         board = board.model_copy(update={"zero_points": "single"})
+    if args.candidates:
+        board = board.with_candidates([name for text in args.candidates for name in text.split(",") if name])
     check_model_argument(args.model)
     if args.data is not None:
         check_data_argument(args.data)
@@ -393,7 +405,7 @@ def _print_build_summary(out, stages: dict | None = None) -> None:
          use(cost.cycles, cost.cycle_budget)],
     ], ["predicted", "model", "board reserve", "whole firmware", "budget", "use"])
     print(_arena_note(search, cost, emulation))
-    print("\nweights per layer: " + ", ".join(f"{layer.name} ({layer.kind}) int{layer.weight_bits}"
+    print("\nweights per layer: " + ", ".join(f"{layer.name} ({layer.kind}) {weight_form(layer.weight_bits)}"
                                           for layer in cost.layers))
     _print_methods(search)
     _print_floor(search)
@@ -415,7 +427,7 @@ KERNEL_NAMES = {"cmsis_nn": "CMSIS-NN", "reference": "TFLM reference"}
 
 def _arena_note(search, cost, emulation) -> str:
     """Which kernels each arena figure assumes: the two differ by design, not by error."""
-    int4 = any(layer.weight_bits < 8 for layer in cost.layers)
+    int4 = any(layer.weight_bits == PACKED_INT4 for layer in cost.layers)
     target = f"{KERNEL_NAMES[search.kernels]} kernels" if search.kernels else "its kernels"
     return (f"(*) the arena predicted for board {search.board} with {target}, which sizes the firmware's arena; the "
             f"host TFLM interpreter ran the model in {emulation.arena_bytes:,} B with TFLM's reference kernels and "

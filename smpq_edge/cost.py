@@ -1,6 +1,9 @@
 """Cost model: flash bytes, RAM (TFLM tensor arena) bytes and cycles of a policy on a board.
 
-A policy gives each quantisable layer its weight bit-width (4 or 8; activations are always int8).
+A policy gives each quantisable layer its weight bit-width (2 to 8, ``smpq_edge.precision``;
+activations are always int8). A LUT layer (2, 3, 5, 6, 7 bits) stores b-bit indices and value
+tables; TFLM's DECODE operator before it expands them into an int8 tensor in the arena, which
+lives while the layer runs, and costs cycles on every inference.
 Flash counts what the ``.tflite`` flatbuffer stores; RAM counts what TFLM's arena holds on the
 32-bit target (activations placed by a greedy planner like TFLM's, kernel scratch, persistent
 data). Cycles are priced per TFLite operator (``tflite_operators``: PADs included, no RESHAPE in
@@ -28,6 +31,7 @@ from smpq_edge.boards import Board, KernelCycles
 from smpq_edge.errors import UserError
 from smpq_edge.graph import Graph, Op
 from smpq_edge.ops import KINDS
+from smpq_edge.precision import PACKED_INT4, is_lut, kernel_bits, lut_levels
 
 # TFLite flatbuffer: a scale (float32) and a zero point (int64) per quantisation channel, as the
 # schema wants and LiteRT checks; weight and bias tensors may instead keep one zero point, which
@@ -47,6 +51,10 @@ class FlatbufferOverhead:
     fixed: int = 912
     per_tensor: int = 113
     per_op: int = 0
+    # A DECODE with its ancillary and decoded tensors as the exporter writes them: the mean growth
+    # beyond data and quantisation of 4 models (digits_cnn, resnet8, mnist1d_dscnn, dscnn_kws)
+    # with every layer at 3 bits, 6-29 B a DECODE above this (fitted by hand; bench/RESULTS.md).
+    per_decode: int = 150
 
 
 @dataclass(frozen=True)
@@ -57,17 +65,25 @@ class ArenaOverhead:
     per_tensor: int
     per_op: int
     per_channel: int  # requantisation multiplier and shift, int32 each, per conv output channel
+    per_decode: int  # a DECODE with its two tensors (its decoder's state), instead of per_op and per_tensor
+
+    def bytes(self, n_tensors: int, n_ops: int, channels: int, decodes: int) -> int:
+        """The overhead of a model of ``n_tensors`` and ``n_ops`` (``tflite_layout``'s counts, each
+        DECODE's op and two tensors included) with ``channels`` requantised channels."""
+        return (self.fixed + self.per_tensor * (n_tensors - 2 * decodes) + self.per_op * (n_ops - decodes)
+                + self.per_channel * channels + self.per_decode * decodes)
 
 
 FLATBUFFER = FlatbufferOverhead()
 # TFLM on the 64-bit host (the emulator's interpreter), whose pointers make its persistent
 # structures larger than on an MCU: fitted by `python bench/cost_model.py --fit`.
-HOST_ARENA = ArenaOverhead(fixed=715, per_tensor=51, per_op=93, per_channel=8)
+# per_decode by hand from 2 models' LUT exports (digits_cnn, mnist1d_dscnn: 185-188 B a DECODE).
+HOST_ARENA = ArenaOverhead(fixed=715, per_tensor=51, per_op=93, per_channel=8, per_decode=187)
 # TFLM on the 32-bit target, per kernel set: fitted by `python bench/cycles.py` to the arena the
 # firmware reports on QEMU mps2-an386 (CMSIS-NN kernels keep other per-op data than the reference ones).
 TARGET_ARENA = {
-    "cmsis_nn": ArenaOverhead(fixed=198, per_tensor=35, per_op=82, per_channel=7),
-    "reference": ArenaOverhead(fixed=322, per_tensor=0, per_op=131, per_channel=8),
+    "cmsis_nn": ArenaOverhead(fixed=195, per_tensor=36, per_op=79, per_channel=7, per_decode=120),
+    "reference": ArenaOverhead(fixed=324, per_tensor=0, per_op=131, per_channel=8, per_decode=119),
 }
 
 
@@ -87,31 +103,38 @@ class RuntimeMemory:
 # reference kernels DEPTHWISE_CONV_2D too) cannot be told apart from the base: their code is in it.
 RUNTIME = {
     "cmsis_nn": RuntimeMemory(
-        flash_base=77905, static_ram=3500, static_ram_per_op=15,
-        flash_per_kernel={"ADD": 5670, "AVERAGE_POOL_2D": 0, "CONV_2D_INT4": 17315, "CONV_2D_INT8": 9885,
-                          "DEPTHWISE_CONV_2D_INT4": 1039, "DEPTHWISE_CONV_2D_INT8": 0, "FULLY_CONNECTED_INT4": 4403,
-                          "FULLY_CONNECTED_INT8": 12924, "MAX_POOL_2D": 3952, "PAD": 6261, "SOFTMAX": 8984}),
+        flash_base=77932, static_ram=3500, static_ram_per_op=16,
+        flash_per_kernel={"ADD": 5650, "AVERAGE_POOL_2D": 0, "CONV_2D_INT4": 17334, "CONV_2D_INT8": 9923,
+                          "DEPTHWISE_CONV_2D_INT4": 1024, "DEPTHWISE_CONV_2D_INT8": 0, "FULLY_CONNECTED_INT4": 4387,
+                          "FULLY_CONNECTED_INT8": 12879, "MAX_POOL_2D": 3931, "PAD": 6243, "SOFTMAX": 8984,
+                          "TFLM_DECODE": 21986}),
     "reference": RuntimeMemory(
-        flash_base=89544, static_ram=3500, static_ram_per_op=15,
-        flash_per_kernel={"ADD": 5656, "AVERAGE_POOL_2D": 0, "CONV_2D": 0, "DEPTHWISE_CONV_2D": 0,
-                          "FULLY_CONNECTED": 0, "MAX_POOL_2D": 3736, "PAD": 6088, "SOFTMAX": 7792}),
+        flash_base=89560, static_ram=3500, static_ram_per_op=16,
+        flash_per_kernel={"ADD": 5640, "AVERAGE_POOL_2D": 0, "CONV_2D": 0, "DEPTHWISE_CONV_2D": 0,
+                          "FULLY_CONNECTED": 0, "MAX_POOL_2D": 3720, "PAD": 6072, "SOFTMAX": 7792,
+                          "TFLM_DECODE": 21944}),
 }
+# TFLM_DECODE (about 22 KB) links all three of TFLM's decoders (``firmware._KERNEL_DEPS``).
 # SOFTMAX's entries are not bench/cycles.py fits: measured once, as the text + data a 10-class
 # model's firmware gained with a SOFTMAX (less the 160 model bytes it added), on the same QEMU build.
 VARIANT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
+# TFLM's DECODE is a custom operator; its registration (and the firmware's profile) names it so.
+DECODE = "TFLM_DECODE"
+# A LUT tensor's ancillary data starts with TFLM's 16-byte decode common metadata (DCM).
+DCM_BYTES = 16
 
 
 def registered_kernels(graph: Graph, bits: dict[str, int], kernels: str) -> tuple[str, ...]:
     """The kernels the firmware links, as ``firmware.registrations`` registers them: with
     CMSIS-NN an op whose layers all have one weight type links only that variant
     (``CONV_2D_INT8``); mixed weights link both (the generic kernel dispatches at run time)."""
-    operators = tflite_operators(graph)
+    operators = tflite_operators(graph, bits)
     out = set()
     for builtin in {o.builtin for o in operators}:
         if kernels != "cmsis_nn" or builtin not in VARIANT_OPS:
             out.add(builtin)
             continue
-        used = {bits[o.op.name] for o in operators if o.builtin == builtin}
+        used = {kernel_bits(bits[o.op.name]) for o in operators if o.builtin == builtin}
         out.update(f"{builtin}_INT{b}" for b in used)
     return tuple(sorted(out))
 
@@ -135,15 +158,17 @@ class LayerCost:
     weight_bits: int
     params: int
     macs: int
-    weight_bytes: int
+    weight_bytes: int  # int8, packed INT4, or a LUT layer's packed indices
     bias_bytes: int
     quant_param_bytes: int
     scratch_bytes: int
-    cycles: int
+    cycles: int  # the layer's operator, and its DECODE for a LUT layer
+    lut_bytes: int = 0  # a LUT layer's value tables and metadata, and its DECODE's flatbuffer bytes
+    decoded_bytes: int = 0  # a LUT layer's int8 weights as DECODE expands them into the arena
 
     @property
     def flash_bytes(self) -> int:
-        return self.weight_bytes + self.bias_bytes + self.quant_param_bytes
+        return self.weight_bytes + self.lut_bytes + self.bias_bytes + self.quant_param_bytes
 
 
 @dataclass(frozen=True)
@@ -205,12 +230,36 @@ class CostReport:
 
 
 def weight_bytes(count: int, bits: int) -> int:
-    """INT4 packs two weights per byte (an odd count leaves the last high nibble unused)."""
-    return math.ceil(count / 2) if bits == 4 else count
+    """INT4 packs two weights per byte (an odd count leaves the last high nibble unused); a LUT
+    layer packs its b-bit indices end to end; int8 is a byte each."""
+    return math.ceil(count * bits / 8) if bits == PACKED_INT4 or is_lut(bits) else count
+
+
+def lut_bytes(op: Op, bits: int) -> int:
+    """What a LUT layer stores besides its indices: the DECODE operator and its two tensors
+    (``FlatbufferOverhead.per_decode``), and the ancillary data: the DCM, then one table of int8
+    values per quantisation channel (``quant_channels``). A table holds the values its channel
+    uses; it is priced at its bound, every level of the b-bit grid or every weight of a small
+    channel, so trained 6 and 7-bit layers, whose channels leave some levels unused, cost less."""
+    if not is_lut(bits):
+        return 0
+    channels = quant_channels(op)
+    return FLATBUFFER.per_decode + DCM_BYTES + channels * min(lut_levels(bits), op.weight_count // channels)
+
+
+def decoded_bytes(op: Op, bits: int) -> int:
+    """The int8 tensor DECODE writes into the arena for a LUT layer (0 for the others)."""
+    return op.weight_count if is_lut(bits) else 0
+
+
+def arena_extra_bytes(op: Op, bits: int, board: Board) -> int:
+    """What a layer's own precision adds to the arena while it runs: scratch and decoded weights."""
+    return scratch_bytes(op, bits, board) + decoded_bytes(op, bits)
 
 
 def scratch_bytes(op: Op, bits: int, board: Board) -> int:
     """Per-op scratch that TFLM plans into the arena for the duration of the op."""
+    bits = kernel_bits(bits)  # a LUT layer's kernel reads the decoded int8 tensor
     if board.kernels == "reference":
         # Reference kernels unpack an INT4 filter into an int8 copy of the whole filter per invoke.
         return op.weight_count if bits == 4 else 0
@@ -264,9 +313,11 @@ class TfliteOperator:
     out_elements: int
 
 
-def tflite_operators(graph: Graph) -> list[TfliteOperator]:
+def tflite_operators(graph: Graph, bits: dict[str, int] | None = None) -> list[TfliteOperator]:
     """The operators as the exporter writes them: a PAD before a convolution that needs one, no
-    RESHAPE in front of a FULLY_CONNECTED (which flattens its input itself), none for the input."""
+    RESHAPE in front of a FULLY_CONNECTED (which flattens its input itself), none for the input;
+    with ``bits``, a DECODE right before each LUT layer (where tflite-micro's compression tool
+    puts it), reading only constants and writing the layer's int8 weights."""
     alias: dict[str, str] = {}
     shapes = {op.name: op.out_shape for op in graph.ops}
     out = []
@@ -284,6 +335,8 @@ def tflite_operators(graph: Graph) -> list[TfliteOperator]:
             shapes[pad_name] = padded
             out.append(TfliteOperator(pad_name, "PAD", op, sources, source_shape, math.prod(padded)))
             sources = (pad_name,)
+        if op.weighted and bits is not None and is_lut(bits[op.name]):
+            out.append(TfliteOperator(f"{op.name}/decode", DECODE, op, (), tuple(op.weight_shape), op.weight_count))
         out.append(TfliteOperator(op.name, KINDS[op.kind].tflite, op, sources, shapes[sources[0]], op.out_elements))
     if graph.output_softmax:
         last = graph.op(graph.output)
@@ -293,10 +346,11 @@ def tflite_operators(graph: Graph) -> list[TfliteOperator]:
     return out
 
 
-def tflite_layout(graph: Graph) -> tuple[int, int, list[TfliteTensor]]:
-    """Operator count, tensor count and activation tensors (with op-index lifetimes) of the
-    model as the exporter writes it (``tflite_operators``)."""
-    operators = tflite_operators(graph)
+def tflite_layout(graph: Graph, bits: dict[str, int] | None = None) -> tuple[int, int, list[TfliteTensor]]:
+    """Operator count, tensor count and arena tensors (with op-index lifetimes) of the model as
+    the exporter writes it (``tflite_operators``): activations, and the weights each DECODE
+    writes, alive until its layer has run."""
+    operators = tflite_operators(graph, bits)
     activations = {op.name: [op.out_elements, 0, 0] for op in graph.ops if op.kind == "input"}
     n_tensors = len(activations)
     for index, operator in enumerate(operators):
@@ -305,6 +359,9 @@ def tflite_layout(graph: Graph) -> tuple[int, int, list[TfliteTensor]]:
         activations[operator.name] = [operator.out_elements, index, index]
         if operator.builtin == "PAD":
             n_tensors += 2  # the padded activation and the paddings constant
+        elif operator.builtin == DECODE:
+            n_tensors += 2  # the decoded weights and the ancillary data (the indices are the layer's weights)
+            activations[operator.name][2] = index + 1
         else:
             n_tensors += 1 + (2 if operator.op.weighted else 0)  # output, plus weights and bias
     last = operators[-1].name if operators else graph.output
@@ -330,11 +387,33 @@ class OpWork:
     rows: int = 0  # output height (row-wise copies, as PAD does)
     inputs: int = 0
     weights: int = 0
+    channels: int = 0  # a DECODE's value tables (each channel's indices are unpacked in their own run)
+    unrolled: int = 0  # weights a DECODE unpacks in its unrolled groups (then not in ``weights``)
     calls: int = 1
 
 
-def op_work(operator: TfliteOperator) -> OpWork:
+# Indices TFLM's LUT decoder unpacks per step of its unrolled loops, by index width (the groups
+# start at aligned index offsets; the indices before and after go one at a time).
+_UNROLLED_GROUP = {2: 16, 3: 32}
+
+
+def decode_work(op: Op, bits: int) -> OpWork:
+    """A DECODE's work: each channel's run of indices, in aligned groups where the width has an
+    unrolled loop (``decode_variant``), the rest one index at a time."""
+    channels = quant_channels(op)
+    per_channel = op.weight_count // channels
+    group = _UNROLLED_GROUP.get(bits) if decode_variant(op, bits) != "decode_lut" else None
+    unrolled = 0
+    for channel in range(channels if group else 0):
+        lead = min(-(channel * per_channel) % group, per_channel)
+        unrolled += (per_channel - lead) // group * group
+    return OpWork(weights=op.weight_count - unrolled, unrolled=unrolled, channels=channels)
+
+
+def op_work(operator: TfliteOperator, bits: int = 8) -> OpWork:
     op = operator.op
+    if operator.builtin == DECODE:
+        return decode_work(op, bits)
     inputs = math.prod(operator.input_shape)
     shape = operator_out_shape(operator)
     rows, pixels = (shape[1], shape[1] * shape[2]) if len(shape) == 3 else (1, 1)
@@ -377,8 +456,11 @@ def kernel_variant(operator: TfliteOperator, bits: int, kernels: str) -> str:
     op = operator.op
     if operator.builtin == "PAD":
         return "pad"
+    if operator.builtin == DECODE:
+        return decode_variant(op, bits)
     if not op.weighted:
         return KINDS[op.kind].cycles
+    bits = kernel_bits(bits)
     suffix = f"_s{bits}"
     if op.kind == "fc":
         return "fc" + suffix
@@ -392,10 +474,18 @@ def kernel_variant(operator: TfliteOperator, bits: int, kernels: str) -> str:
     return op.kind + suffix
 
 
+def decode_variant(op: Op, bits: int) -> str:
+    """DECODE's LUT loop: TFLM unrolls 2 and 3-bit indices when the tables run along the first
+    axis; a depthwise filter's channels are its last axis (the "alternate axis"), and other widths
+    take the generic loop."""
+    return f"decode_lut{bits}" if bits in (2, 3) and op.kind != "depthwise" else "decode_lut"
+
+
 WORK_UNITS = tuple(f.name for f in fields(OpWork))
 # OpWork's unit -> its KernelCycles coefficient's name after "per_" (plural units, singular terms).
 UNIT_COEFFICIENT = {"macs": "mac", "taps": "tap", "copies": "copy", "outputs": "output", "pixels": "pixel",
-                    "rows": "row", "inputs": "input", "weights": "weight", "calls": "call"}
+                    "rows": "row", "inputs": "input", "weights": "weight", "channels": "channel",
+                   "unrolled": "unrolled", "calls": "call"}
 
 
 def formula_cycles(work: OpWork, formula: KernelCycles) -> int:
@@ -416,11 +506,11 @@ class OpCost:
 def operator_costs(graph: Graph, bits: dict[str, int], board: Board) -> list[OpCost]:
     """Every operator's cycles on ``board``, in the firmware's execution order."""
     out = []
-    for operator in tflite_operators(graph):
+    for operator in tflite_operators(graph, bits):
         layer_bits = bits.get(operator.op.name, 8) if operator.builtin != "PAD" else 8
         variant = kernel_variant(operator, layer_bits, board.kernels)
         out.append(OpCost(operator.name, operator.builtin, variant,
-                          formula_cycles(op_work(operator), board.cycles[variant])))
+                          formula_cycles(op_work(operator, layer_bits), board.cycles[variant])))
     return out
 
 
@@ -485,22 +575,27 @@ def estimate(graph: Graph, bits: dict[str, int], board: Board, flash_budget_byte
         scratch[op.name] = scratch_bytes(op, b, board)
         layers.append(LayerCost(
             name=op.name, kind=op.kind, weight_bits=b, params=op.weight_count, macs=op.macs,
-            weight_bytes=weight_bytes(op.weight_count, b),
+            weight_bytes=weight_bytes(op.weight_count, b), lut_bytes=lut_bytes(op, b),
+            decoded_bytes=decoded_bytes(op, b),
             bias_bytes=4 * op.out_channels,
-            # weights and bias each carry a scale per channel, and a zero point per channel or one
+            # Weights and bias each carry a scale per channel, and a zero point per channel or one
+            # (a LUT layer's on its decoded tensor).
             quant_param_bytes=2 * (SCALE_BYTES * channels + ZERO_POINT_BYTES * zero_points(board, channels)),
             scratch_bytes=scratch[op.name],
-            cycles=op_cycles[op.name],
+            cycles=op_cycles[op.name] + op_cycles.get(f"{op.name}/decode", 0),
         ))
-    n_ops, n_tensors, activations = tflite_layout(graph)
+    n_ops, n_tensors, activations = tflite_layout(graph, bits)
     # Every activation carries one scale and zero point; a PAD's paddings are 8 int32 values.
     pad_bytes = 32 * sum(1 for t in activations if t.name.endswith("/pad"))
-    model_flash = (sum(layer.flash_bytes for layer in layers) + QUANT_PARAM_BYTES * len(activations) + pad_bytes
-                   + FLATBUFFER.fixed + FLATBUFFER.per_tensor * n_tensors + FLATBUFFER.per_op * n_ops)
+    # A decoded weight tensor carries the layer's weight quantisation, counted with the layer.
+    quantised_activations = sum(1 for t in activations if not t.name.endswith("/decode"))
+    decodes = sum(1 for op in graph.layers if is_lut(bits[op.name]))  # their tensors are in the layers' lut_bytes
+    model_flash = (sum(layer.flash_bytes for layer in layers) + QUANT_PARAM_BYTES * quantised_activations + pad_bytes
+                   + FLATBUFFER.fixed + FLATBUFFER.per_tensor * (n_tensors - 2 * decodes)
+                   + FLATBUFFER.per_op * (n_ops - decodes))
     requantised_channels = sum(op.out_channels for op in graph.layers if op.kind != "fc")
     overhead = HOST_ARENA if host else TARGET_ARENA[board.kernels]
-    arena = (arena_activation_peak(activations, scratch) + overhead.fixed + overhead.per_tensor * n_tensors
-             + overhead.per_op * n_ops + overhead.per_channel * requantised_channels)
+    arena = arena_activation_peak(activations, scratch) + overhead.bytes(n_tensors, n_ops, requantised_channels, decodes)
     cycles = sum(op.cycles for op in ops)
     return CostReport(
         board=board.name, layers=layers, ops=ops, model_flash_bytes=model_flash, arena_bytes=arena, cycles=cycles,

@@ -81,6 +81,8 @@ ADD_METHODS: dict[str, str] = {
     "TANH": "AddTanh", "TRANSPOSE_CONV": "AddTransposeConv", "TRANSPOSE": "AddTranspose",
     "UNPACK": "AddUnpack", "UNIDIRECTIONAL_SEQUENCE_LSTM": "AddUnidirectionalSequenceLSTM",
     "VAR_HANDLE": "AddVarHandle", "WHILE": "AddWhile", "ZEROS_LIKE": "AddZerosLike",
+    # Custom: the DECODE before a LUT-compressed layer (tflite-micro's compression tool).
+    "CUSTOM:TFLM_DECODE": "AddDecode",
 }
 
 # Ops with weight-type-specific CMSIS-NN registrations (int8 activations): Register_<OP>_INT4()
@@ -101,6 +103,8 @@ VARIANT_WEIGHT_TYPES = ("INT4", "INT8")
 # listed here makes the Makefile compile every kernel (TFLM_KERNELS=all).
 _KERNEL_DEPS: dict[str, tuple[str, ...]] = {
     "activations": ("activations_common",), "add": ("add_common",),
+    # DECODE's setup creates whichever decoder a tensor's metadata names, so all three link.
+    "decode": ("decode_state", "decode_state_huffman", "decode_state_lut", "decode_state_prune"),
     "batch_matmul": ("batch_matmul_common",), "conv": ("conv_common",),
     "depthwise_conv": ("depthwise_conv_common", "conv_common"), "dequantize": ("dequantize_common",),
     "fully_connected": ("fully_connected_common",), "hard_swish": ("hard_swish_common",),
@@ -116,7 +120,7 @@ _KERNEL_DEPS: dict[str, tuple[str, ...]] = {
 _KERNEL_FILE_OF: dict[str, str] = {
     "ABS": "elementwise", "ADD_N": "add_n", "ARG_MAX": "arg_min_max", "ARG_MIN": "arg_min_max",
     "AVERAGE_POOL_2D": "pooling", "BATCH_TO_SPACE_ND": "batch_to_space_nd", "CONCATENATION": "concatenation",
-    "CONV_2D": "conv", "COS": "elementwise", "DEPTHWISE_CONV_2D": "depthwise_conv", "EQUAL": "comparisons",
+    "CONV_2D": "conv", "COS": "elementwise", "CUSTOM:TFLM_DECODE": "decode", "DEPTHWISE_CONV_2D": "depthwise_conv", "EQUAL": "comparisons",
     "GREATER": "comparisons", "GREATER_EQUAL": "comparisons", "L2_NORMALIZATION": "l2norm",
     "LESS": "comparisons", "LESS_EQUAL": "comparisons", "LOG": "elementwise", "LOGICAL_AND": "logical",
     "LOGICAL_NOT": "elementwise", "LOGICAL_OR": "logical", "LOG_SOFTMAX": "log_softmax",

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from smpq_edge.errors import UserError
 from smpq_edge.fileio import read_json, write_json
+from smpq_edge.precision import WeightBits
 
 
 class LayerChoice(BaseModel):
@@ -20,7 +21,7 @@ class LayerChoice(BaseModel):
 
     name: str
     kind: Literal["conv", "depthwise", "fc"]
-    weight_bits: Literal[4, 8]
+    weight_bits: WeightBits
     params: int = Field(ge=0)
     flash_bytes: int | None = Field(default=None, ge=0)
     cycles: int | None = Field(default=None, ge=0)

@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
+from smpq_edge.precision import weight_form  # noqa: E402
 from smpq_edge.records import CostRecord, EmulationRecord, MethodRecord, SearchRecord  # noqa: E402
 from smpq_edge.search.guard import FloorCheck  # noqa: E402
 from smpq_edge.task import TASKS, Task  # noqa: E402
@@ -37,7 +38,10 @@ def _png(figure) -> bytes:
     return buffer.getvalue()
 
 
-INT4_COLOUR, INT8_COLOUR = "tab:orange", "tab:blue"
+# One colour per weight width, from 2 bits (red) to 8 (blue); the two-candidate space keeps int4
+# orange and int8 blue as before.
+BITS_COLOUR = {2: "tab:red", 3: "tab:pink", 4: "tab:orange", 5: "tab:olive", 6: "tab:green", 7: "tab:cyan",
+               8: "tab:blue"}
 
 
 def _shapley_plot(search: SearchRecord) -> bytes:
@@ -53,10 +57,10 @@ def _shapley_plot(search: SearchRecord) -> bytes:
     width = 0.8 / k
     for j, bits in enumerate(search.candidates):
         x = np.arange(len(layers)) + (j - (k - 1) / 2) * width
-        colour = INT4_COLOUR if bits == 4 else INT8_COLOUR
+        colour = BITS_COLOUR[bits]
         edges = ["black" if chosen[name] == bits else "none" for name in layers]
         axis.bar(x, np.nan_to_num(mean[:, j]), width, yerr=err[:, j], color=colour, alpha=0.75, capsize=2,
-                 edgecolor=edges, linewidth=1.5, label=f"int{bits} weights: Shapley value (+-1 s.e.)")
+                 edgecolor=edges, linewidth=1.5, label=f"{weight_form(bits)} weights: Shapley value (+-1 s.e.)")
         axis.scatter(x, used[:, j], marker="_", s=160, color="black", zorder=3,
                      label="score the selection used (after the monotone prior)" if j == 0 else None)
     axis.set_xticks(range(len(layers)), layers, rotation=45, ha="right", fontsize=8)
@@ -73,13 +77,15 @@ def _bits_plot(methods: list[MethodRecord]) -> bytes:
     layers = list(methods[0].bits)
     figure, axis = plt.subplots(figsize=(max(6, 0.6 * len(layers)), 1.9 + 0.45 * len(methods)), layout="constrained")
     grid = np.array([[m.bits[name] for name in layers] for m in methods])
-    axis.imshow(grid == 8, cmap=ListedColormap([INT4_COLOUR, INT8_COLOUR]), vmin=0, vmax=1, aspect="auto")
+    used = sorted(set(grid.flat))
+    axis.imshow(np.searchsorted(used, grid), cmap=ListedColormap([BITS_COLOUR[b] for b in used]), vmin=0,
+                vmax=max(len(used) - 1, 1), aspect="auto")
     for (row, col), value in np.ndenumerate(grid):
         axis.text(col, row, str(value), ha="center", va="center", fontsize=8, color="white")
     axis.set_xticks(range(len(layers)), layers, rotation=45, ha="right", fontsize=8)
     axis.set_yticks(range(len(methods)), [m.method for m in methods])
     axis.set_title("Weight bits per layer")
-    axis.legend(handles=[Patch(color=INT4_COLOUR, label="int4 weights"), Patch(color=INT8_COLOUR, label="int8 weights")],
+    axis.legend(handles=[Patch(color=BITS_COLOUR[b], label=f"{weight_form(b)} weights") for b in used],
                 fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return _png(figure)
 

@@ -504,7 +504,7 @@ def test_output_folder_in_proc(folder, tmp_path, capsys, tflite_bytes):
 # ---- policy files for cost --bits ---------------------------------------------------------------
 
 POLICY_CASES = {
-    "bits 5": ('{"board": "b", "model": "m", "layers": [{"name": "0", "kind": "conv", "weight_bits": 5, '
+    "bits 9": ('{"board": "b", "model": "m", "layers": [{"name": "0", "kind": "conv", "weight_bits": 9, '
                '"params": 1}]}', ["layers.0.weight_bits"]),
     "not JSON": ("{bad", ["JSON"]),
     "a list": ("[]", ["top level"]),

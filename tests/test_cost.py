@@ -372,7 +372,7 @@ def test_policy_file_round_trip(tmp_path):
 
 
 @pytest.mark.parametrize("edit,expected", [
-    (lambda p: p["layers"][0].update(weight_bits=5), "layers.0.weight_bits"),
+    (lambda p: p["layers"][0].update(weight_bits=1), "layers.0.weight_bits"),
     (lambda p: p["layers"][1].update(name="conv"), "a layer is listed twice"),
     (lambda p: p.update(layerz=[]), "layerz"),
 ])

@@ -582,3 +582,40 @@ def test_qemu_self_check_of_a_model_ending_in_softmax(kernels, int8_model, digit
     probabilities = TflmRunner(model_bytes).run(build_test_vectors(model_bytes, digits.x_test, digits.y_test,
                                                                    count=VECTORS).inputs)
     assert len(np.unique(probabilities)) > 3, "a trained model's probabilities, not only saturated bytes"
+
+
+@pytest.fixture(scope="session")
+def lut_model(digits) -> bytes:
+    """digits_cnn exported by smpq_edge with its convolutions as 3 and 6-bit LUT layers (a DECODE
+    before each), the depthwise 5-bit and the dense layer int8, from calibrated float weights."""
+    import torch
+
+    from smpq_edge.export.exporter import export_model
+    from smpq_edge.graph import trace
+    from smpq_edge.models import load_model
+    from smpq_edge.quant import QuantNet
+
+    torch.manual_seed(0)
+    source = load_model("digits_cnn", num_classes=digits.num_classes)
+    net = QuantNet(trace(source.module.eval(), source.input_shape), source.module, (3, 5, 6, 8))
+    net.train()
+    with torch.no_grad():
+        net(torch.from_numpy(digits.x_train[:64]))
+        net.commit_observations()
+    net.eval()
+    bits = dict(zip([op.name for op in net.graph.layers], (3, 5, 6, 8)))
+    net.set_policy(bits)
+    return export_model(net, bits, digits.x_train[:64]).tflite
+
+
+@pytest.mark.parametrize("kernels", ["cmsis_nn", "reference"])
+def test_qemu_self_check_of_lut_layers(kernels, lut_model, digits, tmp_path):
+    """TFLM's DECODE expands the LUT layers on the device as on the host: outputs byte-equal; the
+    firmware registers DECODE and compiles its kernel files only because the model uses it."""
+    result, stdout, ops = _qemu_self_check(lut_model, kernels, digits, tmp_path, "digits lut.tflite")
+    assert [op for op, _, _ in ops] == ["TFLM_DECODE", "CONV_2D", "TFLM_DECODE", "DEPTHWISE_CONV_2D",
+                                        "TFLM_DECODE", "CONV_2D", "AVERAGE_POOL_2D", "FULLY_CONNECTED"]
+    assert "AddDecode()" in (result.out_dir / "model_runner.cc").read_text()
+    makefile = (result.out_dir / "Makefile").read_text()
+    assert "decode_state_lut" in makefile
+    assert "decode_state_lut" not in kernel_files(["CONV_2D", "FULLY_CONNECTED"])

@@ -82,3 +82,22 @@ def test_report_states_what_the_single_zero_point_saved():
     note = _zero_point_note(SearchRecord.model_construct(**fields))
     assert "1,234 B less flash" in note and "LiteRT" in note
     assert _zero_point_note(SearchRecord.model_construct(zero_points="per_channel")) == ""
+
+
+def test_litert_opens_a_lut_export_and_names_the_op_it_lacks():
+    """A LUT model (DECODE before its 2-7-bit layers) is a valid TFLite file: LiteRT reads it (the
+    index tensors carry no stray scales) and stops only at TFLM's custom DECODE, which it has no
+    kernel for; TFLM alone runs such a model."""
+    from smpq_edge.export.exporter import export_model
+
+    case = trained_case("digits_cnn")
+    bits = {name: 3 for name in case.bits}
+    case.net.set_policy(bits)
+    try:
+        model = export_model(case.net, bits, case.data.x_train[:64]).tflite
+    finally:
+        case.net.set_policy(case.bits)
+    runner = TflmRunner(model)
+    x = quantise_input(case.data.x_test[:1], runner.input)
+    with pytest.raises(RuntimeError, match="unresolved custom op: TFLM_DECODE"):
+        litert_outputs(model, x)

@@ -1,7 +1,7 @@
 """LUT weights (issue 21, the export slice): a layer of 2, 3, 5, 6 or 7 bits is written as int8
 values on a b-bit grid, stored by tflite-micro's compression tool as b-bit indices into value
 tables with a DECODE operator before it, and TFLM computes from it exactly what the fake-quant
-network computes. The search and the cost model do not offer these widths yet."""
+network computes; the cost model prices the file, and `cost` takes the widths as candidates."""
 
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import pytest
 from smpq_edge.data import load_dataset
 from smpq_edge.emulator import emulate
 from smpq_edge.errors import UserError
-from smpq_edge.export.exporter import LUT_BITS, WEIGHT_BITS, export_model
+from smpq_edge.export.exporter import export_model
 from smpq_edge.export.tflite_file import TfliteModel
 from smpq_edge.graph import trace
 from smpq_edge.models import load_model
+from smpq_edge.precision import LUT_BITS, WEIGHT_BITS
 from smpq_edge.quant import QuantNet
 from smpq_edge.search.runner import calibrate
 from smpq_edge.search.train import TrainConfig, seed_everything, train
@@ -64,3 +65,41 @@ def test_weights_wider_than_8_or_narrower_than_2_bits_are_refused(digits):
     with pytest.raises(UserError, match="TFLM runs weights of 2 to 8 bits"):
         export_model(net, policy, data.x_train[:64])
 
+
+
+def test_the_cost_model_prices_the_exported_lut_model(digits):
+    """Flash within 2 % of the written file (value tables are priced at their bound), the DECODE
+    operators where the exporter put them, and each LUT layer's cycles include its DECODE's."""
+    from smpq_edge.boards import load_board
+    from smpq_edge.cost import DECODE, estimate, tflite_operators
+    from smpq_edge.precision import CANDIDATES
+
+    net, data = digits
+    policy = dict(zip([op.name for op in net.graph.layers], (3, 6, 2, 7)))
+    net.set_policy(policy)
+    exported = export_model(net, policy, data.x_train[:64])
+    board = load_board("qemu-mps2-an386").with_candidates(list(CANDIDATES))
+    report = estimate(net.graph, policy, board)
+    assert abs(report.model_flash_bytes / len(exported.tflite) - 1) < 0.02
+    written = [op.name.removeprefix("CUSTOM:") for op in TfliteModel.from_bytes(exported.tflite).operators()]
+    assert [op.builtin for op in tflite_operators(net.graph, policy)] == written
+    assert [op.op for op in report.ops].count(DECODE) == 4 and "TFLM_DECODE" in [op.op for op in report.ops]
+    decode_cycles = {op.name: op.cycles for op in report.ops if op.op == DECODE}
+    layer_cycles = {op.name: op.cycles for op in report.ops if op.op != DECODE}
+    for layer in report.layers:
+        assert layer.cycles == layer_cycles[layer.name] + decode_cycles[f"{layer.name}/decode"]
+        assert layer.lut_bytes > 0 and layer.decoded_bytes == layer.params
+
+
+def test_cli_cost_takes_lut_candidates(capsys):
+    from smpq_edge.cli import main
+
+    assert main(["cost", "--model", "digits_cnn", "--bits", "3", "--json"]) == 2  # not a candidate of the board
+    assert "--candidates w3a8" in capsys.readouterr().err
+    assert main(["cost", "--model", "digits_cnn", "--bits", "3", "--candidates", "w3a8,w8a8", "--json"]) == 0
+    import json
+
+    report = json.loads(capsys.readouterr().out)
+    assert all(layer["weight_bits"] == 3 and layer["lut_bytes"] > 0 for layer in report["layers"])
+    assert main(["cost", "--model", "digits_cnn", "--candidates", "w4a16"]) == 2
+    assert capsys.readouterr().err.startswith("error: --candidates: w4a16: TFLM runs int16 activations")

@@ -24,6 +24,8 @@ The same onnx2tf layout is rewritten twice: with the policy's bits and with int8
 
 from __future__ import annotations
 
+import contextlib
+import io
 import warnings
 from dataclasses import dataclass, field
 
@@ -38,6 +40,7 @@ from smpq_edge.export.onnx_to_tflite import export_int8
 from smpq_edge.export.tflite_file import TfliteModel
 from smpq_edge.graph import Graph, Op
 from smpq_edge.ops import KINDS
+from smpq_edge.precision import PACKED_INT4, WEIGHT_BITS, is_lut
 from smpq_edge.quant import QuantNet, quantize_weight
 from smpq_edge.softmax import BETA, OUTPUT_SCALE, OUTPUT_ZERO_POINT
 
@@ -50,11 +53,6 @@ _SAME_SCALE_OPS = {"PAD", "SQUEEZE", "EXPAND_DIMS", "TRANSPOSE", "MEAN"} | {
 _STANDALONE = {name: kind.name for kind in KINDS.values() if kind.tflite and not kind.weighted
                and not kind.shares_input_scale for name in (kind.tflite, *kind.tflite_aliases)}
 _INT32_MIN, _INT32_MAX = -(2**31), 2**31 - 1
-# Weight bits the exporter writes: 8 as int8, 4 as packed INT4 (CMSIS-NN's s4 kernels read it as
-# it is), the rest as int8 values on a b-bit grid stored LUT-compressed (TFLM's DECODE expands them
-# into the arena before the layer runs; a LUT cannot hold an INT4 tensor).
-LUT_BITS = (2, 3, 5, 6, 7)
-WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8)
 
 
 @dataclass(frozen=True)
@@ -278,7 +276,7 @@ def _rewrite(template: bytes, net: QuantNet, bits: dict[str, int], matched, acts
         # TFLM alone also reads one for all channels (``single_zero_point``, Board.zero_points).
         zeros = [0] if single_zero_point else [0] * len(scales)
         model.set_tensor_quantization(w_index, scales.tolist(), zeros, axis if len(scales) > 1 else 0)
-        if b == 4:
+        if b == PACKED_INT4:
             model.set_tensor_type(w_index, "INT4")
             model.set_tensor_data(w_index, pack_int4(q))
         else:  # int8 values; on a b-bit grid for a LUT layer, whose indices ``_lut_compress`` writes
@@ -303,8 +301,11 @@ def _rewrite(template: bytes, net: QuantNet, bits: dict[str, int], matched, acts
         model.append_softmax(BETA, OUTPUT_SCALE, OUTPUT_ZERO_POINT)
     model.compact()
     lut = [(op_index, bits[op.name], _quant_axis(op) if net.layer(op.name).per_channel else None)
-           for op, op_index, _, _ in matched if bits[op.name] in LUT_BITS]
+           for op, op_index, _, _ in matched if is_lut(bits[op.name])]
     return _lut_compress(model, lut), rewritten
+
+
+DECODE_OPERATOR = "CUSTOM:TFLM_DECODE"
 
 
 def _lut_compress(model: TfliteModel, layers: list[tuple[int, int, int | None]]) -> bytes:
@@ -320,9 +321,18 @@ def _lut_compress(model: TfliteModel, layers: list[tuple[int, int, int | None]])
     specs = [spec.Tensor(subgraph=0, tensor=operators[op_index].inputs[1], compression=[spec.LookUpTableCompression(
         index_bitwidth=b, mode=spec.PerTensor() if axis is None else spec.PerChannel(axis=axis))])
         for op_index, b, axis in layers]
-    with warnings.catch_warnings():  # "resulted in expansion" for a small layer: the cost model prices it
+    # Quiet: "resulted in expansion" for a small layer (the cost model prices it) and, on stderr,
+    # "index_bitwidth larger than necessary" for a layer whose values use fewer levels than b bits.
+    with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
         warnings.simplefilter("ignore", UserWarning)
-        return bytes(compress(model.to_bytes(), specs))
+        compressed = TfliteModel.from_bytes(bytes(compress(model.to_bytes(), specs)))
+    # The tool leaves the weights' scales on the packed index tensor (UINT8, one value per byte):
+    # DECODE reads them from its output, and LiteRT refuses a file whose scales do not match
+    # their tensor's shape, so they are dropped (12 B per channel less flash).
+    for operator in compressed.operators():
+        if operator.name == DECODE_OPERATOR:
+            compressed.clear_tensor_quantization(operator.inputs[0])
+    return compressed.to_bytes()
 
 
 # Readers of a graph input that take any shape of its size: TFLM's FULLY_CONNECTED reads its

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from smpq_edge.boards import Board
-from smpq_edge.cost import CostReport, estimate, scratch_bytes
+from smpq_edge.cost import CostReport, arena_extra_bytes, estimate
 from smpq_edge.graph import Graph
 
 DIMENSIONS = ("flash", "RAM", "cycles")
@@ -58,8 +58,10 @@ def knapsack(graph: Graph, board: Board, budgets: Budgets, candidates: tuple[int
     base = cost_of(graph, base_bits, board, budgets)
     flash_fixed = base.flash_total_bytes - sum(layer.flash_bytes for layer in base.layers)
     cycles_fixed = base.cycles - sum(layer.cycles for layer in base.layers)
-    # Each layer's least-scratch candidate, so an option's RAM reflects that option's own scratch.
-    least_scratch = {op.name: min(candidates, key=lambda b: (scratch_bytes(op, b, board), -b)) for op in graph.layers}
+    # Each layer's candidate adding the least to the arena (scratch, decoded LUT weights), so an
+    # option's RAM reflects that option's own.
+    least_scratch = {op.name: min(candidates, key=lambda b: (arena_extra_bytes(op, b, board), -b))
+                     for op in graph.layers}
     costs = []
     for i, op in enumerate(graph.layers):
         rows = []

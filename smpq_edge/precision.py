@@ -1,0 +1,69 @@
+"""The precisions a layer can take in TFLM, named as candidates ("w4a8": 4-bit weights, int8
+activations), and how each is stored and run.
+
+- ``w8a8``: int8 weights, read by the int8 kernels.
+- ``w4a8``: packed INT4 weights, read as they are by CMSIS-NN's s4 kernels (the reference kernels
+  unpack them into an arena scratch buffer).
+- ``w2a8``, ``w3a8``, ``w5a8``, ``w6a8``, ``w7a8``: int8 values on a b-bit grid, stored as b-bit
+  indices into value tables (one per output channel, or one for the tensor) by tflite-micro's
+  compression tool; TFLM's DECODE operator expands them into an int8 tensor in the arena before
+  the layer's int8 kernel runs. A LUT cannot hold an INT4 tensor, so 4 bits stay packed INT4.
+
+Activations are int8 for every candidate: TFLM has no int4 activations, and its 16x8 kernels take
+int8 weights only (w8a16 is a later candidate).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Literal
+
+WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8)
+LUT_BITS = (2, 3, 5, 6, 7)
+PACKED_INT4 = 4
+WeightBits = Literal[2, 3, 4, 5, 6, 7, 8]
+Candidate = Literal["w2a8", "w3a8", "w4a8", "w5a8", "w6a8", "w7a8", "w8a8"]
+CANDIDATES: tuple[str, ...] = tuple(f"w{b}a8" for b in WEIGHT_BITS)
+_NAME = re.compile(r"^w(\d+)a(\d+)$")
+
+
+def candidate_name(bits: int) -> str:
+    return f"w{bits}a8"
+
+
+def candidate_bits(name: str) -> int:
+    """The weight bits of a candidate name, or a one-line reason TFLM cannot run it (ValueError)."""
+    if name in CANDIDATES:
+        return int(name[1:-2])
+    match = _NAME.match(name)
+    if not match:
+        raise ValueError(f"'{name}' is not a candidate name (wWaA: W weight bits, A activation bits; "
+                         f"known: {', '.join(CANDIDATES)})")
+    weights, activations = int(match[1]), int(match[2])
+    if activations != 8:
+        reason = ("TFLM runs int16 activations with int8 weights only (16x8 kernels), and not yet in smpq_edge"
+                  if activations == 16 else f"TFLM has no {activations}-bit activations")
+    else:
+        reason = f"TFLM runs weights of 2 to 8 bits, not {weights}"
+    raise ValueError(f"{name}: {reason} (candidates: {', '.join(CANDIDATES)})")
+
+
+def is_lut(bits: int) -> bool:
+    """Whether ``bits``-bit weights are stored LUT-compressed (DECODE expands them before the layer)."""
+    return bits in LUT_BITS
+
+
+def kernel_bits(bits: int) -> int:
+    """The weight width the layer's kernel reads: 4 for packed INT4, else 8 (LUT layers are decoded to int8)."""
+    return PACKED_INT4 if bits == PACKED_INT4 else 8
+
+
+def lut_levels(bits: int) -> int:
+    """Values in a ``bits``-bit layer's value table: the symmetric grid -(2^(b-1)-1) .. 2^(b-1)-1
+    that the fake quantisation uses, one index left unused."""
+    return 2 ** bits - 1
+
+
+def weight_form(bits: int) -> str:
+    """How a layer's weights are stored, for people: "int8", "int4", "int3 LUT"."""
+    return f"int{bits} LUT" if is_lut(bits) else f"int{bits}"
