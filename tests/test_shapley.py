@@ -242,3 +242,42 @@ def test_truncation_stops_each_walk_at_the_breaking_removal():
 def test_value_fn_with_wrong_shape_is_rejected():
     with pytest.raises(ValueError, match="shape"):
         monte_carlo_shapley(lambda masks: np.zeros(len(masks) + 1), N, 5)
+
+
+class _AdditivePolicies:
+    """A coalition value over (layer, candidate) choices that is a sum of per-layer utilities:
+    every upgrade step's Shapley value is its utility gain, whatever the other layers do."""
+
+    max_batch = 512
+
+    def __init__(self, utility: np.ndarray):
+        self.utility = utility  # (layers, candidates)
+
+    def __call__(self, choice: np.ndarray) -> np.ndarray:
+        chosen = choice.reshape(len(choice), *self.utility.shape)
+        assert (chosen.sum(axis=2) == 1).all(), "every coalition must be one candidate per layer"
+        return (chosen * self.utility).sum(axis=(1, 2))
+
+
+@pytest.mark.parametrize("candidates", [(4, 8), (2, 3, 4, 8), (8, 2, 4)])
+def test_layer_players_price_each_candidate_by_its_gain_over_the_narrowest(candidates):
+    """Layer players with more than two candidates play one game per wider candidate against the
+    narrowest: for an additive value each (layer, candidate) entry is exactly its utility above
+    the layer's narrowest candidate (which has no entry), exact enumeration or sampled."""
+    from types import SimpleNamespace
+
+    from smpq_edge.distributed import SINGLE_PROCESS
+    from smpq_edge.search.smpq import _layer_upgrades
+
+    rng = np.random.default_rng(0)
+    layers, k = 5, len(candidates)
+    utility = rng.normal(size=(layers, k))
+    net = SimpleNamespace(graph=SimpleNamespace(layers=[None] * layers), candidates=candidates)
+    narrowest = int(np.argmin(candidates))
+    expected = utility - utility[:, [narrowest]]
+    expected[:, narrowest] = np.nan
+    for exact in (True, False):
+        estimate = _layer_upgrades(_AdditivePolicies(utility), net, 16, 0, SINGLE_PROCESS, exact=exact)
+        np.testing.assert_allclose(estimate.mean.reshape(layers, k), expected, atol=1e-12)
+        assert (estimate.count.reshape(layers, k)[:, narrowest] == 0).all()
+        assert (estimate.count.reshape(layers, k)[:, np.arange(k) != narrowest] > 0).all()

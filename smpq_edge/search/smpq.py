@@ -41,14 +41,18 @@ class ShapleyConfig:
     # top-1 does not flip).
     value: str = "kl"
     # Players of the final table the selection sums: "candidates", Shapley-NAS's (layer, bit-width)
-    # pairs over the mixed supernet; or "layers" (the default), each layer's move from the
-    # narrowest to the widest candidate, so that every coalition is a real policy, run in TFLM's
-    # integer arithmetic. bench/real_tasks.py measured kl + layers against top1 + candidates on
-    # ResNet-8 / CIFAR-10 and DS-CNN / FSDD after post-training calibration (bench/RESULTS.md).
+    # pairs over the mixed supernet; or "layers" (the default), the layers in one game per
+    # candidate wider than the narrowest (a layer in the coalition takes that candidate, the
+    # others the narrowest: one game with two candidates, three with w2a8 w3a8 w4a8 w8a8), so that
+    # every coalition is a real policy, run in TFLM's integer arithmetic. bench/real_tasks.py
+    # measured kl + layers against top1 + candidates on ResNet-8 / CIFAR-10 and DS-CNN / FSDD
+    # after post-training calibration (bench/RESULTS.md).
     final_players: str = "layers"
-    # Layer players are enumerated exactly (all 2^L policies, no sampling error) when that takes
-    # no more coalitions than the final permutations would: (L + 1) x final_permutations >= 2^L,
-    # up to 10 layers at the default 96. Sampled otherwise, or always when False.
+    # Each game's L layers are enumerated exactly (all 2^L policies, no sampling error) when that
+    # takes no more coalitions than the final permutations would: (L + 1) x final_permutations
+    # >= 2^L, up to 10 layers at the default 96. Sampled otherwise (each permutation L + 1
+    # coalitions, shared prefixes computed once by ``QuantNet.coalition_logits``), or always when
+    # False. k candidates cost k - 1 games.
     exact_layers: bool = True
     # A wider bit-width's score is at least a narrower one's (see ``monotone_scores``).
     monotone: bool = True
@@ -168,31 +172,40 @@ def estimate_shapley(net: QuantNet, x: np.ndarray, y: np.ndarray, permutations: 
 
 def _layer_upgrades(value: CoalitionValue, net: QuantNet, permutations: int, seed: int,
                     context: Context, exact: bool) -> ShapleyEstimate:
-    """Shapley values of the layers, where a coalition's layers take the widest candidate and the
-    others the narrowest. No truncation: every coalition is a working network."""
+    """Shapley values of the layers, one game per candidate wider than the narrowest: in the game
+    of candidate c a coalition's layers take c and the others the narrowest, so every coalition is
+    a working policy, run in TFLM's integer arithmetic (no truncation). Layer l's value in c's game
+    is its (l, c) entry: what raising l from the narrowest to c is worth, averaged over which
+    other layers are raised with it; exactly u(l, c) - u(l, narrowest) where the value adds up
+    over layers. The narrowest candidate has no entry (NaN). Two candidates make one game."""
     n_layers, k = len(net.graph.layers), len(net.candidates)
-    wide, narrow = int(np.argmax(net.candidates)), int(np.argmin(net.candidates))
-
-    def policies(masks: np.ndarray) -> np.ndarray:
-        choice = np.zeros((len(masks), n_layers, k), dtype=bool)
-        choice[..., wide] = masks
-        choice[..., narrow] |= ~masks
-        return value(choice.reshape(len(masks), -1))
-
+    narrow = int(np.argmin(net.candidates))
     max_batch = value.max_batch * context.world
-    if exact and 2**n_layers <= (n_layers + 1) * permutations:
-        layers = exact_shapley(policies, n_layers, max_batch=max_batch)
-    else:
-        layers = monte_carlo_shapley(policies, n_layers, permutations, seed=seed, max_batch=max_batch)
+    games = {}
+    widest_first = [c for c in np.argsort(net.candidates)[::-1].tolist() if c != narrow]
+    for j, c in enumerate(widest_first):  # the widest's game keeps the seed (as with two candidates)
+        def policies(masks: np.ndarray, c: int = c) -> np.ndarray:
+            choice = np.zeros((len(masks), n_layers, k), dtype=bool)
+            choice[..., c] = masks
+            choice[..., narrow] |= ~masks
+            return value(choice.reshape(len(masks), -1))
 
-    def per_candidate(a: np.ndarray, missing: float) -> np.ndarray:
+        if exact and 2**n_layers <= (n_layers + 1) * permutations:
+            games[c] = exact_shapley(policies, n_layers, max_batch=max_batch)
+        else:
+            games[c] = monte_carlo_shapley(policies, n_layers, permutations, seed=seed + j, max_batch=max_batch)
+
+    def per_candidate(field: str, missing: float) -> np.ndarray:
         out = np.full((n_layers, k), missing, dtype=np.float64)
-        out[:, wide] = a
+        for c, game in games.items():
+            out[:, c] = getattr(game, field)
         return out.reshape(-1)
 
-    return replace(layers, mean=per_candidate(layers.mean, np.nan), std=per_candidate(layers.std, np.nan),
-                   stderr=per_candidate(layers.stderr, np.nan), count=per_candidate(layers.count, 0).astype(int),
-                   mean_minus_std=per_candidate(layers.mean_minus_std, np.nan))
+    return replace(games[widest_first[0]], mean=per_candidate("mean", np.nan), std=per_candidate("std", np.nan),
+                   stderr=per_candidate("stderr", np.nan), count=per_candidate("count", 0).astype(int),
+                   mean_minus_std=per_candidate("mean_minus_std", np.nan),
+                   n_coalitions=sum(g.n_coalitions for g in games.values()),
+                   n_calls=sum(g.n_calls for g in games.values()))
 
 
 def shapley_scores(estimate: ShapleyEstimate, n_layers: int, n_candidates: int) -> np.ndarray:
