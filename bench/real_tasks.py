@@ -53,7 +53,6 @@ from smpq_edge.models import load_model  # noqa: E402
 from smpq_edge.distributed import SINGLE_PROCESS  # noqa: E402
 from smpq_edge.search.baselines import dmpq_scores, hawq_scores  # noqa: E402
 from smpq_edge.search.runner import SearchConfig, _pick, _prepare, calibrated_supernet, run_search  # noqa: E402
-from smpq_edge.search.select import k_best  # noqa: E402
 from smpq_edge.search.smpq import (CoalitionValue, estimate_shapley, monotone_scores, shapley_scores,  # noqa: E402
                                    validation_batch, value_target)
 from smpq_edge.search.train import TrainConfig, score, seed_everything, train  # noqa: E402
@@ -144,7 +143,7 @@ def smpq_scores(run, net, variant: str, teacher) -> np.ndarray:
 def selected(run, scores: np.ndarray) -> dict[str, int]:
     """The budgeted selector's policy for per-(layer, candidate) scores, as every baseline uses it."""
     sack = run.sack
-    choice = k_best(scores.tolist(), sack.costs, sack.budgets, 1, aggregate=sack.aggregate, names=sack.names)[0].choice
+    choice = sack.k_best(scores.tolist())[0].choice
     return {op.name: run.candidates[k] for op, k in zip(run.graph.layers, choice)}
 
 

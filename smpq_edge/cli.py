@@ -162,7 +162,8 @@ def _cost(parser: argparse.ArgumentParser):
         _print_table(rows, ["layer", "kind", "bits", "params", "MACs", "flash B", "scratch B", "cycles"])
         fits = report.fits
         print()
-        print(f"board {board.name}: model {report.model_flash_bytes} B + reserve {report.reserve_flash_bytes} B = "
+        decode = f" + DECODE code {report.extra_kernel_flash_bytes} B" if report.extra_kernel_flash_bytes else ""
+        print(f"board {board.name}: model {report.model_flash_bytes} B + reserve {report.reserve_flash_bytes} B{decode} = "
               f"{report.flash_total_bytes} B flash of {report.flash_budget_bytes} B ({'ok' if fits['flash'] else 'OVER'})")
         print(f"arena {report.arena_bytes} B + reserve {report.reserve_ram_bytes} B = {report.ram_total_bytes} B RAM "
               f"of {report.ram_budget_bytes} B ({'ok' if fits['ram'] else 'OVER'})")
@@ -397,7 +398,7 @@ def _print_build_summary(out, stages: dict | None = None) -> None:
         return f"{100 * total / budget:.0f} %"
 
     _print_table([
-        ["flash", f"{cost.model_flash_bytes:,} B (.tflite {emulation.model_bytes:,} B)", f"{cost.reserve_flash_bytes:,} B",
+        ["flash", f"{cost.model_flash_bytes:,} B (.tflite {emulation.model_bytes:,} B)", cost.reserve_flash_text(),
          f"{cost.flash_total_bytes:,} B", f"{cost.flash_budget_bytes:,} B", use(cost.flash_total_bytes, cost.flash_budget_bytes)],
         ["RAM", f"arena {cost.arena_bytes:,} B (*)", f"{cost.reserve_ram_bytes:,} B",
          f"{cost.ram_total_bytes:,} B", f"{cost.ram_budget_bytes:,} B", use(cost.ram_total_bytes, cost.ram_budget_bytes)],

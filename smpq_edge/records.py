@@ -38,6 +38,7 @@ class CostRecord(_Record):
     cycles: int
     reserve_flash_bytes: int
     reserve_ram_bytes: int
+    extra_kernel_flash_bytes: int = 0  # DECODE's code, beyond the reserve (records before LUT layers: 0)
     flash_total_bytes: int
     ram_total_bytes: int
     flash_budget_bytes: int
@@ -45,6 +46,11 @@ class CostRecord(_Record):
     cycle_budget: int
     latency_ms: float
     fits: dict[str, bool]
+
+    def reserve_flash_text(self) -> str:
+        """The flash besides the model, for a table: the board's reserve, and DECODE's code."""
+        extra = f" + DECODE {self.extra_kernel_flash_bytes:,} B" if self.extra_kernel_flash_bytes else ""
+        return f"{self.reserve_flash_bytes:,} B{extra}"
 
 
 class MethodRecord(_Record):

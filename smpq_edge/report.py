@@ -228,7 +228,7 @@ def make_report(search: SearchRecord, emulation: EmulationRecord | None) -> Repo
         "accuracy_vs_flash.png": _accuracy_plot(search, task),
     }
     budget_rows = [
-        ["flash", f"{cost.model_flash_bytes:,} B", f"{cost.reserve_flash_bytes:,} B", f"{cost.flash_total_bytes:,} B",
+        ["flash", f"{cost.model_flash_bytes:,} B", cost.reserve_flash_text(), f"{cost.flash_total_bytes:,} B",
          f"{cost.flash_budget_bytes:,} B", "ok" if cost.fits["flash"] else "OVER"],
         ["RAM", f"{cost.arena_bytes:,} B (arena)", f"{cost.reserve_ram_bytes:,} B", f"{cost.ram_total_bytes:,} B",
          f"{cost.ram_budget_bytes:,} B", "ok" if cost.fits["ram"] else "OVER"],

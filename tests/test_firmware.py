@@ -586,8 +586,8 @@ def test_qemu_self_check_of_a_model_ending_in_softmax(kernels, int8_model, digit
 
 @pytest.fixture(scope="session")
 def lut_model(digits) -> bytes:
-    """digits_cnn exported by smpq_edge with its convolutions as 3 and 6-bit LUT layers (a DECODE
-    before each), the depthwise 5-bit and the dense layer int8, from calibrated float weights."""
+    """digits_cnn exported by smpq_edge with LUT-2, LUT-3 (a DECODE before each), packed INT4 and
+    int8 layers (conv, depthwise, pointwise conv, dense), from calibrated float weights."""
     import torch
 
     from smpq_edge.export.exporter import export_model
@@ -597,13 +597,13 @@ def lut_model(digits) -> bytes:
 
     torch.manual_seed(0)
     source = load_model("digits_cnn", num_classes=digits.num_classes)
-    net = QuantNet(trace(source.module.eval(), source.input_shape), source.module, (3, 5, 6, 8))
+    net = QuantNet(trace(source.module.eval(), source.input_shape), source.module, (2, 3, 4, 8))
     net.train()
     with torch.no_grad():
         net(torch.from_numpy(digits.x_train[:64]))
         net.commit_observations()
     net.eval()
-    bits = dict(zip([op.name for op in net.graph.layers], (3, 5, 6, 8)))
+    bits = dict(zip([op.name for op in net.graph.layers], (2, 3, 4, 8)))
     net.set_policy(bits)
     return export_model(net, bits, digits.x_train[:64]).tflite
 
@@ -613,8 +613,8 @@ def test_qemu_self_check_of_lut_layers(kernels, lut_model, digits, tmp_path):
     """TFLM's DECODE expands the LUT layers on the device as on the host: outputs byte-equal; the
     firmware registers DECODE and compiles its kernel files only because the model uses it."""
     result, stdout, ops = _qemu_self_check(lut_model, kernels, digits, tmp_path, "digits lut.tflite")
-    assert [op for op, _, _ in ops] == ["TFLM_DECODE", "CONV_2D", "TFLM_DECODE", "DEPTHWISE_CONV_2D",
-                                        "TFLM_DECODE", "CONV_2D", "AVERAGE_POOL_2D", "FULLY_CONNECTED"]
+    assert [op for op, _, _ in ops] == ["TFLM_DECODE", "CONV_2D", "TFLM_DECODE", "DEPTHWISE_CONV_2D", "CONV_2D",
+                                        "AVERAGE_POOL_2D", "FULLY_CONNECTED"]
     assert "AddDecode()" in (result.out_dir / "model_runner.cc").read_text()
     makefile = (result.out_dir / "Makefile").read_text()
     assert "decode_state_lut" in makefile

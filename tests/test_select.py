@@ -170,3 +170,35 @@ def test_bad_shapes_are_rejected():
         select([[1.0, 2.0]], [np.ones((3, 2))], [None, None, None])
     with pytest.raises(ValueError):
         select([[1.0]], [np.ones((1, 1))], [None], aggregate=["mean"])
+
+
+@settings(max_examples=120, deadline=None)
+@given(instances(), st.data())
+def test_a_shared_cost_is_paid_once_when_any_of_its_options_is_chosen(instance, data):
+    """As a kernel's code: the brute force adds it to the summed dimensions of every selection
+    that picks one of its options, and the ILP finds the same best score."""
+    from smpq_edge.search.select import SharedCost
+
+    scores, costs, budgets, aggregate = instance
+    amount = tuple(0.0 if how == "max" else float(data.draw(st.integers(0, 40))) for how in aggregate)
+    options = tuple(tuple(k for k in range(len(s)) if data.draw(st.booleans())) for s in scores)
+    shared = SharedCost(amount, options)
+    feasible = []
+    for choice in itertools.product(*(range(len(s)) for s in scores)):
+        chosen = np.array([costs[l][k] for l, k in enumerate(choice)], dtype=float)
+        paid = any(k in options[l] for l, k in enumerate(choice))
+        total = [chosen[:, j].max() if how == "max" else chosen[:, j].sum() + (amount[j] if paid else 0)
+                 for j, how in enumerate(aggregate)]
+        if all(b is None or t <= b for t, b in zip(total, budgets)):
+            feasible.append(sum(scores[l][k] for l, k in enumerate(choice)))
+    if not feasible:
+        with pytest.raises(UserError):
+            select(scores, costs, budgets, aggregate=aggregate, shared=[shared])
+        return
+    selection = select(scores, costs, budgets, aggregate=aggregate, shared=[shared])
+    assert selection.score == pytest.approx(max(feasible), abs=GAP)
+    paid = any(k in options[l] for l, k in enumerate(selection.choice))
+    for j, how in enumerate(aggregate):
+        if how == "sum":
+            assert selection.cost[j] == sum(costs[l][k][j] for l, k in enumerate(selection.choice)) + \
+                (amount[j] if paid else 0)

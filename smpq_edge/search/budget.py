@@ -4,7 +4,8 @@ Flash and cycles are additive over layers plus a policy-independent part (tables
 quantisation, pooling, adds); that part is taken off the budget. RAM is the arena's peak: an
 option's RAM is the arena of the policy that gives this layer this candidate and every other
 layer its least-scratch candidate, and the budget bounds each option (a "max" dimension). The
-chosen policy is always re-checked with the full cost model.
+code of TFLM's DECODE, which no board's reserve holds, is flash paid once if any layer takes a
+LUT candidate (a ``SharedCost``). The chosen policy is always re-checked with the full cost model.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from smpq_edge.boards import Board
-from smpq_edge.cost import CostReport, arena_extra_bytes, estimate
+from smpq_edge.cost import CostReport, arena_extra_bytes, decode_kernel_bytes, estimate
 from smpq_edge.graph import Graph
+from smpq_edge.precision import is_lut
+from smpq_edge.search.select import Selection, SharedCost, k_best
 
 DIMENSIONS = ("flash", "RAM", "cycles")
 
@@ -47,6 +50,21 @@ class Knapsack:
     budgets: tuple[int, int, int]  # what is left for the layers in each dimension
     aggregate: tuple[str, str, str] = ("sum", "max", "sum")
     names: tuple[str, str, str] = DIMENSIONS
+    shared: tuple[SharedCost, ...] = ()
+
+    def k_best(self, scores, k: int = 1) -> list[Selection]:
+        """The ``k`` best selections within the budgets for per-(layer, candidate) ``scores``."""
+        return k_best(scores, self.costs, self.budgets, k, aggregate=self.aggregate, names=self.names,
+                      shared=self.shared)
+
+    def totals(self, choice: tuple[int, ...]) -> list[float]:
+        """Each dimension's total for one candidate index per layer, shared costs included."""
+        chosen = np.array([cost[k] for cost, k in zip(self.costs, choice)])
+        out = [chosen[:, j].max() if how == "max" else chosen[:, j].sum() for j, how in enumerate(self.aggregate)]
+        for shared in self.shared:
+            if any(k in options for k, options in zip(choice, shared.options)):
+                out = [total + extra for total, extra in zip(out, shared.cost)]
+        return out
 
 
 def cost_of(graph: Graph, bits: dict[str, int], board: Board, budgets: Budgets) -> CostReport:
@@ -69,4 +87,7 @@ def knapsack(graph: Graph, board: Board, budgets: Budgets, candidates: tuple[int
             report = cost_of(graph, {**least_scratch, op.name: b}, board, budgets)
             rows.append((report.layers[i].flash_bytes, report.ram_total_bytes, report.layers[i].cycles))
         costs.append(np.array(rows, dtype=np.float64))
-    return Knapsack(costs, (budgets.flash_bytes - flash_fixed, budgets.ram_bytes, budgets.cycles - cycles_fixed))
+    lut = tuple(k for k, b in enumerate(candidates) if is_lut(b))
+    shared = (SharedCost((decode_kernel_bytes(board), 0, 0), (lut,) * len(graph.layers)),) if lut else ()
+    return Knapsack(costs, (budgets.flash_bytes - flash_fixed, budgets.ram_bytes, budgets.cycles - cycles_fixed),
+                    shared=shared)

@@ -30,7 +30,7 @@ from smpq_edge.search.baselines import dmpq_scores, hawq_scores
 from smpq_edge.search.budget import DIMENSIONS, Budgets, cost_of, knapsack
 from smpq_edge.search.guard import FloorAction, FloorCheck, Measured, Reference, StageGuard
 from smpq_edge.distributed import SINGLE_PROCESS, Context
-from smpq_edge.search.select import Selection, k_best, smallest_achievable
+from smpq_edge.search.select import Selection, smallest_achievable
 from smpq_edge.search.smpq import (AlphaUpdater, ShapleyConfig, estimate_shapley, monotone_scores,
                                    pick_by_validation, shapley_scores, validation_batch, value_target)
 from smpq_edge.search.train import TrainConfig, per_sample, predictions, score, seed_everything, train
@@ -301,8 +301,7 @@ def _prepare(source: ModelSource, data: Dataset, board: Board, budgets: Budgets,
     graph = traced_for(source, data)
     sack = knapsack(graph, board, budgets, board.weight_bits)
     try:
-        k_best([[0.0] * len(board.weight_bits)] * len(graph.layers), sack.costs, sack.budgets, 1,
-               aggregate=sack.aggregate, names=sack.names)
+        sack.k_best([[0.0] * len(board.weight_bits)] * len(graph.layers))
     except UserError:
         raise UserError(_infeasible_message(sack, budgets, board)) from None
     return _Run(source, data, board, budgets, config, seed, progress, log, context, graph, sack,
@@ -359,8 +358,7 @@ def _pick(run: _Run, net: QuantNet, scores: np.ndarray):
     x_val, y_val = run.data.x_val, run.data.y_val
     sack = run.sack
     ranked = []
-    selections = k_best(scores.tolist(), sack.costs, sack.budgets, run.config.k_best, aggregate=sack.aggregate,
-                        names=sack.names)
+    selections = sack.k_best(scores.tolist(), run.config.k_best)
     bar = progress_bar(len(selections), f"re-rank on {len(y_val):,} validation samples", "policies", run.progress)
     for selection in selections:
         bits = _bits(run.graph, run.candidates, selection)
@@ -524,9 +522,7 @@ def _baseline(method: str, warm: QuantNet, graph: Graph, candidates: tuple[int, 
         if bits not in candidates:
             raise UserError(f"{bits}-bit weights are not a candidate on this board")
         choice = tuple(candidates.index(bits) for _ in graph.layers)
-        totals = [sum(c[k, j] for c, k in zip(sack.costs, choice)) if how == "sum"
-                  else max(c[k, j] for c, k in zip(sack.costs, choice)) for j, how in enumerate(sack.aggregate)]
-        over = [name for name, total, budget in zip(sack.names, totals, sack.budgets) if total > budget]
+        over = [name for name, total, budget in zip(sack.names, sack.totals(choice), sack.budgets) if total > budget]
         if over:
             raise UserError(f"uniform int{bits} is over the {', '.join(over)} budget")
         return {op.name: bits for op in graph.layers}, None, warm
@@ -539,7 +535,7 @@ def _baseline(method: str, warm: QuantNet, graph: Graph, candidates: tuple[int, 
         start = warm
     else:
         raise ValueError(f"unknown baseline {method}")
-    selection = k_best(scores.tolist(), sack.costs, sack.budgets, 1, aggregate=sack.aggregate, names=sack.names)[0]
+    selection = sack.k_best(scores.tolist())[0]
     return _bits(graph, candidates, selection), selection.score, start
 
 

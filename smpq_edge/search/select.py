@@ -8,6 +8,10 @@ written as an integer linear program with one binary per (layer, candidate) and 
 ``scipy.optimize.milp`` (HiGHS). ``k_best`` lists the K best selections by adding a no-good cut
 after each one found.
 
+A shared cost is paid once when any of its options is chosen (the code of a kernel that several
+layers' candidates need, such as TFLM's DECODE for LUT layers): a binary per shared cost, at
+least every one of its options' binaries, adds its cost to the summed dimensions.
+
 HiGHS stops within an absolute objective gap of 1e-6, so a returned score is the optimum to
 within 1e-6 (far below what a validation set can resolve); feasibility is checked exactly.
 """
@@ -23,6 +27,15 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from smpq_edge.errors import UserError
 
 Aggregate = Literal["sum", "max"]
+
+
+@dataclass(frozen=True)
+class SharedCost:
+    """A cost paid once if any of ``options`` is chosen: per dimension (0 in a "max" dimension),
+    and per layer the candidate indices that incur it."""
+
+    cost: tuple[float, ...]
+    options: tuple[tuple[int, ...], ...]
 
 
 @dataclass(frozen=True)
@@ -44,9 +57,10 @@ def select(
     *,
     aggregate: Sequence[Aggregate] | None = None,
     names: Sequence[str] | None = None,
+    shared: Sequence[SharedCost] = (),
 ) -> Selection:
     """The highest-scoring selection within the budgets; see ``k_best`` for the arguments."""
-    return k_best(scores, costs, budgets, 1, aggregate=aggregate, names=names)[0]
+    return k_best(scores, costs, budgets, 1, aggregate=aggregate, names=names, shared=shared)[0]
 
 
 def k_best(
@@ -57,6 +71,7 @@ def k_best(
     *,
     aggregate: Sequence[Aggregate] | None = None,
     names: Sequence[str] | None = None,
+    shared: Sequence[SharedCost] = (),
 ) -> list[Selection]:
     """The ``k`` best distinct selections within the budgets, best first.
 
@@ -65,13 +80,14 @@ def k_best(
     budgets: d limits, None = unconstrained.
     aggregate: per dimension "sum" (default) or "max".
     names: per dimension, for error messages (default "cost[j]").
+    shared: costs paid once when any of their options is chosen.
 
     Returns fewer than k when fewer feasible selections exist. Raises UserError naming the
     smallest achievable value of each budgeted dimension when nothing fits.
     """
     if k < 1:
         raise ValueError(f"k must be at least 1, got {k}")
-    problem = _Problem.build(scores, costs, budgets, aggregate, names)
+    problem = _Problem.build(scores, costs, budgets, aggregate, names, shared)
     found: list[Selection] = []
     cuts: list[tuple[int, ...]] = []
     while len(found) < k:
@@ -100,9 +116,11 @@ class _Problem:
     budgets: tuple[float | None, ...]
     aggregate: tuple[Aggregate, ...]
     names: tuple[str, ...]
+    shared_cost: np.ndarray  # (m, d)
+    shared_options: np.ndarray  # (m, n) bool: variable j incurs shared cost i
 
     @classmethod
-    def build(cls, scores, costs, budgets, aggregate, names) -> _Problem:
+    def build(cls, scores, costs, budgets, aggregate, names, shared=()) -> _Problem:
         if len(scores) == 0 or len(scores) != len(costs):
             raise ValueError(f"need scores and costs for the same layers, got {len(scores)} and {len(costs)}")
         d = len(budgets)
@@ -121,14 +139,23 @@ class _Problem:
         cost = np.concatenate(layer_costs)
         if not (np.all(np.isfinite(score)) and np.all(np.isfinite(cost))):
             raise ValueError("scores and costs must be finite")
+        layer = np.concatenate([np.full(len(s), l) for l, s in enumerate(layer_scores)])
+        candidate = np.concatenate([np.arange(len(s)) for s in layer_scores])
+        shared_cost = np.array([np.asarray(c.cost, dtype=np.float64) for c in shared]).reshape(len(shared), d)
+        if np.any(shared_cost < 0) or np.any(shared_cost[:, [how == "max" for how in aggregate]] != 0):
+            raise ValueError("shared costs must be non-negative and 0 in 'max' dimensions")
+        shared_options = np.array([[k in c.options[l] for l, k in zip(layer, candidate)] for c in shared],
+                                  dtype=bool).reshape(len(shared), len(score))
         return cls(
             score=score,
             cost=cost,
-            layer=np.concatenate([np.full(len(s), l) for l, s in enumerate(layer_scores)]),
-            candidate=np.concatenate([np.arange(len(s)) for s in layer_scores]),
+            layer=layer,
+            candidate=candidate,
             budgets=tuple(None if b is None else float(b) for b in budgets),
             aggregate=aggregate,
             names=names,
+            shared_cost=shared_cost,
+            shared_options=shared_options,
         )
 
     @property
@@ -137,26 +164,34 @@ class _Problem:
 
     def solve(self, cuts: list[tuple[int, ...]]) -> tuple[int, ...] | None:
         """The best choice that is none of ``cuts``, or None if none is feasible."""
-        n = len(self.score)
+        n, m = len(self.score), len(self.shared_cost)
         one_per_layer = (self.layer[None, :] == np.arange(self.n_layers)[:, None]).astype(np.float64)
-        constraints = [LinearConstraint(one_per_layer, 1, 1)]
-        upper = np.ones(n)
+        constraints = [LinearConstraint(self._padded(one_per_layer), 1, 1)]
+        upper = np.ones(n + m)
         for j, (budget, how) in enumerate(zip(self.budgets, self.aggregate)):
             if budget is None:
                 continue
             if how == "max":
-                upper[self.cost[:, j] > budget] = 0
+                upper[:n][self.cost[:, j] > budget] = 0
             else:
                 # Scaled to O(1) so HiGHS's absolute tolerances mean the same in every dimension.
-                scale = max(abs(budget), np.abs(self.cost[:, j]).max()) or 1.0
-                constraints.append(LinearConstraint(self.cost[:, j] / scale, -np.inf, budget / scale))
+                row = np.concatenate([self.cost[:, j], self.shared_cost[:, j]])
+                scale = max(abs(budget), np.abs(row).max()) or 1.0
+                constraints.append(LinearConstraint(row / scale, -np.inf, budget / scale))
+        if m:
+            # x_j <= z_i for every option j of shared cost i.
+            pairs = np.argwhere(self.shared_options)
+            link = np.zeros((len(pairs), n + m))
+            link[np.arange(len(pairs)), pairs[:, 1]] = 1
+            link[np.arange(len(pairs)), n + pairs[:, 0]] = -1
+            constraints.append(LinearConstraint(link, -np.inf, 0))
         if cuts:
             # No-good cut: at most L - 1 of a found choice's binaries may be 1 again.
             rows = np.array([self._indicator(choice) for choice in cuts])
-            constraints.append(LinearConstraint(rows, -np.inf, self.n_layers - 1))
+            constraints.append(LinearConstraint(self._padded(rows), -np.inf, self.n_layers - 1))
         result = milp(
-            c=-self.score,
-            integrality=np.ones(n),
+            c=np.concatenate([-self.score, np.zeros(m)]),
+            integrality=np.ones(n + m),
             bounds=Bounds(0, upper),
             constraints=constraints,
             options={"mip_rel_gap": 0},
@@ -165,17 +200,23 @@ class _Problem:
             return None
         if not result.success:
             raise RuntimeError(f"the selection ILP failed: {result.message}")
-        chosen = result.x > 0.5
+        chosen = result.x[:n] > 0.5
         return tuple(int(c) for c in self.candidate[chosen])
+
+    def _padded(self, rows: np.ndarray) -> np.ndarray:
+        """Constraint rows over the options, with zeros for the shared costs' binaries."""
+        return np.hstack([rows, np.zeros((len(rows), len(self.shared_cost)))])
 
     def _indicator(self, choice: tuple[int, ...]) -> np.ndarray:
         return (self.candidate == np.asarray(choice)[self.layer]).astype(np.float64)
 
     def totals(self, choice: tuple[int, ...]) -> np.ndarray:
-        chosen = self.cost[self._indicator(choice) == 1]
+        picked = self._indicator(choice) == 1
+        chosen = self.cost[picked]
+        incurred = self.shared_cost[self.shared_options[:, picked].any(axis=1)].sum(axis=0)
         return np.array(
             [chosen[:, j].max() if how == "max" else chosen[:, j].sum() for j, how in enumerate(self.aggregate)]
-        )
+        ) + incurred
 
     def fits(self, choice: tuple[int, ...]) -> bool:
         totals = self.totals(choice)
