@@ -55,6 +55,9 @@ class Reserve(_Strict):
 
     flash_kb: Number = Field(ge=0, le=MAX_FLASH_KB)
     ram_kb: Number = Field(ge=0, le=MAX_RAM_KB)
+    # Whether flash_kb already holds TFLM's DECODE (about 22 KB, for LUT layers); if not, a policy
+    # with a LUT layer pays it on top.
+    decode: StrictBool = False
 
 
 class Budgets(_Strict):

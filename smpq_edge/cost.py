@@ -140,9 +140,9 @@ def registered_kernels(graph: Graph, bits: dict[str, int], kernels: str) -> tupl
 
 
 def decode_kernel_bytes(board: Board) -> int:
-    """TFLM's DECODE code: no board's reserve holds it (the reserves were set for int8/INT4 kernels),
-    so a policy with a LUT layer pays it on top."""
-    return RUNTIME[board.kernels].flash_per_kernel[DECODE]
+    """TFLM's DECODE code a policy with a LUT layer pays on top of the board's reserve: the built-in
+    reserves were set for the int8 and INT4 kernels (0 where ``reserve.decode`` says it holds it)."""
+    return 0 if board.reserve.decode else RUNTIME[board.kernels].flash_per_kernel[DECODE]
 
 
 def runtime_flash_bytes(graph: Graph, bits: dict[str, int], kernels: str) -> int:

@@ -108,3 +108,22 @@ def test_cli_cost_takes_lut_candidates(capsys):
     assert all(layer["weight_bits"] == 3 and layer["lut_bytes"] > 0 for layer in report["layers"])
     assert main(["cost", "--model", "digits_cnn", "--candidates", "w4a16"]) == 2
     assert capsys.readouterr().err.startswith("error: --candidates: w4a16: TFLM runs int16 activations")
+
+
+def test_a_reserve_that_holds_decode_pays_no_extra_flash(digits):
+    """`reserve: {decode: true}`: the board's reserve already counts DECODE's code, so neither the
+    cost report nor the selector adds it; by default both do, once."""
+    from smpq_edge.boards import load_board
+    from smpq_edge.cost import estimate
+    from smpq_edge.precision import CANDIDATES
+    from smpq_edge.search.budget import Budgets, knapsack
+
+    net, _ = digits
+    board = load_board("nucleo-l4r5zi").with_candidates(list(CANDIDATES))
+    holds = board.model_copy(update={"reserve": board.reserve.model_copy(update={"decode": True})})
+    policy = {op.name: 3 for op in net.graph.layers}
+    charged, covered = estimate(net.graph, policy, board), estimate(net.graph, policy, holds)
+    assert charged.flash_total_bytes - covered.flash_total_bytes == charged.extra_kernel_flash_bytes > 20000
+    assert covered.extra_kernel_flash_bytes == 0
+    assert len(knapsack(net.graph, board, Budgets.of_board(board), board.weight_bits).shared) == 1
+    assert knapsack(net.graph, holds, Budgets.of_board(holds), holds.weight_bits).shared == ()

@@ -88,6 +88,7 @@ def knapsack(graph: Graph, board: Board, budgets: Budgets, candidates: tuple[int
             rows.append((report.layers[i].flash_bytes, report.ram_total_bytes, report.layers[i].cycles))
         costs.append(np.array(rows, dtype=np.float64))
     lut = tuple(k for k, b in enumerate(candidates) if is_lut(b))
-    shared = (SharedCost((decode_kernel_bytes(board), 0, 0), (lut,) * len(graph.layers)),) if lut else ()
+    code = decode_kernel_bytes(board)
+    shared = (SharedCost((code, 0, 0), (lut,) * len(graph.layers)),) if lut and code else ()
     return Knapsack(costs, (budgets.flash_bytes - flash_fixed, budgets.ram_bytes, budgets.cycles - cycles_fixed),
                     shared=shared)
