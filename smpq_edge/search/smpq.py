@@ -42,8 +42,8 @@ class ShapleyConfig:
     value: str = "kl"
     # Players of the final table the selection sums: "candidates", Shapley-NAS's (layer, bit-width)
     # pairs over the mixed supernet; or "layers" (the default), the layers in one game per
-    # candidate wider than the narrowest (a layer in the coalition takes that candidate, the
-    # others the narrowest: one game with two candidates, three with w2a8 w3a8 w4a8 w8a8), so that
+    # candidate narrower than the widest (a layer in the coalition takes the widest, the others
+    # that candidate: one game with two candidates, three with w2a8 w3a8 w4a8 w8a8), so that
     # every coalition is a real policy, run in TFLM's integer arithmetic. bench/real_tasks.py
     # measured kl + layers against top1 + candidates on ResNet-8 / CIFAR-10 and DS-CNN / FSDD
     # after post-training calibration (bench/RESULTS.md).
@@ -172,22 +172,28 @@ def estimate_shapley(net: QuantNet, x: np.ndarray, y: np.ndarray, permutations: 
 
 def _layer_upgrades(value: CoalitionValue, net: QuantNet, permutations: int, seed: int,
                     context: Context, exact: bool) -> ShapleyEstimate:
-    """Shapley values of the layers, one game per candidate wider than the narrowest: in the game
-    of candidate c a coalition's layers take c and the others the narrowest, so every coalition is
-    a working policy, run in TFLM's integer arithmetic (no truncation). Layer l's value in c's game
-    is its (l, c) entry: what raising l from the narrowest to c is worth, averaged over which
-    other layers are raised with it; exactly u(l, c) - u(l, narrowest) where the value adds up
-    over layers. The narrowest candidate has no entry (NaN). Two candidates make one game."""
+    """Shapley values of the layers, one game per candidate c narrower than the widest: in c's
+    game a coalition's layers take the widest candidate and the others c, so every coalition is a
+    working policy, run in TFLM's integer arithmetic (no truncation), and a layer's value is what
+    raising it from c to the widest is worth, averaged over which other layers stay at c.
+
+    Layer l's entry for candidate c is its value in the narrowest's game less its value in c's:
+    what raising it from the narrowest to c is worth (exactly u(l, c) - u(l, narrowest) where the
+    value adds up over layers). With two candidates there is one game and the widest's entry is
+    the layer's value in it, as before. The entries' differences, which the selector compares, are
+    each candidate's shortfall from the widest measured around the widest: lowering one layer to
+    2 bits among int8 and 2-bit ones, not raising one among 2-bit layers that leave the network at
+    chance whatever it does. The narrowest candidate has no entry (NaN)."""
     n_layers, k = len(net.graph.layers), len(net.candidates)
-    narrow = int(np.argmin(net.candidates))
+    order = np.argsort(net.candidates)  # narrowest first
+    narrow, wide = int(order[0]), int(order[-1])
     max_batch = value.max_batch * context.world
     games = {}
-    widest_first = [c for c in np.argsort(net.candidates)[::-1].tolist() if c != narrow]
-    for j, c in enumerate(widest_first):  # the widest's game keeps the seed (as with two candidates)
+    for j, c in enumerate(order[:-1].tolist()):  # the narrowest's game keeps the seed (as with two candidates)
         def policies(masks: np.ndarray, c: int = c) -> np.ndarray:
             choice = np.zeros((len(masks), n_layers, k), dtype=bool)
-            choice[..., c] = masks
-            choice[..., narrow] |= ~masks
+            choice[..., wide] = masks
+            choice[..., c] |= ~masks
             return value(choice.reshape(len(masks), -1))
 
         if exact and 2**n_layers <= (n_layers + 1) * permutations:
@@ -195,16 +201,22 @@ def _layer_upgrades(value: CoalitionValue, net: QuantNet, permutations: int, see
         else:
             games[c] = monte_carlo_shapley(policies, n_layers, permutations, seed=seed + j, max_batch=max_batch)
 
-    def per_candidate(field: str, missing: float) -> np.ndarray:
-        out = np.full((n_layers, k), missing, dtype=np.float64)
-        for c, game in games.items():
-            out[:, c] = getattr(game, field)
+    base = games[narrow]
+
+    def per_candidate(mean: bool, field: str) -> np.ndarray:
+        out = np.full((n_layers, k), np.nan)
+        for c in order[1:].tolist():
+            a, b = getattr(base, field), getattr(games[c], field) if c != wide else None
+            out[:, c] = a if b is None else (a - b if mean else np.sqrt(a ** 2 + b ** 2))
         return out.reshape(-1)
 
-    return replace(games[widest_first[0]], mean=per_candidate("mean", np.nan), std=per_candidate("std", np.nan),
-                   stderr=per_candidate("stderr", np.nan), count=per_candidate("count", 0).astype(int),
-                   mean_minus_std=per_candidate("mean_minus_std", np.nan),
-                   n_coalitions=sum(g.n_coalitions for g in games.values()),
+    count = np.zeros((n_layers, k), dtype=int)
+    for c in order[1:].tolist():
+        count[:, c] = base.count if c == wide else np.minimum(base.count, games[c].count)
+    entries = per_candidate(True, "mean")
+    std = per_candidate(False, "std")
+    return replace(base, mean=entries, std=std, stderr=per_candidate(False, "stderr"), count=count.reshape(-1),
+                   mean_minus_std=entries - std, n_coalitions=sum(g.n_coalitions for g in games.values()),
                    n_calls=sum(g.n_calls for g in games.values()))
 
 
