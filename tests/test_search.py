@@ -318,3 +318,20 @@ def test_hawq_never_prefers_fewer_bits_on_a_negative_trace_estimate(digits):
     calibrate(net, digits, 0)
     scores = hawq_scores(net, digits, 0, batches_used=1, probes=1)
     assert (scores <= 0).all() and (scores[:, 1] >= scores[:, 0]).all()
+
+
+def test_uniform_policies_within_the_budgets_join_the_rerank():
+    """A uniform policy that fits is a re-rank challenger with its summed score and costs; one over a
+    budget is not."""
+    from types import SimpleNamespace
+
+    from smpq_edge.search.budget import Knapsack
+    from smpq_edge.search.runner import _uniform_challengers
+
+    costs = [np.array([[10.0, 5.0, 1.0], [20.0, 5.0, 2.0]])] * 3  # per layer: candidate 0 small, 1 large
+    sack = Knapsack(costs, (45.0, 100.0, 100.0))
+    run = SimpleNamespace(candidates=(4, 8), graph=SimpleNamespace(layers=[None] * 3), sack=sack)
+    scores = np.array([[0.0, 1.0], [0.0, 2.0], [0.0, 3.0]])
+    challengers = _uniform_challengers(run, scores)
+    assert [c.choice for c in challengers] == [(0, 0, 0)]  # all-8 needs 60 > 45
+    assert challengers[0].score == 0.0 and challengers[0].cost == (30.0, 5.0, 3.0)
