@@ -330,7 +330,10 @@ def rerank_note(search, task) -> None:
     chosen = next((i for i, k in enumerate(search.k_best) if k.chosen), 0)
     if chosen:
         top, pick = search.k_best[0], search.k_best[chosen]
-        print(f"note: the re-rank on validation picked the K-best policy #{chosen + 1} "
+        widths = set(pick.bits.values())
+        which = (f"the uniform {weight_form(widths.pop())} policy" if len(widths) == 1
+                 else f"the K-best policy #{chosen + 1}")
+        print(f"note: the re-rank on validation picked {which} "
               f"({' '.join(map(str, pick.bits.values()))}, validation {task.metric} {task.show(pick.val_acc)}) over "
               f"the summed-Shapley optimum ({' '.join(map(str, top.bits.values()))}, {task.show(top.val_acc)})")
 

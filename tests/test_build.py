@@ -354,11 +354,19 @@ def test_summary_says_when_the_rerank_replaced_the_shapley_optimum(default_build
     rerank_note(search.model_copy(update={"k_best": [k.model_copy(update={"chosen": i == 0})
                                                      for i, k in enumerate(search.k_best)]}), TASKS[search.task])
     assert capsys.readouterr().out == "", "nothing to say when the optimum itself was picked"
-    second = [k.model_copy(update={"chosen": i == 1}) for i, k in enumerate(search.k_best)]
+    names = list(search.k_best[1].bits)
+    mixed = {name: 4 if i == 0 else 8 for i, name in enumerate(names)}
+    second = [k.model_copy(update={"chosen": i == 1, **({"bits": mixed} if i == 1 else {})})
+              for i, k in enumerate(search.k_best)]
     rerank_note(search.model_copy(update={"k_best": second}), TASKS[search.task])
     out = capsys.readouterr().out
     assert "picked the K-best policy #2" in out and "over the summed-Shapley optimum" in out
     assert TASKS[search.task].show(search.k_best[1].val_acc) in out and TASKS[search.task].show(search.k_best[0].val_acc) in out
+    # A uniform challenger (the re-rank measures the uniform policies that fit too) is named as such.
+    uniform = [k.model_copy(update={"chosen": i == 1, **({"bits": dict.fromkeys(names, 4)} if i == 1 else {})})
+               for i, k in enumerate(search.k_best)]
+    rerank_note(search.model_copy(update={"k_best": uniform}), TASKS[search.task])
+    assert "picked the uniform int4 policy" in capsys.readouterr().out
 
 
 def test_stage_times_name_each_stage_and_what_ran():
