@@ -486,7 +486,7 @@ def decode_variant(op: Op, bits: int) -> str:
     """DECODE's LUT loop: TFLM unrolls 2 and 3-bit indices when the tables run along the first
     axis; a depthwise filter's channels are its last axis (the "alternate axis"), and other widths
     take the generic loop."""
-    return f"decode_lut{bits}" if bits in (2, 3) and op.kind != "depthwise" else "decode_lut"
+    return f"decode_lut{bits}" if bits in _UNROLLED_GROUP and op.kind != "depthwise" else "decode_lut"
 
 
 WORK_UNITS = tuple(f.name for f in fields(OpWork))
