@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Annotated, Literal
 
 import yaml
-from pydantic import AllowInfNan, BaseModel, ConfigDict, Field, Strict, StrictBool, ValidationError, field_validator, model_validator
+from pydantic import (AllowInfNan, BaseModel, ConfigDict, Field, Strict, StrictBool, ValidationError, field_validator,
+                      model_validator)
 
 from smpq_edge.errors import UserError
 from smpq_edge.precision import candidate_bits

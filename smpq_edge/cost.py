@@ -31,7 +31,7 @@ from smpq_edge.boards import Board, KernelCycles
 from smpq_edge.errors import UserError
 from smpq_edge.graph import Graph, Op
 from smpq_edge.ops import KINDS
-from smpq_edge.precision import PACKED_INT4, is_lut, kernel_bits, lut_levels
+from smpq_edge.precision import DECODE_OP, PACKED_INT4, is_lut, kernel_bits, lut_levels
 
 # TFLite flatbuffer: a scale (float32) and a zero point (int64) per quantisation channel, as the
 # schema wants and LiteRT checks; weight and bias tensors may instead keep one zero point, which
@@ -118,8 +118,7 @@ RUNTIME = {
 # SOFTMAX's entries are not bench/cycles.py fits: measured once, as the text + data a 10-class
 # model's firmware gained with a SOFTMAX (less the 160 model bytes it added), on the same QEMU build.
 VARIANT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
-# TFLM's DECODE is a custom operator; its registration (and the firmware's profile) names it so.
-DECODE = "TFLM_DECODE"
+DECODE = DECODE_OP  # as the firmware's profile names the operator
 # A LUT tensor's ancillary data starts with TFLM's 16-byte decode common metadata (DCM).
 DCM_BYTES = 16
 

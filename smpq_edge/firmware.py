@@ -30,6 +30,7 @@ import numpy as np
 from smpq_edge.boards import Board, Core
 from smpq_edge.errors import UserError
 from smpq_edge.fileio import ensure_dir, write_json, write_text
+from smpq_edge.precision import DECODE_OP
 
 # The templates are package data (installed with the package, editable or not).
 FIRMWARE_DIR = Path(__file__).resolve().parent / "firmware_templates"
@@ -82,7 +83,7 @@ ADD_METHODS: dict[str, str] = {
     "UNPACK": "AddUnpack", "UNIDIRECTIONAL_SEQUENCE_LSTM": "AddUnidirectionalSequenceLSTM",
     "VAR_HANDLE": "AddVarHandle", "WHILE": "AddWhile", "ZEROS_LIKE": "AddZerosLike",
     # Custom: the DECODE before a LUT-compressed layer (tflite-micro's compression tool).
-    "CUSTOM:TFLM_DECODE": "AddDecode",
+    f"CUSTOM:{DECODE_OP}": "AddDecode",
 }
 
 # Ops with weight-type-specific CMSIS-NN registrations (int8 activations): Register_<OP>_INT4()
@@ -120,7 +121,8 @@ _KERNEL_DEPS: dict[str, tuple[str, ...]] = {
 _KERNEL_FILE_OF: dict[str, str] = {
     "ABS": "elementwise", "ADD_N": "add_n", "ARG_MAX": "arg_min_max", "ARG_MIN": "arg_min_max",
     "AVERAGE_POOL_2D": "pooling", "BATCH_TO_SPACE_ND": "batch_to_space_nd", "CONCATENATION": "concatenation",
-    "CONV_2D": "conv", "COS": "elementwise", "CUSTOM:TFLM_DECODE": "decode", "DEPTHWISE_CONV_2D": "depthwise_conv", "EQUAL": "comparisons",
+    "CONV_2D": "conv", "COS": "elementwise", "DEPTHWISE_CONV_2D": "depthwise_conv", "EQUAL": "comparisons",
+    f"CUSTOM:{DECODE_OP}": "decode",
     "GREATER": "comparisons", "GREATER_EQUAL": "comparisons", "L2_NORMALIZATION": "l2norm",
     "LESS": "comparisons", "LESS_EQUAL": "comparisons", "LOG": "elementwise", "LOGICAL_AND": "logical",
     "LOGICAL_NOT": "elementwise", "LOGICAL_OR": "logical", "LOG_SOFTMAX": "log_softmax",

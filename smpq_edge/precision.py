@@ -22,13 +22,11 @@ WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8)
 LUT_BITS = (2, 3, 5, 6, 7)
 PACKED_INT4 = 4
 WeightBits = Literal[2, 3, 4, 5, 6, 7, 8]
-Candidate = Literal["w2a8", "w3a8", "w4a8", "w5a8", "w6a8", "w7a8", "w8a8"]
 CANDIDATES: tuple[str, ...] = tuple(f"w{b}a8" for b in WEIGHT_BITS)
 _NAME = re.compile(r"^w(\d+)a(\d+)$")
-
-
-def candidate_name(bits: int) -> str:
-    return f"w{bits}a8"
+# TFLM's DECODE is a custom operator of this name: the resolver's, the profile's and (after
+# "CUSTOM:") the .tflite's.
+DECODE_OP = "TFLM_DECODE"
 
 
 def candidate_bits(name: str) -> int:

@@ -40,7 +40,7 @@ from smpq_edge.export.onnx_to_tflite import export_int8
 from smpq_edge.export.tflite_file import TfliteModel
 from smpq_edge.graph import Graph, Op
 from smpq_edge.ops import KINDS
-from smpq_edge.precision import PACKED_INT4, WEIGHT_BITS, is_lut
+from smpq_edge.precision import DECODE_OP, PACKED_INT4, WEIGHT_BITS, is_lut
 from smpq_edge.quant import QuantNet, quantize_weight
 from smpq_edge.softmax import BETA, OUTPUT_SCALE, OUTPUT_ZERO_POINT
 
@@ -305,7 +305,7 @@ def _rewrite(template: bytes, net: QuantNet, bits: dict[str, int], matched, acts
     return _lut_compress(model, lut), rewritten
 
 
-DECODE_OPERATOR = "CUSTOM:TFLM_DECODE"
+DECODE_OPERATOR = f"CUSTOM:{DECODE_OP}"
 
 
 def _lut_compress(model: TfliteModel, layers: list[tuple[int, int, int | None]]) -> bytes:

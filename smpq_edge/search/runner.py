@@ -367,8 +367,9 @@ def _uniform_challengers(run: _Run, scores: np.ndarray) -> list[Selection]:
 
 def _pick(run: _Run, net: QuantNet, scores: np.ndarray):
     """The K best by summed Shapley and the uniform policies (``_uniform_challengers``) that fit the
-    full cost model, re-ranked on the whole validation split: on the Shapley batch alone (512 samples) a challenger's lead of one standard error was
-    noise often enough to cost ResNet-8 / CIFAR-10 1.3 points of held-out accuracy (bench/RESULTS.md)."""
+    full cost model, re-ranked on the whole validation split: on the Shapley batch alone (512
+    samples) a challenger's lead of one standard error was noise often enough to cost ResNet-8 /
+    CIFAR-10 1.3 points of held-out accuracy (bench/RESULTS.md)."""
     x_val, y_val = run.data.x_val, run.data.y_val
     sack = run.sack
     ranked = []
