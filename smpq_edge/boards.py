@@ -1,4 +1,4 @@
-"""Board profiles: YAML files in ``smpq_edge/board_profiles/`` (or a user's own path) validated into ``Board``.
+"""Board profiles: YAML files in ``boards/`` (or a user's own path) validated into ``Board``.
 
 Validation is strict on purpose: an unknown key (``flash_kbb``), a wrong type, a size outside what
 microcontrollers have, or a budget larger than the board stops with one line naming the file and
@@ -8,6 +8,7 @@ the field, because a silently ignored typo would give a model that does not fit 
 from __future__ import annotations
 
 from enum import Enum
+from importlib import resources
 from pathlib import Path
 from typing import Annotated, Literal
 
@@ -18,7 +19,7 @@ from pydantic import (AllowInfNan, BaseModel, ConfigDict, Field, Strict, StrictB
 from smpq_edge.errors import UserError
 from smpq_edge.precision import candidate_bits
 
-BOARDS_DIR = Path(__file__).resolve().parent / "board_profiles"  # package data: found installed or not
+BOARDS_DIR = Path(str(resources.files("smpq_edge.board_profiles")))  # boards/ in the repository
 
 # Largest sizes accepted: beyond these a figure is a typo (bytes given as KB), not a microcontroller.
 MAX_FLASH_KB = 64 * 1024

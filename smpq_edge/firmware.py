@@ -7,7 +7,7 @@ margin, embedded test vectors with the host interpreter's outputs, a self-check 
 the board port (start-up code and linker script where the repo has a bare-metal port) and a
 ``Makefile``/``CMakeLists.txt`` that take the TFLM tree from ``TFLM_DIR``.
 
-Files come from hand-written templates in ``smpq_edge/firmware_templates/`` (``common/`` for
+Files come from hand-written templates in ``firmware/`` (``common/`` for
 every board, ``ports/<port>/`` per port), filled whole with ``FileTemplate`` (``@@name@@``
 placeholders; every placeholder must be given and every value used). Output is deterministic:
 the same spec, board and margin give byte-identical files.
@@ -22,6 +22,7 @@ import math
 import re
 import string
 from dataclasses import dataclass, replace
+from importlib import resources
 from pathlib import Path
 from typing import Literal
 
@@ -33,7 +34,7 @@ from smpq_edge.fileio import ensure_dir, write_json, write_text
 from smpq_edge.precision import DECODE_OP
 
 # The templates are package data (installed with the package, editable or not).
-FIRMWARE_DIR = Path(__file__).resolve().parent / "firmware_templates"
+FIRMWARE_DIR = Path(str(resources.files("smpq_edge.firmware_templates")))  # firmware/ in the repository
 BYTES_PER_LINE = 12  # model_data.cc: hex bytes per line
 VALUES_PER_LINE = 16  # test_vectors.cc: decimal values per line
 DEFAULT_VECTORS = 20
@@ -233,7 +234,7 @@ class Memory:
 class Port:
     """How a board's firmware is built and run: a bare-metal image or a library for its SDK."""
 
-    name: str  # folder under firmware_templates/ports/ with its README part (and run rules)
+    name: str  # folder under firmware/ports/ with its README part (and run rules)
     kind: Literal["baremetal", "library"]
     flash: Memory | None = None
     ram: Memory | None = None
@@ -326,7 +327,7 @@ class FileTemplate(string.Template):
 
 
 def fill_template(relative: str, values: dict[str, object]) -> str:
-    """A template under firmware_templates/ filled whole; each placeholder given, each value used."""
+    """A template under firmware/ filled whole; each placeholder given, each value used."""
     path = FIRMWARE_DIR / relative
     template = FileTemplate(path.read_text(encoding="utf-8"))
     wanted = set(template.get_identifiers())

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, replace
+from importlib import resources
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -21,7 +22,7 @@ if TYPE_CHECKING:  # torch is imported where a model is built, so that a bad arg
 
     from smpq_edge.preprocess import InputAffine
 
-EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"  # package data: found installed or not
+EXAMPLES_DIR = Path(str(resources.files("smpq_edge.examples")))  # examples/ in the repository
 
 
 @dataclass
