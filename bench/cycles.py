@@ -201,7 +201,7 @@ def measure(case: str, policy: str, tflite: Path, tflm: Path, work: Path) -> lis
         objects = tflite.parent / f"build-{kernels}"
         elf, _ = build_firmware(firmware, objects, tflm, cache_dir(kernels, work), 2, 3600,
                                 tflite.parent / f"make-{kernels}.log", kernels=kernels)
-        text, _ = run_qemu(BOARD, elf, 1800)
+        text, _ = run_qemu(load_board(BOARD).port.qemu_machine, elf, 1800)
         (tflite.parent / f"report-{kernels}.txt").write_text(text)
         check = parse_self_check(text, str(elf))
         if not check.passed:

@@ -62,6 +62,47 @@ class Reserve(_Strict):
     decode: StrictBool = False
 
 
+# The firmware/ports/<run>/ folders: how an image is flashed and run (README part, make rules).
+RUNNERS = ("stm32", "qemu", "library")
+C_IDENTIFIER = r"^[A-Za-z_][A-Za-z0-9_]{0,63}$"
+ADDRESS = Field(default=None, ge=0, le=0xFFFF_FFFF)
+
+
+class Port(_Strict):
+    """How the board's firmware is built and run (``smpq_edge.firmware``): a bare-metal image
+    with the start-up code and linker script of ``firmware/ports/baremetal/``, or a library that
+    the board's SDK links."""
+
+    kind: Literal["baremetal", "library"]
+    run: Literal[RUNNERS]  # type: ignore[valid-type]
+    flash_origin: int | None = ADDRESS  # bare metal: where flash starts (its size is flash_kb)
+    ram_origin: int | None = ADDRESS
+    # The contiguous RAM the linker script may use, when less than ram_kb (split SRAM banks).
+    ram_kb: Number | None = Field(default=None, gt=0, le=MAX_RAM_KB)
+    stack_kb: Number = Field(default=8, gt=0, le=1024)
+    qemu_machine: str | None = Field(default=None, pattern=r"^[a-z0-9-]{1,40}$")  # `validate` runs it there
+    instructions_per_tick: int = Field(default=0, ge=0)  # QEMU -icount shift=0: instructions per SysTick tick
+    pyocd_target: str | None = Field(default=None, pattern=r"^[a-z0-9_]{1,40}$")
+    dwt_unlock: StrictBool = False  # Cortex-M7: the DWT's CoreSight lock must be opened
+    use_systick: StrictBool = True  # SysTick fallback (else the SDK may own SysTick)
+    systick_handler: str = Field(default="SysTick_Handler", pattern=C_IDENTIFIER)
+    sdk_hint: str = Field(default="", max_length=300)
+    flash_hint: str = Field(default="", max_length=300)
+
+    @model_validator(mode="after")
+    def _memory_map(self) -> Port:
+        has_map = self.flash_origin is not None and self.ram_origin is not None
+        if self.kind == "baremetal" and not has_map:
+            raise ValueError("a baremetal port needs flash_origin and ram_origin")
+        if self.kind == "library" and (self.flash_origin is not None or self.ram_origin is not None):
+            raise ValueError("a library port has no memory map (the SDK links it): drop flash_origin and ram_origin")
+        if (self.kind == "library") != (self.run == "library"):
+            raise ValueError(f"run: {self.run!r} does not go with kind {self.kind!r}")
+        if (self.run == "qemu") != (self.qemu_machine is not None):
+            raise ValueError("run: qemu and qemu_machine go together")
+        return self
+
+
 class Budgets(_Strict):
     """Whole-firmware limits (model plus reserve); each must fit the board."""
 
@@ -126,6 +167,7 @@ class Board(_Strict):
     zero_points: Literal["per_channel", "single"] = "per_channel"
     # Kernel variant of ``KERNEL_VARIANTS[kernels]`` -> its cycle formula; exactly those variants.
     cycles: dict[str, KernelCycles]
+    port: Port
 
     @model_validator(mode="before")
     @classmethod
@@ -166,6 +208,8 @@ class Board(_Strict):
             raise ValueError("candidates lists a bit-width twice")
         if self.core == Core.cortex_m0plus and self.dsp:
             raise ValueError("dsp: Cortex-M0+ has no DSP instructions")
+        if self.port.ram_kb is not None and self.port.ram_kb > self.ram_kb:
+            raise ValueError(f"port.ram_kb ({self.port.ram_kb:g}) exceeds the board's ram_kb ({self.ram_kb:g})")
         return self
 
     @property

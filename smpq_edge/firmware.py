@@ -28,7 +28,7 @@ from typing import Literal
 
 import numpy as np
 
-from smpq_edge.boards import Board, Core
+from smpq_edge.boards import Board, Core, Port
 from smpq_edge.errors import UserError
 from smpq_edge.fileio import ensure_dir, write_json, write_text
 from smpq_edge.precision import DECODE_OP
@@ -224,65 +224,15 @@ class Registration:
         return f"resolver.{self.method}({argument})"
 
 
-@dataclass(frozen=True)
-class Memory:
-    origin: int
-    length: int
-
-
-@dataclass(frozen=True)
-class Port:
-    """How a board's firmware is built and run: a bare-metal image or a library for its SDK."""
-
-    name: str  # folder under firmware/ports/ with its README part (and run rules)
-    kind: Literal["baremetal", "library"]
-    flash: Memory | None = None
-    ram: Memory | None = None
-    stack_bytes: int = 8192
-    instructions_per_tick: int = 0  # QEMU with -icount shift=0: executed instructions per SysTick tick
-    pyocd_target: str | None = None
-    dwt_unlock: bool = False  # Cortex-M7: the DWT's CoreSight lock must be opened
-    use_systick: bool = True  # SysTick fallback (else the SDK may own SysTick)
-    systick_handler: str = "SysTick_Handler"
-    sdk_hint: str = ""
-    flash_hint: str = ""
-
-
 KB = 1024
-_STM32_FLASH = 0x0800_0000
-PORTS: dict[str, Port] = {
-    # QEMU mps2-an386: 4 MB code SSRAM at 0 (boot vectors), 4 MB data SSRAM at 0x20000000.
-    "qemu-mps2-an386": Port("qemu-mps2-an386", "baremetal", Memory(0, 4096 * KB),
-                            Memory(0x2000_0000, 4096 * KB), stack_bytes=16 * KB, instructions_per_tick=40),
-    # ST reference manuals: RM0432 (L4R5: SRAM1+2+3 contiguous), RM0385 (F746: DTCM+SRAM1+2),
-    # RM0433 (H743: AXI SRAM, the largest contiguous block), RM0402 (F412).
-    "nucleo-l4r5zi": Port("stm32", "baremetal", Memory(_STM32_FLASH, 2048 * KB), Memory(0x2000_0000, 640 * KB),
-                          pyocd_target="stm32l4r5zitx"),
-    "nucleo-f746zg": Port("stm32", "baremetal", Memory(_STM32_FLASH, 1024 * KB), Memory(0x2000_0000, 320 * KB),
-                          pyocd_target="stm32f746zgtx", dwt_unlock=True),
-    "nucleo-h743zi2": Port("stm32", "baremetal", Memory(_STM32_FLASH, 2048 * KB), Memory(0x2400_0000, 512 * KB),
-                           pyocd_target="stm32h743zitx", dwt_unlock=True),
-    # RM0394 (L41x): SRAM2 follows SRAM1 at 0x20008000, 40 KB contiguous.
-    "nucleo-l412kb": Port("stm32", "baremetal", Memory(_STM32_FLASH, 128 * KB), Memory(0x2000_0000, 40 * KB),
-                          pyocd_target="stm32l412kbux"),
-    "stm32f412": Port("stm32", "baremetal", Memory(_STM32_FLASH, 1024 * KB), Memory(0x2000_0000, 256 * KB),
-                      pyocd_target="stm32f412zgtx"),
-    "rpi-pico": Port("library", "library", systick_handler="isr_systick",
-                     sdk_hint=" (pico-sdk: add the sources to an `add_executable`, link `pico_stdlib` "
-                              "and call `stdio_init_all()` first; the SysTick vector is `isr_systick`)",
-                     flash_hint=" (`picotool load -x app.uf2`, or copy the .uf2 to the RPI-RP2 drive)"),
-    "arduino-nano-33-ble": Port("library", "library", use_systick=False,
-                                sdk_hint=" (Arduino Mbed OS core or nRF Connect SDK)",
-                                flash_hint=" (`arduino-cli upload`, or `pyocd flash -t nrf52840`)"),
-}
-GENERIC_PORT = Port("library", "library", use_systick=False)
 
 
 @dataclass(frozen=True)
 class FirmwareResult:
     out_dir: Path
     board: str
-    port: str
+    port: str  # the board's port.run: how the image is flashed and run
+    qemu_machine: str | None  # the QEMU machine that runs it, if any (``validate``)
     files: tuple[str, ...]  # written, relative to out_dir, sorted
     registrations: tuple[Registration, ...]
     arena_estimate: int
@@ -297,6 +247,7 @@ class FirmwareResult:
         return {
             "board": self.board,
             "port": self.port,
+            "qemu_machine": self.qemu_machine,
             "model_bytes": self.model_bytes,
             "arena": {"estimate": self.arena_estimate, "basis": self.arena_basis, "margin": self.arena_margin,
                       "size": self.arena_size},
@@ -577,10 +528,6 @@ def _align(size: int) -> int:
     return -(-size // ARENA_ALIGNMENT) * ARENA_ALIGNMENT
 
 
-def port_for(board: Board) -> Port:
-    return PORTS.get(board.name, GENERIC_PORT)
-
-
 def cpu_flags(board: Board) -> list[str]:
     """GCC flags for the board's core: -mcpu (with +nofp/+nodsp), -mthumb, FPU and float ABI."""
     core = board.core.value
@@ -620,7 +567,7 @@ def render_firmware(
 ) -> tuple[dict[str, str], FirmwareResult]:
     """All generated files as {name: text}, and the result (with out_dir left as '.')."""
     _check_vectors(spec)
-    port = port_for(board)
+    port = board.port
     regs = registrations(spec.ops, board.kernels)
     if margin is None:
         margin_bytes, margin_reason = default_arena_margin(spec.arena_bytes), DEFAULT_MARGIN_REASON
@@ -681,14 +628,7 @@ def render_firmware(
     port_rows = ""
     if port.kind == "baremetal":
         files["startup_cortex_m.c"] = (FIRMWARE_DIR / "ports/baremetal/startup_cortex_m.c").read_text(encoding="utf-8")
-        files["linker.ld"] = fill_template("ports/baremetal/linker.ld.in", {
-            "board": board_text,
-            "memory_comment": f"flash {port.flash.length // KB} KB at 0x{port.flash.origin:08x}, "
-                              f"RAM {port.ram.length // KB} KB at 0x{port.ram.origin:08x}",
-            "flash_origin": f"0x{port.flash.origin:08x}", "flash_length": f"{port.flash.length // KB}K",
-            "ram_origin": f"0x{port.ram.origin:08x}", "ram_length": f"{port.ram.length // KB}K",
-            "stack_size": f"0x{port.stack_bytes:x}",
-        })
+        files["linker.ld"] = fill_template("ports/baremetal/linker.ld.in", {"board": board_text, **_memory_map(board)})
         port_rows = "| `startup_cortex_m.c`, `linker.ld` | bare-metal start-up (vector table, FPU, .data/.bss) and memory map |\n"
 
     cxx_srcs = ["main.cc", "model_data.cc", "model_runner.cc", "smpq_micro_time.cc", "test_vectors.cc"]
@@ -737,7 +677,7 @@ def render_firmware(
     }).rstrip("\n") + "\n"
 
     result = FirmwareResult(
-        out_dir=Path("."), board=board.name, port=port.name,
+        out_dir=Path("."), board=board.name, port=port.run, qemu_machine=port.qemu_machine,
         files=tuple(sorted([*files, "firmware.json"])), registrations=regs,
         arena_estimate=spec.arena_bytes, arena_basis=spec.arena_basis, arena_margin=margin_bytes, arena_size=arena_size,
         vectors=len(v), model_bytes=len(spec.model_bytes),
@@ -745,25 +685,41 @@ def render_firmware(
     return files, result
 
 
+def _memory_map(board: Board) -> dict[str, str]:
+    """The linker script's memory regions: flash_kb at the port's flash origin, and the port's
+    contiguous RAM (or ram_kb) at its RAM origin."""
+    port = board.port
+    flash_kb, ram_kb = int(board.flash_kb), int(port.ram_kb or board.ram_kb)
+    return {
+        "memory_comment": f"flash {flash_kb} KB at 0x{port.flash_origin:08x}, RAM {ram_kb} KB at 0x{port.ram_origin:08x}",
+        "flash_origin": f"0x{port.flash_origin:08x}", "flash_length": f"{flash_kb}K",
+        "ram_origin": f"0x{port.ram_origin:08x}", "ram_length": f"{ram_kb}K",
+        "stack_size": f"0x{int(port.stack_kb * KB):x}",
+    }
+
+
 def _link_rules(port: Port) -> str:
     if port.kind == "library":
         return fill_template("ports/library/link.mk.in", {})
     run_rules = ""
-    if (FIRMWARE_DIR / f"ports/{port.name}/run.mk.in").exists():
-        values = {"pyocd_target": port.pyocd_target} if port.pyocd_target else {}
-        run_rules = "\n" + fill_template(f"ports/{port.name}/run.mk.in", values)
+    if (FIRMWARE_DIR / f"ports/{port.run}/run.mk.in").exists():
+        values = ({"pyocd_target": port.pyocd_target} if port.pyocd_target else
+                  {"qemu_machine": port.qemu_machine} if port.qemu_machine else {})
+        run_rules = "\n" + fill_template(f"ports/{port.run}/run.mk.in", values)
     return fill_template("ports/baremetal/link.mk.in", {"run_rules": run_rules})
 
 
 def _run_section(board: Board, port: Port, app_name: str) -> str:
-    relative = f"ports/{port.name}/README.run.md.in"
-    if port.name == "qemu-mps2-an386":
-        return fill_template(relative, {"app_name": app_name, "kernels": board.kernels})
-    if port.name == "stm32":
+    relative = f"ports/{port.run}/README.run.md.in"
+    if port.run == "qemu":
+        return fill_template(relative, {"app_name": app_name, "kernels": board.kernels,
+                                        "qemu_machine": port.qemu_machine,
+                                        "instructions_per_tick": port.instructions_per_tick})
+    if port.run == "stm32":
         return fill_template(relative, {
             "app_name": app_name, "board_description": comment_text(board.description),
-            "flash_origin": f"0x{port.flash.origin:08x}", "ram_origin": f"0x{port.ram.origin:08x}",
-            "ram_length_kb": port.ram.length // KB, "pyocd_target": port.pyocd_target,
+            "flash_origin": f"0x{port.flash_origin:08x}", "ram_origin": f"0x{port.ram_origin:08x}",
+            "ram_length_kb": int(port.ram_kb or board.ram_kb), "pyocd_target": port.pyocd_target,
         })
     timer_hint = (
         "Cycles come from DWT CYCCNT." if board.has_dwt and not port.use_systick

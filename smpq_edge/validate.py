@@ -33,11 +33,7 @@ from smpq_edge.fileio import read_json, write_json, write_text
 from smpq_edge.policy import load_policy
 from smpq_edge.records import read_search_costs
 
-QEMU_PORTS: dict[str, tuple[str, ...]] = {
-    # firmware.json "port" -> the QEMU command line (the ELF's path follows).
-    "qemu-mps2-an386": ("qemu-system-arm", "-M", "mps2-an386", "-nographic", "-semihosting", "-icount", "shift=0",
-                        "-kernel"),
-}
+QEMU = "qemu-system-arm"
 CROSS_CXX = "arm-none-eabi-g++"
 DEFAULT_BUILD_TIMEOUT_S = 3600.0
 DEFAULT_RUN_TIMEOUT_S = 300.0
@@ -391,9 +387,15 @@ def _text(data) -> str:
     return data.decode("utf-8", "replace") if isinstance(data, bytes) else data
 
 
-def run_qemu(port: str, elf: Path, timeout_s: float) -> tuple[str, float]:
-    """Run the ELF under QEMU; its console output and the seconds it took."""
-    command = list(QEMU_PORTS[port])
+def qemu_command(machine: str) -> list[str]:
+    """QEMU's command line for a board's ``port.qemu_machine`` (the ELF's path follows); one
+    instruction per tick of -icount, so the self-check's counts are instructions."""
+    return [QEMU, "-M", machine, "-nographic", "-semihosting", "-icount", "shift=0", "-kernel"]
+
+
+def run_qemu(machine: str, elf: Path, timeout_s: float) -> tuple[str, float]:
+    """Run the ELF under QEMU's ``machine``; its console output and the seconds it took."""
+    command = qemu_command(machine)
     _require(command[0])
     start = time.monotonic()
     try:
@@ -473,16 +475,16 @@ def validate(
         text = read_serial(port, DEFAULT_SERIAL_TIMEOUT_S if timeout_s is None else timeout_s, baud)
         run_seconds, target = time.monotonic() - start, f"serial {port}"
     else:
-        board_port = str(record.get("port"))
-        if board_port not in QEMU_PORTS:
-            raise UserError(f"{build}: board {record.get('board')} has no QEMU port (QEMU runs "
-                            f"{', '.join(QEMU_PORTS)}); flash it and give --port /dev/ttyACM0")
+        machine = record.get("qemu_machine")
+        if not machine:
+            raise UserError(f"{build}: board {record.get('board')} has no port.qemu_machine (QEMU runs boards such "
+                            "as qemu-mps2-an386); flash it and give --port /dev/ttyACM0")
         tflm = _tflm_dir(tflm_dir)
         elf, build_seconds = build_firmware(firmware, build / OBJECT_DIR, tflm,
                                             None if tflm_build_dir is None else Path(tflm_build_dir),
                                             jobs or os.cpu_count() or 2, build_timeout_s, build / MAKE_LOG)
-        text, run_seconds = run_qemu(board_port, elf, DEFAULT_RUN_TIMEOUT_S if timeout_s is None else timeout_s)
-        target = " ".join(QEMU_PORTS[board_port][:3])
+        text, run_seconds = run_qemu(machine, elf, DEFAULT_RUN_TIMEOUT_S if timeout_s is None else timeout_s)
+        target = " ".join(qemu_command(machine)[:3])
     write_text(build / REPORT_FILE, text)
     check = parse_self_check(text, target)
     result = compare(check, prediction, build, target, build_seconds, run_seconds)

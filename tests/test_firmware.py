@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from smpq_edge.boards import board_names, load_board, parse_board
+from smpq_edge.boards import BOARDS_DIR, board_names, load_board
 from smpq_edge.cli import main
 from smpq_edge.data import load_dataset
 from smpq_edge.errors import UserError
@@ -345,14 +345,49 @@ def test_qemu_port_files(int8_firmware):
     assert "qemu-system-arm -M mps2-an386 -nographic -semihosting" in readme and "pyocd" not in readme
 
 
-def test_user_board_gets_the_library_port(int8_model):
-    raw = json.loads(load_board("nucleo-l4r5zi").model_dump_json())
-    raw["name"] = "my-board.v2"
-    board = parse_board(json.dumps(raw), "my-board.yaml")
+def _user_board(tmp_path, base: str, port: str) -> Path:
+    """A user's board file: a built-in one renamed, with its own port section."""
+    text = (BOARDS_DIR / f"{base}.yaml").read_text()
+    text = re.sub(r"(?m)^port:.*(\n[ ]+.*)*", port, text).replace(f"name: {base}", "name: my-board.v2")
+    path = tmp_path / "my-board.v2.yaml"
+    path.write_text(text)
+    return path
+
+
+def test_a_new_board_with_a_new_port_is_one_yaml_file(tmp_path, int8_model):
+    port = ("port: {kind: baremetal, run: stm32, flash_origin: 0x10000000, ram_origin: 0x30000000, ram_kb: 64,\n"
+            "       stack_kb: 4, pyocd_target: my_target, dwt_unlock: true}")
+    board = load_board(_user_board(tmp_path, "nucleo-l4r5zi", port))
     files, result = render_firmware(_spec_without_measuring(int8_model), board)
-    assert result.port == "library"
-    assert 'SMPQ_BOARD_NAME "my-board.v2"' in files["main.cc"]
-    assert "APP := smpq_my_board_v2" in files["Makefile"]
+    assert result.port == "stm32" and result.qemu_machine is None
+    assert "ORIGIN = 0x10000000, LENGTH = 2048K" in files["linker.ld"]
+    assert "ORIGIN = 0x30000000, LENGTH = 64K" in files["linker.ld"] and "0x1000" in files["linker.ld"]
+    assert "PYOCD_TARGET ?= my_target" in files["Makefile"] and "-DSMPQ_DWT_UNLOCK=1" in files["Makefile"]
+    assert 'SMPQ_BOARD_NAME "my-board.v2"' in files["main.cc"] and "APP := smpq_my_board_v2" in files["Makefile"]
+
+
+def test_a_new_qemu_machine_is_one_yaml_file(tmp_path, int8_model):
+    port = ("port: {kind: baremetal, run: qemu, flash_origin: 0x0, ram_origin: 0x20000000, qemu_machine: mps2-an385,\n"
+            "       instructions_per_tick: 40}")
+    board = load_board(_user_board(tmp_path, "qemu-mps2-an386", port))
+    files, result = render_firmware(_spec_without_measuring(int8_model), board)
+    assert result.qemu_machine == "mps2-an385" and result.to_dict()["qemu_machine"] == "mps2-an385"
+    assert "-M mps2-an385 -nographic" in files["Makefile"] and "-M mps2-an385" in files["README.md"]
+
+
+@pytest.mark.parametrize("port, complaint", [
+    ("", "port: Field required"),
+    ("port: {kind: baremetal, run: stm32}", "needs flash_origin and ram_origin"),
+    ("port: {kind: library, run: library, flash_origin: 0}", "a library port has no memory map"),
+    ("port: {kind: baremetal, run: qemu, flash_origin: 0, ram_origin: 0}", "qemu and qemu_machine go together"),
+    ("port: {kind: baremetal, run: jlink, flash_origin: 0, ram_origin: 0}", "port.run"),
+    ("port: {kind: library, run: library, stak_kb: 4}", "port.stak_kb"),
+])
+def test_a_bad_port_section_is_one_line(tmp_path, port, complaint):
+    path = _user_board(tmp_path, "nucleo-l4r5zi", port)
+    with pytest.raises(UserError, match=re.escape(complaint)) as error:
+        load_board(path)
+    assert "\n" not in str(error.value) and "my-board.v2.yaml" in str(error.value)
 
 
 def test_c_text_helpers():

@@ -17,7 +17,6 @@ import pytest
 from smpq_edge.cli import main
 from smpq_edge.errors import UserError
 from smpq_edge.validate import (
-    QEMU_PORTS,
     RESULT_FILE,
     Validation,
     parse_self_check,
@@ -224,9 +223,9 @@ def test_build_folder_without_firmware(tmp_path, capsys):
 
 def test_board_without_a_qemu_port_needs_a_serial_port(build_dir):
     record = json.loads((build_dir / "firmware" / "firmware.json").read_text())
-    record.update(board="nucleo-l4r5zi", port="stm32")
+    record.update(board="nucleo-l4r5zi", port="stm32", qemu_machine=None)
     (build_dir / "firmware" / "firmware.json").write_text(json.dumps(record))
-    with pytest.raises(UserError, match="nucleo-l4r5zi has no QEMU port .*--port"):
+    with pytest.raises(UserError, match="nucleo-l4r5zi has no port.qemu_machine .*--port"):
         validate(build_dir, tflm_dir=DATA)
 
 
@@ -260,7 +259,8 @@ def test_qemu_timeout(build_dir, fake_tflm, monkeypatch):
     _require_tools("make", "arm-none-eabi-g++")
     (build_dir / "firmware" / "Makefile").write_text(
         "APP := smpq_qemu_mps2_an386\nall:\n\tmkdir -p $(BUILD_DIR) && touch $(BUILD_DIR)/$(APP).elf\n")
-    monkeypatch.setitem(QEMU_PORTS, QEMU_BOARD, (sys.executable, "-c", "import time; time.sleep(30)"))
+    monkeypatch.setattr("smpq_edge.validate.qemu_command",
+                        lambda machine: [sys.executable, "-c", "import time; time.sleep(30)"])
     with pytest.raises(UserError, match="did not finish within 0.5 s"):
         validate(build_dir, tflm_dir=fake_tflm, timeout_s=0.5)
 
