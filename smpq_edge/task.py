@@ -11,9 +11,17 @@ is one entry here, not branches spread over the search, the guard, the emulator 
   anomalous (1) labels are given. The MSE is over the normal samples only: the model is meant
   to reconstruct those and not the anomalies, whose large error is what detects them.
 
-A score is higher-is-better for every task (accuracy; minus the MSE), so the Shapley value of a
-coalition, the stage guard, the floor check and the re-ranking compare scores one way; ``show``
-turns a score back into the figure a user reads ("97.50 %", "MSE 0.0123").
+A score is higher-is-better for every task (accuracy; minus the MSE), so the stage guard, the floor
+check and the re-ranking compare scores one way; ``show`` turns a score back into the figure a user
+reads ("97.50 %", "MSE 0.0123").
+
+The value a Shapley coalition is scored by (``smpq.score``) is higher-is-better too, but it is not
+always the task's score. For classification ``coalition_batch`` leaves it to the search's
+``ShapleyConfig.value``: by default "kl", minus the KL divergence KL(p_float || p_coalition) between
+the float model's softmax outputs and the coalition network's on the validation batch (no labels
+needed); "top1" (top-1 accuracy on the labels, Shapley-NAS's value) and "soft" (mean true-class
+probability) are options. For reconstruction it is always "neg_mse": minus the MSE to the input,
+over the batch's normal samples.
 """
 
 from __future__ import annotations
@@ -36,7 +44,7 @@ class Task:
     agreement_metric: str  # the agreement with the float model, as a table heading
     emulator_agreement: str  # TFLM's against the fake-quant network's, as a table row
     axis: str  # the axis ``plotted`` values go on
-    value_name: str  # what a coalition's value is (Shapley values are contributions to it)
+    value_name: str  # the report's name for a coalition's value other than "kl" (Shapley values are contributions to it)
     has_classes: bool  # outputs are class scores, the labels are classes (firmware prints top-1 hits)
 
     def loss(self, outputs: torch.Tensor, x: torch.Tensor, y: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
@@ -64,7 +72,8 @@ class Task:
 
     def coalition_batch(self, x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, np.ndarray, str | None]:
         """Inputs, targets and ``smpq.score`` value for the Shapley coalitions; a value of None
-        keeps the search's configured one (top-1 or soft accuracy)."""
+        keeps the search's configured ``ShapleyConfig.value`` ("kl", minus the KL divergence from
+        the float model's outputs, by default; "top1" or "soft" as options)."""
         raise NotImplementedError
 
     def show(self, score: float | None) -> str:

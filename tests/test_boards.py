@@ -12,7 +12,7 @@ import yaml
 from smpq_edge.boards import BOARDS_DIR, KERNEL_VARIANTS, Board, Core, board_names, load_board, parse_board
 from smpq_edge.errors import UserError
 
-README = Path(__file__).resolve().parent.parent / "README.md"
+BOARDS_DOC = Path(__file__).resolve().parent.parent / "docs" / "boards.md"
 VALID = "nucleo-l4r5zi"
 
 
@@ -202,29 +202,29 @@ def test_cli_bad_board_is_one_line_without_traceback(tmp_path):
     assert result.stderr.splitlines() == [f"error: {path}: flash_kbb: unknown field"]
 
 
-# --- README: the example board and the boards table must stay true ---------------------------
+# --- docs/boards.md: the example board and the boards table must stay true ---------------------
 
-def _readme_section(title: str) -> str:
-    text = README.read_text(encoding="utf-8")
+def _doc_section(title: str) -> str:
+    text = BOARDS_DOC.read_text(encoding="utf-8")
     match = re.search(rf"^## {re.escape(title)}\n(.*?)(?=^## |\Z)", text, flags=re.M | re.S)
-    assert match, f"README.md has no '## {title}' section"
+    assert match, f"docs/boards.md has no '## {title}' section"
     return match.group(1)
 
 
-def test_readme_example_board_is_complete_and_valid():
-    blocks = re.findall(r"```yaml\n(.*?)```", _readme_section("Adding a board"), flags=re.S)
+def test_doc_example_board_is_complete_and_valid():
+    blocks = re.findall(r"```yaml\n(.*?)```", _doc_section("Adding a board"), flags=re.S)
     assert len(blocks) == 1, "the 'Adding a board' section must hold exactly one yaml block"
-    board = parse_board(blocks[0], "README.md")
+    board = parse_board(blocks[0], "docs/boards.md")
     assert isinstance(board, Board)
     # Complete: it shows every field a user can set, optional ones included.
     assert set(yaml.safe_load(blocks[0])) == set(Board.model_fields)
 
 
 @pytest.mark.parametrize("name", board_names())
-def test_readme_boards_table_lists_board(name):
+def test_doc_boards_table_lists_board(name):
     board = load_board(name)
-    rows = [line for line in _readme_section("Boards").splitlines() if line.startswith(f"| `{name}` |")]
-    assert len(rows) == 1, f"add a row for {name} to README.md's boards table"
+    rows = [line for line in _doc_section("Built-in boards").splitlines() if line.startswith(f"| `{name}` |")]
+    assert len(rows) == 1, f"add a row for {name} to the boards table in docs/boards.md"
     cells = [cell.strip() for cell in rows[0].strip("|").split("|")]
     assert cells[1:6] == [board.core.value, f"{board.clock_mhz:g} MHz", f"{board.flash_kb:g} KB",
                           f"{board.ram_kb:g} KB", board.kernels]

@@ -283,7 +283,7 @@ class AlphaUpdater:
         alphas = [layer.alpha.detach().cpu().tolist() for layer in self.net.mixed_layers()]
         self.history.append({"epoch": epoch, "alpha": alphas, "shapley_mean": phi.tolist(),
                              "full_value": estimate.full_value, "coalitions": estimate.n_coalitions})
-        shown = {"supernet_acc": estimate.full_value}
+        shown = {"coalition_value": estimate.full_value}
         if self.describe_policy is not None:
             argmax = {layer.op.name: layer.candidates[int(np.argmax(a))] for layer, a in zip(self.net.mixed_layers(), alphas)}
             shown.update(self.describe_policy(argmax))
