@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import io
+from collections import Counter
 from dataclasses import dataclass
 
 import matplotlib
@@ -16,7 +17,9 @@ matplotlib.use("Agg")  # files only; no display on build machines
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.colors import ListedColormap  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
+from matplotlib.transforms import offset_copy  # noqa: E402
 
 from smpq_edge.precision import weight_form  # noqa: E402
 from smpq_edge.records import CostRecord, EmulationRecord, MethodRecord, SearchRecord  # noqa: E402
@@ -31,7 +34,7 @@ class Report:
     images: dict[str, bytes]  # file name -> PNG bytes (embedded in the HTML, written beside the .md)
 
 
-def _png(figure) -> bytes:
+def _png(figure: Figure) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=110)
     plt.close(figure)
@@ -42,9 +45,17 @@ def _png(figure) -> bytes:
 # orange and int8 blue as before.
 BITS_COLOUR = {2: "tab:red", 3: "tab:pink", 4: "tab:orange", 5: "tab:olive", 6: "tab:green", 7: "tab:cyan",
                8: "tab:blue"}
+LAYER_AXIS = "layer (in graph order)"
 
 
-def _shapley_plot(search: SearchRecord) -> bytes:
+def _zero_label(form: str, column: np.ndarray) -> str:
+    """The legend entry of a candidate's markers at zero."""
+    if np.isnan(column).all():  # the narrowest candidate: the others' entries are measured from it
+        return f"{form} weights: 0 by definition (the others are measured from it)"
+    return f"{form} weights: Shapley value 0"
+
+
+def _shapley_plot(search: SearchRecord) -> Figure:
     """Per layer, each candidate's raw Shapley mean (bar, +-1 standard error) and the score the
     selection used after the monotone prior (black mark); the chosen candidate is outlined."""
     layers = list(search.layer_shapes)
@@ -57,23 +68,32 @@ def _shapley_plot(search: SearchRecord) -> bytes:
     width = 0.8 / k
     for j, bits in enumerate(search.candidates):
         x = np.arange(len(layers)) + (j - (k - 1) / 2) * width
-        colour = BITS_COLOUR[bits]
-        edges = ["black" if chosen[name] == bits else "none" for name in layers]
-        axis.bar(x, np.nan_to_num(mean[:, j]), width, yerr=err[:, j], color=colour, alpha=0.75, capsize=2,
-                 edgecolor=edges, linewidth=1.5, label=f"{weight_form(bits)} weights: Shapley value (+-1 s.e.)")
+        colour, form = BITS_COLOUR[bits], weight_form(bits)
+        values = np.nan_to_num(mean[:, j])
+        zero = values == 0
+        shipped = np.array([chosen[name] == bits for name in layers])
+        axis.bar(x, values, width, yerr=err[:, j], color=colour, alpha=0.75, capsize=2,
+                 label=None if zero.all() else f"{form} weights: Shapley value (+-1 s.e.)")
+        # Outlines on their own bars: with `alpha=`, an edge colour of "none" would come out black.
+        axis.bar(x[shipped], values[shipped], width, fill=False, edgecolor="black", linewidth=1.5)
+        if zero.any():  # a bar of height 0 is not seen: a marker at zero stands for it
+            axis.scatter(x[zero], values[zero], marker="D", s=36, color=colour,
+                         edgecolors=np.where(shipped[zero], "black", colour), linewidths=1.2, zorder=4,
+                         label=_zero_label(form, mean[:, j]))
         axis.scatter(x, used[:, j], marker="_", s=160, color="black", zorder=3,
                      label="score the selection used (after the monotone prior)" if j == 0 else None)
     axis.set_xticks(range(len(layers)), layers, rotation=45, ha="right", fontsize=8)
+    axis.set_xlabel(LAYER_AXIS)
     axis.axhline(0, color="black", linewidth=0.6)
     value = ("minus the KL divergence from float" if search.coalition_value == "kl"
              else TASKS[search.task].value_name)
     axis.set_ylabel(f"contribution to {value}\n(validation batch)")
     axis.set_title("Shapley value per layer and bit-width (outlined: the shipped choice)", fontsize=10)
     axis.legend(fontsize=7, loc="best")
-    return _png(figure)
+    return figure
 
 
-def _bits_plot(methods: list[MethodRecord]) -> bytes:
+def _bits_plot(methods: list[MethodRecord]) -> Figure:
     layers = list(methods[0].bits)
     figure, axis = plt.subplots(figsize=(max(6, 0.6 * len(layers)), 1.9 + 0.45 * len(methods)), layout="constrained")
     grid = np.array([[m.bits[name] for name in layers] for m in methods])
@@ -83,14 +103,16 @@ def _bits_plot(methods: list[MethodRecord]) -> bytes:
     for (row, col), value in np.ndenumerate(grid):
         axis.text(col, row, str(value), ha="center", va="center", fontsize=8, color="white")
     axis.set_xticks(range(len(layers)), layers, rotation=45, ha="right", fontsize=8)
+    axis.set_xlabel(LAYER_AXIS)
     axis.set_yticks(range(len(methods)), [m.method for m in methods])
+    axis.set_ylabel("method")
     axis.set_title("Weight bits per layer")
     axis.legend(handles=[Patch(color=BITS_COLOUR[b], label=f"{weight_form(b)} weights") for b in used],
                 fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
-    return _png(figure)
+    return figure
 
 
-def _budget_plot(cost: CostRecord) -> bytes:
+def _budget_plot(cost: CostRecord) -> Figure:
     used = [cost.flash_total_bytes, cost.ram_total_bytes, cost.cycles]
     budget = [cost.flash_budget_bytes, cost.ram_budget_bytes, cost.cycle_budget]
     share = [100.0 * u / b for u, b in zip(used, budget)]
@@ -101,35 +123,62 @@ def _budget_plot(cost: CostRecord) -> bytes:
         axis.text(s, row, f" {s:.1f}% ({u:,})", va="center", fontsize=8)
     axis.set_xlim(0, max(110, max(share) * 1.25))
     axis.set_xlabel("% of budget, whole firmware (model + board reserve), predicted")
-    return _png(figure)
+    return figure
 
 
 MARKERS = "os^DvP*X"
+DODGE_POINTS = 7  # how far apart, sideways, methods at one (flash, score) point are drawn
 
 
-def _accuracy_plot(search: SearchRecord, task: Task) -> bytes:
-    """Every method's pick; hollow markers of different shapes, so coinciding points stay visible."""
+def _score_ceiling(task: Task) -> float | None:
+    """The top of the score axis when it is an accuracy (``plotted(1.0)``: 100 for percent, 1 for a
+    fraction); None for a free axis (an MSE)."""
+    return task.plotted(1.0) if task.metric == "accuracy" else None
+
+
+def _dodges(points: list[tuple[int, float]]) -> list[float]:
+    """Per point, a sideways shift in points that spreads the ones at the same place side by side."""
+    total, before = Counter(points), Counter()
+    shifts = []
+    for point in points:
+        shifts.append((before[point] - (total[point] - 1) / 2) * DODGE_POINTS)
+        before[point] += 1
+    return shifts
+
+
+def _accuracy_plot(search: SearchRecord, task: Task) -> Figure:
+    """Every method's pick: hollow markers of different shapes and sizes, and methods at the same point
+    spread sideways by a few points, so coinciding ones stay visible."""
     figure, axis = plt.subplots(figsize=(6.5, 3.8), layout="constrained")
-    for i, m in enumerate(search.methods):
-        axis.scatter(m.cost.model_flash_bytes, task.plotted(m.test_acc), s=70 - 8 * i,
-                     marker=MARKERS[i % len(MARKERS)], facecolors="none", edgecolors=f"C{i}", linewidths=1.6,
-                     label=m.method, zorder=3)
-    axis.axhline(task.plotted(search.reference["float"].test_acc), color="grey", linestyle=":", label="float")
-    axis.axhline(task.plotted(search.reference["ptq_int8"].test_acc), color="black", linestyle="--", linewidth=0.8,
-                 label="PTQ int8 (calibration only)")
+    points = [(m.cost.model_flash_bytes, task.plotted(m.test_acc)) for m in search.methods]
+    for i, (m, point, shift) in enumerate(zip(search.methods, points, _dodges(points))):
+        # The shift is in points, on the screen; the data (and the axis limits) keep the true flash.
+        axis.scatter(*point, s=110 * 0.8 ** i, marker=MARKERS[i % len(MARKERS)], facecolors="none",
+                     edgecolors=f"C{i}", linewidths=1.6, label=m.method, zorder=3, clip_on=False,
+                     transform=offset_copy(axis.transData, fig=figure, x=shift, units="points"))
+        axis.update_datalim([point])
+    # PTQ int8 often scores as float: a wide pale PTQ line under a dashed float line shows both. Both lie
+    # above the frame (zorder 2.5), which an accuracy of 100 % runs along, and under the markers.
+    axis.axhline(task.plotted(search.reference["ptq_int8"].test_acc), color="0.7", linewidth=3.5, zorder=2.6,
+                 solid_capstyle="butt", clip_on=False, label="PTQ int8 (calibration only)")
+    axis.axhline(task.plotted(search.reference["float"].test_acc), color="black", linestyle="--", linewidth=1.2,
+                 zorder=2.7, clip_on=False, label="float")
     budget = search.methods[0].cost.flash_budget_bytes - search.methods[0].cost.reserve_flash_bytes
     largest = max(m.cost.model_flash_bytes for m in search.methods)
     if budget <= 1.5 * largest:  # a budget far to the right would squash every point into one
         axis.axvline(budget, color="tab:red", linewidth=0.8, label="flash budget for the model")
     else:
         axis.set_title(f"{task.metric.capitalize()} against flash (model budget {budget:,} B, off the right)",
-                       fontsize=10)
+                       fontsize=10, pad=10)  # room for the markers at 100 %, drawn over the frame
     axis.set_xlabel("model flash (bytes, predicted)")
     axis.set_ylabel(task.axis)
+    ceiling = _score_ceiling(task)
+    if ceiling is not None:  # the autoscale margin would run an accuracy past 100 %
+        axis.set_ylim(top=min(axis.get_ylim()[1], ceiling))
     if not axis.get_title():
-        axis.set_title(f"{task.metric.capitalize()} against flash, same budget", fontsize=10)
+        axis.set_title(f"{task.metric.capitalize()} against flash, same budget", fontsize=10, pad=10)
     axis.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    return _png(figure)
+    return figure
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -222,10 +271,10 @@ def make_report(search: SearchRecord, emulation: EmulationRecord | None) -> Repo
     cost = shipped.cost
     task = TASKS[search.task]
     images = {
-        "shapley.png": _shapley_plot(search),
-        "bits.png": _bits_plot(search.methods),
-        "budget.png": _budget_plot(cost),
-        "accuracy_vs_flash.png": _accuracy_plot(search, task),
+        "shapley.png": _png(_shapley_plot(search)),
+        "bits.png": _png(_bits_plot(search.methods)),
+        "budget.png": _png(_budget_plot(cost)),
+        "accuracy_vs_flash.png": _png(_accuracy_plot(search, task)),
     }
     budget_rows = [
         ["flash", f"{cost.model_flash_bytes:,} B", cost.reserve_flash_text(), f"{cost.flash_total_bytes:,} B",
