@@ -44,7 +44,7 @@ from smpq_edge.errors import UserError  # noqa: E402
 from smpq_edge.graph import trace  # noqa: E402
 from smpq_edge.search.baselines import dmpq_scores, hawq_scores  # noqa: E402
 from smpq_edge.search.budget import Budgets  # noqa: E402
-from smpq_edge.search.runner import SearchConfig, _pick, _prepare, calibrated_supernet  # noqa: E402
+from smpq_edge.search.runner import SearchConfig, pick_policy, prepare_run, calibrated_supernet  # noqa: E402
 from smpq_edge.search.train import TrainConfig, score, seed_everything  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -73,10 +73,10 @@ def measured(net, graph, board, bits: dict[str, int], data) -> dict:
 def picks(fraction: float, seed: int, source, data, board, config, net, scores: dict, args) -> dict:
     budgets, info = model_budget(net.graph, board, fraction)
     try:
-        run = _prepare(source, data, board, budgets, config, seed, False, lambda m: None, SINGLE_PROCESS)
+        run = prepare_run(source, data, board, budgets, config, seed, False, lambda m: None, SINGLE_PROCESS)
     except UserError as e:  # no policy is that small: recorded, not a crash
         return {"budget": info, "methods": {}, "infeasible": str(e)}
-    bits = {"smpq": _pick(run, net, scores["smpq"])[2], "smpq/sum": selected(run, scores["smpq"]),
+    bits = {"smpq": pick_policy(run, net, scores["smpq"])[2], "smpq/sum": selected(run, scores["smpq"]),
             "hawq": selected(run, scores["hawq"])}
     n = min(args.dmpq_samples, len(data.y_train))
     subset = replace(data, x_train=data.x_train[:n], y_train=data.y_train[:n])
@@ -102,7 +102,7 @@ def task_runs(name: str, board, args, log) -> dict:
         t0 = time.perf_counter()
         seed_everything(seed)
         net = calibrated_supernet(copy.deepcopy(source.module), graph, data, board.weight_bits, seed)
-        run = _prepare(source, data, board, model_budget(graph, board, 1.0)[0], config, seed, False,
+        run = prepare_run(source, data, board, model_budget(graph, board, 1.0)[0], config, seed, False,
                        lambda m: None, SINGLE_PROCESS)
         scores = {"smpq": smpq_scores(run, net, f"{config.shapley.value}:{config.shapley.final_players}",
                                       source.module),

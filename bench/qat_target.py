@@ -38,7 +38,7 @@ from smpq_edge.boards import load_board  # noqa: E402
 from smpq_edge.cost import estimate, uniform  # noqa: E402
 from smpq_edge.distributed import SINGLE_PROCESS  # noqa: E402
 from smpq_edge.graph import trace  # noqa: E402
-from smpq_edge.search.runner import SearchConfig, _pick, _prepare, calibrated_supernet, finetune  # noqa: E402
+from smpq_edge.search.runner import SearchConfig, pick_policy, prepare_run, calibrated_supernet, finetune  # noqa: E402
 from smpq_edge.search.train import TrainConfig, seed_everything  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
@@ -48,9 +48,9 @@ SECTION = "## QAT at 65 % of the int8 bytes (bench/qat_target.py)"
 def smpq_pick(source, data, board, net, fraction: float, seed: int) -> dict[str, int]:
     """SMPQ's post-training pick at ``fraction`` on the calibrated ``net``."""
     budgets, _ = flash_budget(net.graph, board, fraction)
-    run = _prepare(source, data, board, budgets, SearchConfig().post_training_only(), seed, False, lambda m: None,
+    run = prepare_run(source, data, board, budgets, SearchConfig().post_training_only(), seed, False, lambda m: None,
                    SINGLE_PROCESS)
-    return _pick(run, net, smpq_scores(run, net, "kl:layers", source.module))[2]
+    return pick_policy(run, net, smpq_scores(run, net, "kl:layers", source.module))[2]
 
 
 def measure(args, log) -> dict:

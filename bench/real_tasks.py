@@ -52,7 +52,7 @@ from smpq_edge.graph import trace  # noqa: E402
 from smpq_edge.models import load_model  # noqa: E402
 from smpq_edge.distributed import SINGLE_PROCESS  # noqa: E402
 from smpq_edge.search.baselines import dmpq_scores, hawq_scores  # noqa: E402
-from smpq_edge.search.runner import SearchConfig, _pick, _prepare, calibrated_supernet, run_search  # noqa: E402
+from smpq_edge.search.runner import SearchConfig, pick_policy, prepare_run, calibrated_supernet, run_search  # noqa: E402
 from smpq_edge.search.smpq import (CoalitionValue, estimate_shapley, monotone_scores, shapley_scores,  # noqa: E402
                                    validation_batch, value_target)
 from smpq_edge.search.train import TrainConfig, score, seed_everything, train  # noqa: E402
@@ -152,7 +152,7 @@ def picks_at(fraction: float, seed: int, source, data, board, config, net, score
     """Every method's policy at one budget: SMPQ's variants (K best re-ranked on validation, as the
     search does), HAWQ's and the uniform ones on the calibrated net, DMPQ's from its own search."""
     budgets, info = flash_budget(net.graph, board, fraction)
-    run = _prepare(source, data, board, budgets, config, seed, False, lambda m: None, SINGLE_PROCESS)
+    run = prepare_run(source, data, board, budgets, config, seed, False, lambda m: None, SINGLE_PROCESS)
     bits, seconds = {}, {}
     for method, method_scores in scores.items():
         t0 = time.perf_counter()
@@ -160,7 +160,7 @@ def picks_at(fraction: float, seed: int, source, data, board, config, net, score
             # As the search picks (the K best re-ranked on the whole validation split), and the
             # best summed Shapley alone.
             bits[f"{method}/sum"] = selected(run, method_scores)
-            bits[f"{method}/val-all"] = _pick(run, net, method_scores)[2]
+            bits[f"{method}/val-all"] = pick_policy(run, net, method_scores)[2]
         else:
             bits[method] = selected(run, method_scores)
         seconds[method] = time.perf_counter() - t0
@@ -192,7 +192,7 @@ def ptq_runs(name: str, task: RealTask, source, data, board, args, log) -> dict:
         net = calibrated_supernet(copy.deepcopy(source.module), graph, data, board.weight_bits, seed)
         rows = oracle(net, graph, board, data.x_test[:n], data.y_test[:n])
         log(f"{name} seed {seed}: oracle over {len(rows)} policies in {time.perf_counter() - t0:.0f} s")
-        run = _prepare(source, data, board, flash_budget(graph, board, 1.0)[0], config, seed, False, lambda m: None,
+        run = prepare_run(source, data, board, flash_budget(graph, board, 1.0)[0], config, seed, False, lambda m: None,
                        SINGLE_PROCESS)
         scores, seconds = {}, {}
         for method in [f"smpq[{v}]" for v in args.variants] + ["hawq"]:

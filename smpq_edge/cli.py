@@ -10,12 +10,13 @@ import argparse
 import json
 import os
 import sys
-from dataclasses import replace
+from dataclasses import fields
 from typing import Callable
 
 from smpq_edge.errors import UserError
 from smpq_edge.precision import PACKED_INT4, weight_form
-from smpq_edge.preprocess import CHANNEL_ORDERS, INPUT_RANGES, Preprocessing, parse_floats
+from smpq_edge.api import DEFAULT_BOARD, DEFAULT_MODEL
+from smpq_edge.preprocess import CHANNEL_ORDERS, INPUT_RANGES
 
 COMMANDS: dict[str, Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace], int]]] = {}
 
@@ -63,12 +64,6 @@ def _boards(parser: argparse.ArgumentParser):
     return run
 
 
-# The default build: a model that does not fit a small part in int8 but does with int4 where it
-# costs least, so that a first run shows what the search is for (see examples/digits_dense.py).
-DEFAULT_BOARD = "nucleo-l412kb"
-DEFAULT_MODEL = "digits_dense"
-
-
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--board", default=DEFAULT_BOARD, help="board name or YAML path (default: %(default)s)")
     parser.add_argument("--model", default=DEFAULT_MODEL,
@@ -111,9 +106,17 @@ def add_preprocessing_arguments(parser: argparse.ArgumentParser) -> None:
                        help="channel order the model expects (default: %(default)s)")
 
 
-def preprocessing_from(args: argparse.Namespace) -> Preprocessing:
-    return Preprocessing(args.input_range, parse_floats(args.mean, "--mean"), parse_floats(args.std, "--std"),
-                         args.channel_order)
+def preprocessing_options(args: argparse.Namespace) -> dict:
+    from smpq_edge.api import PREPROCESSING_OPTIONS
+
+    return {name: getattr(args, name) for name in PREPROCESSING_OPTIONS}
+
+
+def options_from(args: argparse.Namespace) -> dict:
+    """The parsed flags that are ``api.Options`` (the API's keywords)."""
+    from smpq_edge.api import Options
+
+    return {f.name: getattr(args, f.name) for f in fields(Options) if hasattr(args, f.name)}
 
 
 # `cost`'s exit code when the policy is over a budget: a script can tell "does not fit" (3) from
@@ -131,7 +134,10 @@ def _cost(parser: argparse.ArgumentParser):
 
     def run(args: argparse.Namespace) -> int:
         # The model sized to the data's classes, as `search` sizes it: the same model gets priced.
-        board, _, source = load_inputs(args)
+        from smpq_edge.api import Options, load_inputs
+
+        inputs = load_inputs(args.model, args.data, Options.of(options_from(args)))
+        board, source = inputs.board, inputs.source
         from smpq_edge.cost import estimate, uniform
         from smpq_edge.graph import trace
         from smpq_edge.policy import load_policy
@@ -194,90 +200,6 @@ def add_search_arguments(parser: argparse.ArgumentParser, out_default: str) -> N
                              "stops otherwise, before any search: usually the preprocessing is wrong)")
 
 
-def search_config(args: argparse.Namespace, source, data):
-    """The search's schedule: quick or full, gentle for a model that arrives trained, none with --ptq;
-    checked, with the model against the data and its task, before any output folder is made."""
-    from smpq_edge.search.guard import check_trained
-    from smpq_edge.search.runner import SearchConfig, check_config, traced_for
-
-    traced_for(source, data)
-    check_trained(source, data, args.allow_chance_accuracy, args.seed)
-
-    config = SearchConfig.quick() if args.quick else SearchConfig()
-    if source.pretrained:
-        config = config.for_pretrained()
-    if args.ptq:
-        config = config.post_training_only()
-    config = replace(config, baselines=()) if args.no_baselines else config
-    check_config(source, config)
-    return config
-
-
-def budgets_from(args: argparse.Namespace, board):
-    from smpq_edge.search.budget import Budgets
-
-    limits = {"flash_kb": board.flash_kb, "ram_kb": board.ram_kb, "latency_ms": None}
-    for name, limit in limits.items():
-        value = getattr(args, name)
-        option = f"--{name.replace('_', '-')}"
-        if value is not None and not 0 < value < float("inf"):
-            raise UserError(f"{option} must be a positive number, got {value:g}")
-        if value is not None and limit is not None and value > limit:
-            raise UserError(f"{option} {value:g} is more than board {board.name} has ({name} {limit:g})")
-    return Budgets.of_board(
-        board,
-        flash_bytes=int(args.flash_kb * 1024) if args.flash_kb else None,
-        ram_bytes=int(args.ram_kb * 1024) if args.ram_kb else None,
-        cycles=int(args.latency_ms * 1e-3 * board.clock_mhz * 1e6) if args.latency_ms else None,
-    )
-
-
-def torch_cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-def load_inputs(args: argparse.Namespace):
-    """Board, data set and model of a command, with the model sized to the data's classes."""
-    from smpq_edge.boards import load_board
-    from smpq_edge.data import check_data_argument, load_dataset, with_input_affine, with_task
-    from smpq_edge.models import check_model_argument, load_model
-
-    # The cheap checks first, so that a typo is one line in a second, not after torch's import.
-    board = load_board(args.board)
-    if args.single_zero_point:
-        board = board.model_copy(update={"zero_points": "single"})
-    if args.candidates:
-        board = board.with_candidates([name for text in args.candidates for name in text.split(",") if name])
-    check_model_argument(args.model)
-    if args.data is not None:
-        check_data_argument(args.data)
-    pixels = preprocessing_from(args)
-
-    from smpq_edge.search.train import seed_everything
-
-    seed_everything(args.seed)  # the model's initial weights are part of what the seed fixes
-    probe = load_model(args.model)  # its input shape is what image and audio folders are decoded to
-    channels, height, width = probe.input_shape
-    data = load_dataset(args.data or probe.default_data or "digits", seed=args.seed, channels=channels,
-                        size=(height, width), resize=args.resize, name_pattern=args.name_pattern,
-                        split_by=args.split_by, pixels=pixels)
-    data = with_task(data, args.task)
-    if args.task is None and data.task != "classification":
-        print(f"note: task {data.task}: data {data.name} has no class labels y (give --task to choose)")
-    source = probe
-    if probe.origin.endswith(".py") and data.num_classes:  # a model file builds its classifier for the data's classes
-        seed_everything(args.seed)
-        source = load_model(args.model, num_classes=data.num_classes)
-    data = with_input_affine(data, source.input_affine)
-    if args.logits:
-        source = source.as_logits()
-    for note in source.notes:
-        print(f"note: {note}")
-    return board, data, source
-
-
 @command("search")
 def _search(parser: argparse.ArgumentParser):
     """Find per-layer weight bit-widths with SMPQ under the board's budgets; write policy.json."""
@@ -290,36 +212,15 @@ def _search(parser: argparse.ArgumentParser):
                              "seed and shard count give the same result on any number of processes")
 
     def run(args: argparse.Namespace) -> int:
-        from pathlib import Path
+        from smpq_edge.api import search
 
-        board, data, source = load_inputs(args)
-        from smpq_edge.distributed import init_from_environment, shutdown
-        from smpq_edge.fileio import ensure_dir
-        from smpq_edge.search.runner import run_search, save_search
-
-        budgets = budgets_from(args, board)
-        config = search_config(args, source, data)
-        out = ensure_dir(Path(args.out))  # after the inputs, so a bad input leaves no folder behind
-        if args.device == "cuda" and not torch_cuda_available():
-            raise UserError("--device cuda: no CUDA device is available here; use --device cpu")
-        shards = args.shards or int(os.environ.get("WORLD_SIZE", "1"))
-        if shards < 1:
-            raise UserError(f"--shards must be at least 1, got {shards}")
-        config = config.with_shards(shards)
-        context = init_from_environment(args.device)
-        try:
-            result = run_search(source, data, board, budgets=budgets, config=config, seed=args.seed, context=context)
-        finally:
-            shutdown(context)
-        if not context.is_main:
+        result = search(args.model, args.data, out=args.out, device=args.device, shards=args.shards,
+                        **options_from(args))
+        if result is None:  # not the main rank of a torchrun job
             return 0
-        save_search(result, out)
-        from smpq_edge.records import SearchRecord
-
-        search = SearchRecord.model_validate(result.record)
-        _print_methods(search)
-        _print_floor(search)
-        print(f"wrote {out / 'policy.json'}, {out / 'search.json'}")
+        _print_methods(result)
+        _print_floor(result)
+        print(f"wrote {os.path.join(args.out, 'policy.json')}, {os.path.join(args.out, 'search.json')}")
         return 0
 
     return run
@@ -449,39 +350,10 @@ def _build(parser: argparse.ArgumentParser):
     parser.add_argument("--resume", action="store_true", help="skip stages whose inputs are unchanged")
 
     def run(args: argparse.Namespace) -> int:
-        from pathlib import Path
+        from smpq_edge.api import build
 
-        board, data, source = load_inputs(args)
-        from smpq_edge.build import (Stage, emulate_stage, export_stage, firmware_stage, outside_keys, report_stage,
-                                     run_stages)
-        from smpq_edge.fileio import ensure_dir
-        from smpq_edge.search.runner import run_search, save_search
-
-        budgets = budgets_from(args, board)
-        config = search_config(args, source, data)
-        out = ensure_dir(Path(args.out))  # after the inputs, so a bad input leaves no folder behind
-
-        def search(folder: Path) -> None:
-            save_search(run_search(source, data, board, budgets=budgets, config=config, seed=args.seed), folder)
-
-        computed = ("model", "data", "board", "code")  # what the search, export and emulate stages read
-        stages = [
-            Stage("search", (), ("policy.json", "search.json", "quantnet.pt"), search, computed),
-            Stage("export", ("policy.json", "quantnet.pt", "search.json"),
-                  ("model.tflite", "model_int8.tflite", "export.json"),
-                  lambda folder: export_stage(folder, source, data, board, seed=args.seed), computed),
-            Stage("emulate", ("model.tflite", "quantnet.pt", "policy.json"), ("emulation.json",),
-                  lambda folder: emulate_stage(folder, source, data, board), computed),
-            Stage("firmware", ("model.tflite", "emulation.json", "policy.json"), ("firmware",),
-                  lambda folder: firmware_stage(folder, source, data, board, args.seed),
-                  ("data", "board", "code", "templates")),
-            Stage("report", ("search.json", "emulation.json"), ("report.md", "report.html"), report_stage, ("code",)),
-        ]
-        arguments = {k: v for k, v in vars(args).items() if k not in ("run", "parser", "resume", "out")}
-        arguments["board_profile"] = board.model_dump(mode="json")
-        record = run_stages(stages, out, arguments, args.resume,
-                            outside_keys(source, data, args.data or source.default_data, args.board))
-        _print_build_summary(out, record["stages"])
+        result = build(args.model, args.data, out=args.out, resume=args.resume, **options_from(args))
+        _print_build_summary(result.out, result.stages)
         return 0
 
     return run
@@ -495,15 +367,12 @@ def _export(parser: argparse.ArgumentParser):
     parser.add_argument("--calibration", type=int, default=256, help="training samples for onnx2tf's calibration")
 
     def run(args: argparse.Namespace) -> int:
-        from pathlib import Path
+        from smpq_edge.api import export
 
-        out = Path(args.out)
-        board, data, source = load_inputs(args)
-        from smpq_edge.build import export_stage
-
-        result = export_stage(out, source, data, board, args.calibration)
-        print(f"wrote {out / 'model.tflite'} ({len(result.tflite)} B), "
-              f"{out / 'model_int8.tflite'} ({len(result.tflite_int8)} B)")
+        out = args.out
+        result = export(args.model, args.data, out=out, calibration=args.calibration, **options_from(args))
+        print(f"wrote {os.path.join(out, 'model.tflite')} ({len(result.tflite)} B), "
+              f"{os.path.join(out, 'model_int8.tflite')} ({len(result.tflite_int8)} B)")
         for note in result.notes:
             print(f"note: {note}")
         return 0
@@ -521,29 +390,17 @@ def _emulate(parser: argparse.ArgumentParser):
     add_preprocessing_arguments(parser)
 
     def run(args: argparse.Namespace) -> int:
-        from pathlib import Path
+        from smpq_edge.api import emulate
+        from smpq_edge.task import TASKS
 
-        from smpq_edge.data import load_dataset
-        from smpq_edge.emulator import emulate
-        from smpq_edge.fileio import write_json
-        from smpq_edge.task import task_of
-
-        path = Path(args.model_file)
-        try:
-            model_bytes = path.read_bytes()
-        except OSError as exc:
-            raise UserError(f"{path}: cannot read TFLite file ({exc.strerror})") from None
-        data = load_dataset(args.data, seed=args.seed, pixels=preprocessing_from(args))
-        task = task_of(data)
-        result = emulate(model_bytes, data.x_test, data.y_test, source=str(path), task=task)
-        # Its own file: a build's emulation.json holds the agreement figures this run cannot measure.
-        write_json(path.parent / f"emulation_{path.stem}.json", result.to_dict())
+        result = emulate(args.model_file, args.data, seed=args.seed, **preprocessing_options(args))
         if args.json:
             print(json.dumps(result.to_dict(), indent=2))
         else:
+            task = TASKS[result.task]
             auc = "" if result.auc is None else f", ROC AUC {result.auc:.4f}"
-            print(f"{path}: TFLM {task.metric} {task.show(result.accuracy)}{auc} on {result.samples} test samples, "
-                  f"arena {result.arena_bytes} B, model {result.model_bytes} B, "
+            print(f"{args.model_file}: TFLM {task.metric} {task.show(result.accuracy)}{auc} on {result.samples} test "
+                  f"samples, arena {result.arena_bytes} B, model {result.model_bytes} B, "
                   f"{result.inferences_per_second:.0f} inferences/s on the host")
         return 0
 
@@ -565,22 +422,10 @@ def _firmware(parser: argparse.ArgumentParser):
     add_preprocessing_arguments(parser)
 
     def run(args: argparse.Namespace) -> int:
-        from smpq_edge.boards import load_board
-        from smpq_edge.firmware import generate_from_tflite
+        from smpq_edge.api import firmware
 
-        board = load_board(args.board)
-        x = labels = origin = None
-        if args.data is not None:
-            from smpq_edge.data import load_dataset
-
-            from smpq_edge.task import task_of
-
-            dataset = load_dataset(args.data, seed=args.seed, pixels=preprocessing_from(args))
-            # Anomaly labels are not classes the self-check could count top-1 hits of.
-            x, labels = dataset.x_test, dataset.y_test if task_of(dataset).has_classes else None
-            origin = f"{dataset.name} test split (seed {args.seed}), first {min(args.vectors, len(labels))} samples"
-        result = generate_from_tflite(args.model, board, args.out, x=x, labels=labels, vectors=args.vectors,
-                                      seed=args.seed, margin=args.margin, origin=origin)
+        result = firmware(args.model, out=args.out, board=args.board, data=args.data, vectors=args.vectors,
+                          seed=args.seed, margin=args.margin, **preprocessing_options(args))
         print(f"firmware for {result.board} ({result.port} port) in {result.out_dir}")
         for registration in result.registrations:
             print(f"  {registration.call}: {registration.reason}")

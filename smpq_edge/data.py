@@ -188,18 +188,39 @@ def load_npz(path: Path, seed: int) -> Dataset:
         raise UserError(f"{path}: not a readable .npz file ({exc.__class__.__name__})") from None
     if "x" not in arrays:
         raise UserError(f"{path}: missing array 'x' (found: {', '.join(sorted(arrays)) or 'none'})")
+    return _from_arrays(arrays, str(path), path.stem, seed, f"sha256:{file_sha256(path)}",
+                        {"format": "npz", "x": "as stored, cast to float32"})
+
+
+def from_arrays(data: tuple, seed: int = 0) -> Dataset:
+    """In-memory data (the Python API): ``(x, y)`` with class labels, or ``(x,)`` for an
+    autoencoder; split as an .npz's x and y are (val 20 %, test 20 %, seeded)."""
+    if not isinstance(data, tuple) or len(data) not in (1, 2) or not all(isinstance(a, np.ndarray) for a in data):
+        raise UserError("data: expected (x, y) or (x,) NumPy arrays, a file, a folder or a built-in name")
+    arrays = dict(zip(("x", "y"), data))
+    digest = hashlib.sha256()
+    for key, array in arrays.items():
+        digest.update(key.encode() + str(array.shape).encode() + np.ascontiguousarray(array).tobytes())
+    return _from_arrays(arrays, "data arrays", "arrays", seed, f"sha256:{digest.hexdigest()}",
+                        {"format": "arrays", "x": "as given, cast to float32"})
+
+
+def _from_arrays(arrays: dict[str, np.ndarray], source: str, name: str, seed: int, source_hash: str,
+                 preprocessing: dict) -> Dataset:
+    """The splits of x and y (and of any x_val/y_val, x_test/y_test given), checked; ``source``
+    names the data in every error."""
     if "y" not in arrays:
-        return _unlabelled_npz(path, arrays, seed)
+        return _unlabelled(source, name, arrays, seed, source_hash, preprocessing)
     splits = {"train": ("x", "y"), "val": ("x_val", "y_val"), "test": ("x_test", "y_test")}
     for split, (xk, yk) in splits.items():
         if (xk in arrays) != (yk in arrays):
-            raise UserError(f"{path}: '{xk}' and '{yk}' must be given together")
+            raise UserError(f"{source}: '{xk}' and '{yk}' must be given together")
         if xk in arrays:
-            _check_arrays(str(path), arrays[xk], arrays[yk], split)
+            _check_arrays(source, arrays[xk], arrays[yk], split)
     given = {s: (_as_nchw(arrays[xk]), arrays[yk].astype(np.int64)) for s, (xk, yk) in splits.items() if xk in arrays}
     shapes = {s: xy[0].shape[1:] for s, xy in given.items()}
     if len(set(shapes.values())) > 1:
-        raise UserError(f"{path}: splits have different sample shapes {shapes}")
+        raise UserError(f"{source}: splits have different sample shapes {shapes}")
     x, y = given["train"]
     if "val" in given and "test" in given:
         parts = (x, y, *given["val"], *given["test"])
@@ -211,20 +232,20 @@ def load_npz(path: Path, seed: int) -> Dataset:
         parts = (x_tr, y_tr, x_va, y_va, x_te, y_te)
     for split, labels in zip(("train", "val", "test"), parts[1::2]):
         if len(labels) == 0:
-            raise UserError(f"{path}: too few samples to make a {split} split")
+            raise UserError(f"{source}: too few samples to make a {split} split")
     num_classes = int(max(labels.max() for labels in parts[1::2])) + 1
     if num_classes < 2:
-        raise UserError(f"{path}: y holds a single class; a classifier needs at least two")
-    check_labels(str(path), parts[1::2], num_classes)
-    return Dataset(path.stem, *parts, num_classes=num_classes, source_hash=f"sha256:{file_sha256(path)}",
-                   preprocessing={"format": "npz", "x": "as stored, cast to float32"})
+        raise UserError(f"{source}: y holds a single class; a classifier needs at least two")
+    check_labels(source, parts[1::2], num_classes)
+    return Dataset(name, *parts, num_classes=num_classes, source_hash=source_hash, preprocessing=preprocessing)
 
 
 # Reconstruction data: x without class labels y, optionally with anomaly labels per split.
 _UNLABELLED_SPLITS = {"train": ("x", "anomaly"), "val": ("x_val", "anomaly_val"), "test": ("x_test", "anomaly_test")}
 
 
-def _unlabelled_npz(path: Path, arrays: dict[str, np.ndarray], seed: int) -> Dataset:
+def _unlabelled(path: str, name: str, arrays: dict[str, np.ndarray], seed: int, source_hash: str,
+                preprocessing: dict) -> Dataset:
     """An ``.npz`` without ``y``: data for an autoencoder. ``anomaly`` (and ``anomaly_val``,
     ``anomaly_test``) mark samples normal (0) or anomalous (1), for the ROC AUC; missing ones count
     as normal. Training uses the normal samples of the train split only, the usual setting for
@@ -238,7 +259,7 @@ def _unlabelled_npz(path: Path, arrays: dict[str, np.ndarray], seed: int) -> Dat
                 raise UserError(f"{path}: '{ak}' is given without '{xk}'")
             continue
         x = arrays[xk]
-        _check_arrays(str(path), x, np.zeros(len(x), dtype=np.int64), split)
+        _check_arrays(path, x, np.zeros(len(x), dtype=np.int64), split)
         anomaly = arrays.get(ak, np.zeros(len(x), dtype=np.int64))
         if anomaly.shape != (len(x),):
             raise UserError(f"{path}: {ak} has shape {anomaly.shape}; expected ({len(x)},) to match {xk}")
@@ -258,10 +279,9 @@ def _unlabelled_npz(path: Path, arrays: dict[str, np.ndarray], seed: int) -> Dat
         if (labels == 0).sum() < min_split_size(0):
             raise UserError(f"{path}: too few normal samples: the {split} split has {int((labels == 0).sum())}, "
                             f"needs at least {min_split_size(0)}")
-    return Dataset(path.stem, x_tr[normal], a_tr[normal], x_va, a_va, x_te, a_te, num_classes=0,
-                   source_hash=f"sha256:{file_sha256(path)}", task="reconstruction",
-                   preprocessing={"format": "npz", "x": "as stored, cast to float32",
-                                  "train": "normal samples only (anomaly == 0)"})
+    return Dataset(name, x_tr[normal], a_tr[normal], x_va, a_va, x_te, a_te, num_classes=0,
+                   source_hash=source_hash, task="reconstruction",
+                   preprocessing={**preprocessing, "train": "normal samples only (anomaly == 0)"})
 
 
 def with_task(data: Dataset, task: str | None) -> Dataset:

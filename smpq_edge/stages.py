@@ -1,4 +1,4 @@
-"""``build``: search -> export -> emulate -> firmware -> report, in one output folder.
+"""The stages of ``build`` (search -> export -> emulate -> firmware -> report) in one output folder.
 
 Each stage reads the files earlier stages wrote and writes its own atomically. ``build.json``
 records, per finished stage, a hash of what it was given (arguments, input files, and by content
@@ -91,7 +91,8 @@ def _data_key(data: Dataset, reference: str | None) -> str:
 
 def outside_keys(source: ModelSource, data: Dataset, data_reference: str | None, board: str) -> dict[str, str]:
     """Content keys of what the stages read from outside the build folder, by ``Stage.reads`` name."""
-    return {"model": _hash_path(Path(source.origin)), "data": _data_key(data, data_reference),
+    model = source.content_key or _hash_path(Path(source.origin))
+    return {"model": model, "data": _data_key(data, data_reference),
             "board": _hash_path(board_path(board)), "code": _code_key(),
             "templates": _hash_path(firmware.FIRMWARE_DIR)}
 

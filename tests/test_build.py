@@ -160,7 +160,7 @@ STAGES = ["search", "export", "emulate", "firmware", "report"]
 def fake_stages(monkeypatch):
     """Every stage replaced by one that writes fixed outputs and notes that it ran: what is tested
     is which stages a change of input reruns, not what they compute."""
-    import smpq_edge.build as build
+    import smpq_edge.stages as build
     import smpq_edge.cli as cli
     import smpq_edge.search.runner as runner
 
@@ -185,7 +185,7 @@ def fake_stages(monkeypatch):
 
 
 def test_resume_reruns_exactly_the_stages_that_read_a_changed_input(tmp_path, monkeypatch, fake_stages):
-    import smpq_edge.build as build
+    import smpq_edge.stages as build
     import smpq_edge.firmware as firmware
     from smpq_edge.models import EXAMPLES_DIR
 

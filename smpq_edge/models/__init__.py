@@ -43,6 +43,8 @@ class ModelSource:
     # The model's own input scaling (a Keras Rescaling or Normalization), taken out of ``module``:
     # the data is scaled instead (``data.with_input_affine``), so TFLM's int8 input covers it.
     input_affine: InputAffine | None = None
+    # What a resumed build compares for a model that is no file (``from_module``): its weights' hash.
+    content_key: str = ""
 
     def as_logits(self) -> ModelSource:
         """The model without its final Softmax (``--logits``), with the one-line notice."""
@@ -169,3 +171,49 @@ def load_model(name_or_path: str | Path, num_classes: int | None = None) -> Mode
     if path.is_dir():
         return _tensorflow(path, num_classes)
     _unknown_model(text)
+
+
+def from_module(module: nn.Module, sample_shape: tuple[int, ...], pretrained: bool = True) -> ModelSource:
+    """An in-memory ``torch.nn.Module`` (the Python API), for samples of ``sample_shape``: (C, H, W),
+    or (F,) for a model that takes (N, F) (it then reads the data's (N, 1, F, 1) through a Flatten,
+    and is exported taking [1, F], as an ONNX (N, F) model is)."""
+    import hashlib
+
+    from torch import nn
+
+    if not isinstance(module, nn.Module):
+        raise UserError(f"model: expected a torch.nn.Module, a keras.Model, a file or an example name, got "
+                        f"{type(module).__name__}")
+    module, softmax = _split_final_softmax(module)
+    name = type(module).__name__
+    digest = hashlib.sha256(type(module).__qualname__.encode())
+    for key, tensor in module.state_dict().items():
+        digest.update(key.encode() + tensor.detach().cpu().numpy().tobytes())
+    file_shape = None
+    if len(sample_shape) == 1:
+        module, file_shape = nn.Sequential(nn.Flatten(), module), tuple(sample_shape)
+        sample_shape = (1, sample_shape[0], 1)
+    return ModelSource(name, module, tuple(sample_shape), None, pretrained, f"<in-memory {name}>",
+                       output_softmax=softmax, file_input_shape=file_shape, content_key=f"sha256:{digest.hexdigest()}")
+
+
+def is_keras_model(model: object) -> bool:
+    """A Keras model object (Keras 3 or tf.keras), told apart without importing TensorFlow."""
+    return type(model).__module__.split(".")[0] in ("keras", "tf_keras") and hasattr(model, "save")
+
+
+def from_keras(model) -> ModelSource:
+    """An in-memory Keras model (the Python API): saved as .keras and read as that file is."""
+    import hashlib
+    import tempfile
+
+    digest = hashlib.sha256(type(model).__qualname__.encode())
+    for weight in model.get_weights():
+        digest.update(weight.tobytes())
+    with tempfile.TemporaryDirectory() as folder:
+        path = Path(folder) / "model.keras"
+        model.save(path)
+        source = _tensorflow(path, None)
+    return replace(source, name=model.name, origin=f"<in-memory keras.Model {model.name}>",
+                   content_key=f"sha256:{digest.hexdigest()}")
+

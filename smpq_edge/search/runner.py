@@ -173,7 +173,7 @@ def _bits(graph: Graph, candidates: tuple[int, ...], selection: Selection) -> di
 
 
 @dataclass
-class _Run:
+class SearchRun:
     """What the steps of one search share: its inputs, the traced graph and the budget problem."""
 
     source: ModelSource
@@ -233,7 +233,7 @@ def run_search(source: ModelSource, data: Dataset, board: Board, *, budgets: Bud
     """Every rank of a ``torchrun`` job calls this with the same arguments; see ``distributed``."""
     if not context.is_main:
         progress, log = False, (lambda _: None)
-    run = _prepare(source, data, board, budgets or Budgets.of_board(board), config, seed, progress, log, context)
+    run = prepare_run(source, data, board, budgets or Budgets.of_board(board), config, seed, progress, log, context)
     model, reference, float_measured = _float_model(run)
     floor = calibrated_supernet(model, run.graph, data, run.candidates, seed, context)
     floor.set_policy({op.name: max(run.candidates) for op in run.graph.layers})
@@ -243,7 +243,7 @@ def run_search(source: ModelSource, data: Dataset, board: Board, *, budgets: Bud
     warm = warm_supernet(model, run.graph, data, run.candidates, config.warmup, seed, progress, context, run.guard)
     run.lap("warmup_s")
     net, table, value, scores, history = _smpq_search(run, copy.deepcopy(warm), model)
-    ranked, chosen, chosen_bits = _pick(run, net, scores)
+    ranked, chosen, chosen_bits = pick_policy(run, net, scores)
     tuned, methods = _train_methods(run, warm, model, chosen, chosen_bits)
     tuned, floor_check, floor_action = _keep_floor(run, floor, tuned, chosen_bits, ranked, methods, model)
     shipped = next(m for m in methods if m.method == (floor_action.shipped_method if floor_action else "smpq"))
@@ -293,8 +293,8 @@ def traced_for(source: ModelSource, data: Dataset) -> Graph:
     return graph
 
 
-def _prepare(source: ModelSource, data: Dataset, board: Board, budgets: Budgets, config: SearchConfig, seed: int,
-             progress: bool, log: Callable[[str], None], context: Context) -> _Run:
+def prepare_run(source: ModelSource, data: Dataset, board: Board, budgets: Budgets, config: SearchConfig, seed: int,
+             progress: bool, log: Callable[[str], None], context: Context) -> SearchRun:
     """Trace the model and set up the budget problem; stop before any training when no policy fits."""
     seed_everything(seed)
     check_config(source, config)
@@ -304,11 +304,11 @@ def _prepare(source: ModelSource, data: Dataset, board: Board, budgets: Budgets,
         sack.k_best([[0.0] * len(board.weight_bits)] * len(graph.layers))
     except UserError:
         raise UserError(_infeasible_message(sack, budgets, board)) from None
-    return _Run(source, data, board, budgets, config, seed, progress, log, context, graph, sack,
+    return SearchRun(source, data, board, budgets, config, seed, progress, log, context, graph, sack,
                 StageGuard(data.x_val, data.y_val, log, task_of(data)))
 
 
-def _float_model(run: _Run) -> tuple[torch.nn.Module, Reference, Measured]:
+def _float_model(run: SearchRun) -> tuple[torch.nn.Module, Reference, Measured]:
     """The float model (trained here unless it arrived trained), its labels on val and test, and
     its accuracy."""
     model = run.source.module.to(run.context.device)
@@ -328,7 +328,7 @@ def _float_model(run: _Run) -> tuple[torch.nn.Module, Reference, Measured]:
     return model, reference, measured
 
 
-def _smpq_search(run: _Run, net: QuantNet, teacher: torch.nn.Module):
+def _smpq_search(run: SearchRun, net: QuantNet, teacher: torch.nn.Module):
     """Shapley-steered alpha during the search epochs, then the final Shapley table, the coalition
     value it was scored by (the task's, where it has one) and the selection's scores."""
     config = run.config
@@ -351,7 +351,7 @@ def _smpq_search(run: _Run, net: QuantNet, teacher: torch.nn.Module):
     return net, table, shapley.value, scores, updater.history
 
 
-def _uniform_challengers(run: _Run, scores: np.ndarray) -> list[Selection]:
+def _uniform_challengers(run: SearchRun, scores: np.ndarray) -> list[Selection]:
     """The uniform policies within the budgets, as challengers in the re-rank: the summed Shapley
     value misjudges layers that interact strongly (two 2-bit layers leave DS-CNN near chance),
     so that its K best all held such layers where all-int4 fitted and scored 7 points more
@@ -365,7 +365,7 @@ def _uniform_challengers(run: _Run, scores: np.ndarray) -> list[Selection]:
     return out
 
 
-def _pick(run: _Run, net: QuantNet, scores: np.ndarray):
+def pick_policy(run: SearchRun, net: QuantNet, scores: np.ndarray):
     """The K best by summed Shapley and the uniform policies (``_uniform_challengers``) that fit the
     full cost model, re-ranked on the whole validation split: on the Shapley batch alone (512
     samples) a challenger's lead of one standard error was noise often enough to cost ResNet-8 /
@@ -390,7 +390,7 @@ def _pick(run: _Run, net: QuantNet, scores: np.ndarray):
     return ranked, chosen, chosen_bits
 
 
-def _train_methods(run: _Run, warm: QuantNet, teacher: torch.nn.Module, chosen: Selection,
+def _train_methods(run: SearchRun, warm: QuantNet, teacher: torch.nn.Module, chosen: Selection,
                    chosen_bits: dict[str, int]) -> tuple[QuantNet, list[MethodResult]]:
     """SMPQ's pick and each baseline's, each QAT-trained; SMPQ's network is the one shipped."""
     config, data, seed, progress, context = run.config, run.data, run.seed, run.progress, run.context
@@ -428,14 +428,14 @@ def _train_methods(run: _Run, warm: QuantNet, teacher: torch.nn.Module, chosen: 
     return tuned, methods
 
 
-def _trained_text(run: _Run, before: float, after: float) -> str:
+def _trained_text(run: SearchRun, before: float, after: float) -> str:
     show, metric = run.task.show, run.task.metric
     if run.config.post_training:
         return f"test {metric} {show(after)} (post-training, nothing trained)"
     return f"test {metric} {show(before)} before finetune, {show(after)} after"
 
 
-def _keep_floor(run: _Run, floor: QuantNet, tuned: QuantNet, chosen_bits: dict[str, int], ranked: list,
+def _keep_floor(run: SearchRun, floor: QuantNet, tuned: QuantNet, chosen_bits: dict[str, int], ranked: list,
                 methods: list[MethodResult], teacher: torch.nn.Module) -> tuple[QuantNet, FloorCheck, FloorAction | None]:
     """The network to ship, never below the calibration-only int8 floor by more than a paired
     standard error on validation when anything within the budgets keeps it: SMPQ's pick; else
@@ -492,7 +492,7 @@ def _bits_text(bits: dict[str, int]) -> str:
     return " ".join(str(b) for b in bits.values())
 
 
-def _int4_cost(run: _Run, bits: dict[str, int], int8_cost) -> str:
+def _int4_cost(run: SearchRun, bits: dict[str, int], int8_cost) -> str:
     """The layers below int8 in ``bits`` and the flash each saves: why the budget needs them."""
     cost = run.cost(bits)
     saved = [f"{low.name} int{low.weight_bits} (saves {high.flash_bytes - low.flash_bytes:,} B)"
@@ -500,7 +500,7 @@ def _int4_cost(run: _Run, bits: dict[str, int], int8_cost) -> str:
     return "fewer bits in " + ", ".join(saved)
 
 
-def _policy(run: _Run, shipped: MethodResult, scores: np.ndarray) -> Policy:
+def _policy(run: SearchRun, shipped: MethodResult, scores: np.ndarray) -> Policy:
     bits, cost = shipped.bits, shipped.cost
     return Policy(board=run.board.name, model=run.source.name, method=shipped.method, layers=[
         LayerChoice(name=op.name, kind=op.kind, weight_bits=bits[op.name], params=op.weight_count,
