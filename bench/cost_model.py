@@ -33,7 +33,7 @@ from smpq_edge.models import load_model  # noqa: E402
 from smpq_edge.quant import QuantNet  # noqa: E402
 from smpq_edge.tflm import smallest_arena  # noqa: E402
 
-CASES = [("digits_cnn", "digits"), ("mnist1d_dscnn", "mnist1d"), ("dscnn_kws", "synthetic-kws"),
+CASES = [("digits_dense", "digits"), ("digits_cnn", "digits"), ("mnist1d_dscnn", "mnist1d"), ("dscnn_kws", "synthetic-kws"),
          ("resnet8", "synthetic-cifar")]
 SECTION = "## Cost model against reality (bench/cost_model.py)"
 

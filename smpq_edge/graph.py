@@ -27,6 +27,12 @@ from smpq_edge.ops import WEIGHTED_KINDS, OpKind, supported_torch, traceable_mod
 _OWN_MODULES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.Dropout, nn.Identity)
 
 
+def layer_name(module_path: str, kind: str) -> str:
+    """A weighted layer's name: its module path, with the kind in front where the path is only
+    numbers (an ``nn.Sequential``'s children), so that a report says "fc4", not "4"."""
+    return f"{kind}{module_path}" if module_path.replace(".", "").isdigit() else module_path
+
+
 @dataclass
 class Op:
     """One TFLite operator. Shapes are per sample, channels first: (C, H, W) or (F,)."""
@@ -58,6 +64,11 @@ class Op:
     @property
     def weight_count(self) -> int:
         return math.prod(self.weight_shape) if self.weight_shape else 0
+
+    @property
+    def groups(self) -> int:
+        """Convolution groups: one per channel for a depthwise layer, else one."""
+        return self.out_channels if self.kind == "depthwise" else 1
 
     @property
     def out_channels(self) -> int:
@@ -211,7 +222,7 @@ class _Tracer:
     def _layer(self, node: fx.Node, module: nn.Module) -> Op:
         source = self._source(node.args[0])
         if isinstance(module, nn.Linear):
-            return Op(node.target, "fc", (source,), self._shape(node), module=node.target,
+            return Op(layer_name(node.target, "fc"), "fc", (source,), self._shape(node), module=node.target,
                       weight_shape=tuple(module.weight.shape), has_bias=module.bias is not None)
         if module.padding_mode != "zeros":
             raise UserError(f"layer '{node.target}': padding mode {module.padding_mode!r} is not supported")
@@ -235,8 +246,9 @@ class _Tracer:
         else:
             padding = _pair(module.padding)
         same_pads = tuple(module.same_pads) if isinstance(module, SameConv2d) else ()
-        return Op(node.target, kind, (source,), self._shape(node), module=node.target, weight_shape=weight_shape,
-                  has_bias=module.bias is not None, stride=_pair(module.stride), padding=padding, same_pads=same_pads)
+        return Op(layer_name(node.target, kind), kind, (source,), self._shape(node), module=node.target,
+                  weight_shape=weight_shape, has_bias=module.bias is not None, stride=_pair(module.stride),
+                  padding=padding, same_pads=same_pads)
 
     def _sole_reader(self, source: str) -> bool:
         """Whether op ``source``'s output has exactly one reader, looking through the nodes that

@@ -218,6 +218,8 @@ KINDS: dict[str, OpKind] = {kind.name: kind for kind in (
 )}
 
 WEIGHTED_KINDS = tuple(name for name, kind in KINDS.items() if kind.weighted)
+# The TFLite operator of each weighted kind ("conv" -> "CONV_2D"), for readers of exported models.
+WEIGHTED_TFLITE = {name: KINDS[name].tflite for name in WEIGHTED_KINDS}
 
 
 def traced_kind(node: fx.Node, module: nn.Module | None) -> OpKind | None:

@@ -143,7 +143,7 @@ class ActQuant(nn.Module):
         observes = x.numel() and (self.training or not initialised)
         if not observes and not torch.is_grad_enabled():
             return self._inference(x, activation)
-        x = _apply_activation(x, activation)
+        x = apply_activation(x, activation)
         if observes:
             lo, hi = float(x.detach().min()), float(x.detach().max())
             if not initialised:
@@ -200,8 +200,7 @@ def run_layer(op: Op, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor 
     pads applied first), in float or on integers held as floats."""
     if op.kind == "fc":
         return F.linear(x, weight, bias)
-    groups = weight.shape[0] if op.kind == "depthwise" else 1
-    return F.conv2d(same_pad(x, op), weight, bias, stride=op.stride, padding=op.padding, groups=groups)
+    return F.conv2d(same_pad(x, op), weight, bias, stride=op.stride, padding=op.padding, groups=op.groups)
 
 
 @dataclass(frozen=True)
@@ -304,7 +303,8 @@ def fold_batchnorm(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.Batch
     return folded_w, (base - bn.running_mean) * factor + beta
 
 
-def _apply_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
+def apply_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
+    """A fused activation (none, relu, relu6) in float: the graph's, the float module's and the exporter's."""
     if activation == "relu":
         return torch.relu(x)
     if activation == "relu6":

@@ -44,7 +44,6 @@ MAKE_LOG = "validation-make.log"
 # The objects and the ELF, outside firmware/ so that the generated folder stays as generated.
 OBJECT_DIR = "validation-build"
 REPORT_FILE = "validation-report.txt"
-WEIGHTED_OPS = {"conv": "CONV_2D", "depthwise": "DEPTHWISE_CONV_2D", "fc": "FULLY_CONNECTED"}
 
 
 # ---- the self-check report -------------------------------------------------------------------
@@ -260,9 +259,11 @@ def _predicted_ops(check: SelfCheck, prediction: Prediction | None, notes: list[
         if check.ops:
             notes.append("the profiled ops differ from search.json's operators: per-op prediction for the "
                          "weighted layers only")
-    weighted = [op for op in check.ops if op.op in WEIGHTED_OPS.values()]
+    from smpq_edge.ops import WEIGHTED_TFLITE  # here: torch loads with it, and validate's typos should not wait
+
+    weighted = [op for op in check.ops if op.op in WEIGHTED_TFLITE.values()]
     kinds_ok = len(prediction.layers) == len(weighted) and all(
-        WEIGHTED_OPS.get(kind) == op.op for (_, kind, _), op in zip(prediction.layers, weighted))
+        WEIGHTED_TFLITE.get(kind) == op.op for (_, kind, _), op in zip(prediction.layers, weighted))
     if kinds_ok:
         return {op.index: (name, cycles) for op, (name, _, cycles) in zip(weighted, prediction.layers)}
     if check.ops:

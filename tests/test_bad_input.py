@@ -538,10 +538,10 @@ def test_policy_bits_not_on_the_board(tmp_path, capsys):
     board = board_with(tmp_path / "int8-only.yaml", "candidates", ["w8a8"])
     policy = tmp_path / "policy.json"
     layers = [{"name": n, "kind": k, "weight_bits": 4, "params": 1}
-              for n, k in [("0", "conv"), ("3", "depthwise"), ("6", "conv"), ("11", "fc")]]
+              for n, k in [("conv0", "conv"), ("depthwise3", "depthwise"), ("conv6", "conv"), ("fc11", "fc")]]
     policy.write_text(json.dumps({"board": "b", "model": "m", "layers": layers}))
     assert_one_line_error(*run(capsys, "cost", "--model", "digits_cnn", "--board", board, "--bits", policy), str(policy),
-                          "layer '0'")
+                          "layer 'conv0'")
 
 
 # ---- the real exit path, in a subprocess ---------------------------------------------------------

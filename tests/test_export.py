@@ -202,3 +202,28 @@ def test_cli_export_then_emulate(tmp_path, capsys):
     assert main(["emulate", str(tmp_path / "model.tflite"), "--data", "digits", "--json"]) == 0
     record = json.loads((tmp_path / "emulation_model.json").read_text())
     assert record["samples"] == len(c.data.y_test) and record["accuracy"] > 0.5
+
+
+def test_a_flatten_after_a_convolution_is_folded_into_the_dense_weights():
+    """digits_dense flattens a 4x4x12 map into a dense layer. onnx2tf writes torch's channels-first
+    flatten as TRANSPOSE + RESHAPE; the exporter puts the dense layer's columns in HWC order instead,
+    so the model has the operators the cost model prices and TFLM's outputs stay the network's."""
+    from smpq_edge.cost import tflite_operators
+    from smpq_edge.emulator import emulate
+
+    seed_everything(0)
+    data = load_dataset("digits", seed=0)
+    source = load_model("digits_dense", num_classes=data.num_classes)
+    source.module.eval()
+    net = QuantNet(trace(source.module, data.input_shape), source.module, (4, 8))
+    calibrate(net, data, 0)
+    bits = mixed_policy(net)
+    net.set_policy(bits)
+    net.eval()
+    export = export_model(net, bits, data.x_train[:64])
+    operators = [o.name for o in TfliteModel.from_bytes(export.tflite).operators()]
+    assert operators == [o.builtin for o in tflite_operators(net.graph, bits)]
+    assert "TRANSPOSE" not in operators and "RESHAPE" not in operators
+    assert [o.name for o in TfliteModel.from_bytes(export.variant(net, bits)).operators()] == operators
+    result = emulate(export.tflite, data.x_test[:120], data.y_test[:120], net)
+    assert result.label_agreement == 1.0 and result.max_abs_output_delta < 1e-6

@@ -66,7 +66,7 @@ def test_examples_registry():
 def test_layer_inventory_matches_torch(name):
     source, graph = example(name)
     expected = hooked_inventory(source.module, source.input_shape)
-    actual = [(op.name, op.kind, op.weight_count, op.macs) for op in graph.layers]
+    actual = [(op.module, op.kind, op.weight_count, op.macs) for op in graph.layers]
     assert actual == expected
 
 
@@ -104,6 +104,9 @@ def test_digits_cnn_by_hand():
     ]
     assert [(op.bn_module, op.activation) for op in graph.layers] == [
         ("1", "relu"), ("4", "relu"), ("7", "relu"), ("", "none")]
+    # An nn.Sequential's children are numbers: the layers are named with their kind in front.
+    assert [op.name for op in graph.layers] == ["conv0", "depthwise3", "conv6", "fc11"]
+    assert [op.module for op in graph.layers] == ["0", "3", "6", "11"]
     assert [op.kind for op in graph.ops if not op.weighted] == ["input", "global_avgpool", "reshape"]
 
 
@@ -145,7 +148,7 @@ def test_resnet8_residual_adds_carry_the_relu():
     adds = [op for op in graph.ops if op.kind == "add"]
     assert len(adds) == 3 and all(op.activation == "relu" for op in adds)
     # The first stack's shortcut is the identity: its add reads the stem's output directly.
-    assert adds[0].inputs == ("3.conv2", "0")
+    assert adds[0].inputs == ("3.conv2", "conv0")
     # The projecting shortcuts are 1x1 stride-2 convolutions without BatchNorm.
     shortcuts = [op for op in graph.layers if op.name.endswith("shortcut")]
     assert [(op.weight_shape, op.stride, op.bn_module) for op in shortcuts] == [

@@ -66,7 +66,7 @@ def test_weights_symmetric_per_channel_on_the_integer_grid(bits, qmax):
 
 
 def test_fc_weights_are_per_tensor(trained_digits_net):
-    fc = trained_digits_net.layer("11")
+    fc = trained_digits_net.layer("fc11")
     assert not fc.per_channel
     q = fc.quantised_weight(4)
     scale = fc.weight.abs().max() / 7

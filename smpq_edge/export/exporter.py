@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import io
 import warnings
+from collections import Counter
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -39,12 +40,12 @@ from smpq_edge.export.int4 import pack_int4
 from smpq_edge.export.onnx_to_tflite import export_int8
 from smpq_edge.export.tflite_file import TfliteModel
 from smpq_edge.graph import Graph, Op
-from smpq_edge.ops import KINDS
+from smpq_edge.ops import KINDS, WEIGHTED_TFLITE
 from smpq_edge.precision import DECODE_OP, PACKED_INT4, WEIGHT_BITS, is_lut
-from smpq_edge.quant import QuantNet, quantize_weight
+from smpq_edge.quant import QuantNet, apply_activation, quantize_weight
 from smpq_edge.softmax import BETA, OUTPUT_SCALE, OUTPUT_ZERO_POINT
 
-_WEIGHTED_OPS = {kind.tflite: kind.name for kind in KINDS.values() if kind.weighted}
+_WEIGHTED_OPS = {tflite: kind for kind, tflite in WEIGHTED_TFLITE.items()}
 # Operators that TFLite runs with the same input and output quantisation: those of the kinds that
 # share their input's, and the layout operators onnx2tf writes around them (MEAN: global pooling).
 _SAME_SCALE_OPS = {"PAD", "SQUEEZE", "EXPAND_DIMS", "TRANSPOSE", "MEAN"} | {
@@ -84,8 +85,8 @@ class ExportResult:
 
     def variant(self, net: QuantNet, bits: dict[str, int]) -> bytes:
         """The same model under another policy (same layout and activation scales), no onnx2tf run."""
-        template, matched, acts = self._layout
-        return _rewrite(template, net, bits, matched, acts, self.softmax, self.single_zero_point)[0]
+        template, matched, acts, columns = self._layout
+        return _rewrite(template, net, bits, matched, acts, columns, self.softmax, self.single_zero_point)[0]
 
     def to_dict(self) -> dict:
         return {
@@ -117,9 +118,8 @@ class FloatGraphModule(nn.Module):
                 if op.kind == "fc":
                     module = nn.Linear(weight.shape[1], weight.shape[0])
                 else:
-                    groups = weight.shape[0] if op.kind == "depthwise" else 1
-                    module = nn.Conv2d(weight.shape[1] * groups, weight.shape[0], tuple(weight.shape[2:]),
-                                       stride=op.stride, padding=_export_padding(op), groups=groups)
+                    module = nn.Conv2d(weight.shape[1] * op.groups, weight.shape[0], tuple(weight.shape[2:]),
+                                       stride=op.stride, padding=_export_padding(op), groups=op.groups)
                 module.weight.copy_(weight)
                 module.bias.copy_(layer.bias.detach())
                 self.layers[QuantNet.key(op.name)] = module
@@ -134,15 +134,8 @@ class FloatGraphModule(nn.Module):
         values: dict[str, torch.Tensor] = {}
         for op in self.graph.ops:
             inputs = [values[name] for name in op.inputs] if op.inputs else [x]
-            if op.weighted:
-                y = self.layers[QuantNet.key(op.name)](inputs[0])
-            else:
-                y = KINDS[op.kind].run(op, inputs)
-            if op.activation == "relu":
-                y = torch.relu(y)
-            elif op.activation == "relu6":
-                y = torch.clamp(y, 0.0, 6.0)
-            values[op.name] = y
+            y = self.layers[QuantNet.key(op.name)](inputs[0]) if op.weighted else KINDS[op.kind].run(op, inputs)
+            values[op.name] = apply_activation(y, op.activation)
         return values[self.graph.output]
 
 
@@ -156,20 +149,62 @@ def _export_padding(op: Op) -> tuple[int, int]:
     return max(top, bottom), max(left, right)
 
 
-def _tflite_layout(op: Op, torch_array: np.ndarray) -> np.ndarray:
-    """A torch weight (OIHW / C1HW / [out, in]) in TFLite's layout (OHWI / [1,H,W,C] / [out, in])."""
+def _tflite_layout(op: Op, torch_array: np.ndarray, columns: np.ndarray | None = None) -> np.ndarray:
+    """A torch weight (OIHW / C1HW / [out, in]) in TFLite's layout (OHWI / [1,H,W,C] / [out, in]),
+    a fully connected layer's columns in ``columns`` order where ``_fold_flatten`` set one."""
     if op.kind == "conv":
         return torch_array.transpose(0, 2, 3, 1)
     if op.kind == "depthwise":
         return torch_array.transpose(1, 2, 3, 0)
-    return torch_array
+    return torch_array if columns is None else torch_array[:, columns]
+
+
+def _fold_flatten(tflite: bytes) -> tuple[bytes, dict[int, np.ndarray]]:
+    """onnx2tf keeps torch's channels-first flatten in front of a FULLY_CONNECTED as a TRANSPOSE
+    (NHWC to NCHW) and a RESHAPE. TFLM's FULLY_CONNECTED flattens its input itself, so both go,
+    and the layer's weight columns are put in HWC order instead: the same sums without the two
+    operators' cycles, arena tensor and flash (the cost model prices the model without them).
+    Returns the model and, per FULLY_CONNECTED weight tensor, the new column order."""
+    model = TfliteModel.from_bytes(tflite, source="onnx2tf output")
+    operators = model.operators()
+    producer = {op.outputs[0]: op for op in operators}
+    readers = Counter([i for op in operators for i in op.inputs] + list(model.outputs))
+    removed: set[int] = set()
+    columns: dict[int, np.ndarray] = {}
+    for fc in (op for op in operators if op.name == "FULLY_CONNECTED"):
+        reshape = producer.get(fc.inputs[0])
+        if reshape is None or reshape.name != "RESHAPE" or readers[reshape.outputs[0]] != 1:
+            continue
+        source = reshape.inputs[0]
+        transpose = producer.get(source)
+        if _is_nhwc_to_nchw(model, transpose) and readers[source] == 1:
+            _, h, w, c = model.tensor(transpose.inputs[0]).shape
+            order = np.arange(c * h * w).reshape(c, h, w).transpose(1, 2, 0).reshape(-1)
+            weights = model.tensor(fc.inputs[1])
+            model.set_tensor_data(fc.inputs[1], np.frombuffer(weights.data, np.int8).reshape(weights.shape)[:, order]
+                                  .tobytes())
+            columns[fc.inputs[1]] = order
+            removed.add(transpose.index)
+            source = transpose.inputs[0]
+        model.set_operator_input(fc.index, 0, source)
+        removed.add(reshape.index)
+    model.remove_operators(removed)
+    return model.to_bytes(), columns
+
+
+def _is_nhwc_to_nchw(model: TfliteModel, op) -> bool:
+    if op is None or op.name != "TRANSPOSE" or len(model.tensor(op.inputs[0]).shape) != 4:
+        return False
+    perm = model.tensor(op.inputs[1]).data
+    return perm is not None and np.frombuffer(perm, np.int32).tolist() == [0, 3, 1, 2]
 
 
 def _quant_axis(op: Op) -> int:
     return 3 if op.kind == "depthwise" else 0
 
 
-def _match_layers(model: TfliteModel, graph: Graph, reference: FloatGraphModule) -> list[tuple[Op, int, int, int]]:
+def _match_layers(model: TfliteModel, graph: Graph, reference: FloatGraphModule,
+                  columns: dict[int, np.ndarray]) -> list[tuple[Op, int, int, int]]:
     """(graph layer, operator index, weight tensor, bias tensor) in order, checked against onnx2tf."""
     weighted = [o for o in model.operators() if o.name in _WEIGHTED_OPS]
     layers = graph.layers
@@ -187,7 +222,8 @@ def _match_layers(model: TfliteModel, graph: Graph, reference: FloatGraphModule)
             raise UserError(f"layer '{op.name}': TFLite weight shape {w.shape}, expected {op.weight_shape}")
         if w.type != "INT8" or w.data is None or w.quantization is None:
             raise UserError(f"layer '{op.name}': onnx2tf weights are not constant int8 ({w.type})")
-        ours = _tflite_layout(op, reference.layers[QuantNet.key(op.name)].weight.detach().numpy().astype(np.float64))
+        ours = _tflite_layout(op, reference.layers[QuantNet.key(op.name)].weight.detach().numpy().astype(np.float64),
+                              columns.get(w_index))
         theirs = w.dequantised()
         tolerance = 0.51 * max(w.quantization.scales) + 1e-7
         error = float(np.abs(theirs - ours).max())
@@ -260,7 +296,7 @@ def _mean_to_avgpool(model: TfliteModel) -> int:
     return rewritten
 
 
-def _rewrite(template: bytes, net: QuantNet, bits: dict[str, int], matched, acts,
+def _rewrite(template: bytes, net: QuantNet, bits: dict[str, int], matched, acts, columns: dict[int, np.ndarray],
              softmax: bool, single_zero_point: bool) -> tuple[bytes, int]:
     model = TfliteModel.from_bytes(template, source="onnx2tf output")
     for index, (scale, zero_point) in acts.items():
@@ -269,7 +305,7 @@ def _rewrite(template: bytes, net: QuantNet, bits: dict[str, int], matched, acts
         layer = net.layer(op.name)
         b = bits[op.name]
         q, scales = quantize_weight(layer.weight, b, layer.per_channel)
-        q = _tflite_layout(op, q.numpy().astype(np.int8))
+        q = _tflite_layout(op, q.numpy().astype(np.int8), columns.get(w_index))
         scales = scales.detach().numpy().astype(np.float64)
         axis = _quant_axis(op)
         # One zero point per scale, as the TFLite schema wants: LiteRT refuses a tensor with fewer.
@@ -380,12 +416,12 @@ def export_model(net: QuantNet, bits: dict[str, int], calibration: np.ndarray, s
     float_module = FloatGraphModule(net, bits).eval()
     int8 = export_int8(float_module, (1, *graph.input_shape), np.ascontiguousarray(calibration, dtype=np.float32),
                        conv_pads=float_module.onnx_conv_pads)
-    layout = _with_input_shape(int8.tflite, input_shape)
+    layout, columns = _fold_flatten(_with_input_shape(int8.tflite, input_shape))
     template = TfliteModel.from_bytes(layout, source="onnx2tf output")
-    matched = _match_layers(template, graph, float_module)
+    matched = _match_layers(template, graph, float_module, columns)
     acts = _activation_params(template, net)
-    mixed, rewritten = _rewrite(layout, net, bits, matched, acts, softmax, single_zero_point)
-    reference, _ = _rewrite(layout, net, {op.name: 8 for op in graph.layers}, matched, acts, softmax,
+    mixed, rewritten = _rewrite(layout, net, bits, matched, acts, columns, softmax, single_zero_point)
+    reference, _ = _rewrite(layout, net, {op.name: 8 for op in graph.layers}, matched, acts, columns, softmax,
                             single_zero_point)
     notes = []
     if any(o.name == "MEAN" for o in TfliteModel.from_bytes(mixed).operators()):
@@ -399,5 +435,5 @@ def export_model(net: QuantNet, bits: dict[str, int], calibration: np.ndarray, s
         input_scale=acts[in_index][0], input_zero_point=acts[in_index][1],
         output_scale=output[0], output_zero_point=output[1], softmax=softmax,
         notes=notes, single_zero_point=single_zero_point,
-        _layout=(layout, matched, acts),
+        _layout=(layout, matched, acts, columns),
     )

@@ -244,6 +244,18 @@ class TfliteModel:
         q.quantizedDimension = int(quantized_dimension)
         self._graph.tensors[index].quantization = q
 
+    def set_operator_input(self, index: int, position: int, tensor: int) -> None:
+        """Make operator ``index`` read ``tensor`` as its input number ``position``."""
+        op = self._graph.operators[index]
+        inputs = list(op.inputs)
+        inputs[position] = tensor
+        op.inputs = np.asarray(inputs, dtype=np.int32)
+
+    def remove_operators(self, indices: set[int]) -> None:
+        """Drop operators whose outputs nobody reads any more (``compact`` then drops their tensors)."""
+        graph = self._graph
+        graph.operators = [op for i, op in enumerate(graph.operators) if i not in indices]
+
     def set_operator_option(self, index: int, name: str, value: bool | int | float) -> None:
         """Set one scalar builtin option (schema field name, as in ``OperatorInfo.options``)."""
         options = self._graph.operators[index].builtinOptions
