@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Callable, Sequence
 
 from smpq_edge.errors import UserError
 from smpq_edge.preprocess import Preprocessing, parse_floats
-from smpq_edge.validate import validate
+from smpq_edge.validate import validate  # noqa: F401 - a stage of the API as it is
 
 if TYPE_CHECKING:
     import numpy as np

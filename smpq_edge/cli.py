@@ -13,9 +13,9 @@ import sys
 from dataclasses import fields
 from typing import Callable
 
+from smpq_edge.api import DEFAULT_BOARD, DEFAULT_MODEL
 from smpq_edge.errors import UserError
 from smpq_edge.precision import PACKED_INT4, weight_form
-from smpq_edge.api import DEFAULT_BOARD, DEFAULT_MODEL
 from smpq_edge.preprocess import CHANNEL_ORDERS, INPUT_RANGES
 
 COMMANDS: dict[str, Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace], int]]] = {}
@@ -56,9 +56,13 @@ def _boards(parser: argparse.ArgumentParser):
         rows = []
         for name in board_names():
             b = load_board(name)
-            rows.append([name, b.core.value, f"{b.clock_mhz:g}", f"{b.flash_kb:g}", f"{b.ram_kb:g}", b.kernels,
-                         b.description])
-        _print_table(rows, ["board", "core", "MHz", "flash KB", "RAM KB", "kernels", "description"])
+            rows.append([name, b.core.value, f"{b.clock_mhz:g}", f"{b.flash_kb:g} / {b.ram_kb:g}",
+                         f"{b.budgets.flash_kb:g} / {b.budgets.ram_kb:g} / {b.budgets.latency_ms:g}",
+                         f"{b.reserve.flash_kb:g} / {b.reserve.ram_kb:g}", b.kernels, " ".join(b.candidates)])
+        _print_table(rows, ["board", "core", "MHz", "flash / RAM KB", "budget KB / KB / ms", "reserve KB / KB",
+                            "kernels", "candidates"])
+        print("\nbudget: whole firmware (model + reserve) flash, RAM and latency; reserve: what the firmware "
+              "needs besides the model. 'boards show NAME' prints a board in full, its description included.")
         return 0
 
     return run
@@ -251,12 +255,12 @@ def _print_floor(search) -> None:
     rerank_note(search, task)
     if search.floor_action:
         print(f"\n{search.floor_action.message}")
-    verdict = FloorCheck(**search.floor_check.model_dump()).verdict(task)
-    print(f"\n{'WARNING: ' if search.floor_check.below_floor else ''}{verdict[0].upper()}{verdict[1:]}.")
+    print(f"\n{FloorCheck(**search.floor_check.model_dump()).sentence(task)}")
 
 
 def _print_methods(search) -> None:
     """SMPQ's pick next to the baselines under the same budgets (when the search ran them)."""
+    from smpq_edge.search.baselines import uniform_name
     from smpq_edge.task import TASKS
 
     if len(search.methods) < 2:
@@ -268,9 +272,9 @@ def _print_methods(search) -> None:
     # A uniform baseline the search tried and did not record was over a budget; the others (uniform
     # int3 beside the default uniform8 and uniform4) were not run.
     tried = set(search.config.get("baselines", ()))
-    rows += [[f"uniform{bits}", " ".join(str(bits) for _ in names),
-              "over budget" if f"uniform{bits}" in tried else "not run", "-"]
-             for bits in search.candidates if f"uniform{bits}" not in {m.method for m in search.methods}]
+    rows += [[uniform_name(bits), " ".join(str(bits) for _ in names),
+              "over budget" if uniform_name(bits) in tried else "not run", "-"]
+             for bits in search.candidates if uniform_name(bits) not in {m.method for m in search.methods}]
     trained = "post-training, nothing trained" if search.post_training else "after each one's finetune"
     print(f"\nmethods under the same budgets (bits of layers {' '.join(names)}; fake-quant test {task.metric}, "
           f"{trained}):")
@@ -278,6 +282,7 @@ def _print_methods(search) -> None:
 
 
 def _print_build_summary(out, stages: dict | None = None) -> None:
+    from smpq_edge.fileio import read_json
     from smpq_edge.records import read_emulation, read_search
     from smpq_edge.task import TASKS
 
@@ -305,15 +310,23 @@ def _print_build_summary(out, stages: dict | None = None) -> None:
     def use(total: int, budget: int) -> str:
         return f"{100 * total / budget:.0f} %"
 
+    # The flash row counts the exported .tflite, which the firmware embeds byte for byte, not the
+    # prediction the selector used: the two differ by the file's names and alignment.
+    flash_total = cost.flash_total_bytes - cost.model_flash_bytes + emulation.model_bytes
     _print_table([
-        ["flash", f"{cost.model_flash_bytes:,} B (.tflite {emulation.model_bytes:,} B)", cost.reserve_flash_text(),
-         f"{cost.flash_total_bytes:,} B", f"{cost.flash_budget_bytes:,} B", use(cost.flash_total_bytes, cost.flash_budget_bytes)],
+        ["flash", f".tflite {emulation.model_bytes:,} B (predicted {cost.model_flash_bytes:,})",
+         cost.reserve_flash_text(), f"{flash_total:,} B", f"{cost.flash_budget_bytes:,} B",
+         use(flash_total, cost.flash_budget_bytes)],
         ["RAM", f"arena {cost.arena_bytes:,} B (*)", f"{cost.reserve_ram_bytes:,} B",
          f"{cost.ram_total_bytes:,} B", f"{cost.ram_budget_bytes:,} B", use(cost.ram_total_bytes, cost.ram_budget_bytes)],
         ["latency", f"{cost.cycles:,} cycles", "-", f"{cost.latency_ms:.2f} ms", f"{cost.cycle_budget:,} cycles",
          use(cost.cycles, cost.cycle_budget)],
-    ], ["predicted", "model", "board reserve", "whole firmware", "budget", "use"])
-    print(_arena_note(search, cost, emulation))
+    ], ["", "model", "board reserve", "whole firmware", "budget", "use"])
+    print(_arena_note(search, cost, emulation, read_json(out / "firmware" / "firmware.json", "firmware record")))
+    if flash_total > cost.flash_budget_bytes:
+        print(f"WARNING: the exported model.tflite is {emulation.model_bytes - cost.model_flash_bytes:,} B larger than "
+              f"predicted, which puts the firmware {flash_total - cost.flash_budget_bytes:,} B over the flash budget; "
+              f"give a --flash-kb below {cost.flash_budget_bytes / 1024:g} to leave that room")
     print("\nweights per layer: " + ", ".join(f"{layer.name} ({layer.kind}) {weight_form(layer.weight_bits)}"
                                           for layer in cost.layers))
     _print_methods(search)
@@ -334,13 +347,16 @@ def stage_times(stages: dict) -> str:
 KERNEL_NAMES = {"cmsis_nn": "CMSIS-NN", "reference": "TFLM reference"}
 
 
-def _arena_note(search, cost, emulation) -> str:
-    """Which kernels each arena figure assumes: the two differ by design, not by error."""
+def _arena_note(search, cost, emulation, firmware: dict) -> str:
+    """What each of the three arena figures is: the prediction for the board's kernels, the
+    firmware's allocation (that plus a margin) and the host's measurement with other kernels."""
     int4 = any(layer.weight_bits == PACKED_INT4 for layer in cost.layers)
     target = f"{KERNEL_NAMES[search.kernels]} kernels" if search.kernels else "its kernels"
-    return (f"(*) the arena predicted for board {search.board} with {target}, which sizes the firmware's arena; the "
-            f"host TFLM interpreter ran the model in {emulation.arena_bytes:,} B with TFLM's reference kernels and "
-            "64-bit pointers" + (", unpacking each INT4 filter into an int8 copy in the arena" if int4 else ""))
+    arena = firmware["arena"]
+    return (f"(*) the arena predicted for board {search.board} with {target}; the firmware allocates "
+            f"{arena['size']:,} B (that, or its basis, plus a {arena['margin']:,} B margin); the host TFLM interpreter "
+            f"ran the model in {emulation.arena_bytes:,} B with TFLM's reference kernels and 64-bit pointers"
+            + (", unpacking each INT4 filter into an int8 copy in the arena" if int4 else ""))
 
 
 @command("build")

@@ -206,9 +206,7 @@ def _accuracy_section(search: SearchRecord, emulation: EmulationRecord | None, t
             row("shipped policy, fake-quant (torch)", ref["shipped"])]
     if emulation:
         rows.append(row("shipped policy, TFLM emulator (on-device numerics)", None, emulation))
-    floor = FloorCheck(**search.floor_check.model_dump())
-    verdict = floor.verdict(task)
-    verdict = f"{'**WARNING:** ' if floor.below_floor else ''}{verdict[0].upper()}{verdict[1:]}."
+    verdict = FloorCheck(**search.floor_check.model_dump()).sentence(task, warning="**WARNING:** ")
     if search.floor_action:
         verdict = f"{search.floor_action.message}.\n\n{verdict}"
     origin = "arrived trained" if search.pretrained else "was trained here in float"

@@ -269,7 +269,8 @@ def test_summary_and_report_say_what_each_figure_is(default_build, capsys):
     for column in ("float", "PTQ int8 (floor)", "shipped (fake-quant)", "shipped (TFLM emulator)"):
         assert column in header
     assert "board reserve" in out and "whole firmware" in out
-    assert "weights per layer: 0 (conv) int" in out  # names and kinds, not bare indices
+    assert "weights per layer: conv0 (conv) int" in out  # names and kinds, not bare indices
+    assert "firmware allocates" in out and "over the flash budget" not in out
     # Each arena figure says which kernels it assumes; the floor verdict fits the numbers.
     assert "(*) the arena predicted for board nucleo-l412kb with CMSIS-NN kernels" in out
     assert "host TFLM interpreter ran the model in" in out and "reference kernels" in out

@@ -47,12 +47,17 @@ def test_no_command_prints_help(capsys):
 def test_boards_lists_every_board(capsys):
     code, out, err = run(capsys, "boards")
     assert code == 0 and err == ""
-    rows = table_rows(out)
-    assert [row[0] for row in rows] == board_names()
-    for row in rows:
-        board = load_board(row[0])
-        assert row[1:6] == [board.core.value, f"{board.clock_mhz:g}", f"{board.flash_kb:g}", f"{board.ram_kb:g}",
-                            board.kernels]
+    lines = [line for line in out.splitlines()[2:] if line.strip()][:len(board_names())]
+    assert [line.split()[0] for line in lines] == board_names()
+    for line in lines:
+        board = load_board(line.split()[0])
+        b, r = board.budgets, board.reserve
+        # The budgets and reserves that decide what fits, beside the board's own sizes.
+        expected = (f"{board.core.value} {board.clock_mhz:g} {board.flash_kb:g} / {board.ram_kb:g} "
+                    f"{b.flash_kb:g} / {b.ram_kb:g} / {b.latency_ms:g} {r.flash_kb:g} / {r.ram_kb:g} "
+                    f"{board.kernels} {' '.join(board.candidates)}")
+        assert " ".join(line.split()[1:]) == expected
+    assert "budget: whole firmware (model + reserve)" in out
 
 
 def test_boards_show_prints_json(capsys):

@@ -111,3 +111,24 @@ def test_python_sequential_ending_in_softmax_is_a_flag(tmp_path):
     assert source.output_softmax and not isinstance(source.module[-1], nn.Softmax)
     assert list(source.module.state_dict()) == ["1.weight", "1.bias"]  # the children keep their names
     assert [op.kind for op in trace(source.module, source.input_shape).layers] == ["fc"]
+
+
+def test_failed_shape_inference_is_said_in_a_note(tmp_path, monkeypatch):
+    """A graph onnx cannot infer still imports where no inferred shape is needed, and the user is
+    told that inference failed (it used to pass silently)."""
+    import onnx
+
+    torch.manual_seed(0)
+    module = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 10))
+    _export(module, (64,), tmp_path / "m.onnx")
+    assert load_model(tmp_path / "m.onnx").notes == ()
+
+    def refuse(*args, **kwargs):
+        raise onnx.shape_inference.InferenceError("[ShapeInferenceError] broken\nsecond line")
+
+    monkeypatch.setattr(onnx.shape_inference, "infer_shapes", refuse)
+    imported = load_model(tmp_path / "m.onnx")
+    (note,) = imported.notes
+    assert note.startswith("ONNX shape inference failed (InferenceError: [ShapeInferenceError] broken)")
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(imported.module(x.reshape(3, *imported.input_shape)), module(x), rtol=1e-4, atol=1e-5)

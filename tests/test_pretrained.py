@@ -222,3 +222,13 @@ def test_below_the_floor_with_nothing_better_ships_the_best_and_says_so():
     assert action.action == "best below floor" and check.below_floor
     assert logged[-1].startswith("WARNING: SMPQ's pick (4 4)")
     assert "int8 is over the flash budget" in logged[-1] and "fewer bits in a int4 (saves 400 B), b int4" in logged[-1]
+
+
+def test_floor_sentence_is_one_text_for_the_summary_and_the_report():
+    from smpq_edge.search.guard import FloorCheck
+
+    below = FloorCheck(floor_val_acc=0.9, shipped_val_acc=0.8, standard_error=0.01, below_floor=True)
+    assert below.sentence().startswith("WARNING: The shipped model is BELOW the int8 floor")
+    assert below.sentence(warning="**WARNING:** ").startswith("**WARNING:** The shipped model is BELOW")
+    above = FloorCheck(floor_val_acc=0.8, shipped_val_acc=0.9, standard_error=0.01, below_floor=False)
+    assert above.sentence() == f"{above.verdict()[0].upper()}{above.verdict()[1:]}."

@@ -202,3 +202,13 @@ def test_a_shared_cost_is_paid_once_when_any_of_its_options_is_chosen(instance, 
         if how == "sum":
             assert selection.cost[j] == sum(costs[l][k][j] for l, k in enumerate(selection.choice)) + \
                 (amount[j] if paid else 0)
+
+
+def test_the_infeasible_message_names_each_budget_in_the_callers_units():
+    from smpq_edge.search.select import infeasible_message
+
+    text = infeasible_message(["flash", "ram", "cycles"], [2048.0, 10.0, 5.0], [1024.0, None, 10.0],
+                              lambda name, least, budget: f"{name} {least:g}/{budget:g}")
+    assert text == "no per-layer choice fits the budgets (over budget); smallest achievable: flash 2048/1024, cycles 5/10"
+    apart = infeasible_message(["flash"], [10.0], [20.0], lambda name, least, budget: name)
+    assert "each budget is reachable alone but not all at once" in apart

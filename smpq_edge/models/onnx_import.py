@@ -377,7 +377,9 @@ def _dequantize(node, constants: dict[str, np.ndarray], attrs: dict) -> np.ndarr
     return ((q - zero) * scale).astype(np.float32)
 
 
-def _static_shapes(model) -> dict[str, list[int]]:
+def _static_shapes(model) -> tuple[dict[str, list[int]], str | None]:
+    """Every tensor's static shape (0 for an unknown dimension), and a note for the user when
+    onnx's shape inference failed and only the file's own shapes are known."""
     import onnx
 
     # A batch of one and data propagation: a Reshape whose target is computed from Shape (see
@@ -387,15 +389,19 @@ def _static_shapes(model) -> dict[str, list[int]]:
         dims = info.type.tensor_type.shape.dim
         if dims and not dims[0].HasField("dim_value"):
             dims[0].dim_value = 1
+    note = None
     try:
         inferred = onnx.shape_inference.infer_shapes(model, data_prop=True)
-    except Exception:  # a graph onnx cannot infer is still importable where no shape is needed
+    except Exception as exc:  # noqa: BLE001 - a graph onnx cannot infer is still importable where no shape is needed
         inferred = model
+        reason = (str(exc).strip().splitlines() or [""])[0][:160]
+        note = (f"ONNX shape inference failed ({type(exc).__name__}: {reason}); only the shapes the file "
+                "declares are known, and a layer that needs another one is refused by name")
     shapes = {}
     for info in [*inferred.graph.input, *inferred.graph.value_info, *inferred.graph.output]:
         dims = [d.dim_value if d.HasField("dim_value") else 0 for d in info.type.tensor_type.shape.dim]
         shapes[info.name] = dims
-    return shapes
+    return shapes, note
 
 
 def _shape_arithmetic(graph) -> set[int]:
@@ -447,7 +453,8 @@ def onnx_source(model, origin: str, name: str, keras3_scopes: bool | None = None
     real_inputs = [i for i in graph.input if i.name not in constants and i.name in readers]
     if len(real_inputs) != 1 or len(graph.output) != 1:
         raise UserError(f"{origin}: the model must have one input and one output")
-    imp = _Importer(origin, constants, _static_shapes(model), readers, graph.output[0].name)
+    shapes, shape_note = _static_shapes(model)
+    imp = _Importer(origin, constants, shapes, readers, graph.output[0].name)
     input_name = real_inputs[0].name
     keras = None
     if model.producer_name == "tf2onnx":
@@ -485,7 +492,7 @@ def onnx_source(model, origin: str, name: str, keras3_scopes: bool | None = None
     module = OnnxModule(imp.steps, imp.layers, body, imp.source(imp.graph_output)).eval()
     return ModelSource(name, module, input_shape, None, pretrained=True, origin=origin,
                        output_softmax=imp.output_softmax, file_input_shape=(dims[1],) if flat else None,
-                       input_affine=affine)
+                       input_affine=affine, notes=(shape_note,) if shape_note else ())
 
 
 def _channels_last(graph, imp: _Importer, dims: list[int], body_start: str) -> bool:

@@ -6,10 +6,16 @@
 * HAWQ-style: Hessian trace of each layer (Hutchinson's estimator) times the quantisation
   perturbation ||Q_b(W) - W||^2 as the expected increase of the task's loss; same selector,
   minimising it.
-* Uniform int8 and uniform int4.
+* Uniform policies (every layer at one width): int8 and int4 by default.
+
+``BASELINES`` holds one record per method; ``baseline_named`` also makes the uniform ones.
 """
 
 from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -86,3 +92,67 @@ def hawq_scores(net: QuantNet, data: Dataset, seed: int, batches_used: int = 4, 
                 perturbation = float(((layer.quantised_weight(bits) - layer.weight) ** 2).sum())
                 scores[i, k] = -mean_trace * perturbation
     return scores
+
+
+@dataclass(frozen=True)
+class BaselineInputs:
+    """What a baseline reads: the warmed-up supernet, the data, the search schedule and the budget problem."""
+
+    warm: QuantNet
+    data: Dataset
+    search: TrainConfig
+    knapsack: Knapsack
+    seed: int
+    progress: bool
+    context: Context
+
+
+@dataclass(frozen=True)
+class Baseline:
+    """A method SMPQ is compared with under the same budgets and selector: one record each."""
+
+    name: str
+    # Learns its scores by gradient, so a post-training search (``--ptq``) leaves it out.
+    learns: bool = False
+    # Finetunes the network its own search trained, for the finetune's epochs (and is trained once
+    # more from the warm-up like SMPQ, for a same-schedule figure); the others start from the warm-up.
+    own_network: bool = False
+    # Per (layer, candidate) scores for the selector, and the network the finetune starts from.
+    scores: Callable[[BaselineInputs], tuple[np.ndarray, QuantNet]] | None = None
+    uniform_bits: int | None = None  # a uniform policy: every layer at these bits, no selector
+
+    @property
+    def description(self) -> str:
+        return f"uniform int{self.uniform_bits}" if self.uniform_bits else self.name.upper()
+
+
+def _dmpq(inputs: BaselineInputs) -> tuple[np.ndarray, QuantNet]:
+    net = copy.deepcopy(inputs.warm)
+    scores, _ = dmpq_scores(net, inputs.data, inputs.search, inputs.knapsack, inputs.seed + 2,
+                            progress=inputs.progress, context=inputs.context)
+    return scores, net
+
+
+def _hawq(inputs: BaselineInputs) -> tuple[np.ndarray, QuantNet]:
+    return hawq_scores(inputs.warm, inputs.data, inputs.seed), inputs.warm
+
+
+BASELINES: dict[str, Baseline] = {
+    "dmpq": Baseline("dmpq", learns=True, own_network=True, scores=_dmpq),
+    "hawq": Baseline("hawq", scores=_hawq),
+}
+DEFAULT_BASELINES = ("dmpq", "hawq", "uniform8", "uniform4")
+
+
+def uniform_name(bits: int) -> str:
+    return f"uniform{bits}"
+
+
+def baseline_named(name: str) -> Baseline:
+    """A registered baseline, or ``uniformN`` for the uniform N-bit policy."""
+    if name in BASELINES:
+        return BASELINES[name]
+    width = name.removeprefix("uniform")
+    if name.startswith("uniform") and width.isdigit():
+        return Baseline(name, uniform_bits=int(width))
+    raise ValueError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}, uniformN")

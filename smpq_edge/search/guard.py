@@ -143,6 +143,11 @@ class FloorCheck:
             return f"the shipped model is at or above the int8 floor: {figures}"
         return f"the shipped model is within one standard error ({spread}) below the int8 floor: {figures}"
 
+    def sentence(self, task: Task = CLASSIFICATION, warning: str = "WARNING: ") -> str:
+        """The verdict as a sentence, led by ``warning`` when the shipped model is below the floor."""
+        verdict = self.verdict(task)
+        return f"{warning if self.below_floor else ''}{verdict[0].upper()}{verdict[1:]}."
+
 
 @dataclass(frozen=True)
 class FloorAction:

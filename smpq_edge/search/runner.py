@@ -26,11 +26,11 @@ from smpq_edge.models import ModelSource
 from smpq_edge.policy import LayerChoice, Policy, save_policy
 from smpq_edge.progress import progress as progress_bar
 from smpq_edge.quant import QuantNet
-from smpq_edge.search.baselines import dmpq_scores, hawq_scores
+from smpq_edge.search.baselines import DEFAULT_BASELINES, Baseline, BaselineInputs, baseline_named
 from smpq_edge.search.budget import DIMENSIONS, Budgets, cost_of, knapsack
 from smpq_edge.search.guard import FloorAction, FloorCheck, Measured, Reference, StageGuard
 from smpq_edge.distributed import SINGLE_PROCESS, Context
-from smpq_edge.search.select import Selection, smallest_achievable
+from smpq_edge.search.select import Selection, infeasible_message, smallest_achievable
 from smpq_edge.search.smpq import (AlphaUpdater, ShapleyConfig, estimate_shapley, monotone_scores,
                                    pick_by_validation, shapley_scores, validation_batch, value_target)
 from smpq_edge.search.train import TrainConfig, per_sample, predictions, score, seed_everything, train
@@ -49,7 +49,7 @@ class SearchConfig:
     shapley: ShapleyConfig = ShapleyConfig()
     k_best: int = 5  # summed-Shapley policies re-ranked by measured validation accuracy
     rerank_margin: float = 1.0  # standard errors a re-ranked policy must lead by (pick_by_validation)
-    baselines: tuple[str, ...] = ("dmpq", "hawq", "uniform8", "uniform4")
+    baselines: tuple[str, ...] = DEFAULT_BASELINES  # names of ``baselines.BASELINES`` or uniformN
     # No training at all: the policy is chosen on the calibrated network and exported as it is.
     post_training: bool = False
 
@@ -75,7 +75,7 @@ class SearchConfig:
         """No weight training anywhere (``--ptq``); DMPQ, which learns by gradient, is left out."""
         none = TrainConfig(epochs=0)
         return replace(self, warmup=none, search=none, finetune=none, post_training=True,
-                       baselines=tuple(b for b in self.baselines if b != "dmpq"))
+                       baselines=tuple(b for b in self.baselines if not baseline_named(b).learns))
 
     def with_shards(self, shards: int) -> SearchConfig:
         """Gradient shards for the quantised training stages (the float model trains on one rank)."""
@@ -410,18 +410,18 @@ def _train_methods(run: SearchRun, warm: QuantNet, teacher: torch.nn.Module, cho
     methods = [MethodResult("smpq", chosen_bits, run.cost(chosen_bits).to_dict(), chosen.score, before, after,
                             after if config.baselines else None)]
     for method in config.baselines:
+        baseline = baseline_named(method)
         t0 = time.perf_counter()
         try:
-            bits, score, start = _baseline(method, warm, run.graph, run.candidates, data, config, run.sack, seed,
-                                           progress, context)
+            bits, score, start = _baseline(baseline, run, warm)
         except UserError as exc:  # e.g. uniform int4 over budget: recorded, not fatal
             run.log(f"{method}: {exc}")
             continue
         # Baselines are trained unguarded: only the shipped network's stages are undone.
-        _, before, after = tune(start, bits, config.finetune if method == "dmpq" else long_finetune,
+        _, before, after = tune(start, bits, config.finetune if baseline.own_network else long_finetune,
                                 f"finetune {method}", None)
-        # HAWQ and the uniform policies already finetune from the warm-up for the long schedule.
-        same = after if method != "dmpq" else tune(warm, bits, long_finetune, "same finetune", None)[2]
+        # The others already finetune from the warm-up for the long schedule.
+        same = tune(warm, bits, long_finetune, "same finetune", None)[2] if baseline.own_network else after
         methods.append(MethodResult(method, bits, run.cost(bits).to_dict(), score, before, after, same))
         run.log(f"{method}: {_trained_text(run, before, after)}")
         run.timings[f"{method}_s"] = time.perf_counter() - t0
@@ -514,43 +514,34 @@ def _infeasible_message(sack, budgets: Budgets, board: Board) -> str:
     budget could reach on its own. The knapsack's own budgets are net of the policy-independent
     part (reserve, tables, pooling), which would read as a negative flash budget to a user."""
     whole = (budgets.flash_bytes, budgets.ram_bytes, budgets.cycles)
-    parts, over = [], False
-    minima = smallest_achievable(sack.costs, sack.aggregate)
-    for name, layers_least, left, budget in zip(sack.names, minima, sack.budgets, whole):
-        least = layers_least + (budget - left)  # add back the policy-independent part
-        over |= least > budget
+    # The policy-independent part (budget - what the knapsack has left) added back to each minimum.
+    minima = [least + (budget - left) for least, left, budget in
+              zip(smallest_achievable(sack.costs, sack.aggregate), sack.budgets, whole)]
+    per_ms = board.clock_mhz * 1e3
+
+    def describe(name: str, least: float, budget: float) -> str:
         if name == "cycles":
-            per_ms = board.clock_mhz * 1e3
-            parts.append(f"latency {least / per_ms:.4g} ms = {int(least)} cycles (budget {budget / per_ms:.4g} ms)")
-        else:
-            parts.append(f"{name} {least / 1024:.1f} KB (budget {budget / 1024:.1f} KB)")
-    reason = "over budget" if over else "each budget is reachable alone but not all at once"
-    return (f"no per-layer choice fits the budgets ({reason}); smallest achievable: " + ", ".join(parts)
+            return f"latency {least / per_ms:.4g} ms = {int(least)} cycles (budget {budget / per_ms:.4g} ms)"
+        return f"{name} {least / 1024:.1f} KB (budget {budget / 1024:.1f} KB)"
+
+    return (infeasible_message(sack.names, minima, whole, describe)
             + f" (whole firmware on {board.name}, reserve included)")
 
 
-def _baseline(method: str, warm: QuantNet, graph: Graph, candidates: tuple[int, ...], data: Dataset,
-              config: SearchConfig, sack, seed: int, progress: bool,
-              context: Context) -> tuple[dict[str, int], float | None, QuantNet]:
+def _baseline(baseline: Baseline, run: SearchRun, warm: QuantNet) -> tuple[dict[str, int], float | None, QuantNet]:
     """A baseline's bits, its selection score and the network its finetune starts from."""
-    if method.startswith("uniform"):
-        bits = int(method.removeprefix("uniform"))
+    graph, candidates, sack = run.graph, run.candidates, run.sack
+    if baseline.uniform_bits is not None:
+        bits = baseline.uniform_bits
         if bits not in candidates:
             raise UserError(f"{bits}-bit weights are not a candidate on this board")
         choice = tuple(candidates.index(bits) for _ in graph.layers)
         over = [name for name, total, budget in zip(sack.names, sack.totals(choice), sack.budgets) if total > budget]
         if over:
-            raise UserError(f"uniform int{bits} is over the {', '.join(over)} budget")
+            raise UserError(f"{baseline.description} is over the {', '.join(over)} budget")
         return {op.name: bits for op in graph.layers}, None, warm
-    if method == "dmpq":
-        net = copy.deepcopy(warm)
-        scores, _ = dmpq_scores(net, data, config.search, sack, seed + 2, progress=progress, context=context)
-        start = net
-    elif method == "hawq":
-        scores = hawq_scores(warm, data, seed)
-        start = warm
-    else:
-        raise ValueError(f"unknown baseline {method}")
+    scores, start = baseline.scores(BaselineInputs(warm, run.data, run.config.search, sack, run.seed, run.progress,
+                                                   run.context))
     selection = sack.k_best(scores.tolist())[0]
     return _bits(graph, candidates, selection), selection.score, start
 

@@ -19,7 +19,7 @@ within 1e-6 (far below what a validation set can resolve); feasibility is checke
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
-from typing import Literal, Sequence
+from typing import Callable, Literal, Sequence
 
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
@@ -228,16 +228,23 @@ class _Problem:
 
     def infeasible_message(self) -> str:
         """One line: per budgeted dimension, its smallest achievable value on its own."""
-        parts = []
-        alone_ok = True
         minima = smallest_achievable([self.cost[self.layer == l] for l in range(self.n_layers)], self.aggregate)
-        for budget, least, name in zip(self.budgets, minima, self.names):
-            if budget is None:
-                continue
-            alone_ok &= least <= budget
-            parts.append(f"{name} {_number(least)} (budget {_number(budget)})")
-        reason = "each budget is reachable alone but not all at once" if alone_ok else "over budget"
-        return f"no per-layer choice fits the budgets ({reason}); smallest achievable: " + ", ".join(parts)
+        return infeasible_message(self.names, minima, self.budgets,
+                                  lambda name, least, budget: f"{name} {_number(least)} (budget {_number(budget)})")
+
+
+def infeasible_message(names: Sequence[str], minima: Sequence[float], budgets: Sequence[float | None],
+                       describe: Callable[[str, float, float], str]) -> str:
+    """One line saying why no selection fits: each budgeted dimension's smallest achievable total
+    (``describe``d in the caller's units) against its budget."""
+    parts, alone_ok = [], True
+    for name, least, budget in zip(names, minima, budgets):
+        if budget is None:
+            continue
+        alone_ok &= least <= budget
+        parts.append(describe(name, least, budget))
+    reason = "each budget is reachable alone but not all at once" if alone_ok else "over budget"
+    return f"no per-layer choice fits the budgets ({reason}); smallest achievable: " + ", ".join(parts)
 
 
 def smallest_achievable(costs: Sequence[np.ndarray], aggregate: Sequence[Aggregate]) -> list[float]:
