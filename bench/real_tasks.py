@@ -227,7 +227,7 @@ def qat_runs(name: str, task: RealTask, source, data, board, args, log) -> dict:
             budgets, info = flash_budget(graph, board, fraction)
             t0 = time.perf_counter()
             record = run_search(source, data, board, budgets=budgets, config=config, seed=seed, progress=False,
-                                log=lambda m: None).record
+                                log=lambda m: None).record.model_dump(mode="json")
             methods = {m["method"]: {"bits": [m["bits"][op.name] for op in graph.layers],
                                      "test_acc": m["test_acc"], "model_flash": m["cost"]["model_flash_bytes"]}
                        for m in record["methods"]}

@@ -201,7 +201,7 @@ def main() -> None:
                 try:
                     result = run_search(pretrained(source), data, board, budgets=budgets, config=config, seed=seed,
                                         progress=False, log=lambda m: None)
-                    methods = {m["method"]: m for m in result.record["methods"]}
+                    methods = {m["method"]: m for m in result.record.model_dump(mode="json")["methods"]}
                 except UserError as exc:  # no policy at all fits (even all-int4): every method infeasible
                     log(f"{name} seed {seed} f={fraction}: {exc}")
                     methods = {}

@@ -134,9 +134,10 @@ def full_search(args) -> dict:
     t0 = time.perf_counter()
     result = run_search(source, data, load_board("nucleo-l4r5zi"), config=config, seed=args.seed, progress=False)
     wall = time.perf_counter() - t0
-    out = {"config": args.full_config, "wall_s": wall, "timings": result.record["timings"],
-           "smpq_test_acc": result.record["methods"][0]["test_acc"],
-           "float_test_acc": result.record["float_test_acc"], "bits": result.record["methods"][0]["bits"]}
+    record = result.record
+    out = {"config": args.full_config, "wall_s": wall, "timings": record.timings,
+           "smpq_test_acc": record.methods[0].test_acc, "float_test_acc": record.float_test_acc,
+           "bits": record.methods[0].bits}
     print(json.dumps(out), flush=True)
     return out
 

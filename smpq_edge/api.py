@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
     from smpq_edge.boards import Board
     from smpq_edge.data import Dataset
-    from smpq_edge.emulator import EmulationResult
+
     from smpq_edge.export.exporter import ExportResult
     from smpq_edge.firmware import FirmwareResult
     from smpq_edge.models import ModelSource
@@ -217,7 +217,6 @@ def search(model=DEFAULT_MODEL, data=None, *, out: str | Path = "out", device: s
     inputs = load_inputs(model, data, chosen)  # first: a typo is one line before torch is imported
     from smpq_edge.distributed import init_from_environment, shutdown
     from smpq_edge.fileio import ensure_dir
-    from smpq_edge.records import SearchRecord
     from smpq_edge.search.runner import run_search, save_search
 
     budgets = budgets_from(chosen, inputs.board)
@@ -237,7 +236,7 @@ def search(model=DEFAULT_MODEL, data=None, *, out: str | Path = "out", device: s
     if not context.is_main:
         return None
     save_search(result, folder)
-    return SearchRecord.model_validate(result.record)
+    return result.record
 
 
 def _cuda_available() -> bool:
@@ -359,11 +358,10 @@ def export(model=DEFAULT_MODEL, data=None, *, out: str | Path = "out", calibrati
     return export_stage(Path(out), inputs.source, inputs.data, inputs.board, calibration)
 
 
-def emulate(model_file: str | Path, data="digits", *, seed: int = 0, **preprocessing) -> EmulationResult:
+def emulate(model_file: str | Path, data="digits", *, seed: int = 0, **preprocessing) -> EmulationRecord:
     """A .tflite on the TFLM interpreter over the data's test split; the result is also written
     beside it as emulation_<name>.json."""
     from smpq_edge.emulator import emulate as run_emulation
-    from smpq_edge.fileio import write_json
     from smpq_edge.task import task_of
 
     path = Path(model_file)
@@ -375,7 +373,7 @@ def emulate(model_file: str | Path, data="digits", *, seed: int = 0, **preproces
     task = task_of(dataset)
     result = run_emulation(model_bytes, dataset.x_test, dataset.y_test, source=str(path), task=task)
     # Its own file: a build's emulation.json holds the agreement figures this run cannot measure.
-    write_json(path.parent / f"emulation_{path.stem}.json", result.to_dict())
+    result.write(path.parent / f"emulation_{path.stem}.json")
     return result
 
 

@@ -18,6 +18,7 @@ from pydantic import (AllowInfNan, BaseModel, ConfigDict, Field, Strict, StrictB
 
 from smpq_edge.errors import UserError
 from smpq_edge.precision import candidate_bits
+from smpq_edge.vocabulary import KernelSet
 
 BOARDS_DIR = Path(str(resources.files("smpq_edge.board_profiles")))  # boards/ in the repository
 
@@ -157,7 +158,7 @@ class Board(_Strict):
     clock_mhz: Number = Field(gt=0, le=MAX_CLOCK_MHZ)
     flash_kb: Number = Field(gt=0, le=MAX_FLASH_KB)
     ram_kb: Number = Field(gt=0, le=MAX_RAM_KB)
-    kernels: Literal["cmsis_nn", "reference"]
+    kernels: KernelSet
     reserve: Reserve
     budgets: Budgets
     # Per-layer precisions the search chooses among (``smpq_edge.precision``: w2a8 ... w8a8).

@@ -244,7 +244,6 @@ def rerank_note(search, task) -> None:
 
 
 def _print_floor(search) -> None:
-    from smpq_edge.search.guard import FloorCheck
     from smpq_edge.task import TASKS
 
     task = TASKS[search.task]
@@ -255,7 +254,7 @@ def _print_floor(search) -> None:
     rerank_note(search, task)
     if search.floor_action:
         print(f"\n{search.floor_action.message}")
-    print(f"\n{FloorCheck(**search.floor_check.model_dump()).sentence(task)}")
+    print(f"\n{search.floor_check.sentence(task)}")
 
 
 def _print_methods(search) -> None:
@@ -282,8 +281,7 @@ def _print_methods(search) -> None:
 
 
 def _print_build_summary(out, stages: dict | None = None) -> None:
-    from smpq_edge.fileio import read_json
-    from smpq_edge.records import read_emulation, read_search
+    from smpq_edge.records import read_emulation, read_firmware, read_search
     from smpq_edge.task import TASKS
 
     search = read_search(out / "search.json")
@@ -322,7 +320,7 @@ def _print_build_summary(out, stages: dict | None = None) -> None:
         ["latency", f"{cost.cycles:,} cycles", "-", f"{cost.latency_ms:.2f} ms", f"{cost.cycle_budget:,} cycles",
          use(cost.cycles, cost.cycle_budget)],
     ], ["", "model", "board reserve", "whole firmware", "budget", "use"])
-    print(_arena_note(search, cost, emulation, read_json(out / "firmware" / "firmware.json", "firmware record")))
+    print(_arena_note(search, cost, emulation, read_firmware(out / "firmware" / "firmware.json")))
     if flash_total > cost.flash_budget_bytes:
         print(f"WARNING: the exported model.tflite is {emulation.model_bytes - cost.model_flash_bytes:,} B larger than "
               f"predicted, which puts the firmware {flash_total - cost.flash_budget_bytes:,} B over the flash budget; "
@@ -347,14 +345,14 @@ def stage_times(stages: dict) -> str:
 KERNEL_NAMES = {"cmsis_nn": "CMSIS-NN", "reference": "TFLM reference"}
 
 
-def _arena_note(search, cost, emulation, firmware: dict) -> str:
+def _arena_note(search, cost, emulation, firmware) -> str:
     """What each of the three arena figures is: the prediction for the board's kernels, the
     firmware's allocation (that plus a margin) and the host's measurement with other kernels."""
     int4 = any(layer.weight_bits == PACKED_INT4 for layer in cost.layers)
     target = f"{KERNEL_NAMES[search.kernels]} kernels" if search.kernels else "its kernels"
-    arena = firmware["arena"]
+    arena = firmware.arena
     return (f"(*) the arena predicted for board {search.board} with {target}; the firmware allocates "
-            f"{arena['size']:,} B (that, or its basis, plus a {arena['margin']:,} B margin); the host TFLM interpreter "
+            f"{arena.size:,} B (that, or its basis, plus a {arena.margin:,} B margin); the host TFLM interpreter "
             f"ran the model in {emulation.arena_bytes:,} B with TFLM's reference kernels and 64-bit pointers"
             + (", unpacking each INT4 filter into an int8 copy in the arena" if int4 else ""))
 
@@ -411,7 +409,7 @@ def _emulate(parser: argparse.ArgumentParser):
 
         result = emulate(args.model_file, args.data, seed=args.seed, **preprocessing_options(args))
         if args.json:
-            print(json.dumps(result.to_dict(), indent=2))
+            print(result.model_dump_json(indent=2))
         else:
             task = TASKS[result.task]
             auc = "" if result.auc is None else f", ROC AUC {result.auc:.4f}"

@@ -16,13 +16,13 @@ from __future__ import annotations
 import multiprocessing
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass
 
 import numpy as np
 from tqdm import tqdm
 
 from smpq_edge.errors import UserError
 from smpq_edge.export.tflite_file import TfliteModel
+from smpq_edge.records import EmulationRecord
 from smpq_edge.softmax import OUTPUT_SCALE, OUTPUT_ZERO_POINT, softmax_int8, softmax_params
 from smpq_edge.task import CLASSIFICATION, Task
 from smpq_edge.tflm import TensorSpec, TflmRunner, quantise_input, smallest_arena
@@ -31,32 +31,6 @@ WORKERS = 2
 CHUNK = 64
 
 _runner: TflmRunner | None = None  # one per worker process
-
-
-@dataclass(frozen=True)
-class EmulationResult:
-    samples: int
-    # The task's score (see ``task``): top-1 accuracy, or minus the MSE of the normal samples.
-    accuracy: float  # TFLM's on the split
-    torch_accuracy: float | None  # the fake-quant QuantNet's, when given
-    # Classification: fraction of samples where TFLM and torch pick the same class;
-    # reconstruction: minus the MSE between TFLM's and torch's outputs.
-    label_agreement: float | None
-    mean_abs_output_delta: float | None  # mean |TFLM - torch| over dequantised outputs (probabilities after SOFTMAX)
-    max_abs_output_delta: float | None
-    arena_bytes: int  # smallest tensor arena TFLM runs the model in
-    model_bytes: int
-    inferences_per_second: float  # host TFLM, all workers together
-    workers: int
-    input_scale: float
-    input_zero_point: int
-    output_scale: float
-    output_zero_point: int
-    task: str = "classification"
-    auc: float | None = None  # ROC AUC of TFLM's reconstruction error, with anomaly labels
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 def _init_worker(model_bytes: bytes, source: str) -> None:
@@ -128,7 +102,7 @@ def _torch_outputs(net, x: np.ndarray, softmax_input: tuple[float, int] | None) 
 
 def emulate(tflite_bytes: bytes, x: np.ndarray, y: np.ndarray, net=None, *, source: str = "<model>",
             workers: int = WORKERS, progress: bool = True, measure_arena: bool = True,
-            task: Task = CLASSIFICATION) -> EmulationResult:
+            task: Task = CLASSIFICATION) -> EmulationRecord:
     """On-device numbers of ``tflite_bytes`` on the split (``x`` float32 NCHW, ``y`` the labels
     ``task`` scores with: classes, or anomaly labels).
 
@@ -155,7 +129,7 @@ def emulate(tflite_bytes: bytes, x: np.ndarray, y: np.ndarray, net=None, *, sour
         agreement = task.agreement(predicted, task.predict(reference))
         delta = np.abs(reference - outputs)
         mean_delta, max_delta = float(delta.mean()), float(delta.max())
-    return EmulationResult(
+    return EmulationRecord(
         samples=len(x),
         accuracy=task.score(predicted, x, y),
         torch_accuracy=torch_acc,

@@ -30,7 +30,8 @@ import numpy as np
 
 from smpq_edge.boards import Board, Core, Port
 from smpq_edge.errors import UserError
-from smpq_edge.fileio import ensure_dir, write_json, write_text
+from smpq_edge.fileio import ensure_dir, write_text
+from smpq_edge.records import ArenaRecord, FirmwareRecord, RegistrationRecord
 from smpq_edge.precision import DECODE_OP
 
 # The templates are package data (installed with the package, editable or not).
@@ -242,21 +243,14 @@ class FirmwareResult:
     vectors: int
     model_bytes: int
 
-    def to_dict(self) -> dict:
-        """JSON-ready description (without the output folder, so it is reproducible)."""
-        return {
-            "board": self.board,
-            "port": self.port,
-            "qemu_machine": self.qemu_machine,
-            "model_bytes": self.model_bytes,
-            "arena": {"estimate": self.arena_estimate, "basis": self.arena_basis, "margin": self.arena_margin,
-                      "size": self.arena_size},
-            "resolver": [
-                {"op": r.op, "call": r.call, "reason": r.reason} for r in self.registrations
-            ],
-            "test_vectors": self.vectors,
-            "files": list(self.files),
-        }
+    def record(self) -> FirmwareRecord:
+        """firmware.json (without the output folder, so it is reproducible)."""
+        return FirmwareRecord(
+            board=self.board, port=self.port, qemu_machine=self.qemu_machine, model_bytes=self.model_bytes,
+            arena=ArenaRecord(estimate=self.arena_estimate, basis=self.arena_basis, margin=self.arena_margin,
+                              size=self.arena_size),
+            resolver=[RegistrationRecord(op=r.op, call=r.call, reason=r.reason) for r in self.registrations],
+            test_vectors=self.vectors, files=list(self.files))
 
 
 # ---- templates ------------------------------------------------------------------------------
@@ -742,7 +736,7 @@ def generate_firmware(
     files, result = render_firmware(spec, board, margin)
     for name, text in files.items():
         write_text(out / name, text)
-    write_json(out / "firmware.json", result.to_dict())
+    result.record().write(out / "firmware.json")
     return replace(result, out_dir=out)
 
 

@@ -22,6 +22,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 
 from smpq_edge.errors import UserError
 from smpq_edge.ops import WEIGHTED_KINDS, OpKind, supported_torch, traceable_modules, traced_kind
+from smpq_edge.vocabulary import Activation, OpKindName
 
 # Folded or aliased by the tracer itself; the other modules are the op kinds' (ops.KINDS).
 _OWN_MODULES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.Dropout, nn.Identity)
@@ -38,10 +39,10 @@ class Op:
     """One TFLite operator. Shapes are per sample, channels first: (C, H, W) or (F,)."""
 
     name: str
-    kind: str  # a key of ops.KINDS
+    kind: OpKindName  # a key of ops.KINDS
     inputs: tuple[str, ...]
     out_shape: tuple[int, ...]
-    activation: str = "none"  # fused: none, relu, relu6
+    activation: Activation = "none"  # fused into this op
     module: str = ""  # path of the torch module that holds the weights
     bn_module: str = ""  # path of the BatchNorm folded into it
     weight_shape: tuple[int, ...] = ()

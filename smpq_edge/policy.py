@@ -7,20 +7,20 @@ The search writes it; export reads it. It is meant to be edited by hand: change 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from smpq_edge.errors import UserError
 from smpq_edge.fileio import read_json, write_json
 from smpq_edge.precision import WeightBits
+from smpq_edge.vocabulary import WeightedKind
 
 
 class LayerChoice(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     name: str
-    kind: Literal["conv", "depthwise", "fc"]
+    kind: WeightedKind
     weight_bits: WeightBits
     params: int = Field(ge=0)
     flash_bytes: int | None = Field(default=None, ge=0)

@@ -1,38 +1,66 @@
-"""Typed readers of the records stages hand to each other: search.json and emulation.json.
-
-The search and the emulator write plain JSON (``asdict`` of their results); the report, the CLI
-and the build read it back through these models only, so a renamed or missing field fails in
-one place with one line, and nobody indexes raw dicts or assumes which method comes first.
-Unknown fields are ignored on reading: a newer writer may add figures an older reader lacks.
+"""The records stages hand to each other, search.json and emulation.json: one class each, which
+the stage builds and writes (``write``) and every reader reads back (``read_search``,
+``read_emulation``), so a renamed or missing field fails in one place with one line and nobody
+indexes raw dicts. Unknown fields are ignored on reading: a newer writer may add figures an older
+reader lacks.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from smpq_edge.errors import UserError
-from smpq_edge.fileio import read_json
+from smpq_edge.fileio import read_json, write_json
+from smpq_edge.vocabulary import CoalitionValue, KernelSet, TaskName, WeightedKind
+
+if TYPE_CHECKING:
+    from smpq_edge.task import Task
 
 
 class _Record(BaseModel):
     model_config = ConfigDict(extra="ignore", frozen=True)
 
+    def write(self, path: Path) -> None:
+        """The record as JSON, atomically (``fileio.write_json``)."""
+        write_json(path, self.model_dump(mode="json"))
+
 
 class LayerCostRecord(_Record):
+    """One weighted layer's predicted cost (``cost.LayerCost``)."""
+
     name: str
-    kind: str
+    kind: WeightedKind
     weight_bits: int
     params: int
     macs: int
     flash_bytes: int
     scratch_bytes: int
     cycles: int
+    weight_bytes: int = 0
+    bias_bytes: int = 0
+    quant_param_bytes: int = 0
+    lut_bytes: int = 0
+    decoded_bytes: int = 0
+
+
+class OpCostRecord(_Record):
+    """One TFLite operator's predicted cycles and the kernel variant priced (``cost.OpCost``)."""
+
+    name: str
+    op: str  # TFLite builtin, as the firmware's profile names it
+    kernel: str = ""
+    cycles: int
 
 
 class CostRecord(_Record):
+    """A policy's predicted cost on a board (``cost.CostReport.to_dict``)."""
+
+    board: str = ""
     layers: list[LayerCostRecord]
+    ops: list[OpCostRecord] | None = None  # every operator, execution order (records before it: None)
     model_flash_bytes: int
     arena_bytes: int
     cycles: int
@@ -46,6 +74,11 @@ class CostRecord(_Record):
     cycle_budget: int
     latency_ms: float
     fits: dict[str, bool]
+    runtime_flash_bytes: int = 0
+    static_ram_bytes: int = 0
+    firmware_flash_bytes: int = 0
+    firmware_ram_bytes: int = 0
+    clock_mhz: float = 0.0
 
     def reserve_flash_text(self) -> str:
         """The flash besides the model, for a table: the board's reserve, and DECODE's code."""
@@ -54,16 +87,24 @@ class CostRecord(_Record):
 
 
 class MethodRecord(_Record):
+    """One method's pick under the budgets (SMPQ's or a baseline's), its cost and its scores."""
+
     method: str
     bits: dict[str, int]
     cost: CostRecord
     score: float | None
     test_acc_before_finetune: float
-    test_acc: float
+    test_acc: float  # fake-quant, after the method's own finetune
+    # The pick finetuned from the shared warm-up weights for search + finetune epochs, the same
+    # for every method: what separates the selections from the training schedules around them.
     test_acc_same_finetune: float | None
 
 
-class MeasuredRecord(_Record):
+class Measured(_Record):
+    """One network on the validation and test splits: the task's score (accuracy, or minus the
+    MSE), agreement with float (or minus the MSE to float's outputs), and the test ROC AUC where
+    the task and the labels give one (``search.guard.measure``)."""
+
     val_acc: float
     test_acc: float
     val_agreement: float
@@ -71,7 +112,9 @@ class MeasuredRecord(_Record):
     test_auc: float | None = None
 
 
-class StageCheckRecord(_Record):
+class StageCheck(_Record):
+    """A training stage measured on validation before and after; undone when it made things worse."""
+
     stage: str
     val_acc_before: float
     val_acc_after: float
@@ -79,25 +122,55 @@ class StageCheckRecord(_Record):
     undone: bool
 
 
-class FloorCheckRecord(_Record):
+class FloorCheck(_Record):
+    """The shipped network against the calibration-only int8 floor, on validation
+    (``search.guard.check_floor``)."""
+
     floor_val_acc: float
     shipped_val_acc: float
     standard_error: float
     below_floor: bool
 
+    def verdict(self, task: Task) -> str:
+        """What the comparison says, in the words that fit the numbers (the summary and the report)."""
+        show, spread = task.show, task.show_spread(self.standard_error)
+        figures = (f"validation {task.metric} {show(self.shipped_val_acc)} against {show(self.floor_val_acc)} for "
+                   f"calibration-only int8 on the same samples")
+        if self.below_floor:
+            return f"the shipped model is BELOW the int8 floor: {figures}, worse by more than one standard error ({spread})"
+        if self.shipped_val_acc >= self.floor_val_acc:
+            return f"the shipped model is at or above the int8 floor: {figures}"
+        return f"the shipped model is within one standard error ({spread}) below the int8 floor: {figures}"
 
-class FloorActionRecord(_Record):
-    action: str
+    def sentence(self, task: Task, warning: str = "WARNING: ") -> str:
+        """The verdict as a sentence, led by ``warning`` when the shipped model is below the floor."""
+        verdict = self.verdict(task)
+        return f"{warning if self.below_floor else ''}{verdict[0].upper()}{verdict[1:]}."
+
+
+class FloorAction(_Record):
+    """What the build did when its pick fell below the floor: which network it shipped and why."""
+
+    action: str  # "uniform int8" | "next policy" | "best below floor"
     shipped_method: str
     message: str
-    tried: list[dict] = []
+    tried: list[dict] = []  # each policy tried after the pick: its bits and validation score
 
 
 class ShapleyRecord(_Record):
+    """The final Shapley table (``search.shapley.ShapleyTable.to_dict``) and its players."""
+
     players: list[str]
     mean: list[float | None]
     stderr: list[float | None]
-    value: str | None = None  # the coalition value the table was scored by (None: written before it was kept)
+    value: CoalitionValue | None = None  # what the coalitions were scored by (None: written before it was kept)
+    std: list[float | None] = []
+    count: list[int] = []
+    mean_minus_std: list[float | None] = []
+    full_value: float | None = None
+    n_permutations: int = 0
+    n_coalitions: int = 0
+    n_calls: int = 0
 
 
 class KBestRecord(_Record):
@@ -105,6 +178,7 @@ class KBestRecord(_Record):
     summed_shapley: float
     val_acc: float
     chosen: bool
+    cost: list[float] = []  # flash, RAM, cycles as the selector counted them
 
 
 class SearchRecord(_Record):
@@ -113,20 +187,20 @@ class SearchRecord(_Record):
     float's outputs for reconstruction (``task.Task.show`` prints them as the user reads them)."""
 
     model: str
-    task: str = "classification"
-    data: dict
+    task: TaskName = "classification"
+    data: dict  # data.Dataset.summary()
     board: str
-    kernels: str | None = None  # the board's kernel set (None: written before it was recorded)
+    kernels: KernelSet | None = None  # the board's kernel set (None: written before it was recorded)
     zero_points: str = "per_channel"  # boards.Board.zero_points
     zero_point_saving_bytes: int = 0  # what "single" saved against per-channel zero points
     seed: int
     pretrained: bool
     shipped_method: str
     float_test_acc: float
-    reference: dict[str, MeasuredRecord]  # float, ptq_int8, shipped
-    stage_checks: list[StageCheckRecord]
-    floor_check: FloorCheckRecord  # the shipped network against the floor
-    floor_action: FloorActionRecord | None = None  # what replaced SMPQ's pick when it fell below the floor
+    reference: dict[str, Measured]  # float, ptq_int8, shipped
+    stage_checks: list[StageCheck]
+    floor_check: FloorCheck  # the shipped network against the floor
+    floor_action: FloorAction | None = None  # what replaced SMPQ's pick when it fell below the floor
     shapley: ShapleyRecord
     shapley_scores: list[list[float]]  # per layer and candidate: the scores the selection used
     candidates: list[int]
@@ -135,6 +209,11 @@ class SearchRecord(_Record):
     layer_shapes: dict[str, list[int]]  # layer -> TFLite weight shape
     rerank_margin: float
     config: dict = {}  # the search's schedule (runner.SearchConfig)
+    budgets: dict = {}  # search.budget.Budgets, whole firmware
+    knapsack_budgets: dict[str, float] = {}  # what the selector had left for the policy-dependent part
+    alpha_history: list = []  # the supernet's architecture weights per search epoch
+    timings: dict[str, float] = {}  # seconds per step
+    versions: dict = {}  # of the libraries the search ran on
 
     @property
     def post_training(self) -> bool:
@@ -159,21 +238,53 @@ class SearchRecord(_Record):
 
 
 class EmulationRecord(_Record):
-    """emulation.json; ``accuracy``, ``torch_accuracy`` and ``label_agreement`` are task scores as
-    in ``SearchRecord``."""
+    """A .tflite on the TFLM interpreter (emulation.json): ``accuracy``, ``torch_accuracy`` and
+    ``label_agreement`` are task scores as in ``SearchRecord``."""
 
     samples: int
-    accuracy: float
-    torch_accuracy: float | None
+    accuracy: float  # TFLM's on the split
+    torch_accuracy: float | None  # the fake-quant QuantNet's, when given
+    # Classification: fraction of samples where TFLM and torch pick the same class;
+    # reconstruction: minus the MSE between TFLM's and torch's outputs.
     label_agreement: float | None
-    mean_abs_output_delta: float | None
+    mean_abs_output_delta: float | None  # mean |TFLM - torch| over dequantised outputs (probabilities after SOFTMAX)
     max_abs_output_delta: float | None
-    arena_bytes: int
+    arena_bytes: int  # smallest tensor arena TFLM runs the model in
     model_bytes: int
-    inferences_per_second: float
+    inferences_per_second: float  # host TFLM, all workers together
     workers: int
-    task: str = "classification"
-    auc: float | None = None
+    input_scale: float | None = None
+    input_zero_point: int | None = None
+    output_scale: float | None = None
+    output_zero_point: int | None = None
+    task: TaskName = "classification"
+    auc: float | None = None  # ROC AUC of TFLM's reconstruction error, with anomaly labels
+
+
+class ArenaRecord(_Record):
+    estimate: int  # bytes the arena is sized from
+    basis: str  # where that estimate comes from
+    margin: int
+    size: int  # what the firmware allocates: estimate + margin, aligned
+
+
+class RegistrationRecord(_Record):
+    op: str
+    call: str  # the op resolver's Add... call
+    reason: str
+
+
+class FirmwareRecord(_Record):
+    """firmware.json: what the firmware generator wrote (``firmware.FirmwareResult.record``)."""
+
+    board: str
+    port: str  # the board's port.run
+    qemu_machine: str | None = None  # the QEMU machine ``validate`` runs it on, if any
+    model_bytes: int
+    arena: ArenaRecord
+    resolver: list[RegistrationRecord]
+    test_vectors: int
+    files: list[str]
 
 
 def percent(value: float | None, missing: str = "-") -> str:
@@ -208,3 +319,7 @@ def read_search_costs(path: Path) -> SearchCostsRecord:
 
 def read_emulation(path: Path) -> EmulationRecord:
     return _read(EmulationRecord, Path(path), "emulation record")
+
+
+def read_firmware(path: Path) -> FirmwareRecord:
+    return _read(FirmwareRecord, Path(path), "firmware record")

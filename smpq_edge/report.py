@@ -23,7 +23,6 @@ from matplotlib.transforms import offset_copy  # noqa: E402
 
 from smpq_edge.precision import weight_form  # noqa: E402
 from smpq_edge.records import CostRecord, EmulationRecord, MethodRecord, SearchRecord  # noqa: E402
-from smpq_edge.search.guard import FloorCheck  # noqa: E402
 from smpq_edge.task import TASKS, Task  # noqa: E402
 
 
@@ -206,7 +205,7 @@ def _accuracy_section(search: SearchRecord, emulation: EmulationRecord | None, t
             row("shipped policy, fake-quant (torch)", ref["shipped"])]
     if emulation:
         rows.append(row("shipped policy, TFLM emulator (on-device numerics)", None, emulation))
-    verdict = FloorCheck(**search.floor_check.model_dump()).sentence(task, warning="**WARNING:** ")
+    verdict = search.floor_check.sentence(task, warning="**WARNING:** ")
     if search.floor_action:
         verdict = f"{search.floor_action.message}.\n\n{verdict}"
     origin = "arrived trained" if search.pretrained else "was trained here in float"

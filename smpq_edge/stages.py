@@ -28,6 +28,7 @@ from smpq_edge.fileio import ensure_dir, read_json, write_bytes, write_json, wri
 from smpq_edge.models import EXAMPLES_DIR, ModelSource
 from smpq_edge.policy import load_policy
 from smpq_edge.quant import QuantNet
+from smpq_edge.records import EmulationRecord, read_emulation, read_search
 from smpq_edge.search.runner import SearchConfig, finetune, load_quantnet, save_quantnet, traced_for
 from smpq_edge.search.train import TrainConfig
 from smpq_edge.task import task_of
@@ -157,7 +158,7 @@ FIRMWARE_VECTORS = 20
 def _finetune_config(out: Path) -> TrainConfig:
     """The finetune schedule the search used (gentler for a model that arrived trained), on one process."""
     search = out / "search.json"
-    saved = read_json(search, "search record").get("config", {}).get("finetune", {}) if search.exists() else {}
+    saved = read_search(search).config.get("finetune", {}) if search.exists() else {}
     known = {f.name: saved[f.name] for f in fields(TrainConfig) if f.name in saved}
     return replace(SearchConfig().finetune, **{**known, "shards": 1})
 
@@ -201,14 +202,13 @@ def export_stage(out: Path, source: ModelSource, data: Dataset, board: Board,
     return result
 
 
-def emulate_stage(out: Path, source: ModelSource, data: Dataset, board: Board) -> dict:
+def emulate_stage(out: Path, source: ModelSource, data: Dataset, board: Board) -> EmulationRecord:
     """model.tflite on the TFLM interpreter over the test split, against the fake-quant network."""
     net = load_quantnet(out, source, board, data).net
     net.set_policy(load_policy(out / "policy.json").bits)
-    result = emulate((out / "model.tflite").read_bytes(), data.x_test, data.y_test, net,
+    record = emulate((out / "model.tflite").read_bytes(), data.x_test, data.y_test, net,
                      source=str(out / "model.tflite"), task=task_of(data))
-    record = result.to_dict()
-    write_json(out / "emulation.json", record)
+    record.write(out / "emulation.json")
     return record
 
 
@@ -224,7 +224,7 @@ def firmware_arena(out: Path, source: ModelSource, data: Dataset, board: Board) 
     buffers the reference kernels do not. There the cost model's target arena, fitted to the firmware's
     own report on QEMU, is the estimate."""
     if board.kernels != "cmsis_nn":
-        return read_json(out / "emulation.json", "emulation record")["arena_bytes"], firmware.HOST_ARENA_BASIS
+        return read_emulation(out / "emulation.json").arena_bytes, firmware.HOST_ARENA_BASIS
     graph = traced_for(source, data)
     return estimate(graph, load_policy(out / "policy.json").bits, board).arena_bytes, TARGET_ARENA_BASIS
 

@@ -26,12 +26,11 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError
 
 from smpq_edge.errors import UserError
-from smpq_edge.fileio import read_json, write_json, write_text
+from smpq_edge.fileio import write_json, write_text
 from smpq_edge.policy import load_policy
-from smpq_edge.records import read_search_costs
+from smpq_edge.records import FirmwareRecord, read_firmware, read_search_costs
 
 QEMU = "qemu-system-arm"
 CROSS_CXX = "arm-none-eabi-g++"
@@ -191,18 +190,6 @@ def _ratio(measured: int | None, predicted: int | None) -> float | None:
     return round(measured / predicted, 4)
 
 
-class _OpRecord(BaseModel):
-    """One operator of search.json's ``cost.ops`` (what ``cost.OpCost`` writes)."""
-
-    model_config = ConfigDict(extra="ignore", frozen=True)
-    name: str
-    op: str
-    cycles: int
-
-
-_OPS = TypeAdapter(list[_OpRecord])
-
-
 @dataclass(frozen=True)
 class Prediction:
     method: str
@@ -215,14 +202,10 @@ class Prediction:
 
 def _recorded_ops(path: Path, method: str) -> tuple[tuple[str, str, int], ...] | None:
     """The method's per-operator prediction, where search.json has one (``cost.ops``)."""
-    raw = read_json(path, "search record")
-    cost = next((m.get("cost", {}) for m in raw.get("methods", []) if m.get("method") == method), {})
-    if "ops" not in cost:
+    cost = next((m.cost for m in read_search_costs(path).methods if m.method == method), None)
+    if cost is None or cost.ops is None:
         return None
-    try:
-        return tuple((op.name, op.op, op.cycles) for op in _OPS.validate_python(cost["ops"]))
-    except ValidationError as exc:
-        raise UserError(f"{path}: methods.{method}.cost.ops: {exc.errors()[0]['msg']}") from None
+    return tuple((op.name, op.op, op.cycles) for op in cost.ops)
 
 
 def load_prediction(build_dir: Path) -> Prediction | None:
@@ -312,12 +295,12 @@ def compare(check: SelfCheck, prediction: Prediction | None, build_dir: Path, ta
 # ---- getting the report: QEMU ----------------------------------------------------------------
 
 
-def _firmware_dir(build_dir: Path) -> tuple[Path, dict]:
+def _firmware_dir(build_dir: Path) -> tuple[Path, FirmwareRecord]:
     firmware = build_dir / "firmware"
     if not (firmware / "Makefile").is_file() or not (firmware / "firmware.json").is_file():
         raise UserError(f"{build_dir}: no generated firmware (firmware/Makefile and firmware/firmware.json); "
                         "run 'build' or 'firmware --out BUILD_DIR/firmware' first")
-    return firmware, read_json(firmware / "firmware.json", "firmware record")
+    return firmware, read_firmware(firmware / "firmware.json")
 
 
 def _tflm_dir(tflm_dir: str | Path | None) -> Path:
@@ -476,9 +459,9 @@ def validate(
         text = read_serial(port, DEFAULT_SERIAL_TIMEOUT_S if timeout_s is None else timeout_s, baud)
         run_seconds, target = time.monotonic() - start, f"serial {port}"
     else:
-        machine = record.get("qemu_machine")
+        machine = record.qemu_machine
         if not machine:
-            raise UserError(f"{build}: board {record.get('board')} has no port.qemu_machine (QEMU runs boards such "
+            raise UserError(f"{build}: board {record.board} has no port.qemu_machine (QEMU runs boards such "
                             "as qemu-mps2-an386); flash it and give --port /dev/ttyACM0")
         tflm = _tflm_dir(tflm_dir)
         elf, build_seconds = build_firmware(firmware, build / OBJECT_DIR, tflm,

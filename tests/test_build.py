@@ -379,3 +379,14 @@ def test_stage_times_name_each_stage_and_what_ran():
                         "emulate": {"seconds": 3.06}})
     assert line == ("wall time per stage: search 8.8 s, export 11.5 s (skipped; earlier run), emulate 3.1 s; "
                     "11.9 s in all this run")
+
+
+def test_records_round_trip_through_their_classes(default_build):
+    """search.json, emulation.json and firmware.json are written by their record classes and read back by the
+    same classes: every field written is declared (nothing is dropped or passed around as a dict)."""
+    from smpq_edge.records import read_firmware
+
+    for name, reader in (("search.json", read_search), ("emulation.json", read_emulation),
+                         ("firmware/firmware.json", read_firmware)):
+        raw = json.loads((default_build / name).read_text())
+        assert reader(default_build / name).model_dump(mode="json") == raw, name

@@ -371,7 +371,7 @@ def test_a_new_qemu_machine_is_one_yaml_file(tmp_path, int8_model):
             "       instructions_per_tick: 40}")
     board = load_board(_user_board(tmp_path, "qemu-mps2-an386", port))
     files, result = render_firmware(_spec_without_measuring(int8_model), board)
-    assert result.qemu_machine == "mps2-an385" and result.to_dict()["qemu_machine"] == "mps2-an385"
+    assert result.qemu_machine == "mps2-an385" and result.record().qemu_machine == "mps2-an385"
     assert "-M mps2-an385 -nographic" in files["Makefile"] and "-M mps2-an385" in files["README.md"]
 
 

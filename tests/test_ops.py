@@ -75,3 +75,10 @@ def test_a_kind_added_to_the_registry_alone_is_traced_run_and_priced(monkeypatch
     assert costs[sigmoid_op.name].op == "LOGISTIC" and costs[sigmoid_op.name].kernel == "other"
     assert costs[sigmoid_op.name].cycles > 0
     assert estimate(graph, uniform(graph, 8), board).cycles > 0
+
+
+def test_the_vocabulary_of_op_kinds_is_ops_kinds():
+    from smpq_edge.ops import KINDS, WEIGHTED_KINDS
+    from smpq_edge.vocabulary import OpKindName, WeightedKind, values
+
+    assert values(OpKindName) == tuple(KINDS) and values(WeightedKind) == WEIGHTED_KINDS

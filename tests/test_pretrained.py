@@ -15,7 +15,8 @@ from smpq_edge.boards import load_board
 from smpq_edge.cli import main
 from smpq_edge.data import load_dataset
 from smpq_edge.models import load_model
-from smpq_edge.search.guard import FloorCheck, StageGuard, paired_standard_error
+from smpq_edge.search.guard import StageGuard, check_floor, paired_standard_error
+from smpq_edge.task import CLASSIFICATION
 from smpq_edge.search.runner import SearchConfig, run_search
 from smpq_edge.search.train import TrainConfig, seed_everything, train
 
@@ -33,7 +34,7 @@ def pretrained_digits():
 def _search(source, data, config, log=lambda _: None):
     fresh = replace(source, module=copy.deepcopy(source.module))
     return run_search(fresh, data, load_board("nucleo-l4r5zi"), config=config, seed=0, progress=False,
-                      log=log).record
+                      log=log).record.model_dump(mode="json")
 
 
 def test_a_damaging_stage_is_undone_and_the_floor_kept(pretrained_digits):
@@ -119,12 +120,12 @@ def test_floor_check_and_standard_error():
     y = np.array([1] * 10)
     floor = np.array([1] * 9 + [0])
     shipped = np.array([1] * 5 + [0] * 5)
-    check = FloorCheck.of(shipped == y, floor == y)
-    assert check.below_floor and check.verdict().startswith("the shipped model is BELOW the int8 floor")
-    assert FloorCheck.of(floor == y, floor == y).verdict().startswith("the shipped model is at or above")
-    slightly = FloorCheck.of(np.array([1] * 8 + [0] * 2) == y, floor == y)
-    assert not slightly.below_floor and "within one standard error" in slightly.verdict()
-    assert not FloorCheck.of(floor == y, floor == y).below_floor
+    check = check_floor(shipped == y, floor == y)
+    assert check.below_floor and check.verdict(CLASSIFICATION).startswith("the shipped model is BELOW the int8 floor")
+    assert check_floor(floor == y, floor == y).verdict(CLASSIFICATION).startswith("the shipped model is at or above")
+    slightly = check_floor(np.array([1] * 8 + [0] * 2) == y, floor == y)
+    assert not slightly.below_floor and "within one standard error" in slightly.verdict(CLASSIFICATION)
+    assert not check_floor(floor == y, floor == y).below_floor
     assert paired_standard_error(np.ones(4), np.ones(4)) == 0.0
 
 
@@ -161,7 +162,12 @@ def _floor_run(int8_fits: bool, logged: list[str]):
     def cost(bits):
         fits = {"flash": int8_fits or 4 in bits.values(), "ram": True, "cycles": True}
         per_layer = [SimpleNamespace(name=n, weight_bits=b, flash_bytes=100 * b) for n, b in bits.items()]
-        return SimpleNamespace(fits=fits, layers=per_layer, to_dict=lambda: {"fits": fits})
+        record = {"fits": fits, "model_flash_bytes": 100 * sum(bits.values()), "arena_bytes": 0, "cycles": 1,
+                  "reserve_flash_bytes": 0, "reserve_ram_bytes": 0, "flash_total_bytes": 0, "ram_total_bytes": 0,
+                  "flash_budget_bytes": 1, "ram_budget_bytes": 1, "cycle_budget": 1, "latency_ms": 0.0,
+                  "layers": [{"name": n, "kind": "fc", "weight_bits": b, "params": 1, "macs": 1, "flash_bytes": 100 * b,
+                              "scratch_bytes": 0, "cycles": 1} for n, b in bits.items()]}
+        return SimpleNamespace(fits=fits, layers=per_layer, to_dict=lambda: record)
 
     from smpq_edge.search.train import per_sample, predictions
 
@@ -225,10 +231,10 @@ def test_below_the_floor_with_nothing_better_ships_the_best_and_says_so():
 
 
 def test_floor_sentence_is_one_text_for_the_summary_and_the_report():
-    from smpq_edge.search.guard import FloorCheck
+    from smpq_edge.records import FloorCheck
 
     below = FloorCheck(floor_val_acc=0.9, shipped_val_acc=0.8, standard_error=0.01, below_floor=True)
-    assert below.sentence().startswith("WARNING: The shipped model is BELOW the int8 floor")
-    assert below.sentence(warning="**WARNING:** ").startswith("**WARNING:** The shipped model is BELOW")
+    assert below.sentence(CLASSIFICATION).startswith("WARNING: The shipped model is BELOW the int8 floor")
+    assert below.sentence(CLASSIFICATION, warning="**WARNING:** ").startswith("**WARNING:** The shipped model is BELOW")
     above = FloorCheck(floor_val_acc=0.8, shipped_val_acc=0.9, standard_error=0.01, below_floor=False)
-    assert above.sentence() == f"{above.verdict()[0].upper()}{above.verdict()[1:]}."
+    assert above.sentence(CLASSIFICATION) == f"{above.verdict(CLASSIFICATION)[0].upper()}{above.verdict(CLASSIFICATION)[1:]}."

@@ -147,7 +147,7 @@ def test_a_trained_autoencoder_keeps_its_floor_and_a_wrecking_stage_is_undone(fi
     config = replace(SearchConfig.quick().for_pretrained(), warmup=wreck, search=wreck, finetune=wreck, baselines=())
     trained = replace(source, module=copy.deepcopy(source.module), pretrained=True)
     record = run_search(trained, data, load_board("nucleo-l4r5zi"), config=config, seed=0, progress=False,
-                        log=lambda _: None).record
+                        log=lambda _: None).record.model_dump(mode="json")
     assert record["task"] == "reconstruction"
     for check in record["stage_checks"]:
         assert check["undone"] and check["val_acc_after"] < check["val_acc_before"] - check["standard_error"]

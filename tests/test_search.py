@@ -163,7 +163,7 @@ def test_quick_search_fits_a_tight_budget_and_writes_outputs(digits, tmp_path):
     bits = result.policy.bits
     assert set(bits.values()) == {4, 8}, "halfway budget: some layers must be int4, the best fit keeps some int8"
     assert estimate(graph, bits, board).flash_total_bytes <= budgets.flash_bytes
-    methods = {m["method"]: m for m in result.record["methods"]}
+    methods = {m["method"]: m for m in result.record.model_dump(mode="json")["methods"]}
     assert {"smpq", "dmpq", "hawq", "uniform4"} <= set(methods), "uniform8 is over this budget"
     assert "uniform8" not in methods
     for m in methods.values():
@@ -171,7 +171,7 @@ def test_quick_search_fits_a_tight_budget_and_writes_outputs(digits, tmp_path):
         assert 0.5 < m["test_acc"] <= 1.0
     for name in ("smpq", "dmpq", "hawq", "uniform4"):  # a floor fallback ("smpq #2") has no shared finetune
         assert 0.5 < methods[name]["test_acc_same_finetune"] <= 1.0
-    assert result.policy.method == result.record["shipped_method"]
+    assert result.policy.method == result.record.model_dump(mode="json")["shipped_method"]
     # SMPQ's and HAWQ's own training is the shared one (from the warm-up, same epochs), so the two
     # agree; and a pick shared by two methods scores the same under the shared finetune.
     assert methods["smpq"]["test_acc_same_finetune"] == methods["smpq"]["test_acc"]

@@ -175,7 +175,8 @@ def test_malformed_recorded_operators_are_a_user_error(build_dir):
     search = json.loads((build_dir / "search.json").read_text())
     search["methods"][0]["cost"]["ops"][0]["cycles"] = "many"
     (build_dir / "search.json").write_text(json.dumps(search))
-    with pytest.raises(UserError, match=r"search.json: methods.smpq.cost.ops: "):
+    with pytest.raises(UserError, match=r"search.json: not a search record this version reads "
+                                        r"\(methods.0.cost.ops.0.cycles: Input should be a valid integer"):
         validate(build_dir, port="/dev/null", timeout_s=0.1)
 
 

@@ -11,7 +11,7 @@ model, the floor and the shipped network go into search.json, the summary and th
 from __future__ import annotations
 
 import copy
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
@@ -20,7 +20,7 @@ from torch import nn
 
 from smpq_edge.errors import UserError
 from smpq_edge.preprocess import COMMON, Preprocessing
-from smpq_edge.records import percent
+from smpq_edge.records import FloorCheck, Measured, StageCheck, percent
 from smpq_edge.search.train import per_sample, predictions
 from smpq_edge.task import CLASSIFICATION, Task
 
@@ -44,33 +44,12 @@ class Reference:
     float_test: np.ndarray
 
 
-@dataclass(frozen=True)
-class Measured:
-    """One network on the validation and test splits: the task's score (accuracy, or minus the
-    MSE), agreement with float (or minus the MSE to float's outputs), and the test ROC AUC where
-    the task and the labels give one."""
-
-    val_acc: float
-    test_acc: float
-    val_agreement: float
-    test_agreement: float
-    test_auc: float | None = None
-
-    @staticmethod
-    def of(val: np.ndarray, test: np.ndarray, reference: Reference) -> Measured:
-        task, r = reference.task, reference
-        return Measured(task.score(val, r.x_val, r.y_val), task.score(test, r.x_test, r.y_test),
-                        task.agreement(val, r.float_val), task.agreement(test, r.float_test),
-                        task.auc(test, r.x_test, r.y_test))
-
-
-@dataclass(frozen=True)
-class StageCheck:
-    stage: str
-    val_acc_before: float
-    val_acc_after: float
-    standard_error: float
-    undone: bool
+def measure(val: np.ndarray, test: np.ndarray, reference: Reference) -> Measured:
+    """A network's ``Measured`` record from its validation and test predictions."""
+    task, r = reference.task, reference
+    return Measured(val_acc=task.score(val, r.x_val, r.y_val), test_acc=task.score(test, r.x_test, r.y_test),
+                    val_agreement=task.agreement(val, r.float_val), test_agreement=task.agreement(test, r.float_test),
+                    test_auc=task.auc(test, r.x_test, r.y_test))
 
 
 @dataclass
@@ -95,7 +74,8 @@ class StageGuard:
         after = self._scores(net, measured_as)
         error = paired_standard_error(after, before)
         undone = bool(after.mean() < before.mean() - error)
-        self.checks.append(StageCheck(stage, float(before.mean()), float(after.mean()), error, undone))
+        self.checks.append(StageCheck(stage=stage, val_acc_before=float(before.mean()),
+                                      val_acc_after=float(after.mean()), standard_error=error, undone=undone))
         if undone:
             show = self.task.show
             self.log(f"{stage}: validation {self.task.metric} went from {show(before.mean())} to "
@@ -113,50 +93,13 @@ class StageGuard:
         finally:
             net.set_policy(None)
 
-    def to_list(self) -> list[dict]:
-        return [asdict(check) for check in self.checks]
 
 
-@dataclass(frozen=True)
-class FloorCheck:
-    """The shipped network against the calibration-only int8 floor, on validation."""
-
-    floor_val_acc: float
-    shipped_val_acc: float
-    standard_error: float
-    below_floor: bool
-
-    @staticmethod
-    def of(shipped: np.ndarray, floor: np.ndarray) -> FloorCheck:
-        """From the two networks' per-sample validation scores (``train.per_sample``)."""
-        error = paired_standard_error(shipped, floor)
-        return FloorCheck(float(floor.mean()), float(shipped.mean()), error, bool(shipped.mean() < floor.mean() - error))
-
-    def verdict(self, task: Task = CLASSIFICATION) -> str:
-        """What the comparison says, in the words that fit the numbers (the summary and the report)."""
-        show, spread = task.show, task.show_spread(self.standard_error)
-        figures = (f"validation {task.metric} {show(self.shipped_val_acc)} against {show(self.floor_val_acc)} for "
-                   f"calibration-only int8 on the same samples")
-        if self.below_floor:
-            return f"the shipped model is BELOW the int8 floor: {figures}, worse by more than one standard error ({spread})"
-        if self.shipped_val_acc >= self.floor_val_acc:
-            return f"the shipped model is at or above the int8 floor: {figures}"
-        return f"the shipped model is within one standard error ({spread}) below the int8 floor: {figures}"
-
-    def sentence(self, task: Task = CLASSIFICATION, warning: str = "WARNING: ") -> str:
-        """The verdict as a sentence, led by ``warning`` when the shipped model is below the floor."""
-        verdict = self.verdict(task)
-        return f"{warning if self.below_floor else ''}{verdict[0].upper()}{verdict[1:]}."
-
-
-@dataclass(frozen=True)
-class FloorAction:
-    """What the build did when its pick fell below the floor: which network it shipped and why."""
-
-    action: str  # "uniform int8" | "next policy" | "best below floor"
-    shipped_method: str
-    message: str
-    tried: tuple[dict, ...] = ()  # each policy tried after the pick: its bits and validation score
+def check_floor(shipped: np.ndarray, floor: np.ndarray) -> FloorCheck:
+    """The floor check from the two networks' per-sample validation scores (``train.per_sample``)."""
+    error = paired_standard_error(shipped, floor)
+    return FloorCheck(floor_val_acc=float(floor.mean()), shipped_val_acc=float(shipped.mean()), standard_error=error,
+                      below_floor=bool(shipped.mean() < floor.mean() - error))
 
 
 # The sanity gate: a trained model that scores at chance on its data is fed the wrong numbers (or

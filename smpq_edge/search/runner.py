@@ -20,15 +20,17 @@ from smpq_edge.boards import Board
 from smpq_edge.cost import zero_point_saving
 from smpq_edge.data import Dataset
 from smpq_edge.errors import UserError
-from smpq_edge.fileio import write_bytes, write_json
+from smpq_edge.fileio import write_bytes
 from smpq_edge.graph import Graph, trace
 from smpq_edge.models import ModelSource
 from smpq_edge.policy import LayerChoice, Policy, save_policy
 from smpq_edge.progress import progress as progress_bar
 from smpq_edge.quant import QuantNet
+from smpq_edge.records import (CostRecord, FloorAction, FloorCheck, KBestRecord, Measured, MethodRecord,
+                               SearchRecord, ShapleyRecord)
 from smpq_edge.search.baselines import DEFAULT_BASELINES, Baseline, BaselineInputs, baseline_named
 from smpq_edge.search.budget import DIMENSIONS, Budgets, cost_of, knapsack
-from smpq_edge.search.guard import FloorAction, FloorCheck, Measured, Reference, StageGuard
+from smpq_edge.search.guard import Reference, StageGuard, check_floor, measure
 from smpq_edge.distributed import SINGLE_PROCESS, Context
 from smpq_edge.search.select import Selection, infeasible_message, smallest_achievable
 from smpq_edge.search.smpq import (AlphaUpdater, ShapleyConfig, estimate_shapley, monotone_scores,
@@ -87,23 +89,10 @@ class SearchConfig:
 
 
 @dataclass
-class MethodResult:
-    method: str
-    bits: dict[str, int]
-    cost: dict
-    score: float | None
-    test_acc_before_finetune: float
-    test_acc: float  # fake-quant, after the method's own finetune
-    # The pick finetuned from the shared warm-up weights for search + finetune epochs, the same
-    # for every method: what separates the selections from the training schedules around them.
-    test_acc_same_finetune: float | None
-
-
-@dataclass
 class SearchResult:
     policy: Policy
     net: QuantNet  # SMPQ's finetuned network (its graph is net.graph), for the exporter
-    record: dict = field(default_factory=dict)  # everything search.json holds
+    record: SearchRecord  # everything search.json holds
 
 
 def calibrate(net: QuantNet, data: Dataset, seed: int) -> None:
@@ -250,30 +239,27 @@ def run_search(source: ModelSource, data: Dataset, board: Board, *, budgets: Bud
     run.timings["total_s"] = time.perf_counter() - run.started
 
     task = run.task
-    measured = {name: Measured.of(run.predict(n, "val"), run.predict(n, "test"), reference)
+    measured = {name: measure(run.predict(n, "val"), run.predict(n, "test"), reference)
                 for name, n in (("ptq_int8", floor), ("shipped", tuned))}
     policy = _policy(run, shipped, scores)
-    record = {
-        "model": source.name, "task": task.name, "data": data.summary(), "board": board.name, "kernels": board.kernels, "seed": seed,
-        "zero_points": board.zero_points, "zero_point_saving_bytes": zero_point_saving(run.graph, shipped.bits, board),
-        "pretrained": source.pretrained, "budgets": run.budgets.to_dict(),
-        "knapsack_budgets": dict(zip(DIMENSIONS, run.sack.budgets)),
-        "config": config.to_dict(), "float_test_acc": float_measured.test_acc,
-        "reference": {"float": asdict(float_measured), **{k: asdict(m) for k, m in measured.items()}},
-        "stage_checks": run.guard.to_list(), "floor_check": asdict(floor_check),
-        "shapley": {"players": [f"{name}:w{bits}a8" for name, bits in net.players()], "value": value,
-                    **table.to_dict()},
+    record = SearchRecord(
+        model=source.name, task=task.name, data=data.summary(), board=board.name, kernels=board.kernels, seed=seed,
+        zero_points=board.zero_points, zero_point_saving_bytes=zero_point_saving(run.graph, shipped.bits, board),
+        pretrained=source.pretrained, budgets=run.budgets.to_dict(),
+        knapsack_budgets=dict(zip(DIMENSIONS, run.sack.budgets)),
+        config=config.to_dict(), float_test_acc=float_measured.test_acc,
+        reference={"float": float_measured, **measured}, stage_checks=run.guard.checks, floor_check=floor_check,
+        shapley=ShapleyRecord(players=[f"{name}:w{bits}a8" for name, bits in net.players()], value=value,
+                              **table.to_dict()),
         # After the monotone prior: what the selection summed (the raw means are in "shapley").
-        "shapley_scores": scores.tolist(), "candidates": list(run.candidates),
-        "layer_shapes": {op.name: list(op.weight_shape) for op in run.graph.layers},
-        "rerank_margin": config.rerank_margin, "shipped_method": shipped.method,
-        "floor_action": asdict(floor_action) if floor_action else None,
-        "alpha_history": history,
-        "k_best": [{"bits": bits, "summed_shapley": sel.score, "val_acc": float(hits.mean()), "cost": list(sel.cost),
-                    "chosen": sel is chosen} for hits, sel, bits in ranked],
-        "methods": [asdict(m) for m in methods],
-        "timings": run.timings, "versions": versions(),
-    }
+        shapley_scores=scores.tolist(), candidates=list(run.candidates),
+        layer_shapes={op.name: list(op.weight_shape) for op in run.graph.layers},
+        rerank_margin=config.rerank_margin, shipped_method=shipped.method, floor_action=floor_action,
+        alpha_history=history,
+        k_best=[KBestRecord(bits=bits, summed_shapley=sel.score, val_acc=float(hits.mean()), cost=list(sel.cost),
+                            chosen=sel is chosen) for hits, sel, bits in ranked],
+        methods=methods, timings=run.timings, versions=versions(),
+    )
     return SearchResult(policy=policy, net=tuned, record=record)
 
 
@@ -322,7 +308,7 @@ def _float_model(run: SearchRun) -> tuple[torch.nn.Module, Reference, Measured]:
     data, task = run.data, run.task
     reference = Reference(task, data.x_val, data.y_val, data.x_test, data.y_test, predictions(model, data.x_val, task),
                           predictions(model, data.x_test, task))
-    measured = Measured.of(reference.float_val, reference.float_test, reference)
+    measured = measure(reference.float_val, reference.float_test, reference)
     run.lap("float_train_s")
     run.log(f"float test {task.metric} {task.show(measured.test_acc)}")
     return model, reference, measured
@@ -391,7 +377,7 @@ def pick_policy(run: SearchRun, net: QuantNet, scores: np.ndarray):
 
 
 def _train_methods(run: SearchRun, warm: QuantNet, teacher: torch.nn.Module, chosen: Selection,
-                   chosen_bits: dict[str, int]) -> tuple[QuantNet, list[MethodResult]]:
+                   chosen_bits: dict[str, int]) -> tuple[QuantNet, list[MethodRecord]]:
     """SMPQ's pick and each baseline's, each QAT-trained; SMPQ's network is the one shipped."""
     config, data, seed, progress, context = run.config, run.data, run.seed, run.progress, run.context
     # The chosen policy is QAT-trained from the warm-up weights for the search's and the
@@ -407,7 +393,7 @@ def _train_methods(run: SearchRun, warm: QuantNet, teacher: torch.nn.Module, cho
     tuned, before, after = tune(warm, chosen_bits, long_finetune, "finetune SMPQ")
     run.log(f"SMPQ: {_trained_text(run, before, after)}")
     run.lap("smpq_score_s" if config.post_training else "smpq_finetune_s")  # --ptq trains nothing
-    methods = [MethodResult("smpq", chosen_bits, run.cost(chosen_bits).to_dict(), chosen.score, before, after,
+    methods = [_method_record(run, "smpq", chosen_bits, chosen.score, before, after,
                             after if config.baselines else None)]
     for method in config.baselines:
         baseline = baseline_named(method)
@@ -422,7 +408,7 @@ def _train_methods(run: SearchRun, warm: QuantNet, teacher: torch.nn.Module, cho
                                 f"finetune {method}", None)
         # The others already finetune from the warm-up for the long schedule.
         same = tune(warm, bits, long_finetune, "same finetune", None)[2] if baseline.own_network else after
-        methods.append(MethodResult(method, bits, run.cost(bits).to_dict(), score, before, after, same))
+        methods.append(_method_record(run, method, bits, score, before, after, same))
         run.log(f"{method}: {_trained_text(run, before, after)}")
         run.timings[f"{method}_s"] = time.perf_counter() - t0
     return tuned, methods
@@ -436,14 +422,14 @@ def _trained_text(run: SearchRun, before: float, after: float) -> str:
 
 
 def _keep_floor(run: SearchRun, floor: QuantNet, tuned: QuantNet, chosen_bits: dict[str, int], ranked: list,
-                methods: list[MethodResult], teacher: torch.nn.Module) -> tuple[QuantNet, FloorCheck, FloorAction | None]:
+                methods: list[MethodRecord], teacher: torch.nn.Module) -> tuple[QuantNet, FloorCheck, FloorAction | None]:
     """The network to ship, never below the calibration-only int8 floor by more than a paired
     standard error on validation when anything within the budgets keeps it: SMPQ's pick; else
     uniform int8 (the floor itself) where it fits; else the next of the K best, each trained from
     the floor's weights; else the best of those, loudly. Methods tried are added to ``methods``."""
     task = run.task
     floor_scores = run.per_sample(floor)
-    check = FloorCheck.of(run.per_sample(tuned), floor_scores)
+    check = check_floor(run.per_sample(tuned), floor_scores)
     if not check.below_floor:
         return tuned, check, None
     show = task.show
@@ -454,11 +440,12 @@ def _keep_floor(run: SearchRun, floor: QuantNet, tuned: QuantNet, chosen_bits: d
     if all(int8_cost.fits.values()):
         net = floor  # the floor's own network: its measurements so far are its
         test = task.score(run.predict(net, "test"), run.data.x_test, run.data.y_test)
-        methods.append(MethodResult("floor int8", int8, int8_cost.to_dict(), None, test, test, None))
-        action = FloorAction("uniform int8", "floor int8", f"{missed}; uniform int8 fits the budgets, so the "
-                             "calibration-only int8 network (the floor itself) is shipped")
+        methods.append(_method_record(run, "floor int8", int8, None, test, test, None))
+        action = FloorAction(action="uniform int8", shipped_method="floor int8",
+                             message=f"{missed}; uniform int8 fits the budgets, so the calibration-only int8 network "
+                                     "(the floor itself) is shipped")
         run.log(f"note: {action.message}")
-        return net, FloorCheck.of(floor_scores, floor_scores), action
+        return net, check_floor(floor_scores, floor_scores), action
     schedule = replace(run.config.finetune, epochs=run.config.finetune.epochs + run.config.search.epochs)
     best, tried = (check, tuned, "smpq", chosen_bits), []
     for rank, (_, selection, bits) in enumerate(ranked, start=1):
@@ -467,25 +454,34 @@ def _keep_floor(run: SearchRun, floor: QuantNet, tuned: QuantNet, chosen_bits: d
         name = f"smpq #{rank}"
         net, before, after = finetune(floor, bits, run.data, schedule, run.seed, run.progress, f"finetune {name}",
                                       run.context, None, teacher)
-        trial = FloorCheck.of(run.per_sample(net), floor_scores)
-        methods.append(MethodResult(name, bits, run.cost(bits).to_dict(), selection.score, before, after, None))
+        trial = check_floor(run.per_sample(net), floor_scores)
+        methods.append(_method_record(run, name, bits, selection.score, before, after, None))
         tried.append({"method": name, "bits": bits, "val_acc": trial.shipped_val_acc, "below_floor": trial.below_floor})
         if not trial.below_floor:
-            action = FloorAction("next policy", name, f"{missed}; int8 is over budget, so the K-best policy {name} "
-                                 f"({_bits_text(bits)}), trained from the floor's weights, is shipped: "
-                                 f"{show(trial.shipped_val_acc)}", tuple(tried))
+            action = FloorAction(action="next policy", shipped_method=name,
+                                 message=f"{missed}; int8 is over budget, so the K-best policy {name} "
+                                         f"({_bits_text(bits)}), trained from the floor's weights, is shipped: "
+                                         f"{show(trial.shipped_val_acc)}", tried=tried)
             run.log(f"note: {action.message}")
             return net, trial, action
         if trial.shipped_val_acc > best[0].shipped_val_acc:
             best = (trial, net, name, bits)
     trial, net, name, bits = best
     over = ", ".join(k for k, ok in int8_cost.fits.items() if not ok)
-    action = FloorAction("best below floor", name, f"WARNING: {missed}; int8 is over the {over} budget and none "
-                         f"of the {len(tried)} next best policies keeps the floor; shipped {name} at "
-                         f"{show(trial.shipped_val_acc)}, below the floor, with {_int4_cost(run, bits, int8_cost)}",
-                         tuple(tried))
+    action = FloorAction(action="best below floor", shipped_method=name,
+                         message=f"WARNING: {missed}; int8 is over the {over} budget and none of the {len(tried)} next "
+                                 f"best policies keeps the floor; shipped {name} at {show(trial.shipped_val_acc)}, below "
+                                 f"the floor, with {_int4_cost(run, bits, int8_cost)}", tried=tried)
     run.log(action.message)
     return net, trial, action
+
+
+def _method_record(run: SearchRun, method: str, bits: dict[str, int], score: float | None, before: float,
+                   after: float, same: float | None) -> MethodRecord:
+    """A method's pick, its predicted cost and its test scores (before and after its finetune, and
+    after the finetune every method gets; None where it was not run)."""
+    return MethodRecord(method=method, bits=bits, cost=CostRecord.model_validate(run.cost(bits).to_dict()), score=score,
+                        test_acc_before_finetune=before, test_acc=after, test_acc_same_finetune=same)
 
 
 def _bits_text(bits: dict[str, int]) -> str:
@@ -500,13 +496,13 @@ def _int4_cost(run: SearchRun, bits: dict[str, int], int8_cost) -> str:
     return "fewer bits in " + ", ".join(saved)
 
 
-def _policy(run: SearchRun, shipped: MethodResult, scores: np.ndarray) -> Policy:
+def _policy(run: SearchRun, shipped: MethodRecord, scores: np.ndarray) -> Policy:
     bits, cost = shipped.bits, shipped.cost
     return Policy(board=run.board.name, model=run.source.name, method=shipped.method, layers=[
         LayerChoice(name=op.name, kind=op.kind, weight_bits=bits[op.name], params=op.weight_count,
-                    flash_bytes=layer_cost["flash_bytes"], cycles=layer_cost["cycles"],
+                    flash_bytes=layer_cost.flash_bytes, cycles=layer_cost.cycles,
                     shapley={f"w{b}a8": float(scores[i, k]) for k, b in enumerate(run.candidates)})
-        for i, (op, layer_cost) in enumerate(zip(run.graph.layers, cost["layers"]))])
+        for i, (op, layer_cost) in enumerate(zip(run.graph.layers, cost.layers))])
 
 
 def _infeasible_message(sack, budgets: Budgets, board: Board) -> str:
@@ -548,7 +544,7 @@ def _baseline(baseline: Baseline, run: SearchRun, warm: QuantNet) -> tuple[dict[
 
 def save_search(result: SearchResult, out_dir: Path) -> None:
     save_policy(result.policy, out_dir / "policy.json")
-    write_json(out_dir / "search.json", result.record)
+    result.record.write(out_dir / "search.json")
     save_quantnet(result.net, result.policy.bits, out_dir)
 
 

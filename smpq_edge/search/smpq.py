@@ -20,6 +20,7 @@ from smpq_edge.quant import QuantNet
 from smpq_edge.distributed import SINGLE_PROCESS, Context
 from smpq_edge.progress import progress
 from smpq_edge.search.shapley import ShapleyEstimate, exact_shapley, monte_carlo_shapley
+from smpq_edge.vocabulary import CoalitionValue, PlayerKind
 
 # Coalitions per value_fn call: the more in one call, the more prefixes they share (memory
 # does not grow with it, see QuantNet.coalition_logits).
@@ -39,7 +40,7 @@ class ShapleyConfig:
     # "kl" (the default): minus the KL divergence from the float model's output distribution
     # (continuous, and it needs no labels: a change that moves the outputs counts even where
     # top-1 does not flip).
-    value: str = "kl"
+    value: CoalitionValue = "kl"
     # Players of the final table the selection sums: "candidates", Shapley-NAS's (layer, bit-width)
     # pairs over the mixed supernet; or "layers" (the default), the layers in one game per
     # candidate narrower than the widest (a layer in the coalition takes the widest, the others
@@ -47,7 +48,7 @@ class ShapleyConfig:
     # every coalition is a real policy, run in TFLM's integer arithmetic. bench/real_tasks.py
     # measured kl + layers against top1 + candidates on ResNet-8 / CIFAR-10 and DS-CNN / FSDD
     # after post-training calibration (bench/RESULTS.md).
-    final_players: str = "layers"
+    final_players: PlayerKind = "layers"
     # Each game's L layers are enumerated exactly (all 2^L policies, no sampling error) when that
     # takes no more coalitions than the final permutations would: (L + 1) x final_permutations
     # >= 2^L, up to 10 layers at the default 96. Sampled otherwise (each permutation L + 1
