@@ -54,7 +54,7 @@ def run(case: str, folder: Path) -> float:
         model.write_text(TRAINED_RESNET8)
         arguments += ["--model", str(model)]
         # Decode the folder into the cache first (a cost paid once per folder, not per build).
-        subprocess.run([sys.executable, "-c", f"from smpq_edge.data import load_dataset; "
+        subprocess.run([sys.executable, "-c", f"from smpq_edge.inputs.data import load_dataset; "
                         f"load_dataset({str(CIFAR)!r}, channels=3, size=(32, 32))"], check=True, cwd=ROOT)
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "smpq_edge", "build", "--out", str(folder / "out"), *arguments], check=True,

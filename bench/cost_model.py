@@ -24,14 +24,14 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._results import write_section  # noqa: E402
-from smpq_edge.boards import load_board  # noqa: E402
-from smpq_edge.cost import FLATBUFFER, HOST_ARENA, arena_activation_peak, estimate, tflite_layout  # noqa: E402
-from smpq_edge.data import load_dataset  # noqa: E402
+from smpq_edge.inputs.boards import load_board  # noqa: E402
+from smpq_edge.network.cost import FLATBUFFER, HOST_ARENA, arena_activation_peak, estimate, tflite_layout  # noqa: E402
+from smpq_edge.inputs.data import load_dataset  # noqa: E402
 from smpq_edge.export.exporter import export_model  # noqa: E402
-from smpq_edge.graph import trace  # noqa: E402
-from smpq_edge.models import load_model  # noqa: E402
-from smpq_edge.quant import QuantNet  # noqa: E402
-from smpq_edge.tflm import smallest_arena  # noqa: E402
+from smpq_edge.network.graph import trace  # noqa: E402
+from smpq_edge.inputs.models import load_model  # noqa: E402
+from smpq_edge.network.quant import QuantNet  # noqa: E402
+from smpq_edge.tflite.tflm import smallest_arena  # noqa: E402
 
 CASES = [("digits_dense", "digits"), ("digits_cnn", "digits"), ("mnist1d_dscnn", "mnist1d"), ("dscnn_kws", "synthetic-kws"),
          ("resnet8", "synthetic-cifar")]
@@ -114,7 +114,7 @@ def main() -> None:
     if not args.no_write:
         write_section(SECTION,
             f"Command: `python bench/cost_model.py` ({datetime.date.today()}, 2-core machine). Predicted "
-            "by `smpq_edge.cost.estimate` for a reference-kernel board (rpi-pico, as the host TFLM runs); real: "
+            "by `smpq_edge.network.cost.estimate` for a reference-kernel board (rpi-pico, as the host TFLM runs); real: "
             "`len(model.tflite)` and the smallest arena the `tflite-micro` host interpreter accepts (64-bit host: "
             "TFLM's persistent structures hold 8-byte pointers there, so a 32-bit MCU needs somewhat less). "
             "Weights are calibrated but untrained: sizes do not depend on training.\n\n" + table(rows))

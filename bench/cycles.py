@@ -7,7 +7,7 @@ a mixed int4/int8 policy and a LUT policy (layers at 2, 3, 5, 6, 7 bits in turn,
 DECODE) WITHOUT training (instruction counts and sizes do not depend on the trained
 weights), turned into firmware for ``qemu-mps2-an386`` with one test vector, built with CMSIS-NN
 and with reference kernels (``make KERNELS=reference``) and run. The formulas of
-``smpq_edge.cost`` (per kernel variant, over the terms of ``TERMS``: per MAC, im2col element,
+``smpq_edge.network.cost`` (per kernel variant, over the terms of ``TERMS``: per MAC, im2col element,
 output element, ..., call) are fitted with non-negative least squares on relative error on the
 FIT cases and checked on the HELD_OUT ones; the target arena overhead, the runtime flash table
 (nnls over which kernels each firmware links) and the static RAM are fitted on FIT the same way.
@@ -41,20 +41,22 @@ sys.path.insert(0, str(ROOT))
 from scipy.optimize import nnls  # noqa: E402
 
 from bench._results import write_section  # noqa: E402
-from smpq_edge.boards import BOARDS_DIR, KernelCycles, load_board  # noqa: E402
-from smpq_edge.cost import (  # noqa: E402
+from smpq_edge.inputs.boards import BOARDS_DIR, KernelCycles, load_board  # noqa: E402
+from smpq_edge.network.cost import (  # noqa: E402
     RUNTIME, TARGET_ARENA, UNIT_COEFFICIENT, VARIANT_OPS, WORK_UNITS, ArenaOverhead, OpWork, RuntimeMemory,
     arena_activation_peak, estimate, formula_cycles, kernel_variant, op_work, scratch_bytes, tflite_layout,
     tflite_operators,
 )
 from smpq_edge.export.exporter import export_model  # noqa: E402
-from smpq_edge.export.tflite_file import TfliteModel  # noqa: E402
-from smpq_edge.firmware import ADD_METHODS, build_spec, build_test_vectors, generate_firmware  # noqa: E402
-from smpq_edge.graph import Graph, trace  # noqa: E402
-from smpq_edge.models import load_model  # noqa: E402
-from smpq_edge.precision import CANDIDATES, LUT_BITS, WEIGHT_BITS, is_lut  # noqa: E402
-from smpq_edge.quant import QuantNet  # noqa: E402
-from smpq_edge.validate import build_firmware, parse_self_check, run_qemu  # noqa: E402
+from smpq_edge.tflite.flatbuffer import TfliteModel  # noqa: E402
+from smpq_edge.firmware.kernels import ADD_METHODS  # noqa: E402
+from smpq_edge.firmware.render import generate_firmware  # noqa: E402
+from smpq_edge.firmware.spec import build_spec, build_test_vectors  # noqa: E402
+from smpq_edge.network.graph import Graph, trace  # noqa: E402
+from smpq_edge.inputs.models import load_model  # noqa: E402
+from smpq_edge.common.precision import CANDIDATES, LUT_BITS, WEIGHT_BITS, is_lut  # noqa: E402
+from smpq_edge.network.quant import QuantNet  # noqa: E402
+from smpq_edge.firmware.validate import build_firmware, parse_self_check, run_qemu  # noqa: E402
 
 BOARD = "qemu-mps2-an386"
 KERNEL_SETS = ("cmsis_nn", "reference")

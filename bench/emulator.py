@@ -22,15 +22,15 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._results import write_section  # noqa: E402
-from smpq_edge.data import load_dataset  # noqa: E402
+from smpq_edge.inputs.data import load_dataset  # noqa: E402
 from smpq_edge.emulator import emulate, run_tflm  # noqa: E402
 from smpq_edge.export.exporter import export_model  # noqa: E402
-from smpq_edge.graph import trace  # noqa: E402
-from smpq_edge.models import load_model  # noqa: E402
-from smpq_edge.quant import QuantNet  # noqa: E402
+from smpq_edge.network.graph import trace  # noqa: E402
+from smpq_edge.inputs.models import load_model  # noqa: E402
+from smpq_edge.network.quant import QuantNet  # noqa: E402
 from smpq_edge.search.runner import weight_params  # noqa: E402
 from smpq_edge.search.train import TrainConfig, seed_everything, train  # noqa: E402
-from smpq_edge.tflm import TflmRunner, quantise_input  # noqa: E402
+from smpq_edge.tflite.tflm import TflmRunner, quantise_input  # noqa: E402
 
 SPEED_SAMPLES = 10_000
 

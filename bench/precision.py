@@ -37,11 +37,11 @@ sys.path.insert(0, str(ROOT))
 
 from bench._results import timed_log, write_section  # noqa: E402
 from bench.real_tasks import TASKS, float_model, selected, smpq_scores  # noqa: E402
-from smpq_edge.boards import load_board  # noqa: E402
-from smpq_edge.cost import estimate, uniform  # noqa: E402
-from smpq_edge.distributed import SINGLE_PROCESS  # noqa: E402
-from smpq_edge.errors import UserError  # noqa: E402
-from smpq_edge.graph import trace  # noqa: E402
+from smpq_edge.inputs.boards import load_board  # noqa: E402
+from smpq_edge.network.cost import estimate, uniform  # noqa: E402
+from smpq_edge.common.distributed import SINGLE_PROCESS  # noqa: E402
+from smpq_edge.common.errors import UserError  # noqa: E402
+from smpq_edge.network.graph import trace  # noqa: E402
 from smpq_edge.search.baselines import dmpq_scores, hawq_scores  # noqa: E402
 from smpq_edge.search.budget import Budgets  # noqa: E402
 from smpq_edge.search.runner import SearchConfig, pick_policy, prepare_run, calibrated_supernet  # noqa: E402

@@ -35,13 +35,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._results import write_section  # noqa: E402
-from smpq_edge.boards import load_board  # noqa: E402
-from smpq_edge.cost import estimate, uniform  # noqa: E402
-from smpq_edge.data import load_dataset  # noqa: E402
+from smpq_edge.inputs.boards import load_board  # noqa: E402
+from smpq_edge.network.cost import estimate, uniform  # noqa: E402
+from smpq_edge.inputs.data import load_dataset  # noqa: E402
 from smpq_edge.emulator import emulate  # noqa: E402
-from smpq_edge.graph import trace  # noqa: E402
-from smpq_edge.models import load_model  # noqa: E402
-from smpq_edge.preprocess import Preprocessing  # noqa: E402
+from smpq_edge.network.graph import trace  # noqa: E402
+from smpq_edge.inputs.models import load_model  # noqa: E402
+from smpq_edge.inputs.preprocess import Preprocessing  # noqa: E402
 
 CIFAR = ROOT.parent / "shared" / "data" / "cifar10" / "train"
 BOARD = "nucleo-l4r5zi"

@@ -45,12 +45,12 @@ sys.path.insert(0, str(ROOT))
 
 from bench._results import timed_log, write_section  # noqa: E402
 from bench.search_quality import flash_budget, pretrained  # noqa: E402
-from smpq_edge.boards import load_board  # noqa: E402
-from smpq_edge.cost import estimate, uniform  # noqa: E402
-from smpq_edge.data import load_dataset  # noqa: E402
-from smpq_edge.graph import trace  # noqa: E402
-from smpq_edge.models import load_model  # noqa: E402
-from smpq_edge.distributed import SINGLE_PROCESS  # noqa: E402
+from smpq_edge.inputs.boards import load_board  # noqa: E402
+from smpq_edge.network.cost import estimate, uniform  # noqa: E402
+from smpq_edge.inputs.data import load_dataset  # noqa: E402
+from smpq_edge.network.graph import trace  # noqa: E402
+from smpq_edge.inputs.models import load_model  # noqa: E402
+from smpq_edge.common.distributed import SINGLE_PROCESS  # noqa: E402
 from smpq_edge.search.baselines import dmpq_scores, hawq_scores  # noqa: E402
 from smpq_edge.search.runner import SearchConfig, pick_policy, prepare_run, calibrated_supernet, run_search  # noqa: E402
 from smpq_edge.search.smpq import (CoalitionValue, estimate_shapley, monotone_scores, shapley_scores,  # noqa: E402

@@ -46,13 +46,13 @@ sys.path.insert(0, str(ROOT))
 
 from bench._results import write_section  # noqa: E402
 from bench.real_tasks_report import layer_effects  # noqa: E402
-from smpq_edge.boards import load_board  # noqa: E402
-from smpq_edge.cost import estimate, uniform  # noqa: E402
-from smpq_edge.data import load_dataset  # noqa: E402
-from smpq_edge.errors import UserError  # noqa: E402
-from smpq_edge.graph import trace  # noqa: E402
-from smpq_edge.models import ModelSource, load_model  # noqa: E402
-from smpq_edge.quant import QuantNet  # noqa: E402
+from smpq_edge.inputs.boards import load_board  # noqa: E402
+from smpq_edge.network.cost import estimate, uniform  # noqa: E402
+from smpq_edge.inputs.data import load_dataset  # noqa: E402
+from smpq_edge.common.errors import UserError  # noqa: E402
+from smpq_edge.network.graph import trace  # noqa: E402
+from smpq_edge.inputs.models import ModelSource, load_model  # noqa: E402
+from smpq_edge.network.quant import QuantNet  # noqa: E402
 from smpq_edge.search.budget import Budgets  # noqa: E402
 from smpq_edge.search.runner import SearchConfig, finetune, run_search, warm_supernet  # noqa: E402
 from smpq_edge.search.train import TrainConfig, score, seed_everything, train  # noqa: E402

@@ -36,11 +36,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._results import write_section  # noqa: E402
-from smpq_edge.boards import load_board  # noqa: E402
-from smpq_edge.data import load_dataset  # noqa: E402
-from smpq_edge.graph import trace  # noqa: E402
-from smpq_edge.models import load_model  # noqa: E402
-from smpq_edge.quant import QuantNet  # noqa: E402
+from smpq_edge.inputs.boards import load_board  # noqa: E402
+from smpq_edge.inputs.data import load_dataset  # noqa: E402
+from smpq_edge.network.graph import trace  # noqa: E402
+from smpq_edge.inputs.models import load_model  # noqa: E402
+from smpq_edge.network.quant import QuantNet  # noqa: E402
 from smpq_edge.search.runner import SearchConfig, run_search, warm_supernet  # noqa: E402
 from smpq_edge.search.shapley import monte_carlo_shapley  # noqa: E402
 from smpq_edge.search.smpq import CoalitionValue, ShapleyConfig, validation_batch  # noqa: E402

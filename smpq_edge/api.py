@@ -19,20 +19,18 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable, Sequence
 
-from smpq_edge.errors import UserError
-from smpq_edge.preprocess import Preprocessing, parse_floats
-from smpq_edge.validate import validate  # noqa: F401 - a stage of the API as it is
+from smpq_edge.common.errors import UserError
+from smpq_edge.inputs.preprocess import Preprocessing, parse_floats
+from smpq_edge.firmware.validate import validate  # noqa: F401 - a stage of the API as it is
 
 if TYPE_CHECKING:
-    import numpy as np
-
-    from smpq_edge.boards import Board
-    from smpq_edge.data import Dataset
+    from smpq_edge.inputs.boards import Board
+    from smpq_edge.inputs.data import Dataset
 
     from smpq_edge.export.exporter import ExportResult
-    from smpq_edge.firmware import FirmwareResult
-    from smpq_edge.models import ModelSource
-    from smpq_edge.records import CostRecord, EmulationRecord, SearchRecord
+    from smpq_edge.firmware.render import FirmwareResult
+    from smpq_edge.inputs.models import ModelSource
+    from smpq_edge.common.records import CostRecord, EmulationRecord, SearchRecord
     from smpq_edge.search.budget import Budgets
     from smpq_edge.search.runner import SearchConfig
 
@@ -107,7 +105,7 @@ class Inputs:
 
 
 def _board(options: Options) -> Board:
-    from smpq_edge.boards import load_board
+    from smpq_edge.inputs.boards import load_board
 
     board = load_board(options.board)
     if options.single_zero_point:
@@ -120,8 +118,8 @@ def _board(options: Options) -> Board:
 def load_inputs(model, data, options: Options, log: Callable[[str], None] = print) -> Inputs:
     """Board, data set and model, the cheap checks first (a typo is one line in a second, not
     after torch's import); a model file's classifier is built for the data's classes."""
-    from smpq_edge.data import check_data_argument, from_arrays, load_dataset, with_input_affine, with_task
-    from smpq_edge.models import check_model_argument, from_keras, from_module, is_keras_model, load_model
+    from smpq_edge.inputs.data import check_data_argument, from_arrays, load_dataset, with_input_affine, with_task
+    from smpq_edge.inputs.models import check_model_argument, from_keras, from_module, is_keras_model, load_model
 
     board = _board(options)
     by_name = isinstance(model, (str, Path))
@@ -215,8 +213,8 @@ def search(model=DEFAULT_MODEL, data=None, *, out: str | Path = "out", device: s
     ``out``. Under ``torchrun`` every rank calls it; only the main rank gets the record."""
     chosen = Options.of(options)
     inputs = load_inputs(model, data, chosen)  # first: a typo is one line before torch is imported
-    from smpq_edge.distributed import init_from_environment, shutdown
-    from smpq_edge.fileio import ensure_dir
+    from smpq_edge.common.distributed import init_from_environment, shutdown
+    from smpq_edge.common.fileio import ensure_dir
     from smpq_edge.search.runner import run_search, save_search
 
     budgets = budgets_from(chosen, inputs.board)
@@ -255,13 +253,13 @@ class BuildResult:
 
     @cached_property
     def search(self) -> SearchRecord:
-        from smpq_edge.records import read_search
+        from smpq_edge.common.records import read_search
 
         return read_search(self.out / "search.json")
 
     @cached_property
     def emulation(self) -> EmulationRecord:
-        from smpq_edge.records import read_emulation
+        from smpq_edge.common.records import read_emulation
 
         return read_emulation(self.out / "emulation.json")
 
@@ -296,7 +294,7 @@ def build(model=DEFAULT_MODEL, data=None, *, out: str | Path = "build", resume: 
     whose inputs are unchanged are skipped (``smpq_edge.stages``)."""
     chosen = Options.of(options)
     inputs = load_inputs(model, data, chosen, log)  # first: a typo is one line before torch is imported
-    from smpq_edge.fileio import ensure_dir
+    from smpq_edge.common.fileio import ensure_dir
     from smpq_edge.stages import outside_keys, run_stages
 
     budgets = budgets_from(chosen, inputs.board)
@@ -362,7 +360,7 @@ def emulate(model_file: str | Path, data="digits", *, seed: int = 0, **preproces
     """A .tflite on the TFLM interpreter over the data's test split; the result is also written
     beside it as emulation_<name>.json."""
     from smpq_edge.emulator import emulate as run_emulation
-    from smpq_edge.task import task_of
+    from smpq_edge.inputs.task import task_of
 
     path = Path(model_file)
     try:
@@ -379,7 +377,7 @@ def emulate(model_file: str | Path, data="digits", *, seed: int = 0, **preproces
 
 def _stage_data(data, seed: int, preprocessing: dict) -> Dataset:
     """The data of a stage that takes no model (emulate, firmware): arrays, or a name or path."""
-    from smpq_edge.data import from_arrays, load_dataset
+    from smpq_edge.inputs.data import from_arrays, load_dataset
 
     unknown = sorted(set(preprocessing) - set(PREPROCESSING_OPTIONS))
     if unknown:
@@ -394,9 +392,9 @@ def firmware(model_file: str | Path, *, out: str | Path, board: str | Path = DEF
              vectors: int = 20, seed: int = 0, margin: int | None = None, **preprocessing) -> FirmwareResult:
     """C/C++ firmware sources for a .tflite on a board, with self-check vectors from the data's
     test split (random int8 inputs without data)."""
-    from smpq_edge.boards import load_board
-    from smpq_edge.firmware import generate_from_tflite
-    from smpq_edge.task import task_of
+    from smpq_edge.inputs.boards import load_board
+    from smpq_edge.firmware.render import generate_from_tflite
+    from smpq_edge.inputs.task import task_of
 
     target = load_board(board)
     x = labels = origin = None

@@ -14,9 +14,9 @@ from dataclasses import fields
 from typing import Callable
 
 from smpq_edge.api import DEFAULT_BOARD, DEFAULT_MODEL
-from smpq_edge.errors import UserError
-from smpq_edge.precision import PACKED_INT4, weight_form
-from smpq_edge.preprocess import CHANNEL_ORDERS, INPUT_RANGES
+from smpq_edge.common.errors import UserError
+from smpq_edge.common.precision import PACKED_INT4, weight_form
+from smpq_edge.inputs.preprocess import CHANNEL_ORDERS, INPUT_RANGES
 
 COMMANDS: dict[str, Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace], int]]] = {}
 
@@ -46,7 +46,7 @@ def _boards(parser: argparse.ArgumentParser):
     parser.add_argument("name", nargs="?", help="board name or YAML path (with 'show')")
 
     def run(args: argparse.Namespace) -> int:
-        from smpq_edge.boards import board_names, load_board
+        from smpq_edge.inputs.boards import board_names, load_board
 
         if args.action == "show":
             if not args.name:
@@ -142,10 +142,10 @@ def _cost(parser: argparse.ArgumentParser):
 
         inputs = load_inputs(args.model, args.data, Options.of(options_from(args)))
         board, source = inputs.board, inputs.source
-        from smpq_edge.cost import estimate, uniform
-        from smpq_edge.graph import trace
-        from smpq_edge.policy import load_policy
-        from smpq_edge.precision import WEIGHT_BITS
+        from smpq_edge.network.cost import estimate, uniform
+        from smpq_edge.network.graph import trace
+        from smpq_edge.inputs.policy import load_policy
+        from smpq_edge.common.precision import WEIGHT_BITS
 
         graph = trace(source.module, source.input_shape, output_softmax=source.output_softmax)
         uniform_bits = args.bits in {str(b) for b in WEIGHT_BITS}
@@ -244,7 +244,7 @@ def rerank_note(search, task) -> None:
 
 
 def _print_floor(search) -> None:
-    from smpq_edge.task import TASKS
+    from smpq_edge.inputs.task import TASKS
 
     task = TASKS[search.task]
     for check in search.stage_checks:
@@ -260,7 +260,7 @@ def _print_floor(search) -> None:
 def _print_methods(search) -> None:
     """SMPQ's pick next to the baselines under the same budgets (when the search ran them)."""
     from smpq_edge.search.baselines import uniform_name
-    from smpq_edge.task import TASKS
+    from smpq_edge.inputs.task import TASKS
 
     if len(search.methods) < 2:
         return
@@ -281,8 +281,8 @@ def _print_methods(search) -> None:
 
 
 def _print_build_summary(out, stages: dict | None = None) -> None:
-    from smpq_edge.records import read_emulation, read_firmware, read_search
-    from smpq_edge.task import TASKS
+    from smpq_edge.common.records import read_emulation, read_firmware, read_search
+    from smpq_edge.inputs.task import TASKS
 
     search = read_search(out / "search.json")
     emulation = read_emulation(out / "emulation.json")
@@ -405,7 +405,7 @@ def _emulate(parser: argparse.ArgumentParser):
 
     def run(args: argparse.Namespace) -> int:
         from smpq_edge.api import emulate
-        from smpq_edge.task import TASKS
+        from smpq_edge.inputs.task import TASKS
 
         result = emulate(args.model_file, args.data, seed=args.seed, **preprocessing_options(args))
         if args.json:
@@ -467,7 +467,7 @@ def _validate(parser: argparse.ArgumentParser):
                              "builds for the same board may share one, so that TFLM compiles once")
 
     def run(args: argparse.Namespace) -> int:
-        from smpq_edge.validate import RESULT_FILE, summary_lines, validate
+        from smpq_edge.firmware.validate import RESULT_FILE, summary_lines, validate
 
         result = validate(args.build_dir, tflm_dir=args.tflm_dir, port=args.port, tflm_build_dir=args.tflm_build,
                           timeout_s=args.timeout, baud=args.baud)

@@ -8,7 +8,7 @@ own TFLM interpreter (the interpreter is single-threaded and not shareable acros
 A model that ends in TFLM's int8 SOFTMAX is scored on those int8 probabilities, as the firmware's
 self-check scores it (first index of the largest byte): softmax is monotone, but two classes can
 saturate to the same byte. The fake-quant network outputs logits; the comparison puts them on the
-SOFTMAX input's int8 grid and applies the same integer softmax (``smpq_edge.softmax``) first.
+SOFTMAX input's int8 grid and applies the same integer softmax (``smpq_edge.network.softmax``) first.
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from concurrent.futures import ProcessPoolExecutor
 import numpy as np
 from tqdm import tqdm
 
-from smpq_edge.errors import UserError
-from smpq_edge.export.tflite_file import TfliteModel
-from smpq_edge.records import EmulationRecord
-from smpq_edge.softmax import OUTPUT_SCALE, OUTPUT_ZERO_POINT, softmax_int8, softmax_params
-from smpq_edge.task import CLASSIFICATION, Task
-from smpq_edge.tflm import TensorSpec, TflmRunner, quantise_input, smallest_arena
+from smpq_edge.common.errors import UserError
+from smpq_edge.tflite.flatbuffer import TfliteModel
+from smpq_edge.common.records import EmulationRecord
+from smpq_edge.network.softmax import OUTPUT_SCALE, OUTPUT_ZERO_POINT, softmax_int8, softmax_params
+from smpq_edge.inputs.task import CLASSIFICATION, Task
+from smpq_edge.tflite.tflm import TensorSpec, TflmRunner, quantise_input, smallest_arena
 
 WORKERS = 2
 CHUNK = 64

@@ -21,9 +21,9 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.transforms import offset_copy  # noqa: E402
 
-from smpq_edge.precision import weight_form  # noqa: E402
-from smpq_edge.records import CostRecord, EmulationRecord, MethodRecord, SearchRecord  # noqa: E402
-from smpq_edge.task import TASKS, Task  # noqa: E402
+from smpq_edge.common.precision import weight_form  # noqa: E402
+from smpq_edge.common.records import CostRecord, EmulationRecord, MethodRecord, SearchRecord  # noqa: E402
+from smpq_edge.inputs.task import TASKS, Task  # noqa: E402
 
 
 @dataclass(frozen=True)

@@ -18,21 +18,23 @@ from pathlib import Path
 from typing import Callable
 
 import smpq_edge
-from smpq_edge import firmware
-from smpq_edge.boards import Board, board_path
-from smpq_edge.cost import estimate
-from smpq_edge.data import BUILTIN_DATASETS, Dataset
+from smpq_edge.firmware import render as firmware
+from smpq_edge.firmware import templates
+from smpq_edge.firmware.spec import HOST_ARENA_BASIS
+from smpq_edge.inputs.boards import Board, board_path
+from smpq_edge.network.cost import estimate
+from smpq_edge.inputs.data import BUILTIN_DATASETS, Dataset
 from smpq_edge.emulator import emulate
 from smpq_edge.export.exporter import ExportResult, export_model
-from smpq_edge.fileio import ensure_dir, read_json, write_bytes, write_json, write_text
-from smpq_edge.models import EXAMPLES_DIR, ModelSource
-from smpq_edge.policy import load_policy
-from smpq_edge.quant import QuantNet
-from smpq_edge.records import EmulationRecord, read_emulation, read_search
+from smpq_edge.common.fileio import ensure_dir, read_json, write_bytes, write_json, write_text
+from smpq_edge.inputs.models import EXAMPLES_DIR, ModelSource
+from smpq_edge.inputs.policy import load_policy
+from smpq_edge.network.quant import QuantNet
+from smpq_edge.common.records import EmulationRecord, read_emulation, read_search
 from smpq_edge.search.runner import SearchConfig, finetune, load_quantnet, save_quantnet, traced_for
 from smpq_edge.search.train import TrainConfig
-from smpq_edge.task import task_of
-from smpq_edge.versions import versions
+from smpq_edge.inputs.task import task_of
+from smpq_edge.common.versions import versions
 
 PACKAGE_DIR = Path(smpq_edge.__file__).resolve().parent
 
@@ -95,7 +97,7 @@ def outside_keys(source: ModelSource, data: Dataset, data_reference: str | None,
     model = source.content_key or _hash_path(Path(source.origin))
     return {"model": model, "data": _data_key(data, data_reference),
             "board": _hash_path(board_path(board)), "code": _code_key(),
-            "templates": _hash_path(firmware.FIRMWARE_DIR)}
+            "templates": _hash_path(templates.FIRMWARE_DIR)}
 
 
 def _fingerprint(stage: Stage, out: Path, arguments: dict, outside: dict[str, str]) -> str:
@@ -140,7 +142,7 @@ def run_stages(stages: list[Stage], out: Path, arguments: dict, resume: bool, ou
 
 
 def report_stage(out: Path) -> None:
-    from smpq_edge.records import read_emulation, read_search
+    from smpq_edge.common.records import read_emulation, read_search
     from smpq_edge.report import make_report
 
     emulation = read_emulation(out / "emulation.json") if (out / "emulation.json").exists() else None
@@ -224,7 +226,7 @@ def firmware_arena(out: Path, source: ModelSource, data: Dataset, board: Board) 
     buffers the reference kernels do not. There the cost model's target arena, fitted to the firmware's
     own report on QEMU, is the estimate."""
     if board.kernels != "cmsis_nn":
-        return read_emulation(out / "emulation.json").arena_bytes, firmware.HOST_ARENA_BASIS
+        return read_emulation(out / "emulation.json").arena_bytes, HOST_ARENA_BASIS
     graph = traced_for(source, data)
     return estimate(graph, load_policy(out / "policy.json").bits, board).arena_bytes, TARGET_ARENA_BASIS
 

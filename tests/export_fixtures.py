@@ -16,7 +16,7 @@ import torch
 from sklearn.datasets import load_digits
 from torch import nn
 
-from smpq_edge import tflm
+from smpq_edge.tflite import tflm
 from smpq_edge.export.onnx_to_tflite import Int8Tflite, export_int8
 
 CALIBRATION_SAMPLES = 64

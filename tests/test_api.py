@@ -13,7 +13,7 @@ from torch import nn
 
 import smpq_edge
 from smpq_edge.api import Options, load_inputs
-from smpq_edge.errors import UserError
+from smpq_edge.common.errors import UserError
 
 
 @pytest.fixture(scope="module")
@@ -51,7 +51,7 @@ def test_build_from_a_torch_module_and_numpy_arrays(tmp_path, trained_mlp, digit
     arguments = json.loads(result.paths["build.json"].read_text())["arguments"]
     assert arguments["model"] == "<in-memory Sequential>" and arguments["quick"] is True
     # The exported model takes the user's (N, 64) rows, not the (N, 1, 64, 1) the SDK works in.
-    from smpq_edge.export.tflite_file import TfliteModel
+    from smpq_edge.tflite.flatbuffer import TfliteModel
 
     model = TfliteModel.from_file(result.paths["model.tflite"])
     assert list(model.tensor(model.inputs[0]).shape) == [1, 64]

@@ -21,7 +21,7 @@ import pytest
 import yaml
 from ai_edge_litert import schema_py_generated as schema
 
-from smpq_edge.boards import BOARDS_DIR
+from smpq_edge.inputs.boards import BOARDS_DIR
 from smpq_edge.cli import main
 
 GOOD_BOARD = yaml.safe_load((BOARDS_DIR / "nucleo-l4r5zi.yaml").read_text())

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from smpq_edge.boards import BOARDS_DIR, KERNEL_VARIANTS, Board, Core, board_names, load_board, parse_board
-from smpq_edge.errors import UserError
+from smpq_edge.inputs.boards import BOARDS_DIR, KERNEL_VARIANTS, Board, Core, board_names, load_board, parse_board
+from smpq_edge.common.errors import UserError
 
 BOARDS_DOC = Path(__file__).resolve().parent.parent / "docs" / "boards.md"
 VALID = "nucleo-l4r5zi"

@@ -15,12 +15,12 @@ import pytest
 import torch
 import yaml
 
-from smpq_edge.boards import BOARDS_DIR
+from smpq_edge.inputs.boards import BOARDS_DIR
 from smpq_edge.cli import main
-from smpq_edge.data import load_dataset
-from smpq_edge.export.tflite_file import TfliteModel
-from smpq_edge.models import load_model
-from smpq_edge.records import read_emulation, read_search
+from smpq_edge.inputs.data import load_dataset
+from smpq_edge.tflite.flatbuffer import TfliteModel
+from smpq_edge.inputs.models import load_model
+from smpq_edge.common.records import read_emulation, read_search
 from smpq_edge.report import make_report
 from smpq_edge.search.train import TrainConfig, train
 
@@ -45,7 +45,7 @@ def test_library_warnings_do_not_reach_the_terminal_but_the_sdks_do():
                                module="matplotlib.layout_engine", registry={})
         warnings.warn_explicit("deprecated", FutureWarning, "x.py", 1, module="torch.onnx", registry={})
         warnings.warn_explicit("class 3 has no sample in the val split", UserWarning, "data.py", 1,
-                               module="smpq_edge.data", registry={})
+                               module="smpq_edge.inputs.data", registry={})
     assert [str(w.message) for w in caught] == ["class 3 has no sample in the val split"]
 
 
@@ -186,8 +186,8 @@ def fake_stages(monkeypatch):
 
 def test_resume_reruns_exactly_the_stages_that_read_a_changed_input(tmp_path, monkeypatch, fake_stages):
     import smpq_edge.stages as build
-    import smpq_edge.firmware as firmware
-    from smpq_edge.models import EXAMPLES_DIR
+    import smpq_edge.firmware.templates as firmware
+    from smpq_edge.inputs.models import EXAMPLES_DIR
 
     model = tmp_path / "model.py"
     model.write_text((EXAMPLES_DIR / "digits_cnn.py").read_text())
@@ -350,7 +350,7 @@ def test_summary_sets_the_pick_beside_the_baselines(default_build, tmp_path, cap
 
 def test_summary_says_when_the_rerank_replaced_the_shapley_optimum(default_build, capsys):
     from smpq_edge.cli import rerank_note
-    from smpq_edge.task import TASKS
+    from smpq_edge.inputs.task import TASKS
 
     search = read_search(default_build / "search.json")
     assert len(search.k_best) >= 2
@@ -384,7 +384,7 @@ def test_stage_times_name_each_stage_and_what_ran():
 def test_records_round_trip_through_their_classes(default_build):
     """search.json, emulation.json and firmware.json are written by their record classes and read back by the
     same classes: every field written is declared (nothing is dropped or passed around as a dict)."""
-    from smpq_edge.records import read_firmware
+    from smpq_edge.common.records import read_firmware
 
     for name, reader in (("search.json", read_search), ("emulation.json", read_emulation),
                          ("firmware/firmware.json", read_firmware)):

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from smpq_edge.boards import board_names, load_board
+from smpq_edge.inputs.boards import board_names, load_board
 from smpq_edge.cli import main
-from smpq_edge.cost import estimate, uniform
-from smpq_edge.graph import trace
-from smpq_edge.models import load_model
-from smpq_edge.policy import LayerChoice, Policy, save_policy
+from smpq_edge.network.cost import estimate, uniform
+from smpq_edge.network.graph import trace
+from smpq_edge.inputs.models import load_model
+from smpq_edge.inputs.policy import LayerChoice, Policy, save_policy
 
 
 def run(capsys, *argv):

@@ -11,16 +11,16 @@ import torch
 import yaml
 from torch import nn
 
-from smpq_edge.boards import BOARDS_DIR, KernelCycles, board_names, load_board, parse_board
-from smpq_edge.cost import (
+from smpq_edge.inputs.boards import BOARDS_DIR, KernelCycles, board_names, load_board, parse_board
+from smpq_edge.network.cost import (
     ARENA_ALIGNMENT, FLATBUFFER, HOST_ARENA, QUANT_PARAM_BYTES, RUNTIME, TARGET_ARENA, WORK_UNITS, OpWork,
     arena_activation_peak, estimate,
     formula_cycles, op_work, registered_kernels, tflite_layout, tflite_operators, uniform, weight_bytes,
 )
-from smpq_edge.errors import UserError
-from smpq_edge.graph import Graph, Op, trace
-from smpq_edge.models import example_names, load_model
-from smpq_edge.policy import LayerChoice, Policy, load_policy, save_policy
+from smpq_edge.common.errors import UserError
+from smpq_edge.network.graph import Graph, Op, trace
+from smpq_edge.inputs.models import example_names, load_model
+from smpq_edge.inputs.policy import LayerChoice, Policy, load_policy, save_policy
 
 CMSIS = "nucleo-l4r5zi"
 REFERENCE = "rpi-pico"

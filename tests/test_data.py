@@ -6,8 +6,8 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from smpq_edge.data import BUILTIN_DATASETS, Dataset, load_dataset, load_npz
-from smpq_edge.errors import UserError
+from smpq_edge.inputs.data import BUILTIN_DATASETS, Dataset, load_dataset, load_npz
+from smpq_edge.common.errors import UserError
 
 EXPECTED_SHAPES = {"digits": (1, 8, 8), "mnist1d": (1, 40, 1), "synthetic-cifar": (3, 32, 32),
                    "synthetic-kws": (1, 49, 10)}

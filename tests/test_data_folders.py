@@ -10,10 +10,10 @@ import pytest
 from PIL import Image
 from scipy.io import wavfile
 
-from smpq_edge import datafolders
-from smpq_edge.data import load_dataset
-from smpq_edge.datafolders import AudioFrontEnd
-from smpq_edge.errors import UserError
+from smpq_edge.inputs import datafolders
+from smpq_edge.inputs.data import load_dataset
+from smpq_edge.inputs.datafolders import AudioFrontEnd
+from smpq_edge.common.errors import UserError
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 PATTERN = "{label}_{group}_{index}"

@@ -9,19 +9,15 @@ import numpy as np
 import pytest
 import torch
 
-from smpq_edge.boards import load_board
-from smpq_edge.cost import estimate, uniform
-from smpq_edge.data import load_dataset
+from smpq_edge.inputs.boards import load_board
+from smpq_edge.network.cost import estimate, uniform
+from smpq_edge.inputs.data import load_dataset
 from smpq_edge.emulator import emulate
-from smpq_edge.export.exporter import export_model
-from smpq_edge.graph import trace
-from smpq_edge.models import example_names, load_model
-from smpq_edge.quant import QuantNet
-from smpq_edge.search.runner import calibrate
+from smpq_edge.inputs.models import example_names, load_model
 from smpq_edge.search.train import TrainConfig, seed_everything, train
-from smpq_edge.tflm import TensorSpec, quantise_input, smallest_arena
+from smpq_edge.tflite.tflm import TensorSpec, quantise_input, smallest_arena
 
-from test_export import CASES, Case, mixed_policy, trained_case
+from test_export import CASES, Case, calibrated_export, trained_case
 
 # The host interpreter runs TFLM's reference kernels: compare arenas with a reference-kernel board.
 REFERENCE_BOARD = "rpi-pico"
@@ -44,12 +40,7 @@ def example_case(name: str) -> Case:
         data = load_dataset(source.default_data, seed=0)
         train(source.module, data, TrainConfig(epochs=1, lr=1e-2), 0, progress=False)
         source.module.eval()
-        net = QuantNet(trace(source.module, data.input_shape), source.module, (4, 8))
-        calibrate(net, data, 0)
-        bits = mixed_policy(net)
-        net.set_policy(bits)
-        net.eval()
-        export = export_model(net, bits, data.x_train[:128])
+        net, bits, export = calibrated_export(source, data, 128)
     finally:
         torch.set_num_threads(threads)
     return Case(name, data, net, bits, export)

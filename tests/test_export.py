@@ -13,16 +13,16 @@ import numpy as np
 import pytest
 import torch
 
-from smpq_edge.data import Dataset, load_dataset
+from smpq_edge.inputs.data import Dataset, load_dataset
 from smpq_edge.export.exporter import ExportResult, export_model
 from smpq_edge.export.int4 import unpack_int4
-from smpq_edge.export.tflite_file import TfliteModel
-from smpq_edge.graph import trace
-from smpq_edge.models import load_model
-from smpq_edge.quant import QuantNet, quantize_weight
+from smpq_edge.tflite.flatbuffer import TfliteModel
+from smpq_edge.network.graph import trace
+from smpq_edge.inputs.models import load_model
+from smpq_edge.network.quant import QuantNet, quantize_weight
 from smpq_edge.search.runner import calibrate, weight_params
 from smpq_edge.search.train import TrainConfig, seed_everything, train
-from smpq_edge.tflm import TflmRunner
+from smpq_edge.tflite.tflm import TflmRunner
 
 CASES = {"digits_cnn": ("digits", 12), "mnist1d_dscnn": ("mnist1d", 8)}  # model: (data, float epochs)
 
@@ -39,6 +39,16 @@ class Case:
 def mixed_policy(net: QuantNet) -> dict[str, int]:
     """int4 and int8 alternating, first layer int4: every kind gets both bit-widths across the cases."""
     return {op.name: 4 if i % 2 == 0 else 8 for i, op in enumerate(net.graph.layers)}
+
+
+def calibrated_export(source, data: Dataset, samples: int) -> tuple[QuantNet, dict[str, int], ExportResult]:
+    """The model's supernet calibrated on the data, set to ``mixed_policy`` and exported as it is."""
+    net = QuantNet(trace(source.module, data.input_shape), source.module, (4, 8))
+    calibrate(net, data, 0)
+    bits = mixed_policy(net)
+    net.set_policy(bits)
+    net.eval()
+    return net, bits, export_model(net, bits, data.x_train[:samples])
 
 
 @functools.lru_cache(maxsize=None)
@@ -159,7 +169,7 @@ def test_int8_reference_is_all_int8_and_larger(case):
 
 
 def test_policy_mismatch_is_a_user_error():
-    from smpq_edge.errors import UserError
+    from smpq_edge.common.errors import UserError
 
     c = trained_case("digits_cnn")
     with pytest.raises(UserError, match="missing layers"):
@@ -183,7 +193,7 @@ def test_cli_export_then_emulate(tmp_path, capsys):
     import json
 
     from smpq_edge.cli import main
-    from smpq_edge.policy import LayerChoice, Policy, save_policy
+    from smpq_edge.inputs.policy import LayerChoice, Policy, save_policy
 
     c = trained_case("digits_cnn")
     layers = [LayerChoice(name=op.name, kind=op.kind, weight_bits=c.bits[op.name], params=op.weight_count,
@@ -208,19 +218,14 @@ def test_a_flatten_after_a_convolution_is_folded_into_the_dense_weights():
     """digits_dense flattens a 4x4x12 map into a dense layer. onnx2tf writes torch's channels-first
     flatten as TRANSPOSE + RESHAPE; the exporter puts the dense layer's columns in HWC order instead,
     so the model has the operators the cost model prices and TFLM's outputs stay the network's."""
-    from smpq_edge.cost import tflite_operators
+    from smpq_edge.network.cost import tflite_operators
     from smpq_edge.emulator import emulate
 
     seed_everything(0)
     data = load_dataset("digits", seed=0)
     source = load_model("digits_dense", num_classes=data.num_classes)
     source.module.eval()
-    net = QuantNet(trace(source.module, data.input_shape), source.module, (4, 8))
-    calibrate(net, data, 0)
-    bits = mixed_policy(net)
-    net.set_policy(bits)
-    net.eval()
-    export = export_model(net, bits, data.x_train[:64])
+    net, bits, export = calibrated_export(source, data, 64)
     operators = [o.name for o in TfliteModel.from_bytes(export.tflite).operators()]
     assert operators == [o.builtin for o in tflite_operators(net.graph, bits)]
     assert "TRANSPOSE" not in operators and "RESHAPE" not in operators

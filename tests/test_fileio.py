@@ -4,7 +4,7 @@ import os
 
 import pytest
 
-from smpq_edge.fileio import write_bytes, write_json
+from smpq_edge.common.fileio import write_bytes, write_json
 
 
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])

@@ -3,7 +3,6 @@ and (with a TFLM tree in TFLM_DIR) the self-check built for and run under QEMU m
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import shutil
@@ -13,32 +12,18 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from smpq_edge.boards import BOARDS_DIR, board_names, load_board
+from smpq_edge.inputs.boards import BOARDS_DIR, board_names, load_board
 from smpq_edge.cli import main
-from smpq_edge.data import load_dataset
-from smpq_edge.errors import UserError
+from smpq_edge.inputs.data import load_dataset
+from smpq_edge.common.errors import UserError
 from smpq_edge.export.int4 import pack_int4
-from smpq_edge.export.tflite_file import TfliteModel
-from smpq_edge.firmware import (
-    ADD_METHODS,
-    BYTES_PER_LINE,
-    FIRMWARE_DIR,
-    FileTemplate,
-    OpUse,
-    build_spec,
-    build_test_vectors,
-    c_float,
-    c_identifier,
-    c_string,
-    default_arena_margin,
-    fill_template,
-    generate_firmware,
-    kernel_files,
-    registrations,
-    render_firmware,
-)
-from smpq_edge.softmax import BETA, OUTPUT_SCALE, OUTPUT_ZERO_POINT
-from smpq_edge.tflm import TensorSpec, TflmRunner, quantise_input, smallest_arena
+from smpq_edge.tflite.flatbuffer import TfliteModel
+from smpq_edge.firmware.kernels import ADD_METHODS, OpUse, kernel_files, registrations
+from smpq_edge.firmware.render import default_arena_margin, generate_firmware, render_firmware
+from smpq_edge.firmware.spec import build_spec, build_test_vectors
+from smpq_edge.firmware.templates import BYTES_PER_LINE, FIRMWARE_DIR, FileTemplate, c_float, c_identifier, c_string, fill_template
+from smpq_edge.network.softmax import BETA, OUTPUT_SCALE, OUTPUT_ZERO_POINT
+from smpq_edge.tflite.tflm import TensorSpec, TflmRunner, quantise_input, smallest_arena
 
 VECTORS = 12
 QEMU_BOARD = "qemu-mps2-an386"
@@ -403,7 +388,7 @@ def test_templates_are_filled_strictly(tmp_path, monkeypatch):
     template = FileTemplate("x=@@a@@ make=$@ $(CC) lit=@@@@")
     assert template.substitute(a=1) == "x=1 make=$@ $(CC) lit=@@"
     assert template.get_identifiers() == ["a"]
-    monkeypatch.setattr("smpq_edge.firmware.FIRMWARE_DIR", tmp_path)
+    monkeypatch.setattr("smpq_edge.firmware.templates.FIRMWARE_DIR", tmp_path)
     (tmp_path / "t.in").write_text("@@a@@ @@b@@")
     with pytest.raises(RuntimeError, match="missing"):
         fill_template("t.in", {"a": 1})
@@ -629,9 +614,9 @@ def lut_model(digits) -> bytes:
     import torch
 
     from smpq_edge.export.exporter import export_model
-    from smpq_edge.graph import trace
-    from smpq_edge.models import load_model
-    from smpq_edge.quant import QuantNet
+    from smpq_edge.network.graph import trace
+    from smpq_edge.inputs.models import load_model
+    from smpq_edge.network.quant import QuantNet
 
     torch.manual_seed(0)
     source = load_model("digits_cnn", num_classes=digits.num_classes)

@@ -10,9 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from smpq_edge.errors import UserError
-from smpq_edge.graph import trace
-from smpq_edge.models import example_names, load_model
+from smpq_edge.common.errors import UserError
+from smpq_edge.network.graph import trace
+from smpq_edge.inputs.models import example_names, load_model
 
 
 @functools.lru_cache(maxsize=None)

@@ -11,14 +11,14 @@ import pytest
 import torch
 from torch import nn
 
-from smpq_edge.data import load_dataset
+from smpq_edge.inputs.data import load_dataset
 from smpq_edge.export.exporter import export_model
-from smpq_edge.export.tflite_file import TfliteModel
-from smpq_edge.fixedpoint import Requantiser, quantize_multiplier
-from smpq_edge.graph import trace
-from smpq_edge.quant import QuantNet
+from smpq_edge.tflite.flatbuffer import TfliteModel
+from smpq_edge.network.fixedpoint import Requantiser, quantize_multiplier
+from smpq_edge.network.graph import trace
+from smpq_edge.network.quant import QuantNet
 from smpq_edge.search.runner import calibrate
-from smpq_edge.tflm import TflmRunner, quantise_input
+from smpq_edge.tflite.tflm import TflmRunner, quantise_input
 
 # (x, multiplier, shift, MultiplyByQuantizedMultiplier(x, multiplier, shift)) worked by hand from
 # gemmlowp's SaturatingRoundingDoublingHighMul (x * m / 2^31, half up) and RoundingDivideByPOT
@@ -164,8 +164,8 @@ def test_split_float32_accumulation_equals_float64():
     and low parts (quant.SPLIT): exactly the float64 accumulator, where one float32 sum is not."""
     from dataclasses import replace
 
-    from smpq_edge.data import Dataset
-    from smpq_edge.quant import FLOAT32_EXACT
+    from smpq_edge.inputs.data import Dataset
+    from smpq_edge.network.quant import FLOAT32_EXACT
 
     torch.manual_seed(0)
     module = nn.Sequential(nn.Conv2d(256, 4, 3, padding=1), nn.Flatten(), nn.Linear(64, 2)).eval()

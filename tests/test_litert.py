@@ -8,8 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from smpq_edge.export.tflite_file import TfliteModel
-from smpq_edge.tflm import TflmRunner, quantise_input
+from smpq_edge.tflite.flatbuffer import TfliteModel
+from smpq_edge.tflite.tflm import TflmRunner, quantise_input
 
 from test_export import CASES, trained_case
 
@@ -54,8 +54,8 @@ def test_single_zero_point_is_tflms_alone_smaller_by_what_the_cost_model_says():
     TFLM runs it exactly as before, LiteRT refuses it (as it refused every export before)."""
     from dataclasses import replace
 
-    from smpq_edge.boards import load_board
-    from smpq_edge.cost import estimate, zero_point_saving
+    from smpq_edge.inputs.boards import load_board
+    from smpq_edge.network.cost import estimate, zero_point_saving
 
     case = trained_case("digits_cnn")
     compact = replace(case.export, single_zero_point=True).variant(case.net, case.bits)
@@ -76,7 +76,7 @@ def test_single_zero_point_is_tflms_alone_smaller_by_what_the_cost_model_says():
 
 def test_report_states_what_the_single_zero_point_saved():
     from smpq_edge.report import _zero_point_note
-    from smpq_edge.records import SearchRecord
+    from smpq_edge.common.records import SearchRecord
 
     fields = {"zero_points": "single", "zero_point_saving_bytes": 1234}
     note = _zero_point_note(SearchRecord.model_construct(**fields))

@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import pytest
 
-from smpq_edge.data import load_dataset
+from smpq_edge.inputs.data import load_dataset
 from smpq_edge.emulator import emulate
-from smpq_edge.errors import UserError
+from smpq_edge.common.errors import UserError
 from smpq_edge.export.exporter import export_model
-from smpq_edge.export.tflite_file import TfliteModel
-from smpq_edge.graph import trace
-from smpq_edge.models import load_model
-from smpq_edge.precision import LUT_BITS, WEIGHT_BITS
-from smpq_edge.quant import QuantNet
+from smpq_edge.tflite.flatbuffer import TfliteModel
+from smpq_edge.network.graph import trace
+from smpq_edge.inputs.models import load_model
+from smpq_edge.common.precision import LUT_BITS, WEIGHT_BITS
+from smpq_edge.network.quant import QuantNet
 from smpq_edge.search.runner import calibrate
 from smpq_edge.search.train import TrainConfig, seed_everything, train
 
@@ -70,9 +70,9 @@ def test_weights_wider_than_8_or_narrower_than_2_bits_are_refused(digits):
 def test_the_cost_model_prices_the_exported_lut_model(digits):
     """Flash within 2 % of the written file (value tables are priced at their bound), the DECODE
     operators where the exporter put them, and each LUT layer's cycles include its DECODE's."""
-    from smpq_edge.boards import load_board
-    from smpq_edge.cost import DECODE, estimate, tflite_operators
-    from smpq_edge.precision import CANDIDATES
+    from smpq_edge.inputs.boards import load_board
+    from smpq_edge.network.cost import DECODE, estimate, tflite_operators
+    from smpq_edge.common.precision import CANDIDATES
 
     net, data = digits
     policy = dict(zip([op.name for op in net.graph.layers], (3, 6, 2, 7)))
@@ -113,9 +113,9 @@ def test_cli_cost_takes_lut_candidates(capsys):
 def test_a_reserve_that_holds_decode_pays_no_extra_flash(digits):
     """`reserve: {decode: true}`: the board's reserve already counts DECODE's code, so neither the
     cost report nor the selector adds it; by default both do, once."""
-    from smpq_edge.boards import load_board
-    from smpq_edge.cost import estimate
-    from smpq_edge.precision import CANDIDATES
+    from smpq_edge.inputs.boards import load_board
+    from smpq_edge.network.cost import estimate
+    from smpq_edge.common.precision import CANDIDATES
     from smpq_edge.search.budget import Budgets, knapsack
 
     net, _ = digits

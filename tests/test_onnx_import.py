@@ -8,9 +8,9 @@ import pytest
 import torch
 from torch import nn
 
-from smpq_edge.errors import UserError
-from smpq_edge.graph import trace
-from smpq_edge.models import example_names, load_model
+from smpq_edge.common.errors import UserError
+from smpq_edge.network.graph import trace
+from smpq_edge.inputs.models import example_names, load_model
 
 
 def _export(module: nn.Module, shape, path, dynamo: bool = False):

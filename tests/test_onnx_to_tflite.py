@@ -5,10 +5,10 @@ import pytest
 from export_fixtures import digits_int8  # noqa: F401  (fixture)
 from torch import nn
 
-from smpq_edge.errors import UserError
+from smpq_edge.common.errors import UserError
 from smpq_edge.export import onnx_to_tflite
 from smpq_edge.export.onnx_to_tflite import export_int8
-from smpq_edge.export.tflite_file import TfliteModel
+from smpq_edge.tflite.flatbuffer import TfliteModel
 
 
 def test_export_is_int8_nhwc_and_calibrated_on_our_data(digits_int8):

@@ -7,13 +7,13 @@ import pytest
 import torch
 from torch import nn
 
-from smpq_edge import ops
-from smpq_edge.boards import KERNEL_VARIANTS, load_board
-from smpq_edge.cost import estimate, operator_costs, uniform
-from smpq_edge.errors import UserError
-from smpq_edge.firmware import ADD_METHODS
-from smpq_edge.graph import trace
-from smpq_edge.quant import QuantNet
+from smpq_edge.network import ops
+from smpq_edge.inputs.boards import KERNEL_VARIANTS, load_board
+from smpq_edge.network.cost import estimate, operator_costs, uniform
+from smpq_edge.common.errors import UserError
+from smpq_edge.firmware.kernels import ADD_METHODS
+from smpq_edge.network.graph import trace
+from smpq_edge.network.quant import QuantNet
 
 
 def test_every_kind_is_priced_by_a_board_formula_and_registered_by_the_firmware():
@@ -78,7 +78,7 @@ def test_a_kind_added_to_the_registry_alone_is_traced_run_and_priced(monkeypatch
 
 
 def test_the_vocabulary_of_op_kinds_is_ops_kinds():
-    from smpq_edge.ops import KINDS, WEIGHTED_KINDS
-    from smpq_edge.vocabulary import OpKindName, WeightedKind, values
+    from smpq_edge.network.ops import KINDS, WEIGHTED_KINDS
+    from smpq_edge.common.vocabulary import OpKindName, WeightedKind, values
 
     assert values(OpKindName) == tuple(KINDS) and values(WeightedKind) == WEIGHTED_KINDS

@@ -12,10 +12,10 @@ import torch
 from PIL import Image
 
 from smpq_edge.cli import main
-from smpq_edge.data import load_dataset
-from smpq_edge.errors import UserError
-from smpq_edge.models import load_model
-from smpq_edge.preprocess import COMMON, InputAffine, Preprocessing
+from smpq_edge.inputs.data import load_dataset
+from smpq_edge.common.errors import UserError
+from smpq_edge.inputs.models import load_model
+from smpq_edge.inputs.preprocess import COMMON, InputAffine, Preprocessing
 from smpq_edge.search.guard import check_trained
 from smpq_edge.search.train import TrainConfig, seed_everything, train
 

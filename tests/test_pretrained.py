@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import torch
 
-from smpq_edge.boards import load_board
+from smpq_edge.inputs.boards import load_board
 from smpq_edge.cli import main
-from smpq_edge.data import load_dataset
-from smpq_edge.models import load_model
+from smpq_edge.inputs.data import load_dataset
+from smpq_edge.inputs.models import load_model
 from smpq_edge.search.guard import StageGuard, check_floor, paired_standard_error
-from smpq_edge.task import CLASSIFICATION
+from smpq_edge.inputs.task import CLASSIFICATION
 from smpq_edge.search.runner import SearchConfig, run_search
 from smpq_edge.search.train import TrainConfig, seed_everything, train
 
@@ -151,8 +151,8 @@ class _PolicyNet(torch.nn.Module):
 def _floor_run(int8_fits: bool, logged: list[str]):
     from types import SimpleNamespace
 
-    from smpq_edge.distributed import SINGLE_PROCESS
-    from smpq_edge.task import CLASSIFICATION
+    from smpq_edge.common.distributed import SINGLE_PROCESS
+    from smpq_edge.inputs.task import CLASSIFICATION
 
     x = np.random.default_rng(0).normal(size=(200, 2, 1, 1)).astype(np.float32)
     y = x[:, :, 0, 0].argmax(1)
@@ -231,7 +231,7 @@ def test_below_the_floor_with_nothing_better_ships_the_best_and_says_so():
 
 
 def test_floor_sentence_is_one_text_for_the_summary_and_the_report():
-    from smpq_edge.records import FloorCheck
+    from smpq_edge.common.records import FloorCheck
 
     below = FloorCheck(floor_val_acc=0.9, shipped_val_acc=0.8, standard_error=0.01, below_floor=True)
     assert below.sentence(CLASSIFICATION).startswith("WARNING: The shipped model is BELOW the int8 floor")

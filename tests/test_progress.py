@@ -4,8 +4,8 @@ import numpy as np
 import torch
 from torch import nn
 
-import smpq_edge.progress as progress
-from smpq_edge.data import Dataset
+import smpq_edge.common.progress as progress
+from smpq_edge.inputs.data import Dataset
 from smpq_edge.search.train import TrainConfig, train
 
 
@@ -62,8 +62,8 @@ class TickingClock(Clock):
 
 
 def test_a_long_shapley_table_prints_progress_lines(monkeypatch, capsys):
-    from smpq_edge.graph import trace
-    from smpq_edge.quant import QuantNet
+    from smpq_edge.network.graph import trace
+    from smpq_edge.network.quant import QuantNet
     from smpq_edge.search.smpq import estimate_shapley
 
     torch.manual_seed(0)

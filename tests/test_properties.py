@@ -14,8 +14,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from smpq_edge.boards import BOARDS_DIR, Board, parse_board
-from smpq_edge.errors import UserError
+from smpq_edge.inputs.boards import BOARDS_DIR, Board, parse_board
+from smpq_edge.common.errors import UserError
 from smpq_edge.export.int4 import pack_int4, unpack_int4
 from smpq_edge.search.select import k_best, select
 

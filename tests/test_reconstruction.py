@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 import torch
 
-from smpq_edge.boards import load_board
+from smpq_edge.inputs.boards import load_board
 from smpq_edge.cli import main
-from smpq_edge.data import load_dataset, with_task
-from smpq_edge.errors import UserError
-from smpq_edge.models import load_model
+from smpq_edge.inputs.data import load_dataset, with_task
+from smpq_edge.common.errors import UserError
+from smpq_edge.inputs.models import load_model
 from smpq_edge.search.runner import SearchConfig, run_search
 from smpq_edge.search.smpq import score
 from smpq_edge.search.train import TrainConfig, seed_everything, train
-from smpq_edge.task import CLASSIFICATION, RECONSTRUCTION, task_of
-from smpq_edge.tflm import TflmRunner, quantise_input
+from smpq_edge.inputs.task import CLASSIFICATION, RECONSTRUCTION, task_of
+from smpq_edge.tflite.tflm import TflmRunner, quantise_input
 
 FEATURES = 32
 

@@ -9,10 +9,10 @@ import pytest
 from matplotlib.colors import to_rgba
 from matplotlib.container import BarContainer
 
-from smpq_edge.records import SearchRecord
+from smpq_edge.common.records import SearchRecord
 from smpq_edge.report import (BITS_COLOUR, _accuracy_plot, _bits_plot, _budget_plot, _shapley_plot,
                               make_report)
-from smpq_edge.task import CLASSIFICATION, RECONSTRUCTION, Classification
+from smpq_edge.inputs.task import CLASSIFICATION, RECONSTRUCTION, Classification
 
 LAYERS = ["conv0", "conv1", "dense"]
 

@@ -10,14 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from smpq_edge.boards import load_board
-from smpq_edge.cost import estimate, uniform
-from smpq_edge.data import load_dataset
-from smpq_edge.errors import UserError
-from smpq_edge.graph import trace
-from smpq_edge.models import load_model
-from smpq_edge.fixedpoint import INT8_MIN
-from smpq_edge.quant import ActQuant, QuantNet, fake_quant_weight, fold_batchnorm, quantize_weight
+from smpq_edge.inputs.boards import load_board
+from smpq_edge.network.cost import estimate, uniform
+from smpq_edge.inputs.data import load_dataset
+from smpq_edge.common.errors import UserError
+from smpq_edge.network.graph import trace
+from smpq_edge.inputs.models import load_model
+from smpq_edge.network.fixedpoint import INT8_MIN
+from smpq_edge.network.quant import ActQuant, QuantNet, fake_quant_weight, fold_batchnorm, quantize_weight
 from smpq_edge.search.budget import Budgets
 from smpq_edge.search.runner import SearchConfig, run_search, save_search
 from smpq_edge.search.smpq import (CoalitionValue, estimate_shapley, pick_by_validation, score, validation_batch,

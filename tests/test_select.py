@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from smpq_edge.errors import UserError
+from smpq_edge.common.errors import UserError
 from smpq_edge.search.select import Selection, k_best, select
 
 # Scores are compared to the brute force within HiGHS's absolute objective gap.

@@ -266,7 +266,7 @@ def test_layer_players_price_each_candidate_by_its_gain_over_the_narrowest(candi
     the layer's narrowest candidate (which has no entry), exact enumeration or sampled."""
     from types import SimpleNamespace
 
-    from smpq_edge.distributed import SINGLE_PROCESS
+    from smpq_edge.common.distributed import SINGLE_PROCESS
     from smpq_edge.search.smpq import _layer_upgrades
 
     rng = np.random.default_rng(0)

@@ -1,4 +1,4 @@
-"""TFLM's int8 SOFTMAX, ported in ``smpq_edge.softmax``, against the tflite-micro interpreter."""
+"""TFLM's int8 SOFTMAX, ported in ``smpq_edge.network.softmax``, against the tflite-micro interpreter."""
 
 from __future__ import annotations
 
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from ai_edge_litert import schema_py_generated as schema
 
-from smpq_edge.errors import UserError
-from smpq_edge.export.tflite_file import FILE_IDENTIFIER, TfliteModel
-from smpq_edge.softmax import BETA, OUTPUT_SCALE, OUTPUT_ZERO_POINT, softmax_int8, softmax_params
-from smpq_edge.tflm import TflmRunner
+from smpq_edge.common.errors import UserError
+from smpq_edge.tflite.flatbuffer import FILE_IDENTIFIER, TfliteModel
+from smpq_edge.network.softmax import BETA, OUTPUT_SCALE, OUTPUT_ZERO_POINT, softmax_int8, softmax_params
+from smpq_edge.tflite.tflm import TflmRunner
 
 
 def softmax_only_model(depth: int, scale: float, zero_point: int) -> bytes:

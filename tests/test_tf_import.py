@@ -16,14 +16,14 @@ import numpy as np
 import pytest
 import torch
 
-from smpq_edge.errors import UserError
+from smpq_edge.common.errors import UserError
 from smpq_edge.export.exporter import export_model
-from smpq_edge.export.tflite_file import TfliteModel
-from smpq_edge.graph import trace
-from smpq_edge.models import load_model
-from smpq_edge.quant import QuantNet
-from smpq_edge.softmax import softmax_int8, softmax_params
-from smpq_edge.tflm import TflmRunner, quantise_input
+from smpq_edge.tflite.flatbuffer import TfliteModel
+from smpq_edge.network.graph import trace
+from smpq_edge.inputs.models import load_model
+from smpq_edge.network.quant import QuantNet
+from smpq_edge.network.softmax import softmax_int8, softmax_params
+from smpq_edge.tflite.tflm import TflmRunner, quantise_input
 
 HERE = Path(__file__).parent
 

@@ -6,9 +6,9 @@ import pytest
 from ai_edge_litert import schema_py_generated as schema
 from export_fixtures import digits_int8, quantise_input  # noqa: F401  (fixture)
 
-from smpq_edge.errors import UserError
-from smpq_edge.export.tflite_file import BUFFER_ALIGNMENT, TfliteModel
-from smpq_edge.tflm import TflmRunner
+from smpq_edge.common.errors import UserError
+from smpq_edge.tflite.flatbuffer import BUFFER_ALIGNMENT, TfliteModel
+from smpq_edge.tflite.tflm import TflmRunner
 
 CORRUPTIONS = 300  # random single-byte corruptions tried; each parses in about a millisecond
 

@@ -7,10 +7,10 @@ import torch
 from ai_edge_litert import schema_py_generated as schema
 from export_fixtures import digits_int8, quantise_input  # noqa: F401  (fixture)
 
-from smpq_edge.errors import UserError
+from smpq_edge.common.errors import UserError
 from smpq_edge.export.int4 import INT4_MAX, INT4_MIN, pack_int4
-from smpq_edge.export.tflite_file import TfliteModel
-from smpq_edge.tflm import ARENA_ALIGNMENT, TflmRunner, smallest_arena
+from smpq_edge.tflite.flatbuffer import TfliteModel
+from smpq_edge.tflite.tflm import ARENA_ALIGNMENT, TflmRunner, smallest_arena
 
 # int8 TFLM may trail the float model by a little on 300 digits (measured: it matched it).
 INT8_ACCURACY_SLACK = 0.03

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 
 from smpq_edge.cli import main
-from smpq_edge.errors import UserError
-from smpq_edge.validate import (
+from smpq_edge.common.errors import UserError
+from smpq_edge.firmware.validate import (
     RESULT_FILE,
     Validation,
     parse_self_check,
@@ -260,7 +260,7 @@ def test_qemu_timeout(build_dir, fake_tflm, monkeypatch):
     _require_tools("make", "arm-none-eabi-g++")
     (build_dir / "firmware" / "Makefile").write_text(
         "APP := smpq_qemu_mps2_an386\nall:\n\tmkdir -p $(BUILD_DIR) && touch $(BUILD_DIR)/$(APP).elf\n")
-    monkeypatch.setattr("smpq_edge.validate.qemu_command",
+    monkeypatch.setattr("smpq_edge.firmware.validate.qemu_command",
                         lambda machine: [sys.executable, "-c", "import time; time.sleep(30)"])
     with pytest.raises(UserError, match="did not finish within 0.5 s"):
         validate(build_dir, tflm_dir=fake_tflm, timeout_s=0.5)

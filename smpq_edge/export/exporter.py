@@ -35,15 +35,15 @@ import torch
 from ai_edge_litert import schema_py_generated as schema
 from torch import nn
 
-from smpq_edge.errors import UserError
+from smpq_edge.common.errors import UserError
 from smpq_edge.export.int4 import pack_int4
 from smpq_edge.export.onnx_to_tflite import export_int8
-from smpq_edge.export.tflite_file import TfliteModel
-from smpq_edge.graph import Graph, Op
-from smpq_edge.ops import KINDS, WEIGHTED_TFLITE
-from smpq_edge.precision import DECODE_OP, PACKED_INT4, WEIGHT_BITS, is_lut
-from smpq_edge.quant import QuantNet, apply_activation, quantize_weight
-from smpq_edge.softmax import BETA, OUTPUT_SCALE, OUTPUT_ZERO_POINT
+from smpq_edge.tflite.flatbuffer import TfliteModel
+from smpq_edge.network.graph import Graph, Op
+from smpq_edge.network.ops import KINDS, WEIGHTED_TFLITE
+from smpq_edge.common.precision import DECODE_OP, PACKED_INT4, WEIGHT_BITS, is_lut
+from smpq_edge.network.quant import QuantNet, apply_activation, quantize_weight
+from smpq_edge.network.softmax import BETA, OUTPUT_SCALE, OUTPUT_ZERO_POINT
 
 _WEIGHTED_OPS = {tflite: kind for kind, tflite in WEIGHTED_TFLITE.items()}
 # Operators that TFLite runs with the same input and output quantisation: those of the kinds that

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from smpq_edge.errors import UserError
-from smpq_edge.export.tflite_file import TfliteModel
+from smpq_edge.common.errors import UserError
+from smpq_edge.tflite.flatbuffer import TfliteModel
 
 ONNX_OPSET = 17
 _INPUT_NAME = "input"

@@ -20,12 +20,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from smpq_edge.data import Dataset
-from smpq_edge.quant import QuantNet
+from smpq_edge.inputs.data import Dataset
+from smpq_edge.network.quant import QuantNet
 from smpq_edge.search.budget import Knapsack
-from smpq_edge.distributed import SINGLE_PROCESS, Context
+from smpq_edge.common.distributed import SINGLE_PROCESS, Context
 from smpq_edge.search.train import TrainConfig, batches, device_of, train
-from smpq_edge.task import task_of
+from smpq_edge.inputs.task import task_of
 
 
 # Architecture parameters learn at the rate DNAS methods give them (EdMIPS and FBNet: 1e-2 with

@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from smpq_edge.boards import Board
-from smpq_edge.cost import CostReport, arena_extra_bytes, decode_kernel_bytes, estimate
-from smpq_edge.graph import Graph
-from smpq_edge.precision import is_lut
+from smpq_edge.inputs.boards import Board
+from smpq_edge.network.cost import CostReport, arena_extra_bytes, decode_kernel_bytes, estimate
+from smpq_edge.network.graph import Graph
+from smpq_edge.common.precision import is_lut
 from smpq_edge.search.select import Selection, SharedCost, k_best
 
 DIMENSIONS = ("flash", "RAM", "cycles")

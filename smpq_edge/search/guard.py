@@ -18,11 +18,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from smpq_edge.errors import UserError
-from smpq_edge.preprocess import COMMON, Preprocessing
-from smpq_edge.records import FloorCheck, Measured, StageCheck, percent
+from smpq_edge.common.errors import UserError
+from smpq_edge.inputs.preprocess import COMMON, Preprocessing
+from smpq_edge.common.records import FloorCheck, Measured, StageCheck, percent
 from smpq_edge.search.train import per_sample, predictions
-from smpq_edge.task import CLASSIFICATION, Task
+from smpq_edge.inputs.task import CLASSIFICATION, Task
 
 
 def paired_standard_error(a: np.ndarray, b: np.ndarray) -> float:

@@ -16,28 +16,28 @@ from typing import Callable
 import numpy as np
 import torch
 
-from smpq_edge.boards import Board
-from smpq_edge.cost import zero_point_saving
-from smpq_edge.data import Dataset
-from smpq_edge.errors import UserError
-from smpq_edge.fileio import write_bytes
-from smpq_edge.graph import Graph, trace
-from smpq_edge.models import ModelSource
-from smpq_edge.policy import LayerChoice, Policy, save_policy
-from smpq_edge.progress import progress as progress_bar
-from smpq_edge.quant import QuantNet
-from smpq_edge.records import (CostRecord, FloorAction, FloorCheck, KBestRecord, Measured, MethodRecord,
+from smpq_edge.inputs.boards import Board
+from smpq_edge.network.cost import zero_point_saving
+from smpq_edge.inputs.data import Dataset
+from smpq_edge.common.errors import UserError
+from smpq_edge.common.fileio import write_bytes
+from smpq_edge.network.graph import Graph, trace
+from smpq_edge.inputs.models import ModelSource
+from smpq_edge.inputs.policy import LayerChoice, Policy, save_policy
+from smpq_edge.common.progress import progress as progress_bar
+from smpq_edge.network.quant import QuantNet
+from smpq_edge.common.records import (CostRecord, FloorAction, FloorCheck, KBestRecord, Measured, MethodRecord,
                                SearchRecord, ShapleyRecord)
 from smpq_edge.search.baselines import DEFAULT_BASELINES, Baseline, BaselineInputs, baseline_named
 from smpq_edge.search.budget import DIMENSIONS, Budgets, cost_of, knapsack
 from smpq_edge.search.guard import Reference, StageGuard, check_floor, measure
-from smpq_edge.distributed import SINGLE_PROCESS, Context
+from smpq_edge.common.distributed import SINGLE_PROCESS, Context
 from smpq_edge.search.select import Selection, infeasible_message, smallest_achievable
 from smpq_edge.search.smpq import (AlphaUpdater, ShapleyConfig, estimate_shapley, monotone_scores,
                                    pick_by_validation, shapley_scores, validation_batch, value_target)
 from smpq_edge.search.train import TrainConfig, per_sample, predictions, score, seed_everything, train
-from smpq_edge.task import Task, check_outputs, task_of
-from smpq_edge.versions import versions
+from smpq_edge.inputs.task import Task, check_outputs, task_of
+from smpq_edge.common.versions import versions
 
 CALIBRATION_BATCHES = 8
 

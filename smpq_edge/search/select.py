@@ -24,7 +24,7 @@ from typing import Callable, Literal, Sequence
 import numpy as np
 from scipy.optimize import Bounds, LinearConstraint, milp
 
-from smpq_edge.errors import UserError
+from smpq_edge.common.errors import UserError
 
 Aggregate = Literal["sum", "max"]
 

@@ -15,12 +15,12 @@ from typing import Callable
 import numpy as np
 import torch
 
-from smpq_edge.data import Dataset
-from smpq_edge.quant import QuantNet
-from smpq_edge.distributed import SINGLE_PROCESS, Context
-from smpq_edge.progress import progress
+from smpq_edge.inputs.data import Dataset
+from smpq_edge.network.quant import QuantNet
+from smpq_edge.common.distributed import SINGLE_PROCESS, Context
+from smpq_edge.common.progress import progress
 from smpq_edge.search.shapley import ShapleyEstimate, exact_shapley, monte_carlo_shapley
-from smpq_edge.vocabulary import CoalitionValue, PlayerKind
+from smpq_edge.common.vocabulary import CoalitionValueName, PlayerKind
 
 # Coalitions per value_fn call: the more in one call, the more prefixes they share (memory
 # does not grow with it, see QuantNet.coalition_logits).
@@ -40,7 +40,7 @@ class ShapleyConfig:
     # "kl" (the default): minus the KL divergence from the float model's output distribution
     # (continuous, and it needs no labels: a change that moves the outputs counts even where
     # top-1 does not flip).
-    value: CoalitionValue = "kl"
+    value: CoalitionValueName = "kl"
     # Players of the final table the selection sums: "candidates", Shapley-NAS's (layer, bit-width)
     # pairs over the mixed supernet; or "layers" (the default), the layers in one game per
     # candidate narrower than the widest (a layer in the coalition takes the widest, the others

@@ -10,11 +10,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from smpq_edge.data import Dataset
-from smpq_edge.progress import progress as progress_bar
-from smpq_edge.quant import QuantNet
-from smpq_edge.distributed import SINGLE_PROCESS, Context
-from smpq_edge.task import CLASSIFICATION, Task, task_of
+from smpq_edge.inputs.data import Dataset
+from smpq_edge.common.progress import progress as progress_bar
+from smpq_edge.network.quant import QuantNet
+from smpq_edge.common.distributed import SINGLE_PROCESS, Context
+from smpq_edge.inputs.task import CLASSIFICATION, Task, task_of
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ KernelSet = Literal["cmsis_nn", "reference"]  # the TFLM kernels a board's firmw
 TaskName = Literal["classification", "reconstruction"]  # keys of ``task.TASKS``
 # What a coalition is scored by (``search.smpq.score``): minus KL to float, top-1 accuracy, the
 # true class's softmax probability, or minus the MSE (reconstruction).
-CoalitionValue = Literal["kl", "top1", "soft", "neg_mse"]
+CoalitionValueName = Literal["kl", "top1", "soft", "neg_mse"]
 # The final Shapley table's players: layers (one game per narrower candidate) or (layer, candidate) pairs.
 PlayerKind = Literal["layers", "candidates"]
 

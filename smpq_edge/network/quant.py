@@ -31,10 +31,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from smpq_edge.distributed import SINGLE_PROCESS, Context
-from smpq_edge.fixedpoint import INT8_MAX, INT8_MIN, INT32_MAX, INT32_MIN, Requantiser
-from smpq_edge.graph import Graph, Op
-from smpq_edge.ops import KINDS
+from smpq_edge.common.distributed import SINGLE_PROCESS, Context
+from smpq_edge.network.fixedpoint import INT8_MAX, INT8_MIN, INT32_MAX, INT32_MIN, Requantiser
+from smpq_edge.network.graph import Graph, Op
+from smpq_edge.network.ops import KINDS
 
 # A float32 sum of integers is exact, in any order, while every partial sum stays below 2^24.
 FLOAT32_EXACT = 2**24

@@ -1,6 +1,6 @@
 """Cost model: flash bytes, RAM (TFLM tensor arena) bytes and cycles of a policy on a board.
 
-A policy gives each quantisable layer its weight bit-width (2 to 8, ``smpq_edge.precision``;
+A policy gives each quantisable layer its weight bit-width (2 to 8, ``smpq_edge.common.precision``;
 activations are always int8). A LUT layer (2, 3, 5, 6, 7 bits) stores b-bit indices and value
 tables; TFLM's DECODE operator before it expands them into an int8 tensor in the arena, which
 lives while the layer runs, and costs cycles on every inference.
@@ -27,11 +27,11 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, fields
 
-from smpq_edge.boards import Board, KernelCycles
-from smpq_edge.errors import UserError
-from smpq_edge.graph import Graph, Op
-from smpq_edge.ops import KINDS
-from smpq_edge.precision import DECODE_OP, PACKED_INT4, is_lut, kernel_bits, lut_levels
+from smpq_edge.inputs.boards import Board, KernelCycles
+from smpq_edge.common.errors import UserError
+from smpq_edge.network.graph import Graph, Op
+from smpq_edge.network.ops import KINDS
+from smpq_edge.common.precision import DECODE_OP, PACKED_INT4, is_lut, kernel_bits, lut_levels
 
 # TFLite flatbuffer: a scale (float32) and a zero point (int64) per quantisation channel, as the
 # schema wants and LiteRT checks; weight and bias tensors may instead keep one zero point, which

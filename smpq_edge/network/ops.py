@@ -31,12 +31,12 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from smpq_edge.errors import UserError
-from smpq_edge.fixedpoint import ADD_LEFT_SHIFT, INT8_MAX, INT8_MIN, Requantiser, quantize_multiplier
+from smpq_edge.common.errors import UserError
+from smpq_edge.network.fixedpoint import ADD_LEFT_SHIFT, INT8_MAX, INT8_MIN, Requantiser, quantize_multiplier
 
 if TYPE_CHECKING:
-    from smpq_edge.graph import Op
-    from smpq_edge.quant import ActQuant
+    from smpq_edge.network.graph import Op
+    from smpq_edge.network.quant import ActQuant
 
 # (op, its inputs, their quantisers, its own quantiser) -> the int8 result on the float grid, or
 # None where the float path is exact already for this op (e.g. average pooling with padding).

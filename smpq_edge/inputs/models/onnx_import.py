@@ -23,10 +23,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from smpq_edge.errors import UserError
-from smpq_edge.graph import SameConv2d, same_padding
-from smpq_edge.models import ModelSource
-from smpq_edge.preprocess import InputAffine
+from smpq_edge.common.errors import UserError
+from smpq_edge.inputs.models.layers import SameConv2d, same_padding
+from smpq_edge.inputs.models.source import ModelSource
+from smpq_edge.inputs.preprocess import InputAffine
 
 NCHW_FROM_NHWC = [0, 3, 1, 2]
 NHWC_FROM_NCHW = [0, 2, 3, 1]

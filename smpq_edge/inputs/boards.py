@@ -16,9 +16,9 @@ import yaml
 from pydantic import (AllowInfNan, BaseModel, ConfigDict, Field, Strict, StrictBool, ValidationError, field_validator,
                       model_validator)
 
-from smpq_edge.errors import UserError
-from smpq_edge.precision import candidate_bits
-from smpq_edge.vocabulary import KernelSet
+from smpq_edge.common.errors import UserError
+from smpq_edge.common.precision import candidate_bits
+from smpq_edge.common.vocabulary import KernelSet
 
 BOARDS_DIR = Path(str(resources.files("smpq_edge.board_profiles")))  # boards/ in the repository
 
@@ -70,7 +70,7 @@ ADDRESS = Field(default=None, ge=0, le=0xFFFF_FFFF)
 
 
 class Port(_Strict):
-    """How the board's firmware is built and run (``smpq_edge.firmware``): a bare-metal image
+    """How the board's firmware is built and run (``smpq_edge.firmware.render``): a bare-metal image
     with the start-up code and linker script of ``firmware/ports/baremetal/``, or a library that
     the board's SDK links."""
 
@@ -117,9 +117,9 @@ class Budgets(_Strict):
 # arm_depthwise_conv_wrapper_s8/s4 for a core with DSP and without MVE): a 1x1 unit-stride
 # convolution, a strided 1x1, the im2col one for everything else; the 3x3 depthwise kernel (int8
 # only) or the general one. The reference kernels have one loop nest per op and weight type.
-# ``smpq_edge.cost.kernel_variant`` maps an operator to its name here.
+# ``smpq_edge.network.cost.kernel_variant`` maps an operator to its name here.
 _ELEMENTWISE_VARIANTS = ("add", "average_pool_2d", "max_pool_2d", "pad", "reshape", "other")
-# TFLM's DECODE before a LUT layer (``smpq_edge.cost.decode_variant``): unrolled 2 and 3-bit loops,
+# TFLM's DECODE before a LUT layer (``smpq_edge.network.cost.decode_variant``): unrolled 2 and 3-bit loops,
 # and the generic one; the same code with either kernel set.
 _DECODE_VARIANTS = ("decode_lut2", "decode_lut3", "decode_lut")
 KERNEL_VARIANTS: dict[str, tuple[str, ...]] = {
@@ -132,7 +132,7 @@ KERNEL_VARIANTS: dict[str, tuple[str, ...]] = {
 
 
 class KernelCycles(_Strict):
-    """Cycles of one kernel variant per call: a term per unit of work (``smpq_edge.cost.OpWork``).
+    """Cycles of one kernel variant per call: a term per unit of work (``smpq_edge.network.cost.OpWork``).
     A term left out is 0 (the kernel does no work that scales with it)."""
 
     per_mac: Number = Field(default=0, ge=0, le=1000)
@@ -161,7 +161,7 @@ class Board(_Strict):
     kernels: KernelSet
     reserve: Reserve
     budgets: Budgets
-    # Per-layer precisions the search chooses among (``smpq_edge.precision``: w2a8 ... w8a8).
+    # Per-layer precisions the search chooses among (``smpq_edge.common.precision``: w2a8 ... w8a8).
     candidates: tuple[str, ...] = Field(default=("w4a8", "w8a8"), min_length=1)
     # "per_channel": a zero point per scale, as the TFLite schema wants and LiteRT checks.
     # "single": one per weight or bias tensor, which TFLM alone reads (16 B less per output channel).

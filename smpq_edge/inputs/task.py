@@ -32,8 +32,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from smpq_edge.errors import UserError
-from smpq_edge.records import percent
+from smpq_edge.common.errors import UserError
+from smpq_edge.common.records import percent
 
 
 @dataclass(frozen=True)

@@ -27,10 +27,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 
-from smpq_edge.errors import UserError
-from smpq_edge.fileio import write_json, write_text
-from smpq_edge.policy import load_policy
-from smpq_edge.records import FirmwareRecord, read_firmware, read_search_costs
+from smpq_edge.common.errors import UserError
+from smpq_edge.common.fileio import write_json, write_text
+from smpq_edge.inputs.policy import load_policy
+from smpq_edge.common.records import FirmwareRecord, read_firmware, read_search_costs
 
 QEMU = "qemu-system-arm"
 CROSS_CXX = "arm-none-eabi-g++"
@@ -242,7 +242,7 @@ def _predicted_ops(check: SelfCheck, prediction: Prediction | None, notes: list[
         if check.ops:
             notes.append("the profiled ops differ from search.json's operators: per-op prediction for the "
                          "weighted layers only")
-    from smpq_edge.ops import WEIGHTED_TFLITE  # here: torch loads with it, and validate's typos should not wait
+    from smpq_edge.network.ops import WEIGHTED_TFLITE  # here: torch loads with it, and validate's typos should not wait
 
     weighted = [op for op in check.ops if op.op in WEIGHTED_TFLITE.values()]
     kinds_ok = len(prediction.layers) == len(weighted) and all(

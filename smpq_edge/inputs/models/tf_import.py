@@ -30,8 +30,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from smpq_edge.errors import UserError
-from smpq_edge.models import ModelSource
+from smpq_edge.common.errors import UserError
+from smpq_edge.inputs.models.source import ModelSource
 
 ONNX_OPSET = 17
 _ERROR = "smpq-error: "
@@ -122,7 +122,7 @@ def _float_weights(path: Path, target: Path) -> Path:
     """A .tflite whose int8 "dynamic-range" weights feeding float ops are float32 again (written
     to ``target``): tf2onnx would otherwise emit its hybrid DynamicQuantizeLinear/MatMulInteger
     pattern, which is not a float model. Weights behind a DEQUANTIZE op are left to it."""
-    from smpq_edge.export.tflite_file import TfliteModel
+    from smpq_edge.tflite.flatbuffer import TfliteModel
 
     model = TfliteModel.from_file(path)
     operators = model.operators()
@@ -163,7 +163,7 @@ def load_tensorflow(path: Path) -> ModelSource:
     """A Keras, SavedModel or .tflite model as a trained ``ModelSource`` (via tf2onnx and ONNX)."""
     import onnx
 
-    from smpq_edge.models.onnx_import import onnx_source
+    from smpq_edge.inputs.models.onnx_import import onnx_source
 
     kind = _kind(path)
     with tempfile.TemporaryDirectory(prefix="smpq_tf2onnx_") as tmp:

@@ -26,8 +26,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from smpq_edge.errors import UserError
-from smpq_edge.fixedpoint import quantize_multiplier
+from smpq_edge.common.errors import UserError
+from smpq_edge.network.fixedpoint import quantize_multiplier
 
 # TFLM accepts an int8 SOFTMAX only with this output quantisation (softmax_common.cc).
 OUTPUT_SCALE = 1.0 / 256

@@ -10,7 +10,7 @@ import os
 import secrets
 from pathlib import Path
 
-from smpq_edge.errors import UserError
+from smpq_edge.common.errors import UserError
 
 
 def ensure_dir(path: Path) -> Path:

@@ -15,7 +15,7 @@ from typing import Literal
 
 import numpy as np
 
-from smpq_edge.errors import UserError
+from smpq_edge.common.errors import UserError
 
 INPUT_RANGES: dict[str, tuple[float, float]] = {"0..1": (0.0, 1.0), "0..255": (0.0, 255.0), "-1..1": (-1.0, 1.0)}
 ChannelOrder = Literal["rgb", "bgr"]

@@ -10,10 +10,10 @@ from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from smpq_edge.errors import UserError
-from smpq_edge.fileio import read_json, write_json
-from smpq_edge.precision import WeightBits
-from smpq_edge.vocabulary import WeightedKind
+from smpq_edge.common.errors import UserError
+from smpq_edge.common.fileio import read_json, write_json
+from smpq_edge.common.precision import WeightBits
+from smpq_edge.common.vocabulary import WeightedKind
 
 
 class LayerChoice(BaseModel):

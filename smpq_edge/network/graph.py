@@ -20,9 +20,10 @@ import torch.nn.functional as F
 from torch import fx, nn
 from torch.fx.passes.shape_prop import ShapeProp
 
-from smpq_edge.errors import UserError
-from smpq_edge.ops import WEIGHTED_KINDS, OpKind, supported_torch, traceable_modules, traced_kind
-from smpq_edge.vocabulary import Activation, OpKindName
+from smpq_edge.common.errors import UserError
+from smpq_edge.inputs.models.layers import SameConv2d
+from smpq_edge.network.ops import WEIGHTED_KINDS, OpKind, supported_torch, traceable_modules, traced_kind
+from smpq_edge.common.vocabulary import Activation, OpKindName
 
 # Folded or aliased by the tracer itself; the other modules are the op kinds' (ops.KINDS).
 _OWN_MODULES = (nn.Conv2d, nn.Linear, nn.BatchNorm2d, nn.Dropout, nn.Identity)
@@ -154,26 +155,6 @@ def _is_shape_query(node: fx.Node) -> bool:
 def _unsupported_layer(node: fx.Node, module: nn.Module) -> UserError:
     return UserError(f"layer '{node.target}' ({type(module).__name__}) is not supported; "
                      f"supported: {supported_torch()}")
-
-
-def same_padding(size: int, kernel: int, stride: int) -> tuple[int, int]:
-    """TensorFlow's SAME padding of one dimension (before, after): the extra pixel goes after."""
-    total = max((-(-size // stride) - 1) * stride + kernel - size, 0)
-    return total // 2, total - total // 2
-
-
-class SameConv2d(nn.Conv2d):
-    """A Conv2d with TensorFlow's SAME padding (top, left, bottom, right), which is asymmetric for
-    stride 2 on even sizes and which torch's ``padding`` cannot state. Models imported from
-    TensorFlow need it to compute what the original computes; TFLite then runs it as SAME."""
-
-    def __init__(self, *args, same_pads: tuple[int, int, int, int], **kwargs):
-        super().__init__(*args, padding=0, **kwargs)
-        self.same_pads = tuple(same_pads)
-
-    def _conv_forward(self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        top, left, bottom, right = self.same_pads
-        return F.conv2d(F.pad(x, (left, right, top, bottom)), weight, bias, self.stride, 0, self.dilation, self.groups)
 
 
 class _LeafTracer(fx.Tracer):

@@ -16,7 +16,7 @@ import flatbuffers
 import numpy as np
 from ai_edge_litert import schema_py_generated as schema
 
-from smpq_edge.errors import UserError
+from smpq_edge.common.errors import UserError
 
 FILE_IDENTIFIER = b"TFL3"
 # The schema asks for 16-byte aligned buffer data (force_align: 16); the generated Python

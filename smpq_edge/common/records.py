@@ -12,12 +12,12 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from smpq_edge.errors import UserError
-from smpq_edge.fileio import read_json, write_json
-from smpq_edge.vocabulary import CoalitionValue, KernelSet, TaskName, WeightedKind
+from smpq_edge.common.errors import UserError
+from smpq_edge.common.fileio import read_json, write_json
+from smpq_edge.common.vocabulary import CoalitionValueName, KernelSet, TaskName, WeightedKind
 
 if TYPE_CHECKING:
-    from smpq_edge.task import Task
+    from smpq_edge.inputs.task import Task
 
 
 class _Record(BaseModel):
@@ -163,7 +163,7 @@ class ShapleyRecord(_Record):
     players: list[str]
     mean: list[float | None]
     stderr: list[float | None]
-    value: CoalitionValue | None = None  # what the coalitions were scored by (None: written before it was kept)
+    value: CoalitionValueName | None = None  # what the coalitions were scored by (None: written before it was kept)
     std: list[float | None] = []
     count: list[int] = []
     mean_minus_std: list[float | None] = []

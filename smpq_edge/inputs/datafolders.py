@@ -24,10 +24,10 @@ from typing import Literal
 
 import numpy as np
 
-from smpq_edge.data import Dataset, check_labels, check_no_gaps
-from smpq_edge.errors import UserError
-from smpq_edge.fileio import write_bytes
-from smpq_edge.preprocess import Preprocessing
+from smpq_edge.inputs.dataset import Dataset, check_labels, check_no_gaps
+from smpq_edge.common.errors import UserError
+from smpq_edge.common.fileio import write_bytes
+from smpq_edge.inputs.preprocess import Preprocessing
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp"})
 AUDIO_SUFFIXES = frozenset({".wav"})

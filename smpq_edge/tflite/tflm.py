@@ -27,8 +27,8 @@ from typing import Iterator
 import numpy as np
 from tflite_micro.python.tflite_micro import runtime
 
-from smpq_edge.errors import UserError
-from smpq_edge.export.tflite_file import TfliteModel
+from smpq_edge.common.errors import UserError
+from smpq_edge.tflite.flatbuffer import TfliteModel
 
 # Virtual size of the default arena: far above any microcontroller's RAM, so "does not fit"
 # never happens in-process, yet only the bytes TFLM uses become resident.

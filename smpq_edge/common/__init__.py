@@ -1,0 +1,1 @@
+"""What every stage shares: errors, files, vocabularies, records, progress, distributed runs."""

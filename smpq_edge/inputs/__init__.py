@@ -1,0 +1,1 @@
+"""The inputs: board profiles, data sets and their preprocessing, tasks, policies, models."""

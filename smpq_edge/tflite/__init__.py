@@ -1,0 +1,1 @@
+"""The .tflite file format and the TFLM host interpreter."""
