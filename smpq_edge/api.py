@@ -24,13 +24,12 @@ from smpq_edge.inputs.preprocess import Preprocessing, parse_floats
 from smpq_edge.firmware.validate import validate  # noqa: F401 - a stage of the API as it is
 
 if TYPE_CHECKING:
-    from smpq_edge.inputs.boards import Board
-    from smpq_edge.inputs.data import Dataset
-
+    from smpq_edge.common.records import CostRecord, EmulationRecord, SearchRecord, StageRun
     from smpq_edge.export.exporter import ExportResult
     from smpq_edge.firmware.render import FirmwareResult
+    from smpq_edge.inputs.boards import Board
+    from smpq_edge.inputs.data import Dataset
     from smpq_edge.inputs.models import ModelSource
-    from smpq_edge.common.records import CostRecord, EmulationRecord, SearchRecord
     from smpq_edge.search.budget import Budgets
     from smpq_edge.search.runner import SearchConfig
 
@@ -249,7 +248,7 @@ class BuildResult:
     everything is."""
 
     out: Path
-    stages: dict  # build.json's per-stage record: seconds, and whether --resume skipped it
+    stages: dict[str, StageRun]  # build.json's: each stage's seconds, and whether --resume skipped it
 
     @cached_property
     def search(self) -> SearchRecord:
@@ -304,7 +303,7 @@ def build(model=DEFAULT_MODEL, data=None, *, out: str | Path = "build", resume: 
                  "board_profile": inputs.board.model_dump(mode="json")}
     record = run_stages(_build_stages(inputs, budgets, config, chosen.seed), folder, arguments, resume,
                         outside_keys(inputs.source, inputs.data, inputs.data_reference, chosen.board), log)
-    return BuildResult(folder, record["stages"])
+    return BuildResult(folder, record.stages)
 
 
 def _build_stages(inputs: Inputs, budgets: Budgets, config: SearchConfig, seed: int) -> list:

@@ -336,9 +336,9 @@ def _print_build_summary(out, stages: dict | None = None) -> None:
 
 def stage_times(stages: dict) -> str:
     """One line of each build stage's wall time (a stage --resume skipped shows the earlier run's)."""
-    parts = [f"{name} {stage['seconds']:.1f} s" + (" (skipped; earlier run)" if stage.get("skipped") else "")
+    parts = [f"{name} {stage.seconds:.1f} s" + (" (skipped; earlier run)" if stage.skipped else "")
              for name, stage in stages.items()]
-    ran = sum(stage["seconds"] for stage in stages.values() if not stage.get("skipped"))
+    ran = sum(stage.seconds for stage in stages.values() if not stage.skipped)
     return f"wall time per stage: {', '.join(parts)}; {ran:.1f} s in all this run"
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -26,11 +26,11 @@ from smpq_edge.network.cost import estimate
 from smpq_edge.inputs.data import BUILTIN_DATASETS, Dataset
 from smpq_edge.emulator import emulate
 from smpq_edge.export.exporter import ExportResult, export_model
-from smpq_edge.common.fileio import ensure_dir, read_json, write_bytes, write_json, write_text
+from smpq_edge.common.fileio import ensure_dir, write_bytes, write_json, write_text
 from smpq_edge.inputs.models import EXAMPLES_DIR, ModelSource
 from smpq_edge.inputs.policy import load_policy
 from smpq_edge.network.quant import QuantNet
-from smpq_edge.common.records import EmulationRecord, read_emulation, read_search
+from smpq_edge.common.records import BuildRecord, EmulationRecord, StageRun, read_build, read_emulation, read_search
 from smpq_edge.search.runner import SearchConfig, finetune, load_quantnet, save_quantnet, traced_for
 from smpq_edge.search.train import TrainConfig
 from smpq_edge.inputs.task import task_of
@@ -46,17 +46,6 @@ class Stage:
     outputs: tuple[str, ...]  # files (or folders) it writes
     run: Callable[[Path], None]
     reads: tuple[str, ...] = ()  # what it reads from outside the folder: keys of ``outside_keys``
-
-
-@dataclass
-class BuildLog:
-    """build.json: what made each artefact, so a resumed build knows what it may skip."""
-
-    arguments: dict
-    stages: dict = field(default_factory=dict)
-
-    def to_dict(self) -> dict:
-        return {"arguments": self.arguments, "versions": versions(), "stages": self.stages}
 
 
 def _hash_path(path: Path) -> str:
@@ -110,35 +99,33 @@ def _fingerprint(stage: Stage, out: Path, arguments: dict, outside: dict[str, st
 
 
 def run_stages(stages: list[Stage], out: Path, arguments: dict, resume: bool, outside: dict[str, str] | None = None,
-               log: Callable[[str], None] = print) -> dict:
+               log: Callable[[str], None] = print) -> BuildRecord:
     """Run the stages in order; with ``resume``, skip those whose inputs and outputs are unchanged.
     ``outside`` holds the content keys the stages' ``reads`` name (``outside_keys``)."""
     ensure_dir(out)
     for stale in out.rglob(".*.tmp"):  # left by a write that a kill cut short (see fileio)
         stale.unlink()
     record_path = out / "build.json"
-    previous = read_json(record_path, "build record").get("stages", {}) if resume and record_path.exists() else {}
-    build = BuildLog(arguments)
+    previous = read_build(record_path).stages if resume and record_path.exists() else {}
+    runs: dict[str, StageRun] = {}
     for stage in stages:
         fingerprint = _fingerprint(stage, out, arguments, outside or {})
         done = previous.get(stage.name)
         outputs = {name: _hash_path(out / name) for name in stage.outputs}
-        if done and done["inputs"] == fingerprint and done["outputs"] == outputs and "missing" not in outputs.values():
+        if done and done.inputs == fingerprint and done.outputs == outputs and "missing" not in outputs.values():
             log(f"[{stage.name}] unchanged, skipped (--resume)")
-            build.stages[stage.name] = {**done, "skipped": True}  # its seconds are the run's that made it
+            runs[stage.name] = done.model_copy(update={"skipped": True})  # its seconds are the run's that made it
         else:
             log(f"[{stage.name}] running")
             started = time.perf_counter()
             stage.run(out)
-            build.stages[stage.name] = {
-                "inputs": fingerprint,
-                "outputs": {name: _hash_path(out / name) for name in stage.outputs},
-                "seconds": round(time.perf_counter() - started, 3),
-            }
+            runs[stage.name] = StageRun(inputs=fingerprint, seconds=round(time.perf_counter() - started, 3),
+                                        outputs={name: _hash_path(out / name) for name in stage.outputs})
         # Written after every stage, skipped ones too (a record ending at the last stage that ran
         # would redo the rest next time): a kill between stages keeps what has finished.
-        write_json(record_path, build.to_dict())
-    return build.to_dict()
+        record = BuildRecord(arguments=arguments, versions=versions(), stages=runs)
+        record.write(record_path)
+    return record
 
 
 def report_stage(out: Path) -> None:

@@ -61,12 +61,12 @@ def test_a_resumed_build_of_the_same_module_skips_every_stage(tmp_path, trained_
     options = dict(out=tmp_path / "b", quick=True, no_baselines=True, log=lambda line: None)
     smpq_edge.build(trained_mlp, digits_arrays, **options)
     again = smpq_edge.build(trained_mlp, digits_arrays, resume=True, **options)
-    assert all(stage.get("skipped") for stage in again.stages.values())
+    assert all(stage.skipped for stage in again.stages.values())
     changed = nn.Sequential(*trained_mlp)
     with torch.no_grad():
         changed[0].bias.add_(0.01)
     third = smpq_edge.build(changed, digits_arrays, resume=True, **options)
-    assert not third.stages["search"].get("skipped"), "other weights are another model"
+    assert not third.stages["search"].skipped, "other weights are another model"
 
 
 def test_unknown_option_is_one_line():

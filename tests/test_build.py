@@ -374,19 +374,22 @@ def test_summary_says_when_the_rerank_replaced_the_shapley_optimum(default_build
 
 def test_stage_times_name_each_stage_and_what_ran():
     from smpq_edge.cli import stage_times
+    from smpq_edge.common.records import StageRun
 
-    line = stage_times({"search": {"seconds": 8.84}, "export": {"seconds": 11.5, "skipped": True},
-                        "emulate": {"seconds": 3.06}})
+    line = stage_times({"search": StageRun(inputs="", outputs={}, seconds=8.84),
+                        "export": StageRun(inputs="", outputs={}, seconds=11.5, skipped=True),
+                        "emulate": StageRun(inputs="", outputs={}, seconds=3.06)})
     assert line == ("wall time per stage: search 8.8 s, export 11.5 s (skipped; earlier run), emulate 3.1 s; "
                     "11.9 s in all this run")
 
 
 def test_records_round_trip_through_their_classes(default_build):
-    """search.json, emulation.json and firmware.json are written by their record classes and read back by the
-    same classes: every field written is declared (nothing is dropped or passed around as a dict)."""
-    from smpq_edge.common.records import read_firmware
+    """search.json, emulation.json, firmware.json and build.json are written by their record
+    classes and read back by the same classes: every field written is declared (nothing is
+    dropped or passed around as a dict)."""
+    from smpq_edge.common.records import read_build, read_firmware
 
     for name, reader in (("search.json", read_search), ("emulation.json", read_emulation),
-                         ("firmware/firmware.json", read_firmware)):
+                         ("firmware/firmware.json", read_firmware), ("build.json", read_build)):
         raw = json.loads((default_build / name).read_text())
         assert reader(default_build / name).model_dump(mode="json") == raw, name

@@ -287,6 +287,23 @@ class FirmwareRecord(_Record):
     files: list[str]
 
 
+class StageRun(_Record):
+    """One build stage as build.json keeps it: what it was given and wrote, and its wall time."""
+
+    inputs: str  # a hash of its arguments, input files and what it reads from outside the folder
+    outputs: dict[str, str]  # output -> hash of its contents
+    seconds: float  # of the run that made the outputs (a skipped stage keeps the earlier run's)
+    skipped: bool = False  # --resume found it unchanged
+
+
+class BuildRecord(_Record):
+    """build.json: what made each artefact, so that a resumed build knows what it may skip."""
+
+    arguments: dict
+    versions: dict = {}
+    stages: dict[str, StageRun] = {}
+
+
 def percent(value: float | None, missing: str = "-") -> str:
     """A fraction from a record as the report and the summary print it ("97.50 %")."""
     return missing if value is None else f"{100 * value:.2f} %"
@@ -319,6 +336,10 @@ def read_search_costs(path: Path) -> SearchCostsRecord:
 
 def read_emulation(path: Path) -> EmulationRecord:
     return _read(EmulationRecord, Path(path), "emulation record")
+
+
+def read_build(path: Path) -> BuildRecord:
+    return _read(BuildRecord, Path(path), "build record")
 
 
 def read_firmware(path: Path) -> FirmwareRecord:
