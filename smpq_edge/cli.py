@@ -310,7 +310,7 @@ def _print_build_summary(out, stages: dict | None = None) -> None:
 
     # The flash row counts the exported .tflite, which the firmware embeds byte for byte, not the
     # prediction the selector used: the two differ by the file's names and alignment.
-    flash_total = cost.flash_total_bytes - cost.model_flash_bytes + emulation.model_bytes
+    flash_total = cost.flash_total_with(emulation.model_bytes)
     _print_table([
         ["flash", f".tflite {emulation.model_bytes:,} B (predicted {cost.model_flash_bytes:,})",
          cost.reserve_flash_text(), f"{flash_total:,} B", f"{cost.flash_budget_bytes:,} B",

@@ -271,6 +271,12 @@ def test_summary_and_report_say_what_each_figure_is(default_build, capsys):
     assert "board reserve" in out and "whole firmware" in out
     assert "weights per layer: conv0 (conv) int" in out  # names and kinds, not bare indices
     assert "firmware allocates" in out and "over the flash budget" not in out
+    # The summary and the report count the exported .tflite in the flash total, the same figure.
+    emulation = read_emulation(default_build / "emulation.json")
+    cost, report = read_search(default_build / "search.json").shipped.cost, (default_build / "report.md").read_text()
+    exported_total = f"{cost.flash_total_with(emulation.model_bytes):,} B"
+    assert exported_total in out and exported_total in report
+    assert f"{emulation.model_bytes:,} B (.tflite; predicted {cost.model_flash_bytes:,} B)" in report
     # Each arena figure says which kernels it assumes; the floor verdict fits the numbers.
     assert "(*) the arena predicted for board nucleo-l412kb with CMSIS-NN kernels" in out
     assert "host TFLM interpreter ran the model in" in out and "reference kernels" in out

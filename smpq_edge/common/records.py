@@ -80,6 +80,11 @@ class CostRecord(_Record):
     firmware_ram_bytes: int = 0
     clock_mhz: float = 0.0
 
+    def flash_total_with(self, model_bytes: int) -> int:
+        """The whole firmware's flash with a model of ``model_bytes`` (the exported .tflite, which
+        the firmware embeds byte for byte) in place of the predicted one."""
+        return self.flash_total_bytes - self.model_flash_bytes + model_bytes
+
     def reserve_flash_text(self) -> str:
         """The flash besides the model, for a table: the board's reserve, and DECODE's code."""
         extra = f" + DECODE {self.extra_kernel_flash_bytes:,} B" if self.extra_kernel_flash_bytes else ""
