@@ -440,8 +440,14 @@ def test_bad_front_end(tmp_path):
 
 # --- real data: a small fixed slice of ../shared/data -----------------------------------------------
 
-@pytest.mark.skipif(not SHARED.is_dir(), reason=f"{SHARED} (real CIFAR-10 and FSDD files) is absent")
 def test_real_cifar_and_fsdd_slices(tmp_path):
+    if not SHARED.is_dir():
+        # A developer's clone may lack the real data beside it; .ci/run (SMPQ_REQUIRE_TOOLCHAIN=1)
+        # always has it, so there its absence is a failure, not a skip.
+        message = f"{SHARED} (real CIFAR-10 and FSDD files) is absent"
+        if os.environ.get("SMPQ_REQUIRE_TOOLCHAIN") == "1":
+            pytest.fail(message)
+        pytest.skip(message)
     for name in ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"):
         (tmp_path / "cifar" / name).mkdir(parents=True)
         for i in range(5):
