@@ -139,7 +139,7 @@ def load_inputs(model, data, options: Options, log: Callable[[str], None] = prin
     else:
         probe = None  # a torch module: its input shape is the data's
     if isinstance(data, tuple):
-        dataset = from_arrays(data, options.seed)
+        dataset = from_arrays(data, options.seed, probe.input_shape if probe else None)
     else:
         if probe is None and reference is not None and Path(reference).is_dir():
             raise UserError("data: a folder needs a model that declares its input shape; give a model file, "
@@ -159,6 +159,7 @@ def load_inputs(model, data, options: Options, log: Callable[[str], None] = prin
         source = load_model(model, num_classes=dataset.num_classes)
     else:
         source = probe
+    source.check_input(dataset.input_shape, dataset.name)  # one line, before the model's own scaling meets the data
     dataset = with_input_affine(dataset, source.input_affine)
     if options.logits:
         source = source.as_logits()
@@ -301,19 +302,20 @@ def build(model=DEFAULT_MODEL, data=None, *, out: str | Path = "build", resume: 
     folder = ensure_dir(Path(out))  # after the inputs, so a bad input leaves no folder behind
     arguments = {**_jsonable(chosen), "model": _argument(model), "data": _argument(data),
                  "board_profile": inputs.board.model_dump(mode="json")}
-    record = run_stages(_build_stages(inputs, budgets, config, chosen.seed), folder, arguments, resume,
+    record = run_stages(_build_stages(inputs, budgets, config, chosen.seed, log), folder, arguments, resume,
                         outside_keys(inputs.source, inputs.data, inputs.data_reference, chosen.board), log)
     return BuildResult(folder, record.stages)
 
 
-def _build_stages(inputs: Inputs, budgets: Budgets, config: SearchConfig, seed: int) -> list:
+def _build_stages(inputs: Inputs, budgets: Budgets, config: SearchConfig, seed: int,
+                  log: Callable[[str], None]) -> list:
     from smpq_edge.search.runner import run_search, save_search
     from smpq_edge.stages import Stage, emulate_stage, export_stage, firmware_stage, report_stage
 
     source, data, board = inputs.source, inputs.data, inputs.board
 
     def search_stage(folder: Path) -> None:
-        save_search(run_search(source, data, board, budgets=budgets, config=config, seed=seed), folder)
+        save_search(run_search(source, data, board, budgets=budgets, config=config, seed=seed, log=log), folder)
 
     computed = ("model", "data", "board", "code")  # what the search, export and emulate stages read
     return [

@@ -101,3 +101,22 @@ def test_in_memory_keras_model(digits_arrays):
     expected = model(digits_arrays[0][:5]).numpy()
     got = inputs.source.module(x.reshape(5, *inputs.source.input_shape))
     np.testing.assert_allclose(got.detach().numpy().reshape(5, 10), expected, atol=1e-4)
+
+
+def test_channels_last_images_meet_a_keras_model_that_scales_its_input():
+    """Images held (N, H, W, C), as Keras users hold them, for a Keras CNN that starts with its
+    own Rescaling: moved to (N, C, H, W), then scaled as the model would (this used to crash)."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Rescaling(1 / 255.0),
+                              keras.layers.Conv2D(4, 3, activation="relu"), keras.layers.Flatten(),
+                              keras.layers.Dense(10)], name="nhwc_cnn")
+    rng = np.random.default_rng(0)
+    x, y = rng.integers(0, 256, (200, 8, 8, 3)).astype(np.float32), np.arange(200) % 10
+    inputs = load_inputs(model, (x, y), Options(), log=lambda line: None)
+    assert inputs.data.input_shape == (3, 8, 8) and "channels last" in inputs.data.preprocessing["x"]
+    rows = inputs.data.x_train[:3]
+    expected = model(np.transpose(rows, (0, 2, 3, 1)) * 255.0).numpy()  # the data arrives scaled by 1/255
+    got = inputs.source.module(torch.from_numpy(rows)).detach().numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4)

@@ -130,17 +130,23 @@ def load_npz(path: Path, seed: int) -> Dataset:
                         {"format": "npz", "x": "as stored, cast to float32"})
 
 
-def from_arrays(data: tuple, seed: int = 0) -> Dataset:
+def from_arrays(data: tuple, seed: int = 0, sample_shape: tuple[int, ...] | None = None) -> Dataset:
     """In-memory data (the Python API): ``(x, y)`` with class labels, or ``(x,)`` for an
-    autoencoder; split as an .npz's x and y are (val 20 %, test 20 %, seeded)."""
+    autoencoder; split as an .npz's x and y are (val 20 %, test 20 %, seeded). Images held
+    channels last (N, H, W, C), as Keras and image libraries hold them, are moved to the model's
+    (C, H, W) where ``sample_shape`` (the model's input) says that is what they are."""
     if not isinstance(data, tuple) or len(data) not in (1, 2) or not all(isinstance(a, np.ndarray) for a in data):
         raise UserError("data: expected (x, y) or (x,) NumPy arrays, a file, a folder or a built-in name")
     arrays = dict(zip(("x", "y"), data))
+    layout = "as given"
+    if sample_shape and len(sample_shape) == 3 and arrays["x"].ndim == 4 \
+            and arrays["x"].shape[1:] == (*sample_shape[1:], sample_shape[0]) != tuple(sample_shape):
+        arrays["x"], layout = arrays["x"].transpose(0, 3, 1, 2), "channels last (N, H, W, C) moved to (N, C, H, W)"
     digest = hashlib.sha256()
     for key, array in arrays.items():
         digest.update(key.encode() + str(array.shape).encode() + np.ascontiguousarray(array).tobytes())
     return _from_arrays(arrays, "data arrays", "arrays", seed, f"sha256:{digest.hexdigest()}",
-                        {"format": "arrays", "x": "as given, cast to float32"})
+                        {"format": "arrays", "x": f"{layout}, cast to float32"})
 
 
 def _from_arrays(arrays: dict[str, np.ndarray], source: str, name: str, seed: int, source_hash: str,
