@@ -159,7 +159,8 @@ def load_inputs(model, data, options: Options, log: Callable[[str], None] = prin
         source = load_model(model, num_classes=dataset.num_classes)
     else:
         source = probe
-    source.check_input(dataset.input_shape, dataset.name)  # one line, before the model's own scaling meets the data
+    if source.input_affine is not None:  # one line, before the model's own scaling meets data of another shape
+        source.check_input(dataset.input_shape, dataset.name)
     dataset = with_input_affine(dataset, source.input_affine)
     if options.logits:
         source = source.as_logits()
