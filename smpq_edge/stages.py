@@ -28,7 +28,7 @@ from smpq_edge.emulator import emulate
 from smpq_edge.export.exporter import ExportResult, export_model
 from smpq_edge.common.fileio import ensure_dir, write_bytes, write_json, write_text
 from smpq_edge.inputs.models import EXAMPLES_DIR, ModelSource
-from smpq_edge.inputs.policy import load_policy
+from smpq_edge.inputs.policy import Policy, load_policy
 from smpq_edge.network.quant import QuantNet
 from smpq_edge.common.records import BuildRecord, EmulationRecord, StageRun, read_build, read_emulation, read_search
 from smpq_edge.search.runner import SearchConfig, finetune, load_quantnet, save_quantnet, traced_for
@@ -152,14 +152,19 @@ def _finetune_config(out: Path) -> TrainConfig:
     return replace(SearchConfig().finetune, **{**known, "shards": 1})
 
 
-def net_for_policy(out: Path, source: ModelSource, data: Dataset, board: Board, bits: dict[str, int],
+def net_for_policy(out: Path, source: ModelSource, data: Dataset, board: Board, policy: Policy,
                    seed: int) -> tuple[QuantNet, str | None]:
-    """quantnet.pt's network under ``bits``, and a note when it was not trained for them.
+    """quantnet.pt's network under the policy's weight bits and int16 layers, and a note when it
+    was not trained for those bits.
 
-    After an edit of policy.json the network is finetuned for the new bits first (and saved): an
-    all-int4 edit exported as it was lost 7.5 test points to a finetuned all-int4 network."""
+    After an edit of policy.json's weight bits the network is finetuned for them first (and saved):
+    an all-int4 edit exported as it was lost 7.5 test points to a finetuned all-int4 network. An
+    edit of activation_bits alone is not: int16 activations lie on a grid 256 times finer than
+    the int8 one the network was trained on, over the same calibrated range."""
     checkpoint = load_quantnet(out, source, board, data)
+    bits = policy.bits
     net, trained = checkpoint.net, checkpoint.trained_bits
+    net.set_activation_bits(policy.wide)
     if trained is None:
         net.set_policy(bits)
         return net, "quantnet.pt does not record the policy it was finetuned for; exported without finetuning"
@@ -180,7 +185,7 @@ def export_stage(out: Path, source: ModelSource, data: Dataset, board: Board,
                  calibration: int = CALIBRATION_SAMPLES, seed: int = 0) -> ExportResult:
     """policy.json + quantnet.pt -> model.tflite (the policy), model_int8.tflite, export.json."""
     policy = load_policy(out / "policy.json")
-    net, note = net_for_policy(out, source, data, board, policy.bits, seed)
+    net, note = net_for_policy(out, source, data, board, policy, seed)
     result = export_model(net, policy.bits, data.x_train[:calibration], softmax=source.output_softmax,
                           single_zero_point=board.zero_points == "single", input_shape=source.file_input_shape)
     if note:
@@ -194,7 +199,9 @@ def export_stage(out: Path, source: ModelSource, data: Dataset, board: Board,
 def emulate_stage(out: Path, source: ModelSource, data: Dataset, board: Board) -> EmulationRecord:
     """model.tflite on the TFLM interpreter over the test split, against the fake-quant network."""
     net = load_quantnet(out, source, board, data).net
-    net.set_policy(load_policy(out / "policy.json").bits)
+    policy = load_policy(out / "policy.json")
+    net.set_policy(policy.bits)
+    net.set_activation_bits(policy.wide)
     record = emulate((out / "model.tflite").read_bytes(), data.x_test, data.y_test, net,
                      source=str(out / "model.tflite"), task=task_of(data))
     record.write(out / "emulation.json")
@@ -215,7 +222,8 @@ def firmware_arena(out: Path, source: ModelSource, data: Dataset, board: Board) 
     if board.kernels != "cmsis_nn":
         return read_emulation(out / "emulation.json").arena_bytes, HOST_ARENA_BASIS
     graph = traced_for(source, data)
-    return estimate(graph, load_policy(out / "policy.json").bits, board).arena_bytes, TARGET_ARENA_BASIS
+    policy = load_policy(out / "policy.json")
+    return estimate(graph, policy.bits, board, wide=policy.wide).arena_bytes, TARGET_ARENA_BASIS
 
 
 def firmware_stage(out: Path, source: ModelSource, data: Dataset, board: Board, seed: int) -> None:

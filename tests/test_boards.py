@@ -107,7 +107,7 @@ BAD_BOARDS = [
     ("kernels-as-list", _set("kernels", []), "kernels"),
     ("kernels-as-mapping", _set("kernels", {"a": 1}), "kernels"),
     ("unknown-candidate", _set("candidates", ["w2a4", "w8a8"]), "candidates: w2a4: TFLM has no 4-bit activations"),
-    ("int16-activation-candidate", _set("candidates", ["w4a16"]), "candidates: w4a16: TFLM runs int16 activations"),
+    ("int16-activation-candidate", _set("candidates", ["w4a16"]), "candidates: w4a16: TFLM's 16x8 kernels take int8 weights only"),
     ("too-narrow-candidate", _set("candidates", ["w1a8"]), "candidates: w1a8: TFLM runs weights of 2 to 8 bits"),
     ("duplicated-candidate", _set("candidates", ["w4a8", "w4a8"]), "candidates"),
     ("no-candidates", _set("candidates", []), "candidates"),

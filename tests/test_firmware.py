@@ -642,3 +642,43 @@ def test_qemu_self_check_of_lut_layers(kernels, lut_model, digits, tmp_path):
     makefile = (result.out_dir / "Makefile").read_text()
     assert "decode_state_lut" in makefile
     assert "decode_state_lut" not in kernel_files(["CONV_2D", "FULLY_CONNECTED"])
+
+
+@pytest.fixture(scope="session")
+def wide_model(digits) -> bytes:
+    """digits_cnn exported by smpq_edge with 16x8 layers (the first conv and the dense layer:
+    int16 activations, int64 bias), an int8 depthwise and a packed INT4 pointwise conv: a
+    QUANTIZE at each int8/int16 boundary and before the int8 output."""
+    import torch
+
+    from smpq_edge.export.exporter import export_model
+    from smpq_edge.network.graph import trace
+    from smpq_edge.inputs.models import load_model
+    from smpq_edge.network.quant import QuantNet
+
+    torch.manual_seed(0)
+    source = load_model("digits_cnn", num_classes=digits.num_classes)
+    net = QuantNet(trace(source.module.eval(), source.input_shape), source.module, (4, 8))
+    net.train()
+    with torch.no_grad():
+        net(torch.from_numpy(digits.x_train[:64]))
+        net.commit_observations()
+    net.eval()
+    names = [op.name for op in net.graph.layers]
+    bits = dict(zip(names, (8, 8, 4, 8)))
+    net.set_policy(bits)
+    net.set_activation_bits(frozenset({names[0], names[3]}))
+    return export_model(net, bits, digits.x_train[:64]).tflite
+
+
+@pytest.mark.parametrize("kernels", ["cmsis_nn", "reference"])
+def test_qemu_self_check_of_int16_activation_layers(kernels, wide_model, digits, tmp_path):
+    """TFLM's 16x8 conv and fully connected kernels (CMSIS-NN's s16 ones, and the reference ones)
+    and its QUANTIZE between int8 and int16 give the host interpreter's bytes on the device; the
+    ops with int16 instances get the generic registration."""
+    result, stdout, ops = _qemu_self_check(wide_model, kernels, digits, tmp_path, "digits w8a16.tflite")
+    assert [op for op, _, _ in ops] == ["QUANTIZE", "CONV_2D", "QUANTIZE", "DEPTHWISE_CONV_2D", "CONV_2D",
+                                        "AVERAGE_POOL_2D", "QUANTIZE", "FULLY_CONNECTED", "QUANTIZE"]
+    runner = (result.out_dir / "model_runner.cc").read_text()
+    assert "AddQuantize()" in runner and "AddFullyConnected()" in runner
+    assert "quantize_common" in (result.out_dir / "Makefile").read_text()

@@ -129,7 +129,7 @@ def _int8_outputs(net: QuantNet, x: np.ndarray) -> np.ndarray:
     quantiser = net.activation_quantiser(net.graph.output)
     with torch.no_grad():
         out = net(torch.from_numpy(x))
-    return (quantiser.integers(out) + quantiser.params().zero_point).to(torch.int8).numpy()
+    return (quantiser.integers(out, 8) + quantiser.params(8).zero_point).to(torch.int8).numpy()  # the int8 output
 
 
 @pytest.mark.parametrize("policy", ["mixed", "int8"])

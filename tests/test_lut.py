@@ -107,7 +107,7 @@ def test_cli_cost_takes_lut_candidates(capsys):
     report = json.loads(capsys.readouterr().out)
     assert all(layer["weight_bits"] == 3 and layer["lut_bytes"] > 0 for layer in report["layers"])
     assert main(["cost", "--model", "digits_cnn", "--candidates", "w4a16"]) == 2
-    assert capsys.readouterr().err.startswith("error: --candidates: w4a16: TFLM runs int16 activations")
+    assert capsys.readouterr().err.startswith("error: --candidates: w4a16: TFLM's 16x8 kernels take int8 weights only")
 
 
 def test_a_reserve_that_holds_decode_pays_no_extra_flash(digits):

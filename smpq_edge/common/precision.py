@@ -9,8 +9,11 @@ activations), and how each is stored and run.
   compression tool; TFLM's DECODE operator expands them into an int8 tensor in the arena before
   the layer's int8 kernel runs. A LUT cannot hold an INT4 tensor, so 4 bits stay packed INT4.
 
-Activations are int8 for every candidate: TFLM has no int4 activations, and its 16x8 kernels take
-int8 weights only (w8a16 is a later candidate).
+Activations are int8 for every search candidate. A layer may also run TFLM's 16x8 kernels
+(``w8a16``: int16 activations in and out, int8 weights, int64 bias), set in the policy file
+(``activation_bits: 16``); the exporter puts a QUANTIZE at each int8/int16 boundary. The search
+does not choose w8a16 yet. TFLM has no int4 activations, and its 16x8 kernels take int8 weights
+only.
 """
 
 from __future__ import annotations
@@ -22,6 +25,8 @@ WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8)
 LUT_BITS = (2, 3, 5, 6, 7)
 PACKED_INT4 = 4
 WeightBits = Literal[2, 3, 4, 5, 6, 7, 8]
+ActivationBits = Literal[8, 16]
+WIDE = 16  # int16 activations (TFLM's 16x8 kernels)
 CANDIDATES: tuple[str, ...] = tuple(f"w{b}a8" for b in WEIGHT_BITS)
 _NAME = re.compile(r"^w(\d+)a(\d+)$")
 # TFLM's DECODE is a custom operator of this name: the resolver's, the profile's and (after
@@ -38,12 +43,22 @@ def candidate_bits(name: str) -> int:
         raise ValueError(f"'{name}' is not a candidate name (wWaA: W weight bits, A activation bits; "
                          f"known: {', '.join(CANDIDATES)})")
     weights, activations = int(match[1]), int(match[2])
-    if activations != 8:
-        reason = ("TFLM runs int16 activations with int8 weights only (16x8 kernels), and not yet in smpq_edge"
-                  if activations == 16 else f"TFLM has no {activations}-bit activations")
-    else:
-        reason = f"TFLM runs weights of 2 to 8 bits, not {weights}"
+    reason = precision_refusal(weights, activations) or (
+        "the search does not choose int16 activations yet; set the layer's activation_bits to 16 in "
+        "policy.json and run export")
     raise ValueError(f"{name}: {reason} (candidates: {', '.join(CANDIDATES)})")
+
+
+def precision_refusal(weight_bits: int, activation_bits: int) -> str | None:
+    """Why TFLM cannot run a layer of these weight and activation widths, or None where it can."""
+    if activation_bits not in (8, WIDE):
+        return f"TFLM has no {activation_bits}-bit activations (int8, or int16 with int8 weights)"
+    if weight_bits not in WEIGHT_BITS:
+        return f"TFLM runs weights of 2 to 8 bits, not {weight_bits}"
+    if activation_bits == WIDE and weight_bits != 8:
+        return (f"TFLM's 16x8 kernels take int8 weights only, not {weight_bits}-bit ones "
+                f"(w{weight_bits}a16 is a hybrid model TFLM refuses)")
+    return None
 
 
 def is_lut(bits: int) -> bool:

@@ -8,7 +8,7 @@ from typing import Literal, get_args
 
 # Operator kinds of the traced graph: the keys of ``ops.KINDS`` (a test keeps the two equal).
 OpKindName = Literal["input", "conv", "depthwise", "fc", "add", "avgpool", "global_avgpool", "maxpool", "reshape",
-                     "relu", "softmax"]
+                     "relu", "softmax", "quantize"]
 WeightedKind = Literal["conv", "depthwise", "fc"]
 Activation = Literal["none", "relu", "relu6"]  # fused into the op before it
 KernelSet = Literal["cmsis_nn", "reference"]  # the TFLM kernels a board's firmware registers

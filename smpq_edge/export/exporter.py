@@ -15,7 +15,11 @@ activations are not quantised. That model is then rewritten so it carries *our* 
   window, which CMSIS-NN has a kernel for (MEAN has none) and which TFLM computes identically
   for equal input and output quantisation;
 - a model that ended in a Softmax (``ModelSource.output_softmax``) gets TFLM's int8 SOFTMAX after
-  its logits: output scale 1/256, zero point -128 (the only int8 output TFLM accepts), beta 1.
+  its logits: output scale 1/256, zero point -128 (the only int8 output TFLM accepts), beta 1;
+- a layer with int16 activations (the policy's ``wide`` layers, TFLM's 16x8 kernels) gets int16
+  input and output tensors (symmetric, zero point 0) and an int64 bias; the ops that share their
+  input's scale run in its type, and a QUANTIZE (int8 <-> int16) goes wherever an op reads a tensor
+  of the other type (``quant.activation_types``), and before the graph's output, which stays int8.
 
 The same onnx2tf layout is rewritten twice: with the policy's bits and with int8 everywhere
 (the reference model). Any mismatch between the traced graph and onnx2tf's operators stops with a
@@ -42,7 +46,7 @@ from smpq_edge.tflite.flatbuffer import TfliteModel
 from smpq_edge.network.graph import Graph, Op
 from smpq_edge.network.ops import KINDS, WEIGHTED_TFLITE
 from smpq_edge.common.precision import DECODE_OP, PACKED_INT4, WEIGHT_BITS, is_lut
-from smpq_edge.network.quant import QuantNet, apply_activation, quantize_weight
+from smpq_edge.network.quant import QuantNet, activation_types, apply_activation, quantize_weight
 from smpq_edge.network.softmax import BETA, OUTPUT_SCALE, OUTPUT_ZERO_POINT
 
 _WEIGHTED_OPS = {tflite: kind for kind, tflite in WEIGHTED_TFLITE.items()}
@@ -64,6 +68,7 @@ class ExportedLayer:
     operator: int  # index of the TFLite operator
     weight_tensor: int
     bias_tensor: int  # -1 when the operator has none
+    activation_bits: int = 8  # 16: TFLM's 16x8 kernel
 
 
 @dataclass(frozen=True)
@@ -78,19 +83,24 @@ class ExportResult:
     output_scale: float
     output_zero_point: int
     softmax: bool = False  # a SOFTMAX follows the logits (the output is then its 1/256, -128)
+    wide: frozenset[str] = frozenset()  # layers with int16 activations
+    quantize_ops: int = 0  # QUANTIZE operators at int8/int16 boundaries
     notes: list[str] = field(default_factory=list)
     single_zero_point: bool = False  # weights and biases keep one zero point each (TFLM only)
     # onnx2tf's layout, matched to the graph: lets ``variant`` rewrite it for another policy.
     _layout: tuple = field(default=(), repr=False, compare=False)
 
-    def variant(self, net: QuantNet, bits: dict[str, int]) -> bytes:
+    def variant(self, net: QuantNet, bits: dict[str, int], wide: frozenset[str] = frozenset()) -> bytes:
         """The same model under another policy (same layout and activation scales), no onnx2tf run."""
-        template, matched, acts, columns = self._layout
-        return _rewrite(template, net, bits, matched, acts, columns, self.softmax, self.single_zero_point)[0]
+        template, matched, sources, columns = self._layout
+        return _rewrite(template, net, bits, wide, matched, sources, columns, self.softmax,
+                        self.single_zero_point).tflite
 
     def to_dict(self) -> dict:
         return {
             "bits": dict(self.bits),
+            "int16_activations": sorted(self.wide),
+            "quantize_ops": self.quantize_ops,
             "model_bytes": len(self.tflite),
             "model_int8_bytes": len(self.tflite_int8),
             "layers": [vars(layer) for layer in self.layers],
@@ -234,13 +244,15 @@ def _match_layers(model: TfliteModel, graph: Graph, reference: FloatGraphModule,
     return matched
 
 
-def _activation_params(model: TfliteModel, net: QuantNet) -> dict[int, tuple[float, int]]:
-    """TFLite activation tensor index -> (scale, zero point) from the network's quantisers."""
-    params: dict[int, tuple[float, int]] = {}
+def _activation_sources(model: TfliteModel, net: QuantNet) -> dict[int, str]:
+    """TFLite activation tensor index -> the graph op whose quantiser sets its scale (a tensor of
+    an op that shares its input's scale gets its input's)."""
+    params: dict[int, str] = {}
 
-    def of(name: str) -> tuple[float, int]:
-        p = net.activation_quantiser(name).params()
-        return float(p.scale), int(p.zero_point)
+    def of(name: str) -> str:
+        while name in net.shares_input_scale:
+            name = net.graph.op(name).inputs[0]
+        return name
 
     (input_index,) = model.inputs
     params[input_index] = of("input")
@@ -296,56 +308,116 @@ def _mean_to_avgpool(model: TfliteModel) -> int:
     return rewritten
 
 
-def _rewrite(template: bytes, net: QuantNet, bits: dict[str, int], matched, acts, columns: dict[int, np.ndarray],
-             softmax: bool, single_zero_point: bool) -> tuple[bytes, int]:
+@dataclass(frozen=True)
+class _Rewritten:
+    tflite: bytes
+    mean_to_avgpool: int  # MEAN operators rewritten to AVERAGE_POOL_2D
+    quantize_ops: int  # QUANTIZE operators put at int8/int16 boundaries
+
+
+def _rewrite(template: bytes, net: QuantNet, bits: dict[str, int], wide: frozenset[str], matched,
+             sources: dict[int, str], columns: dict[int, np.ndarray], softmax: bool,
+             single_zero_point: bool) -> _Rewritten:
     model = TfliteModel.from_bytes(template, source="onnx2tf output")
-    for index, (scale, zero_point) in acts.items():
-        model.set_tensor_quantization(index, [scale], [zero_point])
+    types = activation_types(net.graph, wide)
+    for index, name in sources.items():
+        p = net.activation_quantiser(name).params(types[name])
+        model.set_tensor_quantization(index, [float(p.scale)], [int(p.zero_point)])
+        model.set_tensor_type(index, "INT16" if types[name] == 16 else "INT8")
     for op, op_index, w_index, b_index in matched:
-        layer = net.layer(op.name)
-        b = bits[op.name]
-        q, scales = quantize_weight(layer.weight, b, layer.per_channel)
-        q = _tflite_layout(op, q.numpy().astype(np.int8), columns.get(w_index))
-        scales = scales.detach().numpy().astype(np.float64)
-        axis = _quant_axis(op)
-        # One zero point per scale, as the TFLite schema wants: LiteRT refuses a tensor with fewer.
-        # TFLM alone also reads one for all channels (``single_zero_point``, Board.zero_points).
-        zeros = [0] if single_zero_point else [0] * len(scales)
-        model.set_tensor_quantization(w_index, scales.tolist(), zeros, axis if len(scales) > 1 else 0)
-        if b == PACKED_INT4:
-            model.set_tensor_type(w_index, "INT4")
-            model.set_tensor_data(w_index, pack_int4(q))
-        else:  # int8 values; on a b-bit grid for a LUT layer, whose indices ``_lut_compress`` writes
-            model.set_tensor_type(w_index, "INT8")
-            model.set_tensor_data(w_index, np.ascontiguousarray(q).tobytes())
-        tfl = model.operators()[op_index]
-        input_scale = acts[tfl.inputs[0]][0]
-        bias = layer.bias.detach().numpy().astype(np.float64)
-        bias_scales = input_scale * (scales if len(scales) > 1 else np.full(1, scales[0]))
-        per_channel_scale = bias_scales if len(scales) > 1 else np.full(len(bias), bias_scales[0])
-        q_bias = np.clip(np.round(bias / per_channel_scale), _INT32_MIN, _INT32_MAX).astype(np.int32)
-        if b_index < 0:
-            if np.any(q_bias):
-                raise UserError(f"layer '{op.name}': onnx2tf dropped a non-zero bias")
-            continue
-        model.set_tensor_type(b_index, "INT32")
-        model.set_tensor_data(b_index, q_bias.tobytes())
-        model.set_tensor_quantization(b_index, bias_scales.tolist(), [0] if single_zero_point else [0] * len(bias_scales),
-                                      0)
+        _write_layer(model, net, op, bits[op.name], types[op.name], op_index, w_index, b_index, sources, columns,
+                     single_zero_point)
     rewritten = _mean_to_avgpool(model)
+    quantize_ops = _type_boundaries(model, net, types, sources, {op_index: op.name for op, op_index, _, _ in matched})
     if softmax:
         model.append_softmax(BETA, OUTPUT_SCALE, OUTPUT_ZERO_POINT)
     model.compact()
-    lut = [(op_index, bits[op.name], _quant_axis(op) if net.layer(op.name).per_channel else None)
-           for op, op_index, _, _ in matched if is_lut(bits[op.name])]
-    return _lut_compress(model, lut), rewritten
+    # The layers' weight tensors after compact() renumbered them (the weighted operators keep their order).
+    weighted = [o for o in model.operators() if o.name in _WEIGHTED_OPS]
+    lut = [(tfl.inputs[1], bits[op.name], _quant_axis(op) if net.layer(op.name).per_channel else None)
+           for (op, _, _, _), tfl in zip(matched, weighted) if is_lut(bits[op.name])]
+    return _Rewritten(_lut_compress(model, lut), rewritten, quantize_ops)
+
+
+def _write_layer(model: TfliteModel, net: QuantNet, op: Op, bits: int, activation_bits: int, op_index: int,
+                 w_index: int, b_index: int, sources: dict[int, str], columns: dict[int, np.ndarray],
+                 single_zero_point: bool) -> None:
+    """One layer's integer weights and scales, and its bias: int32, or int64 for a 16x8 layer, at
+    the scale of the input it reads (int16 for a 16x8 layer, through a QUANTIZE if need be)."""
+    layer = net.layer(op.name)
+    q, scales = quantize_weight(layer.weight, bits, layer.per_channel)
+    q = _tflite_layout(op, q.numpy().astype(np.int8), columns.get(w_index))
+    scales = scales.detach().numpy().astype(np.float64)
+    axis = _quant_axis(op)
+    # One zero point per scale, as the TFLite schema wants: LiteRT refuses a tensor with fewer.
+    # TFLM alone also reads one for all channels (``single_zero_point``, Board.zero_points).
+    zeros = [0] if single_zero_point else [0] * len(scales)
+    model.set_tensor_quantization(w_index, scales.tolist(), zeros, axis if len(scales) > 1 else 0)
+    if bits == PACKED_INT4:
+        model.set_tensor_type(w_index, "INT4")
+        model.set_tensor_data(w_index, pack_int4(q))
+    else:  # int8 values; on a b-bit grid for a LUT layer, whose indices ``_lut_compress`` writes
+        model.set_tensor_type(w_index, "INT8")
+        model.set_tensor_data(w_index, np.ascontiguousarray(q).tobytes())
+    tfl = model.operators()[op_index]
+    input_scale = float(net.activation_quantiser(sources[tfl.inputs[0]]).params(activation_bits).scale)
+    bias = layer.bias.detach().numpy().astype(np.float64)
+    bias_scales = input_scale * (scales if len(scales) > 1 else np.full(1, scales[0]))
+    per_channel_scale = bias_scales if len(scales) > 1 else np.full(len(bias), bias_scales[0])
+    q_bias = np.round(bias / per_channel_scale)
+    if b_index < 0:
+        if np.any(q_bias):
+            raise UserError(f"layer '{op.name}': onnx2tf dropped a non-zero bias")
+        return
+    if activation_bits == 16:
+        model.set_tensor_type(b_index, "INT64")
+        model.set_tensor_data(b_index, q_bias.astype(np.int64).tobytes())
+    else:
+        model.set_tensor_type(b_index, "INT32")
+        model.set_tensor_data(b_index, np.clip(q_bias, _INT32_MIN, _INT32_MAX).astype(np.int32).tobytes())
+    model.set_tensor_quantization(b_index, bias_scales.tolist(), [0] if single_zero_point else [0] * len(bias_scales),
+                                  0)
+
+
+def _type_boundaries(model: TfliteModel, net: QuantNet, types: dict[str, int], sources: dict[int, str],
+                     layer_of: dict[int, str]) -> int:
+    """A QUANTIZE (TFLM's int8 <-> int16 requantisation) wherever an operator reads an activation
+    of the other type, one per tensor and type, put before its first reader; and before the
+    graph's output where that is int16. A layer reads its own type, an operator that shares its
+    input's scale runs in that input's type, every other operator reads int8. Returns the count."""
+    converted: dict[tuple[int, int], int] = {}
+    inserts: list[tuple[int, int, int]] = []  # (before operator, from tensor, to tensor)
+
+    def as_type(tensor: int, width: int, before: int) -> int:
+        name = sources[tensor]
+        if types[name] == width:
+            return tensor
+        if (tensor, width) not in converted:
+            p = net.activation_quantiser(name).params(width)
+            converted[tensor, width] = model.add_activation_tensor(
+                tensor, "INT16" if width == 16 else "INT8", float(p.scale), int(p.zero_point))
+            inserts.append((before, tensor, converted[tensor, width]))
+        return converted[tensor, width]
+
+    for info in model.operators():
+        if info.name in _SAME_SCALE_OPS and info.index not in layer_of:
+            continue
+        width = types[layer_of[info.index]] if info.index in layer_of else 8
+        for position, tensor in enumerate(info.inputs):
+            if tensor in sources and (new := as_type(tensor, width, info.index)) != tensor:
+                model.set_operator_input(info.index, position, new)
+    (output,) = model.outputs
+    model.set_output(as_type(output, 8, len(model.operators())))
+    for before, source, target in sorted(inserts, reverse=True):  # the last first: earlier positions hold
+        model.insert_operator(before, schema.BuiltinOperator.QUANTIZE, [source], [target])
+    return len(inserts)
 
 
 DECODE_OPERATOR = f"CUSTOM:{DECODE_OP}"
 
 
 def _lut_compress(model: TfliteModel, layers: list[tuple[int, int, int | None]]) -> bytes:
-    """The model with each listed layer's weights (operator index, bits, per-channel axis or None)
+    """The model with each listed layer's weights (weight tensor index, bits, per-channel axis or None)
     stored as ``bits``-bit indices into int8 value tables, and TFLM's DECODE operator before the
     layer, written by tflite-micro's own compression tool (its spec and DECODE insertion)."""
     from tflite_micro.tensorflow.lite.micro.compression import spec
@@ -353,10 +425,9 @@ def _lut_compress(model: TfliteModel, layers: list[tuple[int, int, int | None]])
 
     if not layers:
         return model.to_bytes()
-    operators = model.operators()
-    specs = [spec.Tensor(subgraph=0, tensor=operators[op_index].inputs[1], compression=[spec.LookUpTableCompression(
+    specs = [spec.Tensor(subgraph=0, tensor=tensor, compression=[spec.LookUpTableCompression(
         index_bitwidth=b, mode=spec.PerTensor() if axis is None else spec.PerChannel(axis=axis))])
-        for op_index, b, axis in layers]
+        for tensor, b, axis in layers]
     # Quiet: "resulted in expansion" for a small layer (the cost model prices it) and, on stderr,
     # "index_bitwidth larger than necessary" for a layer whose values use fewer levels than b bits.
     with warnings.catch_warnings(), contextlib.redirect_stderr(io.StringIO()):
@@ -396,10 +467,11 @@ def _with_input_shape(tflite: bytes, input_shape: tuple[int, ...] | None) -> byt
 
 def export_model(net: QuantNet, bits: dict[str, int], calibration: np.ndarray, softmax: bool = False,
                  single_zero_point: bool = False, input_shape: tuple[int, ...] | None = None) -> ExportResult:
-    """The mixed ``.tflite`` of ``net`` under ``bits`` (layer -> 4 or 8) and its int8 reference,
-    both ending in an int8 SOFTMAX when ``softmax``; ``single_zero_point`` writes the TFLM-only
-    form of per-channel weights and biases (one zero point each, which LiteRT refuses);
-    ``input_shape`` (per sample) is the input's shape in the model file, where it is not (C, H, W).
+    """The mixed ``.tflite`` of ``net`` under ``bits`` (layer -> weight bits) and the network's
+    int16-activation layers (``net.wide``), and its all-int8 reference, both ending in an int8
+    SOFTMAX when ``softmax``; ``single_zero_point`` writes the TFLM-only form of per-channel
+    weights and biases (one zero point each, which LiteRT refuses); ``input_shape`` (per sample)
+    is the input's shape in the model file, where it is not (C, H, W).
 
     ``calibration`` (float32 NCHW) only lets onnx2tf finish its own int8 conversion; every scale
     in the result comes from ``net``.
@@ -412,6 +484,9 @@ def export_model(net: QuantNet, bits: dict[str, int], calibration: np.ndarray, s
     bad = {name: b for name, b in bits.items() if b not in WEIGHT_BITS}
     if bad:
         raise UserError(f"TFLM runs weights of 2 to 8 bits; policy has {bad}")
+    hybrid = sorted(name for name in net.wide if bits[name] != 8)
+    if hybrid:
+        raise UserError(f"layers {hybrid}: TFLM's 16x8 kernels take int8 weights only")
     net.eval()
     float_module = FloatGraphModule(net, bits).eval()
     int8 = export_int8(float_module, (1, *graph.input_shape), np.ascontiguousarray(calibration, dtype=np.float32),
@@ -419,21 +494,25 @@ def export_model(net: QuantNet, bits: dict[str, int], calibration: np.ndarray, s
     layout, columns = _fold_flatten(_with_input_shape(int8.tflite, input_shape))
     template = TfliteModel.from_bytes(layout, source="onnx2tf output")
     matched = _match_layers(template, graph, float_module, columns)
-    acts = _activation_params(template, net)
-    mixed, rewritten = _rewrite(layout, net, bits, matched, acts, columns, softmax, single_zero_point)
-    reference, _ = _rewrite(layout, net, {op.name: 8 for op in graph.layers}, matched, acts, columns, softmax,
-                            single_zero_point)
+    sources = _activation_sources(template, net)
+    mixed = _rewrite(layout, net, bits, net.wide, matched, sources, columns, softmax, single_zero_point)
+    reference = _rewrite(layout, net, {op.name: 8 for op in graph.layers}, frozenset(), matched, sources, columns,
+                         softmax, single_zero_point)
     notes = []
-    if any(o.name == "MEAN" for o in TfliteModel.from_bytes(mixed).operators()):
+    if any(o.name == "MEAN" for o in TfliteModel.from_bytes(mixed.tflite).operators()):
         notes.append("a MEAN operator could not be rewritten to AVERAGE_POOL_2D and was kept")
     (in_index,), (out_index,) = template.inputs, template.outputs
-    output = (OUTPUT_SCALE, OUTPUT_ZERO_POINT) if softmax else acts[out_index]
+    given = net.activation_quantiser(sources[in_index]).params(8)
+    logits = net.activation_quantiser(sources[out_index]).params(8)
+    output = (OUTPUT_SCALE, OUTPUT_ZERO_POINT) if softmax else (float(logits.scale), int(logits.zero_point))
     return ExportResult(
-        tflite=mixed, tflite_int8=reference, bits=dict(bits),
-        layers=[ExportedLayer(op.name, op.kind, bits[op.name], i, w, b) for op, i, w, b in matched],
-        mean_to_avgpool=rewritten,
-        input_scale=acts[in_index][0], input_zero_point=acts[in_index][1],
+        tflite=mixed.tflite, tflite_int8=reference.tflite, bits=dict(bits),
+        layers=[ExportedLayer(op.name, op.kind, bits[op.name], i, w, b, 16 if op.name in net.wide else 8)
+                for op, i, w, b in matched],
+        mean_to_avgpool=mixed.mean_to_avgpool,
+        input_scale=float(given.scale), input_zero_point=int(given.zero_point),
         output_scale=output[0], output_zero_point=output[1], softmax=softmax,
+        wide=net.wide, quantize_ops=mixed.quantize_ops,
         notes=notes, single_zero_point=single_zero_point,
-        _layout=(layout, matched, acts, columns),
+        _layout=(layout, matched, sources, columns),
     )

@@ -1,18 +1,20 @@
-"""The policy file: each quantisable layer's weight bit-width, with the figures behind the choice.
+"""The policy file: each quantisable layer's weight bit-width (and activation width), with the
+figures behind the choice.
 
 The search writes it; export reads it. It is meant to be edited by hand: change a layer's
-``weight_bits`` and run ``export`` to try a policy without searching again.
+``weight_bits`` and run ``export`` to try a policy without searching again, or set an int8-weight
+layer's ``activation_bits`` to 16 to run it with TFLM's 16x8 kernels.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from smpq_edge.common.errors import UserError
 from smpq_edge.common.fileio import read_json, write_json
-from smpq_edge.common.precision import WeightBits
+from smpq_edge.common.precision import WIDE, ActivationBits, WeightBits, precision_refusal
 from smpq_edge.common.vocabulary import WeightedKind
 
 
@@ -22,10 +24,18 @@ class LayerChoice(BaseModel):
     name: str
     kind: WeightedKind
     weight_bits: WeightBits
+    activation_bits: ActivationBits = 8
     params: int = Field(ge=0)
     flash_bytes: int | None = Field(default=None, ge=0)
     cycles: int | None = Field(default=None, ge=0)
     shapley: dict[str, float] | None = None  # candidate ("w4a8") -> Shapley value
+
+    @model_validator(mode="after")
+    def _runs_on_tflm(self) -> "LayerChoice":
+        reason = precision_refusal(self.weight_bits, self.activation_bits)
+        if reason:
+            raise ValueError(reason)
+        return self
 
 
 class Policy(BaseModel):
@@ -39,6 +49,11 @@ class Policy(BaseModel):
     @property
     def bits(self) -> dict[str, int]:
         return {layer.name: layer.weight_bits for layer in self.layers}
+
+    @property
+    def wide(self) -> frozenset[str]:
+        """The layers with int16 activations (TFLM's 16x8 kernels)."""
+        return frozenset(layer.name for layer in self.layers if layer.activation_bits == WIDE)
 
 
 def load_policy(path: str | Path) -> Policy:

@@ -31,6 +31,7 @@ from smpq_edge.inputs.boards import Board, KernelCycles
 from smpq_edge.common.errors import UserError
 from smpq_edge.network.graph import Graph, Op
 from smpq_edge.network.ops import KINDS
+from smpq_edge.network.quant import activation_types
 from smpq_edge.common.precision import DECODE_OP, PACKED_INT4, is_lut, kernel_bits, lut_levels
 
 # TFLite flatbuffer: a scale (float32) and a zero point (int64) per quantisation channel, as the
@@ -123,11 +124,14 @@ DECODE = DECODE_OP  # as the firmware's profile names the operator
 DCM_BYTES = 16
 
 
-def registered_kernels(graph: Graph, bits: dict[str, int], kernels: str) -> tuple[str, ...]:
+def registered_kernels(graph: Graph, bits: dict[str, int], kernels: str,
+                       wide: frozenset[str] = frozenset()) -> tuple[str, ...]:
     """The kernels the firmware links, as ``firmware.registrations`` registers them: with
     CMSIS-NN an op whose layers all have one weight type links only that variant
-    (``CONV_2D_INT8``); mixed weights link both (the generic kernel dispatches at run time)."""
-    operators = tflite_operators(graph, bits)
+    (``CONV_2D_INT8``); mixed weights link both (the generic kernel dispatches at run time). The
+    generic kernel of an op with 16x8 layers also links CMSIS-NN's s16 code, and QUANTIZE its
+    own: neither is measured yet, so both are priced at 0 bytes."""
+    operators = tflite_operators(graph, bits, wide)
     out = set()
     for builtin in {o.builtin for o in operators}:
         if kernels != "cmsis_nn" or builtin not in VARIANT_OPS:
@@ -144,9 +148,10 @@ def decode_kernel_bytes(board: Board) -> int:
     return 0 if board.reserve.decode else RUNTIME[board.kernels].flash_per_kernel[DECODE]
 
 
-def runtime_flash_bytes(graph: Graph, bits: dict[str, int], kernels: str) -> int:
+def runtime_flash_bytes(graph: Graph, bits: dict[str, int], kernels: str, wide: frozenset[str] = frozenset()) -> int:
     table = RUNTIME[kernels]
-    return table.flash_base + sum(table.flash_per_kernel.get(k, 0) for k in registered_kernels(graph, bits, kernels))
+    return table.flash_base + sum(table.flash_per_kernel.get(k, 0)
+                                  for k in registered_kernels(graph, bits, kernels, wide))
 
 
 def quant_channels(op: Op) -> int:
@@ -318,16 +323,39 @@ class TfliteOperator:
     inputs: tuple[str, ...]  # the activation tensors it reads
     input_shape: tuple[int, ...]  # of its first input (channels first, no batch)
     out_elements: int
+    element_bytes: int = 1  # of its output: 2 for an int16 activation
+
+    @property
+    def out_bytes(self) -> int:
+        return self.out_elements * self.element_bytes
 
 
-def tflite_operators(graph: Graph, bits: dict[str, int] | None = None) -> list[TfliteOperator]:
+def tflite_operators(graph: Graph, bits: dict[str, int] | None = None,
+                     wide: frozenset[str] = frozenset()) -> list[TfliteOperator]:
     """The operators as the exporter writes them: a PAD before a convolution that needs one, no
     RESHAPE in front of a FULLY_CONNECTED (which flattens its input itself), none for the input;
     with ``bits``, a DECODE right before each LUT layer (where tflite-micro's compression tool
-    puts it), reading only constants and writing the layer's int8 weights."""
+    puts it), reading only constants and writing the layer's int8 weights; with ``wide`` (layers
+    with int16 activations), a QUANTIZE before the first reader of a tensor in the other type
+    (``quant.activation_types``), and before the output where that is int16."""
     alias: dict[str, str] = {}
     shapes = {op.name: op.out_shape for op in graph.ops}
-    out = []
+    types = activation_types(graph, wide)
+    tensor_bits = {op.name: 8 for op in graph.ops if op.kind == "input"}
+    out: list[TfliteOperator] = []
+
+    def as_type(source: str, width: int) -> str:
+        """``source`` as ``width`` bits, through a QUANTIZE the first time it is needed."""
+        if tensor_bits[source] == width:
+            return source
+        name = f"{source}/int{width}"
+        if name not in tensor_bits:
+            quantize = Op(name, "quantize", (source,), shapes[source])
+            out.append(TfliteOperator(name, "QUANTIZE", quantize, (source,), shapes[source], quantize.out_elements,
+                                      width // 8))
+            tensor_bits[name], shapes[name] = width, shapes[source]
+        return name
+
     for op in graph.ops:
         sources = tuple(alias.get(s, s) for s in op.inputs)
         if op.kind == "input":
@@ -339,31 +367,37 @@ def tflite_operators(graph: Graph, bits: dict[str, int] | None = None) -> list[T
             source_shape = shapes[sources[0]]
             padded = (source_shape[0], *(d + 2 * p for d, p in zip(source_shape[1:], op.padding)))
             pad_name = f"{op.name}/pad"
-            shapes[pad_name] = padded
-            out.append(TfliteOperator(pad_name, "PAD", op, sources, source_shape, math.prod(padded)))
+            shapes[pad_name], tensor_bits[pad_name] = padded, tensor_bits[sources[0]]
+            out.append(TfliteOperator(pad_name, "PAD", op, sources, source_shape, math.prod(padded),
+                                      tensor_bits[pad_name] // 8))
             sources = (pad_name,)
+        if not KINDS[op.kind].shares_input_scale:  # every other op reads its own type (int16 for a 16x8 layer)
+            sources = tuple(as_type(source, types[op.name]) for source in sources)
         if op.weighted and bits is not None and is_lut(bits[op.name]):
             out.append(TfliteOperator(f"{op.name}/decode", DECODE, op, (), tuple(op.weight_shape), op.weight_count))
-        out.append(TfliteOperator(op.name, KINDS[op.kind].tflite, op, sources, shapes[sources[0]], op.out_elements))
+        tensor_bits[op.name] = types[op.name]
+        out.append(TfliteOperator(op.name, KINDS[op.kind].tflite, op, sources, shapes[sources[0]], op.out_elements,
+                                  types[op.name] // 8))
+    last = as_type(alias.get(graph.output, graph.output), 8)
     if graph.output_softmax:
-        last = graph.op(graph.output)
-        softmax = Op(f"{graph.output}/softmax", "softmax", (graph.output,), last.out_shape)
-        out.append(TfliteOperator(softmax.name, KINDS["softmax"].tflite, softmax, (out[-1].name,), last.out_shape,
+        softmax = Op(f"{graph.output}/softmax", "softmax", (graph.output,), shapes[graph.output])
+        out.append(TfliteOperator(softmax.name, KINDS["softmax"].tflite, softmax, (last,), softmax.out_shape,
                                   softmax.out_elements))
     return out
 
 
-def tflite_layout(graph: Graph, bits: dict[str, int] | None = None) -> tuple[int, int, list[TfliteTensor]]:
-    """Operator count, tensor count and arena tensors (with op-index lifetimes) of the model as
-    the exporter writes it (``tflite_operators``): activations, and the weights each DECODE
-    writes, alive until its layer has run."""
-    operators = tflite_operators(graph, bits)
+def tflite_layout(graph: Graph, bits: dict[str, int] | None = None,
+                  wide: frozenset[str] = frozenset()) -> tuple[int, int, list[TfliteTensor]]:
+    """Operator count, tensor count and arena tensors (with op-index lifetimes, sizes in bytes)
+    of the model as the exporter writes it (``tflite_operators``): activations, and the weights
+    each DECODE writes, alive until its layer has run."""
+    operators = tflite_operators(graph, bits, wide)
     activations = {op.name: [op.out_elements, 0, 0] for op in graph.ops if op.kind == "input"}
     n_tensors = len(activations)
     for index, operator in enumerate(operators):
         for source in operator.inputs:
             activations[source][2] = index
-        activations[operator.name] = [operator.out_elements, index, index]
+        activations[operator.name] = [operator.out_bytes, index, index]
         if operator.builtin == "PAD":
             n_tensors += 2  # the padded activation and the paddings constant
         elif operator.builtin == DECODE:
@@ -373,7 +407,12 @@ def tflite_layout(graph: Graph, bits: dict[str, int] | None = None) -> tuple[int
             n_tensors += 1 + (2 if operator.op.weighted else 0)  # output, plus weights and bias
     last = operators[-1].name if operators else graph.output
     activations[last][2] = len(operators)  # the output lives to the end
-    tensors = [TfliteTensor(name, size, first, end) for name, (size, first, end) in activations.items()]
+    # In the file's tensor order, which breaks the planner's ties of size: the exporter appends
+    # the QUANTIZE outputs after onnx2tf's tensors, then the SOFTMAX's.
+    builtin = {operator.name: operator.builtin for operator in operators}
+    appended = {"QUANTIZE": 1, "SOFTMAX": 2}
+    order = sorted(activations, key=lambda name: appended.get(builtin.get(name, ""), 0))
+    tensors = [TfliteTensor(name, *activations[name]) for name in order]
     return len(operators), n_tensors, tensors
 
 
@@ -510,10 +549,12 @@ class OpCost:
     cycles: int
 
 
-def operator_costs(graph: Graph, bits: dict[str, int], board: Board) -> list[OpCost]:
-    """Every operator's cycles on ``board``, in the firmware's execution order."""
+def operator_costs(graph: Graph, bits: dict[str, int], board: Board, wide: frozenset[str] = frozenset()) -> list[OpCost]:
+    """Every operator's cycles on ``board``, in the firmware's execution order. A 16x8 layer (in
+    ``wide``) is priced by its int8 kernel's formula: CMSIS-NN's s16 kernels are not fitted on
+    QEMU yet."""
     out = []
-    for operator in tflite_operators(graph, bits):
+    for operator in tflite_operators(graph, bits, wide):
         layer_bits = bits.get(operator.op.name, 8) if operator.builtin != "PAD" else 8
         variant = kernel_variant(operator, layer_bits, board.kernels)
         out.append(OpCost(operator.name, operator.builtin, variant,
@@ -560,8 +601,10 @@ def zero_point_saving(graph: Graph, bits: dict[str, int], board: Board) -> int:
 
 
 def estimate(graph: Graph, bits: dict[str, int], board: Board, flash_budget_bytes: int | None = None,
-             ram_budget_bytes: int | None = None, cycle_budget: int | None = None, host: bool = False) -> CostReport:
-    """The cost of ``bits`` (layer name -> weight bit-width) on ``board``.
+             ram_budget_bytes: int | None = None, cycle_budget: int | None = None, host: bool = False,
+             wide: frozenset[str] = frozenset()) -> CostReport:
+    """The cost of ``bits`` (layer name -> weight bit-width) on ``board``, with the layers in
+    ``wide`` on int16 activations (twice the arena bytes, an int64 bias, QUANTIZE operators).
 
     Budgets default to the board's; the search passes its own to study other operating points.
     The arena is the 32-bit target's; ``host=True`` predicts the 64-bit host interpreter's instead.
@@ -573,7 +616,7 @@ def estimate(graph: Graph, bits: dict[str, int], board: Board, flash_budget_byte
     for op in graph.layers:
         if bits[op.name] not in board.weight_bits:
             raise UserError(f"layer '{op.name}': {bits[op.name]}-bit weights are not a candidate on board {board.name}")
-    ops = operator_costs(graph, bits, board)
+    ops = operator_costs(graph, bits, board, wide)
     op_cycles = {op.name: op.cycles for op in ops}
     layers, scratch = [], {}
     for op in graph.layers:
@@ -584,14 +627,14 @@ def estimate(graph: Graph, bits: dict[str, int], board: Board, flash_budget_byte
             name=op.name, kind=op.kind, weight_bits=b, params=op.weight_count, macs=op.macs,
             weight_bytes=weight_bytes(op.weight_count, b), lut_bytes=lut_bytes(op, b),
             decoded_bytes=decoded_bytes(op, b),
-            bias_bytes=4 * op.out_channels,
+            bias_bytes=(8 if op.name in wide else 4) * op.out_channels,
             # Weights and bias each carry a scale per channel, and a zero point per channel or one
             # (a LUT layer's on its decoded tensor).
             quant_param_bytes=2 * (SCALE_BYTES * channels + ZERO_POINT_BYTES * zero_points(board, channels)),
             scratch_bytes=scratch[op.name],
             cycles=op_cycles[op.name] + op_cycles.get(f"{op.name}/decode", 0),
         ))
-    n_ops, n_tensors, activations = tflite_layout(graph, bits)
+    n_ops, n_tensors, activations = tflite_layout(graph, bits, wide)
     # Every activation carries one scale and zero point; a PAD's paddings are 8 int32 values.
     pad_bytes = 32 * sum(1 for t in activations if t.name.endswith("/pad"))
     # A decoded weight tensor carries the layer's weight quantisation, counted with the layer.
@@ -608,7 +651,7 @@ def estimate(graph: Graph, bits: dict[str, int], board: Board, flash_budget_byte
         board=board.name, layers=layers, ops=ops, model_flash_bytes=model_flash, arena_bytes=arena, cycles=cycles,
         reserve_flash_bytes=int(board.reserve.flash_kb * 1024), reserve_ram_bytes=int(board.reserve.ram_kb * 1024),
         extra_kernel_flash_bytes=decode_kernel_bytes(board) if decodes else 0,
-        runtime_flash_bytes=runtime_flash_bytes(graph, bits, board.kernels),
+        runtime_flash_bytes=runtime_flash_bytes(graph, bits, board.kernels, wide),
         static_ram_bytes=RUNTIME[board.kernels].static_ram + RUNTIME[board.kernels].static_ram_per_op * n_ops,
         flash_budget_bytes=flash_budget_bytes if flash_budget_bytes is not None else int(board.budgets.flash_kb * 1024),
         ram_budget_bytes=ram_budget_bytes if ram_budget_bytes is not None else int(board.budgets.ram_kb * 1024),

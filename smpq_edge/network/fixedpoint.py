@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 INT8_MIN, INT8_MAX = -128, 127
+INT16_MIN, INT16_MAX = -(2**15), 2**15 - 1
 INT32_MIN, INT32_MAX = -(2**31), 2**31 - 1
 # TFLM's int8 ADD scales both inputs by 2^20 before rescaling them (add_common.cc).
 ADD_LEFT_SHIFT = 20
@@ -66,3 +67,35 @@ class Requantiser:
         minus_one_if_negative = (x - self.negative_below).bitwise_right_shift_(63)  # cheaper than torch.where
         x = x.mul_(self.multiplier).add_(self.offset).add_(minus_one_if_negative, alpha=2**31)
         return x.bitwise_right_shift_(self.shift)
+
+
+class WideRequantiser:
+    """TFLM's MultiplyByQuantizedMultiplier(int64 x, multiplier, shift) per channel, which the 16x8
+    conv, depthwise and fully connected kernels requantise their int64 accumulators with (and
+    CMSIS-NN's arm_nn_requantize_s64 with an int64 bias, the same sums): the multiplier reduced to
+    16 bits, round(m / 2^16) (0x7FFF at the top), then (x * reduced + 2^(s-1)) >> s with
+    s = 15 - shift. An int64 bias added to x first is folded in; |x| < 2^47 keeps it in int64."""
+
+    def __init__(self, multiplier: np.ndarray, shift: np.ndarray, view: tuple[int, ...] = (-1,),
+                 bias: np.ndarray | None = None, device: torch.device | str = "cpu"):
+        multiplier, shift = np.asarray(multiplier, np.int64), np.asarray(shift, np.int64)
+        reduced = np.where(multiplier < 0x7FFF0000, (multiplier + (1 << 15)) >> 16, 0x7FFF)
+        total = 15 - shift
+        bias = np.zeros_like(reduced) if bias is None else np.asarray(bias, np.int64)
+        shape = np.broadcast_shapes(reduced.shape, bias.shape)
+
+        def tensor(a: np.ndarray) -> torch.Tensor:
+            return torch.from_numpy(np.array(np.broadcast_to(a, shape))).reshape(view).to(device)
+
+        self.multiplier = tensor(reduced)
+        self.offset = tensor(bias * reduced + (np.int64(1) << (total - 1)))
+        self.shift = tensor(total)
+
+    @classmethod
+    def of_scales(cls, real: np.ndarray, view: tuple[int, ...] = (-1,), bias: np.ndarray | None = None,
+                  device: torch.device | str = "cpu") -> "WideRequantiser":
+        return cls(*quantize_multiplier(real), view, bias, device)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        """The requantised int64 ``x`` (overwritten)."""
+        return x.mul_(self.multiplier).add_(self.offset).bitwise_right_shift_(self.shift)

@@ -32,7 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from smpq_edge.common.distributed import SINGLE_PROCESS, Context
-from smpq_edge.network.fixedpoint import INT8_MAX, INT8_MIN, INT32_MAX, INT32_MIN, Requantiser
+from smpq_edge.network.fixedpoint import (INT8_MAX, INT8_MIN, INT16_MAX, INT16_MIN, INT32_MAX, INT32_MIN,
+                                          Requantiser, WideRequantiser)
 from smpq_edge.network.graph import Graph, Op
 from smpq_edge.network.ops import KINDS
 
@@ -86,9 +87,15 @@ class ActivationParams:
         return float(np.float32(self.scale))
 
 
-def activation_range(p: ActivationParams, activation: str) -> tuple[int, int]:
-    """CalculateActivationRangeQuantized: the fused activation's int8 range, from the float32 scale."""
-    lo, hi = INT8_MIN, INT8_MAX
+def type_range(bits: int) -> tuple[int, int]:
+    """The integers an int8 or int16 activation tensor holds."""
+    return (INT16_MIN, INT16_MAX) if bits == 16 else (INT8_MIN, INT8_MAX)
+
+
+def activation_range(p: ActivationParams, activation: str, bits: int = 8) -> tuple[int, int]:
+    """CalculateActivationRangeQuantized: the fused activation's int8 (or int16) range, from the
+    float32 scale."""
+    lo, hi = type_range(bits)
     if activation in ("relu", "relu6"):
         lo = max(lo, p.zero_point)
     if activation == "relu6":
@@ -100,7 +107,9 @@ def activation_range(p: ActivationParams, activation: str) -> tuple[int, int]:
 class ActQuant(nn.Module):
     """Asymmetric int8 per-tensor fake quantiser with a running min/max range.
 
-    The range always includes 0 (TFLite needs zero exactly representable). In training mode
+    The range always includes 0 (TFLite needs zero exactly representable). A tensor that TFLM
+    holds in int16 (``bits`` 16: written by a 16x8 layer) is quantised symmetrically from the same
+    range, zero point 0, as TFLite's 16x8 mode does. In training mode
     batches move the range by an exponential moving average, once per batch: forward
     passes only record the batch's min and max, and ``commit`` (called after the batch's last
     gradient shard, on every rank) applies them. So every shard of a batch, on any rank, is
@@ -114,6 +123,7 @@ class ActQuant(nn.Module):
         self.register_buffer("hi", torch.tensor(0.0))
         self.register_buffer("initialised", torch.tensor(False))
         self._pending: tuple[float, float] | None = None
+        self.bits = 8  # the tensor's type in the exported model (QuantNet.set_activation_bits)
 
     def _update(self, lo: float, hi: float) -> None:
         lo, hi = min(lo, 0.0), max(hi, 0.0)
@@ -131,8 +141,12 @@ class ActQuant(nn.Module):
         if math.isfinite(lo):
             self._update(lo, hi)
 
-    def params(self) -> ActivationParams:
+    def params(self, bits: int | None = None) -> ActivationParams:
+        """The tensor's scale and zero point as an int8 tensor, or as int16 (``bits`` 16); its own
+        type's by default."""
         lo, hi = float(self.lo), float(self.hi)
+        if (bits or self.bits) == 16:
+            return ActivationParams(max(-lo, hi, 1e-8) / INT16_MAX, 0)
         scale = max(hi - lo, 1e-8) / (INT8_MAX - INT8_MIN)
         zero_point = int(min(max(round(INT8_MIN - lo / scale), INT8_MIN), INT8_MAX))
         return ActivationParams(scale, zero_point)
@@ -154,7 +168,7 @@ class ActQuant(nn.Module):
         p = self.params()
         # torch's fused kernel: round half to even, clamp, dequantise; gradient straight through
         # inside the range and zero outside it.
-        return torch.fake_quantize_per_tensor_affine(x, p.scale, p.zero_point, INT8_MIN, INT8_MAX)
+        return torch.fake_quantize_per_tensor_affine(x, p.scale, p.zero_point, *type_range(self.bits))
 
     def _inference(self, x: torch.Tensor, activation: str) -> torch.Tensor:
         """The same values as the fused kernel above, about twice as fast (one new tensor, then in
@@ -165,7 +179,7 @@ class ActQuant(nn.Module):
         p = self.params()
         scale = np.float32(p.scale)
         inverse = np.float32(1.0) / scale
-        lo, hi = INT8_MIN, INT8_MAX
+        lo, hi = type_range(self.bits)
         if activation in ("relu", "relu6"):
             lo = max(lo, p.zero_point)
         if activation == "relu6":
@@ -173,17 +187,29 @@ class ActQuant(nn.Module):
         q = x.mul(float(inverse)).round_()
         return q.clamp_(lo - p.zero_point, hi - p.zero_point).mul_(float(scale))
 
-    def integers(self, x: torch.Tensor) -> torch.Tensor:
+    def integers(self, x: torch.Tensor, bits: int | None = None) -> torch.Tensor:
         """x quantised as TFLM's quantiser does it (round(x / scale), half to even, in float32),
         less the zero point: on this quantiser's grid, the exact integers q - zero point."""
-        return x.div(self.params().tflite_scale).round_()
+        return x.div(self.params(bits).tflite_scale).round_()
 
-    def dequantise(self, k: torch.Tensor, activation: str = "none") -> torch.Tensor:
-        """Integers k = q - zero point (overwritten), q clamped to the fused activation's int8
-        range, back on the float grid: k * scale in float32, as the float path writes them."""
-        p = self.params()
-        lo, hi = activation_range(p, activation)
+    def dequantise(self, k: torch.Tensor, activation: str = "none", bits: int | None = None) -> torch.Tensor:
+        """Integers k = q - zero point (overwritten), q clamped to the fused activation's int8 (or
+        int16) range, back on the float grid: k * scale in float32, as the float path writes them."""
+        bits = bits or self.bits
+        p = self.params(bits)
+        lo, hi = activation_range(p, activation, bits)
         return k.to(torch.float32).clamp_(lo - p.zero_point, hi - p.zero_point).mul_(p.tflite_scale)
+
+    def convert(self, x: torch.Tensor, bits: int, exact: bool) -> torch.Tensor:
+        """The tensor (held in this quantiser's type) as the other type: TFLM's QUANTIZE between
+        int8 and int16 (reference Requantize: (q - zero point) times the ratio of the float32
+        scales, MultiplyByQuantizedMultiplier, plus the new zero point, clamped) when ``exact``,
+        else a fake quantisation on the new grid."""
+        source, target = self.params(), self.params(bits)
+        if not exact:
+            return torch.fake_quantize_per_tensor_affine(x, target.scale, target.zero_point, *type_range(bits))
+        requantise = Requantiser.of_scales(np.array([source.tflite_scale / target.tflite_scale]), device=x.device)
+        return self.dequantise(requantise(self.integers(x).to(torch.int64)), "none", bits)
 
 
 def same_pad(x: torch.Tensor, op: Op) -> torch.Tensor:
@@ -213,13 +239,14 @@ class IntegerLayer:
     op: Op
     # Integers as float32, or as float64 where even split inputs could take a sum past 2^24.
     weight: torch.Tensor
-    requantise: Requantiser  # with the int32 bias folded in
+    requantise: Requantiser | WideRequantiser  # with the int32 (16x8: int64) bias folded in
     source: ActQuant
     target: ActQuant
     split: bool = False  # whole inputs could pass 2^24: sum their high and low parts apart (SPLIT)
+    bits: int = 8  # activations in and out: 16 for TFLM's 16x8 kernels
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        k = self.source.integers(x)
+        k = self.source.integers(x, self.bits)
         if self.split:
             high = k.div(SPLIT, rounding_mode="floor")
             low = k.sub_(high * SPLIT)
@@ -227,7 +254,7 @@ class IntegerLayer:
             acc += run_layer(self.op, low, self.weight).to(torch.int64)
         else:
             acc = run_layer(self.op, k.to(self.weight.dtype), self.weight).to(torch.int64)
-        return self.target.dequantise(self.requantise(acc), self.op.activation)
+        return self.target.dequantise(self.requantise(acc), self.op.activation, self.bits)
 
 
 class MixedLayer(nn.Module):
@@ -267,20 +294,27 @@ class MixedLayer(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_with(x, self.mixed_weight(self.active))
 
-    def integer(self, bits: int, source: ActQuant, target: ActQuant) -> IntegerLayer:
+    def integer(self, bits: int, source: ActQuant, target: ActQuant, activation_bits: int = 8) -> IntegerLayer:
         """Candidate ``bits`` with the numbers the exporter writes: integer weights, float32 scales,
-        int32 bias round(bias / (input scale x weight scale)) in float64 (exporter._rewrite)."""
+        int32 bias round(bias / (input scale x weight scale)) in float64 (exporter._rewrite). With
+        ``activation_bits`` 16, TFLM's 16x8 kernel: int16 in and out, int64 bias, the int64
+        accumulator requantised by the reduced multiplier."""
         q, scales = quantize_weight(self.weight, bits, self.per_channel)
         w_scale = scales.detach().cpu().numpy().astype(np.float64)
-        p_in, p_out = source.params(), target.params()
+        p_in, p_out = source.params(activation_bits), target.params(activation_bits)
         bias_scale = np.broadcast_to(float(p_in.scale) * w_scale, (len(self.bias),))
-        bias = np.clip(np.round(self.bias.detach().cpu().numpy().astype(np.float64) / bias_scale), INT32_MIN, INT32_MAX)
+        bias = np.round(self.bias.detach().cpu().numpy().astype(np.float64) / bias_scale)
         # TFLM's effective scale from the float32 scales in the file, multiplied in double by the
         # conv kernels (PopulateConvolutionQuantizationParams) and, in TFLM 90b983c and the pinned
         # wheel, by fully connected too (GetQuantizedConvolutionMultipler; an older TFLM took the
         # product in float32, which flipped one ResNet-8 output by a step).
         product = p_in.tflite_scale * w_scale
         view = (-1,) if self.op.kind == "fc" else (-1, 1, 1)
+        if activation_bits == 16:
+            # int16 inputs times int8 weights: float64 sums are exact (far below 2^53).
+            requantise = WideRequantiser.of_scales(product / p_out.tflite_scale, view, bias.astype(np.int64), q.device)
+            return IntegerLayer(self.op, q.to(torch.float64), requantise, source, target, bits=16)
+        bias = np.clip(bias, INT32_MIN, INT32_MAX)
         requantise = Requantiser.of_scales(product / p_out.tflite_scale, view, bias.astype(np.int64), q.device)
         k_max = max(INT8_MAX - p_in.zero_point, p_in.zero_point - INT8_MIN)
         weight_sum = float(q.abs().flatten(1).sum(1).max())
@@ -312,6 +346,23 @@ def apply_activation(x: torch.Tensor, activation: str) -> torch.Tensor:
     return x
 
 
+def activation_types(graph: Graph, wide: frozenset[str]) -> dict[str, int]:
+    """Each op's output type in the exported model, 8 or 16 bits: a layer in ``wide`` writes int16
+    (TFLM's 16x8 kernels), the ops that share their input's scale (pooling, reshape) keep their
+    input's type, every other op writes int8 (its int8 kernel; ADD, RELU and SOFTMAX stay int8, so
+    an int16 input reaches them through a QUANTIZE). Every op reads its inputs in its own output
+    type, so an input held in the other type gets a QUANTIZE (int8 <-> int16) first."""
+    types: dict[str, int] = {}
+    for op in graph.ops:
+        if op.weighted:
+            types[op.name] = 16 if op.name in wide else 8
+        elif KINDS[op.kind].shares_input_scale:
+            types[op.name] = types[op.inputs[0]]
+        else:
+            types[op.name] = 8
+    return types
+
+
 class QuantNet(nn.Module):
     """The traced graph run with TFLite-faithful fake quantisation (see module docstring)."""
 
@@ -337,6 +388,7 @@ class QuantNet(nn.Module):
                     self.layers[self.key(op.name)] = MixedLayer(op, weight, bias, self.candidates)
                 if op.name not in self.shares_input_scale:
                     self.act[self.key(op.name)] = ActQuant()
+        self.set_activation_bits(frozenset())
 
     @staticmethod
     def key(name: str) -> str:
@@ -369,6 +421,26 @@ class QuantNet(nn.Module):
             else:
                 layer.active.copy_(torch.tensor([b == bits[op.name] for b in layer.candidates], device=layer.active.device))
 
+    def set_activation_bits(self, wide: frozenset[str]) -> None:
+        """Run the layers in ``wide`` with int16 activations (TFLM's 16x8 kernels), the rest int8."""
+        self.wide = frozenset(wide)
+        self.types = activation_types(self.graph, self.wide)
+        for op in self.graph.ops:
+            if op.name not in self.shares_input_scale:
+                self.act[self.key(op.name)].bits = self.types[op.name]
+
+    def _as_type(self, name: str, x: torch.Tensor, bits: int) -> torch.Tensor:
+        """Tensor ``name`` as ``bits`` wide: itself, or through the QUANTIZE the exporter writes."""
+        quantiser = self.activation_quantiser(name)
+        if quantiser.bits == bits:
+            return x
+        exact = not self.training and not torch.is_grad_enabled() and bool(quantiser.initialised)
+        return quantiser.convert(x, bits, exact)
+
+    def _output(self, env: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The graph's output as the model gives it: int8 (an int16 one through a QUANTIZE)."""
+        return self._as_type(self.graph.output, env[self.graph.output], 8)
+
     def players(self) -> list[tuple[str, int]]:
         """Shapley players: (layer, candidate bits) in layer order."""
         return [(op.name, bits) for op in self.graph.layers for bits in self.candidates]
@@ -386,13 +458,16 @@ class QuantNet(nn.Module):
         layer = self.layer(op.name)
         if int(active.sum()) == 1 and self._integer_mode(op):
             bits = layer.candidates[int(active.nonzero())]
-            return layer.integer(bits, self.activation_quantiser(op.inputs[0]), self.activation_quantiser(op.name))
+            return layer.integer(bits, self.activation_quantiser(op.inputs[0]), self.activation_quantiser(op.name),
+                                 self.types[op.name])
         return layer.mixed_weight(active)
 
     def _execute(self, op: Op, inputs: list[torch.Tensor],
                  weight: torch.Tensor | IntegerLayer | None = None) -> torch.Tensor:
         """One op on its (already quantised) inputs, then its fused activation and output quantiser.
         A layer runs with ``weight`` if given, else with its active candidates."""
+        if op.inputs:
+            inputs = [self._as_type(name, x, self.types[op.name]) for name, x in zip(op.inputs, inputs)]
         if op.weighted:
             weight = weight if weight is not None else self._layer_weight(op, self.layer(op.name).active)
             if isinstance(weight, IntegerLayer):
@@ -411,7 +486,7 @@ class QuantNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         whole = _Segment(self.graph.ops, frozenset({self.graph.output}))
-        return self._run_segment(whole, {"": x})[self.graph.output]
+        return self._output(self._run_segment(whole, {"": x}))
 
     @torch.no_grad()
     def coalition_logits(self, x: torch.Tensor, coalitions: np.ndarray,
@@ -455,7 +530,7 @@ class QuantNet(nn.Module):
         the layers before it, so each choice is one contiguous run), run that layer's segment,
         then the child's subtree."""
         if depth == len(segments) - 1:
-            leaf(env[self.graph.output])
+            leaf(self._output(env))
             return
         column = codes[:, depth].tolist()
         start = 0

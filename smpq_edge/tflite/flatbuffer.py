@@ -263,27 +263,43 @@ class TfliteModel:
             raise ValueError(f"operator {index} has no option {name!r}")
         setattr(options, name, value)
 
-    def append_softmax(self, beta: float, scale: float, zero_point: int) -> int:
-        """Put a SOFTMAX after the graph's one output; it writes a new int8 output tensor of the
-        same shape with (``scale``, ``zero_point``), whose index is returned."""
+    def add_activation_tensor(self, like: int, type_name: str, scale: float, zero_point: int) -> int:
+        """A new activation tensor of tensor ``like``'s shape, of ``type_name`` with one scale and
+        zero point; its index."""
         graph = self._graph
-        (source,) = self.outputs
         tensor = schema.TensorT()
-        tensor.shape = np.asarray(graph.tensors[source].shape, dtype=np.int32)
-        tensor.type = _TYPE_CODES["INT8"]
+        tensor.shape = np.asarray(graph.tensors[like].shape, dtype=np.int32)
+        tensor.type = _TYPE_CODES[type_name]
         tensor.buffer = len(self._model.buffers)
         self._model.buffers.append(_AlignedBufferT())  # an activation: an empty buffer of its own
         graph.tensors.append(tensor)
-        out = len(graph.tensors) - 1
-        self.set_tensor_quantization(out, [scale], [zero_point])
+        self.set_tensor_quantization(len(graph.tensors) - 1, [scale], [zero_point])
+        return len(graph.tensors) - 1
+
+    def insert_operator(self, position: int, builtin: int, inputs: Sequence[int], outputs: Sequence[int],
+                        options_type: int = 0, options=None) -> None:
+        """A builtin operator put at ``position`` in the execution order (len(operators): last)."""
         op = schema.OperatorT()
-        op.opcodeIndex = self.opcode_index(schema.BuiltinOperator.SOFTMAX)
-        op.inputs, op.outputs = np.asarray([source], dtype=np.int32), np.asarray([out], dtype=np.int32)
-        op.builtinOptionsType = schema.BuiltinOptions.SoftmaxOptions
-        op.builtinOptions = schema.SoftmaxOptionsT()
-        op.builtinOptions.beta = float(beta)
-        graph.operators = [*(graph.operators or []), op]
-        graph.outputs = np.asarray([out], dtype=np.int32)
+        op.opcodeIndex = self.opcode_index(builtin)
+        op.inputs, op.outputs = np.asarray(inputs, dtype=np.int32), np.asarray(outputs, dtype=np.int32)
+        op.builtinOptionsType, op.builtinOptions = options_type, options
+        operators = list(self._graph.operators or [])
+        self._graph.operators = [*operators[:position], op, *operators[position:]]
+
+    def set_output(self, index: int) -> None:
+        """Make tensor ``index`` the graph's one output."""
+        self._graph.outputs = np.asarray([index], dtype=np.int32)
+
+    def append_softmax(self, beta: float, scale: float, zero_point: int) -> int:
+        """Put a SOFTMAX after the graph's one output; it writes a new int8 output tensor of the
+        same shape with (``scale``, ``zero_point``), whose index is returned."""
+        (source,) = self.outputs
+        out = self.add_activation_tensor(source, "INT8", scale, zero_point)
+        options = schema.SoftmaxOptionsT()
+        options.beta = float(beta)
+        self.insert_operator(len(self._graph.operators or []), schema.BuiltinOperator.SOFTMAX, [source], [out],
+                             schema.BuiltinOptions.SoftmaxOptions, options)
+        self.set_output(out)
         return out
 
     def opcode_index(self, builtin: int) -> int:
