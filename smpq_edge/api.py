@@ -328,7 +328,8 @@ def _build_stages(inputs: Inputs, budgets: Budgets, config: SearchConfig, seed: 
               lambda folder: emulate_stage(folder, source, data, board), computed),
         Stage("firmware", ("model.tflite", "emulation.json", "policy.json"), ("firmware",),
               lambda folder: firmware_stage(folder, source, data, board, seed), ("data", "board", "code", "templates")),
-        Stage("report", ("search.json", "emulation.json"), ("report.md", "report.html"), report_stage, ("code",)),
+        Stage("report", ("search.json", "emulation.json", "policy.json"), ("report.md", "report.html"), report_stage,
+              ("code",)),
     ]
 
 

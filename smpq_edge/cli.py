@@ -282,7 +282,9 @@ def _print_methods(search) -> None:
 
 def _print_build_summary(out, stages: dict | None = None) -> None:
     from smpq_edge.common.records import read_emulation, read_firmware, read_search
+    from smpq_edge.inputs.policy import load_policy
     from smpq_edge.inputs.task import TASKS
+    from smpq_edge.report import int16_note
 
     search = read_search(out / "search.json")
     emulation = read_emulation(out / "emulation.json")
@@ -327,6 +329,8 @@ def _print_build_summary(out, stages: dict | None = None) -> None:
               f"give a --flash-kb below {cost.flash_budget_bytes / 1024:g} to leave that room")
     print("\nweights per layer: " + ", ".join(f"{layer.name} ({layer.kind}) {weight_form(layer.weight_bits)}"
                                           for layer in cost.layers))
+    if (out / "policy.json").exists() and (wide := load_policy(out / "policy.json").wide):
+        print(int16_note(wide))
     _print_methods(search)
     _print_floor(search)
     if stages:
@@ -387,6 +391,10 @@ def _export(parser: argparse.ArgumentParser):
         result = export(args.model, args.data, out=out, calibration=args.calibration, **options_from(args))
         print(f"wrote {os.path.join(out, 'model.tflite')} ({len(result.tflite)} B), "
               f"{os.path.join(out, 'model_int8.tflite')} ({len(result.tflite_int8)} B)")
+        if result.wide:
+            from smpq_edge.report import int16_note
+
+            print(int16_note(result.wide))
         for note in result.notes:
             print(f"note: {note}")
         return 0

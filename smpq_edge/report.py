@@ -263,7 +263,17 @@ def _emulator_section(emulation: EmulationRecord, cost: CostRecord, task: Task) 
     return "## TFLM emulator (model.tflite on the tflite-micro interpreter)\n\n" + _table(["figure", "value"], rows)
 
 
-def make_report(search: SearchRecord, emulation: EmulationRecord | None) -> Report:
+def int16_note(wide: frozenset[str]) -> str:
+    """What the shipped model runs with int16 activations, where policy.json sets any (the
+    search's figures are for int8 activations)."""
+    if not wide:
+        return ""
+    return (f"int16 activations (TFLM's 16x8 kernels, set in policy.json): {', '.join(sorted(wide))}, with a "
+            "QUANTIZE at each int8/int16 boundary; the search's cost figures are for int8 activations, "
+            "export.json and the emulator's figures are for the shipped file")
+
+
+def make_report(search: SearchRecord, emulation: EmulationRecord | None, wide: frozenset[str] = frozenset()) -> Report:
     shipped = search.shipped
     cost = shipped.cost
     task = TASKS[search.task]
@@ -308,7 +318,7 @@ def make_report(search: SearchRecord, emulation: EmulationRecord | None) -> Repo
         + "\n\n![budget use](budget.png)",
         "## Bits per layer\n\n"
         + _table(["layer", "kind", "weight shape (TFLite)", "bits", "params", "flash B", "cycles"], layer_rows)
-        + "\n\n![bits](bits.png)",
+        + (f"\n\n{int16_note(wide)}." if wide else "") + "\n\n![bits](bits.png)",
         _why_section(search, task),
         "## Shapley values\n\n![shapley](shapley.png)",
         _stages_section(search, task),

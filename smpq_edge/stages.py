@@ -133,7 +133,8 @@ def report_stage(out: Path) -> None:
     from smpq_edge.report import make_report
 
     emulation = read_emulation(out / "emulation.json") if (out / "emulation.json").exists() else None
-    report = make_report(read_search(out / "search.json"), emulation)
+    wide = load_policy(out / "policy.json").wide if (out / "policy.json").exists() else frozenset()
+    report = make_report(read_search(out / "search.json"), emulation, wide)
     for name, png in report.images.items():
         write_bytes(out / name, png)
     write_text(out / "report.md", report.markdown)

@@ -15,7 +15,8 @@ import pytest
 import torch
 import yaml
 
-from smpq_edge.inputs.boards import BOARDS_DIR
+from smpq_edge.inputs.boards import BOARDS_DIR, load_board
+from smpq_edge.api import DEFAULT_BOARD
 from smpq_edge.cli import main
 from smpq_edge.inputs.data import load_dataset
 from smpq_edge.tflite.flatbuffer import TfliteModel
@@ -399,3 +400,33 @@ def test_records_round_trip_through_their_classes(default_build):
                          ("firmware/firmware.json", read_firmware), ("build.json", read_build)):
         raw = json.loads((default_build / name).read_text())
         assert reader(default_build / name).model_dump(mode="json") == raw, name
+
+
+def test_int16_layers_set_in_policy_json_are_exported(default_build, tmp_path, capsys):
+    """Setting two layers' activation_bits to 16 and exporting: they become 16x8 layers (no
+    finetune: the weights are unchanged), the fake-quant computes what TFLM computes on every
+    test sample, and the export and the report say which layers run int16 activations."""
+    from smpq_edge.stages import emulate_stage, report_stage
+
+    out = tmp_path / "wide"
+    shutil.copytree(default_build, out)
+    policy = json.loads((out / "policy.json").read_text())
+    wide = [policy["layers"][0]["name"], policy["layers"][-1]["name"]]
+    for layer in policy["layers"]:
+        if layer["name"] in wide:
+            layer["weight_bits"], layer["activation_bits"] = 8, 16
+    (out / "policy.json").write_text(json.dumps(policy))
+    capsys.readouterr()
+    assert main(["export", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    exported = json.loads((out / "export.json").read_text())
+    assert exported["int16_activations"] == sorted(wide) and exported["quantize_ops"] >= 2
+    names = [o.name for o in TfliteModel.from_file(out / "model.tflite").operators()]
+    assert names.count("QUANTIZE") == exported["quantize_ops"] and names[-1] == "QUANTIZE"  # the output is int8
+    data = load_dataset("digits", seed=0)
+    emulation = emulate_stage(out, load_model("digits_dense", num_classes=data.num_classes), data,
+                              load_board(DEFAULT_BOARD))
+    assert emulation.label_agreement == 1.0 and emulation.max_abs_output_delta < 1e-3 * emulation.output_scale
+    report_stage(out)
+    note = f"int16 activations (TFLM's 16x8 kernels, set in policy.json): {', '.join(sorted(wide))}"
+    assert note in printed and note in (out / "report.md").read_text()
