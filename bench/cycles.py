@@ -3,9 +3,9 @@ on an emulated Cortex-M4 (QEMU mps2-an386, ``-icount shift=0``), and the cycle f
 them.
 
 Every case (the four example models and two shapes built here) is exported under int8, all-int4,
-a mixed int4/int8 policy and a LUT policy (layers at 2, 3, 5, 6, 7 bits in turn, each with its
-DECODE) WITHOUT training (instruction counts and sizes do not depend on the trained
-weights), turned into firmware for ``qemu-mps2-an386`` with one test vector, built with CMSIS-NN
+a mixed int4/int8 policy, a LUT policy (layers at 2, 3, 5, 6, 7 bits in turn, each with its
+DECODE) and an int16 policy (two layers in three 16x8 ones, QUANTIZE between) WITHOUT training
+(instruction counts and sizes do not depend on the trained weights), turned into firmware for ``qemu-mps2-an386`` with one test vector, built with CMSIS-NN
 and with reference kernels (``make KERNELS=reference``) and run. The formulas of
 ``smpq_edge.network.cost`` (per kernel variant, over the terms of ``TERMS``: per MAC, im2col element,
 output element, ..., call) are fitted with non-negative least squares on relative error on the
@@ -14,6 +14,7 @@ FIT cases and checked on the HELD_OUT ones; the target arena overhead, the runti
 The run refuses to write bench/RESULTS.md unless cost.py and the board files carry this fit.
 
     TFLM_DIR=../shared/tflm SMPQ_FIRMWARE_BUILD_CACHE=/path/cache python bench/cycles.py
+    python bench/cycles.py --cases resnet8 --policies int16   # measure these again, keep the rest
     python bench/cycles.py --reuse      # refit and rewrite from the measurements of an earlier run
     python bench/cycles.py --reuse --write-boards  # write the fitted cycles into the board files
 """
@@ -60,7 +61,7 @@ from smpq_edge.firmware.validate import build_firmware, parse_self_check, run_qe
 
 BOARD = "qemu-mps2-an386"
 KERNEL_SETS = ("cmsis_nn", "reference")
-POLICIES = ("int8", "int4", "mixed", "lut")
+POLICIES = ("int8", "int4", "mixed", "lut", "int16")
 DEFAULT_WORK = Path("/tmp/smpq_cycles_bench")
 MEASUREMENTS = "measurements.json"
 SECTION = "## Cycles and memory on the firmware (bench/cycles.py)"
@@ -116,18 +117,25 @@ def case_graph(name: str) -> Graph:
     return trace(module.eval(), shape)
 
 
-def policies(graph: Graph) -> dict[str, dict[str, int]]:
+def policies(graph: Graph) -> dict[str, tuple[dict[str, int], frozenset[str]]]:
+    """Per policy, the layers' weight bits and the layers on int16 activations ("int16": two
+    layers of every three 16x8 ones, so that conv, depthwise and fully connected layers of the
+    alternating DS-CNNs all run 16x8, with QUANTIZE operators between)."""
+    none = frozenset()
     return {
-        "int8": {op.name: 8 for op in graph.layers},
-        "int4": {op.name: 4 for op in graph.layers},
-        "mixed": {op.name: 4 if i % 2 == 0 else 8 for i, op in enumerate(graph.layers)},
-        "lut": {op.name: LUT_BITS[i % len(LUT_BITS)] for i, op in enumerate(graph.layers)},
+        "int8": ({op.name: 8 for op in graph.layers}, none),
+        "int4": ({op.name: 4 for op in graph.layers}, none),
+        "mixed": ({op.name: 4 if i % 2 == 0 else 8 for i, op in enumerate(graph.layers)}, none),
+        "lut": ({op.name: LUT_BITS[i % len(LUT_BITS)] for i, op in enumerate(graph.layers)}, none),
+        "int16": ({op.name: 8 for op in graph.layers},
+                  frozenset(op.name for i, op in enumerate(graph.layers) if i % 3 != 2)),
     }
 
 
-def export_case(name: str, work: Path) -> dict[str, Path]:
-    """The case's three .tflite files under ``work/name``, exported from calibrated (untrained)
-    weights; random calibration data, since counts and sizes do not depend on the values."""
+def export_case(name: str, work: Path, measured: tuple[str, ...] = POLICIES) -> dict[str, Path]:
+    """The case's .tflite files of the ``measured`` policies under ``work/name``, exported from
+    calibrated (untrained) weights; random calibration data, since counts and sizes do not depend
+    on the values."""
     torch.manual_seed(0)
     module, shape = case_model(name)
     module.eval()
@@ -139,14 +147,17 @@ def export_case(name: str, work: Path) -> dict[str, Path]:
         net(torch.from_numpy(x))
         net.commit_observations()
     net.eval()
-    bits = policies(graph)
-    exported = export_model(net, bits["mixed"], x)
+    chosen = policies(graph)
+    exported = export_model(net, chosen["mixed"][0], x)
     paths = {}
-    for policy in POLICIES:
+    for policy in measured:
         path = work / name / policy / "model.tflite"
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(exported.tflite if policy == "mixed" else exported.variant(net, bits[policy]))
+        bits, wide = chosen[policy]
+        net.set_activation_bits(wide)
+        path.write_bytes(exported.tflite if policy == "mixed" else exported.variant(net, bits, wide))
         paths[policy] = path
+    net.set_activation_bits(frozenset())
     return paths
 
 
@@ -217,11 +228,12 @@ def measure(case: str, policy: str, tflite: Path, tflm: Path, work: Path) -> lis
     return runs
 
 
-def measure_cases(cases: tuple[str, ...], work: Path, tflm: Path) -> list[Run]:
-    """Measure ``cases``, keeping an earlier run's measurements of the other cases."""
-    runs = [r for r in load_runs(work) if r.case not in cases] if (work / MEASUREMENTS).is_file() else []
+def measure_cases(cases: tuple[str, ...], work: Path, tflm: Path, measured: tuple[str, ...] = POLICIES) -> list[Run]:
+    """Measure the ``measured`` policies of ``cases``, keeping an earlier run's other measurements."""
+    kept = load_runs(work) if (work / MEASUREMENTS).is_file() else []
+    runs = [r for r in kept if r.case not in cases or r.policy not in measured]
     for case in cases:
-        for policy, path in export_case(case, work).items():
+        for policy, path in export_case(case, work, measured).items():
             runs.extend(measure(case, policy, path, tflm, work))
         runs.sort(key=lambda r: CASES.index(r.case))
         (work / MEASUREMENTS).write_text(json.dumps([asdict(r) for r in runs], indent=1))
@@ -237,7 +249,7 @@ def load_runs(work: Path) -> list[Run]:
 # The work terms each kernel variant is fitted with (the others stay 0): what its loops scale with.
 _ELEMENTWISE = {"add": ("outputs", "calls"), "average_pool_2d": ("taps", "copies", "outputs", "calls"),
                 "max_pool_2d": ("taps", "copies", "outputs", "calls"), "pad": ("outputs", "rows", "calls"),
-                "reshape": ("outputs", "calls"), "other": ("outputs", "calls")}
+                "reshape": ("outputs", "calls"), "quantize": ("outputs", "calls"), "other": ("outputs", "calls")}
 # DECODE's LUT loops: a table lookup per weight, a run per channel, set-up per call (the same code for both kernel sets).
 _DECODE = {name: ("weights", "unrolled", "channels", "calls") for name in ("decode_lut2", "decode_lut3", "decode_lut")}
 TERMS: dict[str, dict[str, tuple[str, ...]]] = {
@@ -248,6 +260,10 @@ TERMS: dict[str, dict[str, tuple[str, ...]]] = {
         # The general kernels copy each output's window (a kernel row at a time) before the MACs.
         **{f"depthwise_s{b}": ("macs", "copies", "outputs", "calls") for b in (4, 8)},
         **{f"fc_s{b}": ("macs", "outputs", "calls") for b in (4, 8)},
+        # s16: the general loops (im2col for every conv, a window copy for the fast depthwise).
+        "conv_s16": ("macs", "im2col", "copies", "outputs", "calls"),
+        "depthwise_s16": ("macs", "copies", "outputs", "calls"),
+        "fc_s16": ("macs", "outputs", "calls"),
         **_ELEMENTWISE,
         **_DECODE,
         # arm_pad_s8 copies the input a row (width x channels) at a time.
@@ -257,6 +273,7 @@ TERMS: dict[str, dict[str, tuple[str, ...]]] = {
         **{f"{kind}_s8": ("macs", "taps", "outputs", "calls") for kind in ("conv", "depthwise", "fc")},
         # INT4: the kernel first unpacks the whole filter into int8 (per weight), then runs the int8 loops.
         **{f"{kind}_s4": ("macs", "taps", "outputs", "weights", "calls") for kind in ("conv", "depthwise", "fc")},
+        **{f"{kind}_s16": ("macs", "taps", "outputs", "calls") for kind in ("conv", "depthwise", "fc")},
         **_ELEMENTWISE,
         **_DECODE,
         # PadImpl tests every output element against the borders (copied ones test them all).
@@ -289,8 +306,8 @@ def samples(runs: list[Run], work_dir: Path) -> list[OpSample]:
     out, graphs = [], {}
     for run in runs:
         graph = graphs.setdefault(run.case, case_graph(run.case))
-        bits = policies(graph)[run.policy]
-        operators = tflite_operators(graph, bits)
+        bits, wide = policies(graph)[run.policy]
+        operators = tflite_operators(graph, bits, wide)
         model = TfliteModel.from_file(work_dir / run.case / run.policy / "model.tflite")
         real = [(o.name.removeprefix("CUSTOM:"), model.tensor(o.inputs[1]).shape if o.name in WEIGHTED else ())
                 for o in model.operators()]
@@ -333,13 +350,19 @@ def predicted(sample: OpSample, table: dict[str, KernelCycles]) -> int:
 
 
 def registered(run: Run) -> tuple[str, ...]:
-    """The kernels the run's firmware linked, in ``cost.registered_kernels``' names."""
+    """The kernels the run's firmware linked, in ``cost.registered_kernels``' names: a weight-type
+    variant, or the generic registration's INT4 and INT8 code (and s16 code where the policy has
+    16x8 layers of the op)."""
+    graph = case_graph(run.case)
+    bits, wide = policies(graph)[run.policy]
+    with_s16 = {o.builtin for o in tflite_operators(graph, bits, wide) if o.op.name in wide}
     names = set()
     for call in run.registrations:
         match = re.fullmatch(r"Register_(\w+)_(INT[48])", call)
         op = match.group(1) if match else METHOD_OPS[call].removeprefix("CUSTOM:")
         if run.kernels == "cmsis_nn" and op in VARIANT_OPS:
-            names.update([f"{op}_{match.group(2)}"] if match else [f"{op}_INT4", f"{op}_INT8"])
+            generic = [f"{op}_INT4", f"{op}_INT8"] + ([f"{op}_INT16"] if op in with_s16 else [])
+            names.update([f"{op}_{match.group(2)}"] if match else generic)
         else:
             names.add(op)
     return tuple(sorted(names))
@@ -375,10 +398,10 @@ def arena_terms(case: str, policy: str, kernels: str) -> tuple[int, list[int]]:
     """Planned activations and scratch, and the overhead terms (1, tensors, ops, channels, DECODEs),
     as ``ArenaOverhead.bytes`` counts them: a DECODE's op and two tensors in its own term."""
     graph = case_graph(case)
-    bits = policies(graph)[policy]
+    bits, wide = policies(graph)[policy]
     board = load_board(BOARD).model_copy(update={"kernels": kernels})  # scratch_bytes reads only .kernels
-    n_ops, n_tensors, activations = tflite_layout(graph, bits)
-    scratch = {op.name: scratch_bytes(op, bits[op.name], board) for op in graph.layers}
+    n_ops, n_tensors, activations = tflite_layout(graph, bits, wide)
+    scratch = {op.name: scratch_bytes(op, bits[op.name], board, op.name in wide) for op in graph.layers}
     channels = sum(op.out_channels for op in graph.layers if op.kind != "fc")
     decodes = sum(1 for b in bits.values() if is_lut(b))
     return arena_activation_peak(activations, scratch), [1, n_tensors - 2 * decodes, n_ops - decodes, channels, decodes]
@@ -399,9 +422,9 @@ def predicted_arena(run: Run, overhead: ArenaOverhead) -> int:
 def predicted_flash(run: Run, runtime: RuntimeMemory) -> int:
     """Cost model's model flash + the runtime table + the test vectors this firmware embeds."""
     graph = case_graph(run.case)
-    bits = policies(graph)[run.policy]
+    bits, wide = policies(graph)[run.policy]
     board = load_board(BOARD).with_candidates(list(CANDIDATES))  # every width a policy here uses
-    model = estimate(graph, bits, board).model_flash_bytes
+    model = estimate(graph, bits, board, wide=wide).model_flash_bytes
     return (model + runtime.flash_base + sum(runtime.flash_per_kernel.get(k, 0) for k in registered(run))
             + run.vector_bytes)
 
@@ -606,8 +629,10 @@ def report(runs: list[Run], ops: list[OpSample], fitted: Fitted) -> str:
     return (
         f"Command: `TFLM_DIR=../shared/tflm python bench/cycles.py` ({datetime.date.today()}, 2-core machine; "
         "TFLM 90b983c, CMSIS-NN 4ab83cc3, arm-none-eabi-gcc -O2). Each case exported untrained under int8, "
-        "all-int4, a mixed policy (layers alternately int4/int8) and a LUT policy (layers at 2, 3, 5, 6, 7 bits "
-        "in turn, a DECODE before each), built for qemu-mps2-an386 with one test "
+        "all-int4, a mixed policy (layers alternately int4/int8), a LUT policy (layers at 2, 3, 5, 6, 7 bits "
+        "in turn, a DECODE before each) and an int16 policy (two layers in three w8a16, TFLM's 16x8 kernels, "
+        "a QUANTIZE at each int8/int16 boundary; measured 2026-12-07 with `--policies int16`, the other "
+        "policies' measurements kept from the 2026-12-06 run), built for qemu-mps2-an386 with one test "
         "vector, run under `qemu-system-arm -M mps2-an386 -icount shift=0`: the firmware's per-op profile in "
         "executed instructions (SysTick ticks x 40, 40-instruction resolution), its arena report and "
         f"`arm-none-eabi-size`. Fitted on {', '.join(FIT)}; checked on {', '.join(HELD_OUT)} (held out). "
@@ -638,6 +663,8 @@ def main() -> None:
     parser.add_argument("--reuse", action="store_true", help="fit the measurements of an earlier run")
     parser.add_argument("--cases", nargs="+", choices=CASES, default=CASES,
                         help="measure only these (the others' measurements are kept from an earlier run)")
+    parser.add_argument("--policies", nargs="+", choices=POLICIES, default=POLICIES,
+                        help="measure only these policies of the cases (the others' measurements are kept)")
     parser.add_argument("--no-write", action="store_true", help="do not update bench/RESULTS.md")
     parser.add_argument("--write-boards", action="store_true", help="write the fitted cycles into every board file")
     args = parser.parse_args()
@@ -648,7 +675,7 @@ def main() -> None:
         if not tflm:
             raise SystemExit("set TFLM_DIR to a tflite-micro tree (here: ../shared/tflm)")
         args.work.mkdir(parents=True, exist_ok=True)
-        runs = measure_cases(tuple(args.cases), args.work, Path(tflm).resolve())
+        runs = measure_cases(tuple(args.cases), args.work, Path(tflm).resolve(), tuple(args.policies))
     ops = samples(runs, args.work)
     fitted = fit_all(runs, ops)
     body = report(runs, ops, fitted)

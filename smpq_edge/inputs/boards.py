@@ -118,16 +118,18 @@ class Budgets(_Strict):
 # convolution, a strided 1x1, the im2col one for everything else; the 3x3 depthwise kernel (int8
 # only) or the general one. The reference kernels have one loop nest per op and weight type.
 # ``smpq_edge.network.cost.kernel_variant`` maps an operator to its name here.
-_ELEMENTWISE_VARIANTS = ("add", "average_pool_2d", "max_pool_2d", "pad", "reshape", "other")
+_ELEMENTWISE_VARIANTS = ("add", "average_pool_2d", "max_pool_2d", "pad", "reshape", "quantize", "other")
 # TFLM's DECODE before a LUT layer (``smpq_edge.network.cost.decode_variant``): unrolled 2 and 3-bit loops,
 # and the generic one; the same code with either kernel set.
 _DECODE_VARIANTS = ("decode_lut2", "decode_lut3", "decode_lut")
+# The 16x8 layers (int16 activations, int8 weights): CMSIS-NN's s16 kernels, or the reference ones.
+_WIDE_VARIANTS = ("conv_s16", "depthwise_s16", "fc_s16")
 KERNEL_VARIANTS: dict[str, tuple[str, ...]] = {
     "cmsis_nn": ("conv_1x1_s8", "conv_1x1_s4", "conv_1x1_strided_s8", "conv_1x1_strided_s4", "conv_s8", "conv_s4",
-                 "depthwise_3x3_s8", "depthwise_s8", "depthwise_s4", "fc_s8", "fc_s4", *_ELEMENTWISE_VARIANTS,
-                 *_DECODE_VARIANTS),
-    "reference": ("conv_s8", "conv_s4", "depthwise_s8", "depthwise_s4", "fc_s8", "fc_s4", *_ELEMENTWISE_VARIANTS,
-                  *_DECODE_VARIANTS),
+                 "depthwise_3x3_s8", "depthwise_s8", "depthwise_s4", "fc_s8", "fc_s4", *_WIDE_VARIANTS,
+                 *_ELEMENTWISE_VARIANTS, *_DECODE_VARIANTS),
+    "reference": ("conv_s8", "conv_s4", "depthwise_s8", "depthwise_s4", "fc_s8", "fc_s4", *_WIDE_VARIANTS,
+                  *_ELEMENTWISE_VARIANTS, *_DECODE_VARIANTS),
 }
 
 

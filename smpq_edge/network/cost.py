@@ -83,8 +83,8 @@ HOST_ARENA = ArenaOverhead(fixed=715, per_tensor=51, per_op=93, per_channel=8, p
 # TFLM on the 32-bit target, per kernel set: fitted by `python bench/cycles.py` to the arena the
 # firmware reports on QEMU mps2-an386 (CMSIS-NN kernels keep other per-op data than the reference ones).
 TARGET_ARENA = {
-    "cmsis_nn": ArenaOverhead(fixed=195, per_tensor=36, per_op=79, per_channel=7, per_decode=120),
-    "reference": ArenaOverhead(fixed=324, per_tensor=0, per_op=131, per_channel=8, per_decode=119),
+    "cmsis_nn": ArenaOverhead(fixed=12, per_tensor=75, per_op=0, per_channel=7, per_decode=122),
+    "reference": ArenaOverhead(fixed=118, per_tensor=54, per_op=23, per_channel=8, per_decode=119),
 }
 
 
@@ -104,18 +104,21 @@ class RuntimeMemory:
 # reference kernels DEPTHWISE_CONV_2D too) cannot be told apart from the base: their code is in it.
 RUNTIME = {
     "cmsis_nn": RuntimeMemory(
-        flash_base=77932, static_ram=3500, static_ram_per_op=16,
-        flash_per_kernel={"ADD": 5650, "AVERAGE_POOL_2D": 0, "CONV_2D_INT4": 17334, "CONV_2D_INT8": 9923,
-                          "DEPTHWISE_CONV_2D_INT4": 1024, "DEPTHWISE_CONV_2D_INT8": 0, "FULLY_CONNECTED_INT4": 4387,
-                          "FULLY_CONNECTED_INT8": 12879, "MAX_POOL_2D": 3931, "PAD": 6243, "SOFTMAX": 8984,
-                          "TFLM_DECODE": 21986}),
+        flash_base=77938, static_ram=3505, static_ram_per_op=15,
+        flash_per_kernel={"ADD": 5653, "AVERAGE_POOL_2D": 0, "CONV_2D_INT16": 0, "CONV_2D_INT4": 17334,
+                          "CONV_2D_INT8": 9931, "DEPTHWISE_CONV_2D_INT16": 8098, "DEPTHWISE_CONV_2D_INT4": 1021,
+                          "DEPTHWISE_CONV_2D_INT8": 0, "FULLY_CONNECTED_INT16": 3163, "FULLY_CONNECTED_INT4": 4389,
+                          "FULLY_CONNECTED_INT8": 12872, "MAX_POOL_2D": 3920, "PAD": 6233, "QUANTIZE": 0,
+                          "SOFTMAX": 8984, "TFLM_DECODE": 21986}),
     "reference": RuntimeMemory(
-        flash_base=89560, static_ram=3500, static_ram_per_op=16,
-        flash_per_kernel={"ADD": 5640, "AVERAGE_POOL_2D": 0, "CONV_2D": 0, "DEPTHWISE_CONV_2D": 0,
-                          "FULLY_CONNECTED": 0, "MAX_POOL_2D": 3720, "PAD": 6072, "SOFTMAX": 7792,
-                          "TFLM_DECODE": 21944}),
+        flash_base=89569, static_ram=3505, static_ram_per_op=15,
+        flash_per_kernel={"ADD": 5643, "AVERAGE_POOL_2D": 0, "CONV_2D": 0, "DEPTHWISE_CONV_2D": 0,
+                          "FULLY_CONNECTED": 0, "MAX_POOL_2D": 3709, "PAD": 6058, "QUANTIZE": 2922,
+                          "SOFTMAX": 7792, "TFLM_DECODE": 21944}),
 }
-# TFLM_DECODE (about 22 KB) links all three of TFLM's decoders (``firmware._KERNEL_DEPS``).
+# TFLM_DECODE (about 22 KB) links all three of TFLM's decoders (``firmware._KERNEL_DEPS``). With
+# CMSIS-NN the s16 code of the generic registrations and QUANTIZE always came together in the
+# bench's int16 firmware, so only their sum (about 11 KB) is measured, not its split.
 # SOFTMAX's entries are not bench/cycles.py fits: measured once, as the text + data a 10-class
 # model's firmware gained with a SOFTMAX (less the 160 model bytes it added), on the same QEMU build.
 VARIANT_OPS = ("CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED")
@@ -129,8 +132,8 @@ def registered_kernels(graph: Graph, bits: dict[str, int], kernels: str,
     """The kernels the firmware links, as ``firmware.registrations`` registers them: with
     CMSIS-NN an op whose layers all have one weight type links only that variant
     (``CONV_2D_INT8``); mixed weights link both (the generic kernel dispatches at run time). The
-    generic kernel of an op with 16x8 layers also links CMSIS-NN's s16 code, and QUANTIZE its
-    own: neither is measured yet, so both are priced at 0 bytes."""
+    generic kernel of an op with 16x8 layers links the INT4 and INT8 code and CMSIS-NN's s16 code
+    (``<OP>_INT16``)."""
     operators = tflite_operators(graph, bits, wide)
     out = set()
     for builtin in {o.builtin for o in operators}:
@@ -138,6 +141,8 @@ def registered_kernels(graph: Graph, bits: dict[str, int], kernels: str,
             out.add(builtin)
             continue
         used = {kernel_bits(bits[o.op.name]) for o in operators if o.builtin == builtin}
+        if any(o.op.name in wide for o in operators if o.builtin == builtin):
+            used |= {4, 8, 16}  # the generic registration
         out.update(f"{builtin}_INT{b}" for b in used)
     return tuple(sorted(out))
 
@@ -269,12 +274,21 @@ def arena_extra_bytes(op: Op, bits: int, board: Board) -> int:
     return scratch_bytes(op, bits, board) + decoded_bytes(op, bits)
 
 
-def scratch_bytes(op: Op, bits: int, board: Board) -> int:
-    """Per-op scratch that TFLM plans into the arena for the duration of the op."""
+def scratch_bytes(op: Op, bits: int, board: Board, wide: bool = False) -> int:
+    """Per-op scratch that TFLM plans into the arena for the duration of the op (``wide``: a 16x8
+    layer)."""
     bits = kernel_bits(bits)  # a LUT layer's kernel reads the decoded int8 tensor
     if board.kernels == "reference":
         # Reference kernels unpack an INT4 filter into an int8 copy of the whole filter per invoke.
         return op.weight_count if bits == 4 else 0
+    if wide:  # CMSIS-NN's s16 buffers on a DSP core: two int16 im2col columns for every conv (1x1
+        # too); the fast depthwise's int16 window when the kernel has under 512 taps; none for FC.
+        if op.kind == "fc":
+            return 0
+        _, kh, kw, c_in = op.weight_shape
+        if op.kind == "conv":
+            return 2 * 2 * c_in * kh * kw
+        return 2 * c_in * kh * kw if kh * kw < 512 else 0
     if op.kind == "conv":
         _, kh, kw, c_in = op.weight_shape
         if (kh, kw) == (1, 1) and op.stride == (1, 1) and op.padding == (0, 0):
@@ -506,6 +520,8 @@ def kernel_variant(operator: TfliteOperator, bits: int, kernels: str) -> str:
         return decode_variant(op, bits)
     if not op.weighted:
         return KINDS[op.kind].cycles
+    if operator.element_bytes == 2:
+        return f"{op.kind}_s16"  # CMSIS-NN's s16 kernels have no 1x1 or 3x3 special case
     bits = kernel_bits(bits)
     suffix = f"_s{bits}"
     if op.kind == "fc":
@@ -550,9 +566,8 @@ class OpCost:
 
 
 def operator_costs(graph: Graph, bits: dict[str, int], board: Board, wide: frozenset[str] = frozenset()) -> list[OpCost]:
-    """Every operator's cycles on ``board``, in the firmware's execution order. A 16x8 layer (in
-    ``wide``) is priced by its int8 kernel's formula: CMSIS-NN's s16 kernels are not fitted on
-    QEMU yet."""
+    """Every operator's cycles on ``board``, in the firmware's execution order (the layers in
+    ``wide`` on their 16x8 kernels)."""
     out = []
     for operator in tflite_operators(graph, bits, wide):
         layer_bits = bits.get(operator.op.name, 8) if operator.builtin != "PAD" else 8
@@ -622,7 +637,7 @@ def estimate(graph: Graph, bits: dict[str, int], board: Board, flash_budget_byte
     for op in graph.layers:
         b = bits[op.name]
         channels = quant_channels(op)
-        scratch[op.name] = scratch_bytes(op, b, board)
+        scratch[op.name] = scratch_bytes(op, b, board, op.name in wide)
         layers.append(LayerCost(
             name=op.name, kind=op.kind, weight_bits=b, params=op.weight_count, macs=op.macs,
             weight_bytes=weight_bytes(op.weight_count, b), lut_bytes=lut_bytes(op, b),

@@ -218,8 +218,8 @@ KINDS: dict[str, OpKind] = {kind.name: kind for kind in (
     OpKind("softmax", "SOFTMAX"),
     # TFLM's QUANTIZE between an int8 and an int16 tensor, which the exporter puts at every type
     # boundary of a model with 16x8 layers (quant.activation_types): never traced, run by
-    # ActQuant.convert. Priced by "other" (elementwise), not yet fitted on QEMU.
-    OpKind("quantize", "QUANTIZE"),
+    # ActQuant.convert.
+    OpKind("quantize", "QUANTIZE", cycles="quantize"),
 )}
 
 WEIGHTED_KINDS = tuple(name for name, kind in KINDS.items() if kind.weighted)
