@@ -36,3 +36,26 @@ def timed_log(threads: int):
         print(f"[{time.perf_counter() - started:7.0f} s] {msg}", flush=True)
 
     return log
+
+
+def paired(diff) -> str:
+    """A paired difference over seeds: mean ± std (seeds above/equal/below zero)."""
+    return f"{diff.mean():+.2f} ± {diff.std():.2f} ({(diff > 0).sum()}/{(diff == 0).sum()}/{(diff < 0).sum()})"
+
+
+def task_axes(tasks: int):
+    """A figure with one panel per task, side by side (matplotlib without a display): (figure, axes)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axes = plt.subplots(1, tasks, figsize=(6.5 * tasks, 4.2), squeeze=False, layout="constrained")
+    return figure, axes[0]
+
+
+def save_figure(figure, path) -> None:
+    import matplotlib.pyplot as plt
+
+    figure.savefig(path, dpi=110)
+    plt.close(figure)

@@ -35,8 +35,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._results import timed_log, write_section  # noqa: E402
-from bench.real_tasks import TASKS, float_model, selected, smpq_scores  # noqa: E402
+from bench._results import paired, save_figure, task_axes, timed_log, write_section  # noqa: E402
+from bench.real_tasks import TASKS, add_task_options, float_model, selected, smpq_scores  # noqa: E402
 from smpq_edge.inputs.boards import load_board  # noqa: E402
 from smpq_edge.network.cost import estimate, uniform  # noqa: E402
 from smpq_edge.common.distributed import SINGLE_PROCESS  # noqa: E402
@@ -137,30 +137,23 @@ def tables(payload: dict) -> str:
                 if not rows:
                     continue
                 acc = np.array([r["test_acc"] for r in rows])
-                paired = ""
+                difference = ""
                 if m != "smpq" and len(rows) == len(seeds):
-                    diff = np.array([s[f]["methods"]["smpq"]["test_acc"] - s[f]["methods"][m]["test_acc"]
-                                     for s in seeds.values()]) * 100
-                    paired = f"{diff.mean():+.2f} ± {diff.std():.2f} ({(diff > 0).sum()}/{(diff == 0).sum()}/" \
-                             f"{(diff < 0).sum()})"
+                    difference = paired(np.array([s[f]["methods"]["smpq"]["test_acc"] - s[f]["methods"][m]["test_acc"]
+                                                  for s in seeds.values()]) * 100)
                 budget = next(iter(seeds.values()))[f]["budget"]["model_budget"]
                 lines.append(f"| {float(f):.0%} ({budget:,} B) "
                              f"| {m} ({len(rows)} seeds) | {acc.mean():.2%} ± {acc.std():.2%} "
                              f"| {np.mean([r['model_flash'] for r in rows]):,.0f} | "
                              f"{np.mean([r['arena'] for r in rows]):,.0f} | {np.mean([r['cycles'] for r in rows]):,.0f} "
-                             f"| {paired} |")
+                             f"| {difference} |")
     return "\n".join(lines)
 
 
 def plot(payload: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     tasks = payload["tasks"]
-    figure, axes = plt.subplots(1, len(tasks), figsize=(6.5 * len(tasks), 4.2), squeeze=False, layout="constrained")
-    for axis, (name, task) in zip(axes[0], tasks.items()):
+    figure, axes = task_axes(len(tasks))
+    for axis, (name, task) in zip(axes, tasks.items()):
         for m in dict.fromkeys(m for s in task["seeds"].values() for f in s.values() for m in f["methods"]):
             points = [(r["model_flash"], r["test_acc"] * 100) for s in task["seeds"].values() for f in s.values()
                       for mm, r in f["methods"].items() if mm == m]
@@ -169,24 +162,17 @@ def plot(payload: dict, path: Path) -> None:
         axis.set_xlabel("model bytes (predicted)")
         axis.set_ylabel("test accuracy (%)")
         axis.legend(fontsize=7)
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
+    save_figure(figure, path)
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--tasks", nargs="+", default=["fsdd", "cifar"], choices=sorted(TASKS))
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    add_task_options(p, HERE / "precision.json")
     p.add_argument("--fractions", nargs="+", type=float, default=[0.3, 0.4, 0.5, 0.65])
     p.add_argument("--dmpq-epochs", type=int, default=2)
     p.add_argument("--dmpq-lr", type=float, default=1e-3)
     p.add_argument("--dmpq-samples", type=int, default=10000)
-    p.add_argument("--board", default="nucleo-l4r5zi")
-    p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--work", default="/tmp/smpq_real_tasks", help="float models are cached here")
-    p.add_argument("--out", default=str(HERE / "precision.json"))
     p.add_argument("--tables-only", action="store_true")
-    p.add_argument("--no-write", action="store_true")
     args = p.parse_args()
     log = timed_log(args.threads)
     started = time.perf_counter()

@@ -81,6 +81,17 @@ TASKS = {
 }
 
 
+def add_task_options(p, out: Path, tasks: tuple[str, ...] = ("fsdd", "cifar")) -> None:
+    """The options the real-task benches share: tasks, seeds, board, threads, cache and output."""
+    p.add_argument("--tasks", nargs="+", default=list(tasks), choices=sorted(TASKS))
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--board", default="nucleo-l4r5zi")
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--work", default="/tmp/smpq_real_tasks", help="float models are cached here")
+    p.add_argument("--out", default=str(out))
+    p.add_argument("--no-write", action="store_true", help="do not touch RESULTS.md")
+
+
 def float_model(name: str, task: RealTask, data, work: Path, log):
     """The float model, trained once (seed 0) and cached: every seed's search starts from it."""
     path = work / f"{name}_float_{task.float_epochs}ep.pt"
