@@ -152,14 +152,16 @@ def _cost(parser: argparse.ArgumentParser):
         if uniform_bits and int(args.bits) not in board.weight_bits:
             raise UserError(f"--bits {args.bits}: not a candidate on board {board.name} ({' '.join(board.candidates)}); "
                             f"add it with --candidates w{args.bits}a8 ...")
+        wide = frozenset()  # the layers a policy file runs on int16 activations
         if uniform_bits:
             bits = uniform(graph, int(args.bits))
         elif args.bits.endswith(".json") or os.path.exists(args.bits):
-            bits = load_policy(args.bits).bits
+            policy = load_policy(args.bits)
+            bits, wide = policy.bits, policy.wide
         else:
             raise UserError(f"--bits: expected 2 to 8 or a policy .json file, got '{args.bits}'")
         try:
-            report = estimate(graph, bits, board)
+            report = estimate(graph, bits, board, wide=wide)
         except UserError as exc:
             if uniform_bits:
                 raise
@@ -167,9 +169,9 @@ def _cost(parser: argparse.ArgumentParser):
         if args.json:
             print(json.dumps(report.to_dict(), indent=2))
             return 0 if all(report.fits.values()) else OVER_BUDGET_EXIT
-        rows = [[l.name, l.kind, l.weight_bits, l.params, l.macs, l.flash_bytes, l.scratch_bytes, l.cycles]
-                for l in report.layers]
-        _print_table(rows, ["layer", "kind", "bits", "params", "MACs", "flash B", "scratch B", "cycles"])
+        rows = [[l.name, l.kind, l.weight_bits, 16 if l.name in wide else 8, l.params, l.macs, l.flash_bytes,
+                 l.scratch_bytes, l.cycles] for l in report.layers]
+        _print_table(rows, ["layer", "kind", "bits", "act bits", "params", "MACs", "flash B", "scratch B", "cycles"])
         fits = report.fits
         print()
         decode = f" + DECODE code {report.extra_kernel_flash_bytes} B" if report.extra_kernel_flash_bytes else ""

@@ -153,3 +153,22 @@ def test_training_fake_quantises_int16_tensors_on_the_finer_grid(residual):
     assert torch.allclose(steps, steps.round(), atol=1e-3)
     assert len(torch.unique(steps.round())) > 256  # finer than any int8 grid
     net.zero_grad()
+
+
+def test_cost_prices_a_policy_files_int16_layers(tmp_path, capsys):
+    from smpq_edge.cli import main
+
+    layers = [("conv0", "conv"), ("depthwise3", "depthwise"), ("conv6", "conv"), ("fc11", "fc")]
+    reports = {}
+    for name, wide in (("int8", ()), ("wide", ("conv0",))):
+        policy = tmp_path / f"{name}.json"
+        policy.write_text(json.dumps({"board": "b", "model": "digits_cnn", "layers": [
+            {"name": layer, "kind": kind, "weight_bits": 8, "activation_bits": 16 if layer in wide else 8, "params": 0}
+            for layer, kind in layers]}))
+        assert main(["cost", "--model", "digits_cnn", "--bits", str(policy), "--json"]) == 0
+        reports[name] = json.loads(capsys.readouterr().out)
+    assert reports["wide"]["arena_bytes"] > reports["int8"]["arena_bytes"]
+    assert reports["wide"]["cycles"] > reports["int8"]["cycles"]  # two QUANTIZE operators, the s16 conv
+    assert main(["cost", "--model", "digits_cnn", "--bits", str(tmp_path / "wide.json")]) == 0
+    table = capsys.readouterr().out.splitlines()
+    assert "act bits" in table[0] and table[2].split()[:4] == ["conv0", "conv", "8", "16"]
