@@ -80,8 +80,8 @@ def test_cost_table_has_every_layer(capsys):
     rows = table_rows(out)
     graph = digits_graph()
     report = estimate(graph, uniform(graph, 4), load_board("nucleo-l4r5zi"))
-    assert [(r[0], r[1], r[2]) for r in rows] == [(op.name, op.kind, "4") for op in graph.layers]
-    assert [[int(v) for v in r[3:]] for r in rows] == [
+    assert [(r[0], r[1], r[2], r[3]) for r in rows] == [(op.name, op.kind, "4", "8") for op in graph.layers]
+    assert [[int(v) for v in r[4:]] for r in rows] == [
         [l.params, l.macs, l.flash_bytes, l.scratch_bytes, l.cycles] for l in report.layers]
     summary = out.split("\n\n", 1)[1]
     assert f"model {report.model_flash_bytes} B" in summary
