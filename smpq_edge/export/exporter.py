@@ -248,12 +248,7 @@ def _activation_sources(model: TfliteModel, net: QuantNet) -> dict[int, str]:
     """TFLite activation tensor index -> the graph op whose quantiser sets its scale (a tensor of
     an op that shares its input's scale gets its input's)."""
     params: dict[int, str] = {}
-
-    def of(name: str) -> str:
-        while name in net.shares_input_scale:
-            name = net.graph.op(name).inputs[0]
-        return name
-
+    of = net.quantiser_owner
     (input_index,) = model.inputs
     params[input_index] = of("input")
     queues = {kind: [op for op in net.graph.ops if op.kind == kind] for kind in set(_STANDALONE.values())}

@@ -401,11 +401,14 @@ class QuantNet(nn.Module):
     def mixed_layers(self) -> list[MixedLayer]:
         return [self.layers[self.key(op.name)] for op in self.graph.layers]
 
-    def activation_quantiser(self, name: str) -> ActQuant:
-        """The quantiser that sets op ``name``'s output scale (its source's, for scale-sharing ops)."""
+    def quantiser_owner(self, name: str) -> str:
+        """The op whose quantiser sets op ``name``'s output scale (its source's, for scale-sharing ops)."""
         while name in self.shares_input_scale:
             name = self.graph.op(name).inputs[0]
-        return self.act[self.key(name)]
+        return name
+
+    def activation_quantiser(self, name: str) -> ActQuant:
+        return self.act[self.key(self.quantiser_owner(name))]
 
     def commit_observations(self, context: Context = SINGLE_PROCESS) -> None:
         """End of a training batch: move every activation range by the batch's min and max."""
@@ -466,7 +469,7 @@ class QuantNet(nn.Module):
                  weight: torch.Tensor | IntegerLayer | None = None) -> torch.Tensor:
         """One op on its (already quantised) inputs, then its fused activation and output quantiser.
         A layer runs with ``weight`` if given, else with its active candidates."""
-        if op.inputs:
+        if op.inputs and self.wide:  # all-int8 (the search's networks): no type to convert
             inputs = [self._as_type(name, x, self.types[op.name]) for name, x in zip(op.inputs, inputs)]
         if op.weighted:
             weight = weight if weight is not None else self._layer_weight(op, self.layer(op.name).active)
