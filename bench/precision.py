@@ -1,5 +1,6 @@
-"""The precision space of issue 21: SMPQ against HAWQ-V3, DMPQ and the uniform policies when every
-layer chooses among w2a8 w3a8 w4a8 w8a8 (LUT-2, LUT-3, packed INT4, int8), post-training.
+"""The precision spaces of issues 21 and 23: SMPQ against HAWQ, DMPQ and the uniform policies when
+every layer chooses among w2a8 w3a8 w4a8 w8a8 (LUT-2, LUT-3, packed INT4, int8) or any other
+candidates (``--candidates``, e.g. w4a8 w8a8 w8a16 with TFLM's 16x8 kernels), post-training.
 
 Per task (``bench/real_tasks.py``'s: DS-CNN on FSDD with speakers held out, ResNet-8 on the
 CIFAR-10 folder) the float model is trained once and cached; each seed calibrates the supernet
@@ -12,9 +13,13 @@ not run here yet).
 
 Budgets are model bytes, a fraction of the all-int8 model's (30, 40, 50, 65 %): the board's reserve
 is taken to hold DECODE's code (``reserve.decode``), which a LUT policy otherwise pays once, about
-22 KB; bench/RESULTS.md says what that does to the comparison.
+22 KB; bench/RESULTS.md says what that does to the comparison. With ``--ram`` each flash budget
+is also run under RAM budgets: the board's, the all-int8 policy's own RAM (``int8``: tight, an int16
+layer fits only where it does not raise the arena's peak) or the all-w8a16 policy's (``w8a16``:
+room for every int16 layer); the int16 code (s16 kernels, QUANTIZE) is counted in flash.
 
     python bench/precision.py --tasks fsdd            # a task at a time; --merge as real_tasks.py
+    python bench/precision.py --candidates w4a8 w8a8 w8a16 --ram int8 w8a16 --out bench/int16_search.json
 """
 
 from __future__ import annotations
@@ -37,41 +42,53 @@ sys.path.insert(0, str(ROOT))
 
 from bench._results import paired, save_figure, task_axes, timed_log, write_section  # noqa: E402
 from bench.real_tasks import TASKS, add_task_options, float_model, selected, smpq_scores  # noqa: E402
+from smpq_edge.common.precision import Precision, weight_bits_of, wide_layers  # noqa: E402
 from smpq_edge.inputs.boards import load_board  # noqa: E402
 from smpq_edge.network.cost import estimate, uniform  # noqa: E402
 from smpq_edge.common.distributed import SINGLE_PROCESS  # noqa: E402
 from smpq_edge.common.errors import UserError  # noqa: E402
 from smpq_edge.network.graph import trace  # noqa: E402
 from smpq_edge.search.baselines import dmpq_scores, hawq_scores  # noqa: E402
-from smpq_edge.search.budget import Budgets  # noqa: E402
+from smpq_edge.search.budget import Budgets, cost_of  # noqa: E402
 from smpq_edge.search.runner import SearchConfig, pick_policy, prepare_run, calibrated_supernet  # noqa: E402
 from smpq_edge.search.train import TrainConfig, score, seed_everything  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
-SECTION = "## Precision space: w2a8 w3a8 w4a8 w8a8 (bench/precision.py)"
 CANDIDATES = ["w2a8", "w3a8", "w4a8", "w8a8"]
+RAM_LEVELS = ("board", "int8", "w8a16")  # whose RAM bounds the policies (see the module docstring)
 
 
-def model_budget(graph, board, fraction: float) -> tuple[Budgets, dict]:
-    """A whole-firmware budget whose model part is ``fraction`` of the all-int8 model's bytes."""
+def section(candidates: list[str]) -> str:
+    return f"## Precision space: {' '.join(candidates)} (bench/precision.py)"
+
+
+def model_budget(graph, board, fraction: float, ram: str = "board") -> tuple[Budgets, dict]:
+    """A whole-firmware budget whose model part is ``fraction`` of the all-int8 model's bytes, and
+    whose RAM is the board's or the ``ram`` policy's own (all layers int8, or all w8a16)."""
     int8 = estimate(graph, uniform(graph, 8), board)
     model = int(fraction * int8.model_flash_bytes)
-    info = {"fraction": fraction, "model_budget": model, "int8_model": int8.model_flash_bytes}
-    return Budgets.of_board(board, flash_bytes=model + int8.reserve_flash_bytes), info
+    info = {"fraction": fraction, "model_budget": model, "int8_model": int8.model_flash_bytes, "ram": ram}
+    ram_bytes = None
+    if ram != "board":
+        everywhere = {op.name: Precision(8) if ram == "int8" else Precision.parse(ram) for op in graph.layers}
+        ram_bytes = cost_of(graph, everywhere, board, Budgets.of_board(board)).ram_total_bytes
+        info["ram_budget"] = ram_bytes
+    return Budgets.of_board(board, flash_bytes=model + int8.reserve_flash_bytes, ram_bytes=ram_bytes), info
 
 
-def measured(net, graph, board, bits: dict[str, int], data) -> dict:
+def measured(net, graph, board, policy: dict[str, Precision], data) -> dict:
     """A policy's post-training test accuracy (TFLM-exact integers) and its predicted costs."""
-    net.set_policy(bits)
+    net.set_policy(policy)
     accuracy = score(net, data.x_test, data.y_test)
     net.set_policy(None)
-    cost = estimate(graph, bits, board)
-    return {"bits": [bits[op.name] for op in graph.layers], "test_acc": accuracy,
-            "model_flash": cost.model_flash_bytes, "arena": cost.arena_bytes, "cycles": cost.cycles}
+    cost = estimate(graph, weight_bits_of(policy), board, wide=wide_layers(policy))
+    return {"bits": [policy[op.name].name for op in graph.layers], "test_acc": accuracy,
+            "model_flash": cost.model_flash_bytes, "arena": cost.arena_bytes, "cycles": cost.cycles,
+            "int16_layers": len(wide_layers(policy))}
 
 
-def picks(fraction: float, seed: int, source, data, board, config, net, scores: dict, args) -> dict:
-    budgets, info = model_budget(net.graph, board, fraction)
+def picks(fraction: float, ram: str, seed: int, source, data, board, config, net, scores: dict, args) -> dict:
+    budgets, info = model_budget(net.graph, board, fraction, ram)
     try:
         run = prepare_run(source, data, board, budgets, config, seed, False, lambda m: None, SINGLE_PROCESS)
     except UserError as e:  # no policy is that small: recorded, not a crash
@@ -83,10 +100,10 @@ def picks(fraction: float, seed: int, source, data, board, config, net, scores: 
     dmpq, _ = dmpq_scores(copy.deepcopy(net), subset, TrainConfig(epochs=args.dmpq_epochs, lr=args.dmpq_lr,
                                                                   distill=1.0), run.sack, seed + 2, progress=False)
     bits["dmpq"] = selected(run, dmpq)
-    for b in board.weight_bits:
-        policy = uniform(net.graph, b)
+    for c in board.precisions:
+        policy = {op.name: c for op in net.graph.layers}
         if all(run.cost(policy).fits.values()):
-            bits[f"uniform{b}"] = policy
+            bits[f"all {c.name}" if c.wide else f"uniform{c.weights}"] = policy
     return {"budget": info, "methods": {m: measured(net, net.graph, board, b, data) for m, b in bits.items()}}
 
 
@@ -101,37 +118,47 @@ def task_runs(name: str, board, args, log) -> dict:
     for seed in args.seeds:
         t0 = time.perf_counter()
         seed_everything(seed)
-        net = calibrated_supernet(copy.deepcopy(source.module), graph, data, board.weight_bits, seed)
+        net = calibrated_supernet(copy.deepcopy(source.module), graph, data, board.precisions, seed)
         run = prepare_run(source, data, board, model_budget(graph, board, 1.0)[0], config, seed, False,
                        lambda m: None, SINGLE_PROCESS)
         scores = {"smpq": smpq_scores(run, net, f"{config.shapley.value}:{config.shapley.final_players}",
                                       source.module),
                   "hawq": hawq_scores(net, data, seed)}
         log(f"{name} seed {seed}: scores in {time.perf_counter() - t0:.0f} s")
-        out["seeds"][str(seed)] = {str(f): picks(f, seed, source, data, board, config, net, scores, args)
-                                   for f in args.fractions}
-        for f, result in out["seeds"][str(seed)].items():
-            log(f"{name} seed {seed} budget {float(f):.0%}: " + ", ".join(
-                f"{m} {''.join(map(str, r['bits']))} {r['test_acc']:.4f}" for m, r in result["methods"].items()))
+        out["seeds"][str(seed)] = {budget_key(f, ram): picks(f, ram, seed, source, data, board, config, net, scores, args)
+                                   for f in args.fractions for ram in args.ram}
+        for key, result in out["seeds"][str(seed)].items():
+            log(f"{name} seed {seed} budget {key}: " + ", ".join(
+                f"{m} {' '.join(r['bits'])} {r['test_acc']:.4f}" for m, r in result["methods"].items()))
     return out
+
+
+def budget_key(fraction: float, ram: str) -> str:
+    return str(fraction) if ram == "board" else f"{fraction} RAM {ram}"
+
+
+def budget_text(info: dict) -> str:
+    """A budget for the tables: "70% (30,115 B)", with "RAM of int8 (61,440 B)" where one is set."""
+    text = f"{info['fraction']:.0%} ({info['model_budget']:,} B)"
+    return text if info.get("ram", "board") == "board" else text + f", RAM of {info['ram']} ({info['ram_budget']:,} B)"
 
 
 def tables(payload: dict) -> str:
     lines = [f"Command: `{payload['command']}` ({payload['date']}, {payload['machine']}; {payload['wall_s']:.0f} s). "
              f"Board {payload['board']} (CMSIS-NN), its reserve taken to hold DECODE's code. Post-training only: "
              "each seed's calibrated supernet, every pick's test accuracy in TFLM's integer arithmetic, no QAT. "
-             "Bits per layer as 2/3/4/8."]
+             f"Candidates {' '.join(payload.get('candidates', CANDIDATES))}."]
     for name, task in payload["tasks"].items():
         seeds = task["seeds"]
         fractions = list(next(iter(seeds.values())))
         methods = list(dict.fromkeys(m for s in seeds.values() for f in s.values() for m in f["methods"]))
         lines += ["", f"### {name}: {task['model']}, float test accuracy {task['float_test_acc']:.2%}", "",
                   "| budget (of int8 model) | method | test accuracy, mean ± std | model bytes | arena | cycles | "
-                  "SMPQ − method, paired |", "|---|---|---|---|---|---|---|"]
+                  "int16 layers | SMPQ − method, paired |", "|---|---|---|---|---|---|---|---|"]
         for f in fractions:
             first = next(iter(seeds.values()))[f]
             if "infeasible" in first:
-                lines.append(f"| {float(f):.0%} ({first['budget']['model_budget']:,} B) | no policy fits | | | | | |")
+                lines.append(f"| {budget_text(first['budget'])} | no policy fits | | | | | | |")
             for m in methods:
                 rows = [s[f]["methods"][m] for s in seeds.values() if m in s[f]["methods"]]
                 if not rows:
@@ -141,12 +168,11 @@ def tables(payload: dict) -> str:
                 if m != "smpq" and len(rows) == len(seeds):
                     difference = paired(np.array([s[f]["methods"]["smpq"]["test_acc"] - s[f]["methods"][m]["test_acc"]
                                                   for s in seeds.values()]) * 100)
-                budget = next(iter(seeds.values()))[f]["budget"]["model_budget"]
-                lines.append(f"| {float(f):.0%} ({budget:,} B) "
+                lines.append(f"| {budget_text(first['budget'])} "
                              f"| {m} ({len(rows)} seeds) | {acc.mean():.2%} ± {acc.std():.2%} "
                              f"| {np.mean([r['model_flash'] for r in rows]):,.0f} | "
                              f"{np.mean([r['arena'] for r in rows]):,.0f} | {np.mean([r['cycles'] for r in rows]):,.0f} "
-                             f"| {difference} |")
+                             f"| {np.mean([r.get('int16_layers', 0) for r in rows]):.1f} | {difference} |")
     return "\n".join(lines)
 
 
@@ -169,6 +195,8 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_task_options(p, HERE / "precision.json")
     p.add_argument("--fractions", nargs="+", type=float, default=[0.3, 0.4, 0.5, 0.65])
+    p.add_argument("--candidates", nargs="+", default=CANDIDATES)
+    p.add_argument("--ram", nargs="+", default=["board"], choices=RAM_LEVELS)
     p.add_argument("--dmpq-epochs", type=int, default=2)
     p.add_argument("--dmpq-lr", type=float, default=1e-3)
     p.add_argument("--dmpq-samples", type=int, default=10000)
@@ -180,13 +208,13 @@ def main() -> None:
         payload = json.loads(Path(args.out).read_text())
     else:
         base = load_board(args.board)
-        board = base.with_candidates(CANDIDATES).model_copy(
+        board = base.with_candidates(args.candidates).model_copy(
             update={"reserve": base.reserve.model_copy(update={"decode": True})})
         Path(args.work).mkdir(parents=True, exist_ok=True)
         payload = {"command": ("python bench/precision.py " + " ".join(sys.argv[1:])).strip(),
                    "date": datetime.date.today().isoformat(),
                    "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-                   "board": board.name, "tasks": {}}
+                   "board": board.name, "candidates": args.candidates, "tasks": {}}
         for name in args.tasks:
             payload["tasks"][name] = task_runs(name, board, args, log)
             payload["wall_s"] = time.perf_counter() - started
@@ -195,7 +223,7 @@ def main() -> None:
     plot(payload, Path(args.out).with_suffix(".png"))
     print(text)
     if not args.no_write:
-        write_section(SECTION, text + f"\n\n![accuracy against model bytes]({Path(args.out).with_suffix('.png').name})")
+        write_section(section(payload.get("candidates", CANDIDATES)), text + f"\n\n![accuracy against model bytes]({Path(args.out).with_suffix('.png').name})")
 
 
 if __name__ == "__main__":

@@ -265,9 +265,9 @@ class BuildResult:
         return read_emulation(self.out / "emulation.json")
 
     @property
-    def policy(self) -> dict[str, int]:
-        """Weight bits per layer, in graph order."""
-        return {layer.name: layer.weight_bits for layer in self.cost.layers}
+    def policy(self) -> dict[str, str]:
+        """The shipped candidate per layer, in graph order: {"conv0": "w8a16", "fc1": "w4a8"}."""
+        return {name: c.name for name, c in self.search.shipped.policy.items()}
 
     @property
     def accuracy(self) -> dict[str, float]:

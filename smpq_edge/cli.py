@@ -15,7 +15,8 @@ from typing import Callable
 
 from smpq_edge.api import DEFAULT_BOARD, DEFAULT_MODEL
 from smpq_edge.common.errors import UserError
-from smpq_edge.common.precision import PACKED_INT4, weight_form
+from smpq_edge.common.precision import PACKED_INT4, Precision, weight_form
+from smpq_edge.common.records import kernel_code_text
 from smpq_edge.inputs.preprocess import CHANNEL_ORDERS, INPUT_RANGES
 
 COMMANDS: dict[str, Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace], int]]] = {}
@@ -91,9 +92,10 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                         help="weights and biases keep one zero point per tensor instead of one per channel: "
                              "16 B less flash per output channel, which TFLM reads but LiteRT and other TFLite "
                              "tools refuse")
-    parser.add_argument("--candidates", nargs="+", default=None, metavar="wWa8",
-                        help="per-layer precisions to choose among, e.g. 'w2a8 w4a8 w8a8' (default: the board's; "
-                             "w4a8 is packed INT4, w2/3/5/6/7a8 are LUT-compressed int8 that TFLM's DECODE expands)")
+    parser.add_argument("--candidates", nargs="+", default=None, metavar="wWaA",
+                        help="per-layer precisions to choose among, e.g. 'w2a8 w4a8 w8a8 w8a16' (default: the "
+                             "board's; w4a8 is packed INT4, w2/3/5/6/7a8 are LUT-compressed int8 that TFLM's DECODE "
+                             "expands, w8a16 runs TFLM's 16x8 kernels on int16 activations)")
     add_preprocessing_arguments(parser)
 
 
@@ -174,8 +176,8 @@ def _cost(parser: argparse.ArgumentParser):
         _print_table(rows, ["layer", "kind", "bits", "act bits", "params", "MACs", "flash B", "scratch B", "cycles"])
         fits = report.fits
         print()
-        decode = f" + DECODE code {report.extra_kernel_flash_bytes} B" if report.extra_kernel_flash_bytes else ""
-        print(f"board {board.name}: model {report.model_flash_bytes} B + reserve {report.reserve_flash_bytes} B{decode} = "
+        code = kernel_code_text(report.extra_kernels)
+        print(f"board {board.name}: model {report.model_flash_bytes} B + reserve {report.reserve_flash_bytes} B{code} = "
               f"{report.flash_total_bytes} B flash of {report.flash_budget_bytes} B ({'ok' if fits['flash'] else 'OVER'})")
         print(f"arena {report.arena_bytes} B + reserve {report.reserve_ram_bytes} B = {report.ram_total_bytes} B RAM "
               f"of {report.ram_budget_bytes} B ({'ok' if fits['ram'] else 'OVER'})")
@@ -237,12 +239,11 @@ def rerank_note(search, task) -> None:
     chosen = next((i for i, k in enumerate(search.k_best) if k.chosen), 0)
     if chosen:
         top, pick = search.k_best[0], search.k_best[chosen]
-        widths = set(pick.bits.values())
-        which = (f"the uniform {weight_form(widths.pop())} policy" if len(widths) == 1
-                 else f"the K-best policy #{chosen + 1}")
+        widths = set(pick.policy.values())
+        which = (f"the uniform {widths.pop().name} policy" if len(widths) == 1 else f"the K-best policy #{chosen + 1}")
         print(f"note: the re-rank on validation picked {which} "
-              f"({' '.join(map(str, pick.bits.values()))}, validation {task.metric} {task.show(pick.val_acc)}) over "
-              f"the summed-Shapley optimum ({' '.join(map(str, top.bits.values()))}, {task.show(top.val_acc)})")
+              f"({pick.text}, validation {task.metric} {task.show(pick.val_acc)}) over "
+              f"the summed-Shapley optimum ({top.text}, {task.show(top.val_acc)})")
 
 
 def _print_floor(search) -> None:
@@ -268,14 +269,14 @@ def _print_methods(search) -> None:
         return
     task = TASKS[search.task]
     names = [layer.name for layer in search.shipped.cost.layers]
-    rows = [[m.method, " ".join(str(m.bits[name]) for name in names), f"{m.cost.model_flash_bytes:,} B",
-             task.show(m.test_acc)] for m in search.methods]
+    rows = [[m.method, m.text, f"{m.cost.model_flash_bytes:,} B", task.show(m.test_acc)] for m in search.methods]
     # A uniform baseline the search tried and did not record was over a budget; the others (uniform
     # int3 beside the default uniform8 and uniform4) were not run.
     tried = set(search.config.get("baselines", ()))
-    rows += [[uniform_name(bits), " ".join(str(bits) for _ in names),
-              "over budget" if uniform_name(bits) in tried else "not run", "-"]
-             for bits in search.candidates if uniform_name(bits) not in {m.method for m in search.methods}]
+    uniform = [Precision.parse(name) for name in search.candidates if not Precision.parse(name).wide]
+    rows += [[uniform_name(c.weights), " ".join(str(c.weights) for _ in names),
+              "over budget" if uniform_name(c.weights) in tried else "not run", "-"]
+             for c in uniform if uniform_name(c.weights) not in {m.method for m in search.methods}]
     trained = "post-training, nothing trained" if search.post_training else "after each one's finetune"
     print(f"\nmethods under the same budgets (bits of layers {' '.join(names)}; fake-quant test {task.metric}, "
           f"{trained}):")
@@ -332,7 +333,7 @@ def _print_build_summary(out, stages: dict | None = None) -> None:
     print("\nweights per layer: " + ", ".join(f"{layer.name} ({layer.kind}) {weight_form(layer.weight_bits)}"
                                           for layer in cost.layers))
     if (out / "policy.json").exists() and (wide := load_policy(out / "policy.json").wide):
-        print(int16_note(wide))
+        print(int16_note(wide, frozenset(search.shipped.int16)))
     _print_methods(search)
     _print_floor(search)
     if stages:

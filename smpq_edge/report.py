@@ -21,7 +21,7 @@ from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 from matplotlib.transforms import offset_copy  # noqa: E402
 
-from smpq_edge.common.precision import weight_form  # noqa: E402
+from smpq_edge.common.precision import Precision, weight_form  # noqa: E402
 from smpq_edge.common.records import CostRecord, EmulationRecord, MethodRecord, SearchRecord  # noqa: E402
 from smpq_edge.inputs.task import TASKS, Task  # noqa: E402
 
@@ -44,14 +44,29 @@ def _png(figure: Figure) -> bytes:
 # orange and int8 blue as before.
 BITS_COLOUR = {2: "tab:red", 3: "tab:pink", 4: "tab:orange", 5: "tab:olive", 6: "tab:green", 7: "tab:cyan",
                8: "tab:blue"}
+INT16_COLOUR = "tab:purple"
 LAYER_AXIS = "layer (in graph order)"
+
+
+def _colour(c: Precision) -> str:
+    return INT16_COLOUR if c.wide else BITS_COLOUR[c.weights]
+
+
+def _form(c: Precision) -> str:
+    """A candidate for a legend: "int4 weights", "int8 weights, int16 activations"."""
+    return f"{weight_form(c.weights)} weights" + (", int16 activations" if c.wide else "")
+
+
+def _label(c: Precision) -> str:
+    """A candidate in a grid cell: its weight bits, "8a16" for int16 activations."""
+    return f"{c.weights}a{c.activations}" if c.wide else str(c.weights)
 
 
 def _zero_label(form: str, column: np.ndarray) -> str:
     """The legend entry of a candidate's markers at zero."""
     if np.isnan(column).all():  # the narrowest candidate: the others' entries are measured from it
-        return f"{form} weights: 0 by definition (the others are measured from it)"
-    return f"{form} weights: Shapley value 0"
+        return f"{form}: 0 by definition (the others are measured from it)"
+    return f"{form}: Shapley value 0"
 
 
 def _shapley_plot(search: SearchRecord) -> Figure:
@@ -62,17 +77,17 @@ def _shapley_plot(search: SearchRecord) -> Figure:
     mean = np.array([np.nan if v is None else v for v in search.shapley.mean]).reshape(len(layers), k)
     err = np.array([0.0 if v is None else v for v in search.shapley.stderr]).reshape(len(layers), k)
     used = np.array(search.shapley_scores)
-    chosen = search.shipped.bits
+    chosen = search.shipped.policy
     figure, axis = plt.subplots(figsize=(max(6.5, 0.8 * len(layers)), 4.0), layout="constrained")
     width = 0.8 / k
-    for j, bits in enumerate(search.candidates):
+    for j, candidate in enumerate(Precision.parse(name) for name in search.candidates):
         x = np.arange(len(layers)) + (j - (k - 1) / 2) * width
-        colour, form = BITS_COLOUR[bits], weight_form(bits)
+        colour, form = _colour(candidate), _form(candidate)
         values = np.nan_to_num(mean[:, j])
         zero = values == 0
-        shipped = np.array([chosen[name] == bits for name in layers])
+        shipped = np.array([chosen[name] == candidate for name in layers])
         axis.bar(x, values, width, yerr=err[:, j], color=colour, alpha=0.75, capsize=2,
-                 label=None if zero.all() else f"{form} weights: Shapley value (+-1 s.e.)")
+                 label=None if zero.all() else f"{form}: Shapley value (+-1 s.e.)")
         # Outlines on their own bars: with `alpha=`, an edge colour of "none" would come out black.
         axis.bar(x[shipped], values[shipped], width, fill=False, edgecolor="black", linewidth=1.5)
         if zero.any():  # a bar of height 0 is not seen: a marker at zero stands for it
@@ -87,7 +102,7 @@ def _shapley_plot(search: SearchRecord) -> Figure:
     value = ("minus the KL divergence from float" if search.coalition_value == "kl"
              else TASKS[search.task].value_name)
     axis.set_ylabel(f"contribution to {value}\n(validation batch)")
-    axis.set_title("Shapley value per layer and bit-width (outlined: the shipped choice)", fontsize=10)
+    axis.set_title("Shapley value per layer and precision (outlined: the shipped choice)", fontsize=10)
     axis.legend(fontsize=7, loc="best")
     return figure
 
@@ -95,18 +110,19 @@ def _shapley_plot(search: SearchRecord) -> Figure:
 def _bits_plot(methods: list[MethodRecord]) -> Figure:
     layers = list(methods[0].bits)
     figure, axis = plt.subplots(figsize=(max(6, 0.6 * len(layers)), 1.9 + 0.45 * len(methods)), layout="constrained")
-    grid = np.array([[m.bits[name] for name in layers] for m in methods])
-    used = sorted(set(grid.flat))
-    axis.imshow(np.searchsorted(used, grid), cmap=ListedColormap([BITS_COLOUR[b] for b in used]), vmin=0,
-                vmax=max(len(used) - 1, 1), aspect="auto")
-    for (row, col), value in np.ndenumerate(grid):
-        axis.text(col, row, str(value), ha="center", va="center", fontsize=8, color="white")
+    grid = [[m.policy[name] for name in layers] for m in methods]
+    used = sorted({c for row in grid for c in row})
+    axis.imshow([[used.index(c) for c in row] for row in grid], cmap=ListedColormap([_colour(c) for c in used]),
+                vmin=0, vmax=max(len(used) - 1, 1), aspect="auto")
+    for row, choices in enumerate(grid):
+        for col, c in enumerate(choices):
+            axis.text(col, row, _label(c), ha="center", va="center", fontsize=8, color="white")
     axis.set_xticks(range(len(layers)), layers, rotation=45, ha="right", fontsize=8)
     axis.set_xlabel(LAYER_AXIS)
     axis.set_yticks(range(len(methods)), [m.method for m in methods])
     axis.set_ylabel("method")
-    axis.set_title("Weight bits per layer")
-    axis.legend(handles=[Patch(color=BITS_COLOUR[b], label=f"{weight_form(b)} weights") for b in used],
+    axis.set_title("Precision per layer")
+    axis.legend(handles=[Patch(color=_colour(c), label=_form(c)) for c in used],
                 fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     return figure
 
@@ -235,7 +251,7 @@ def _zero_point_note(search: SearchRecord) -> str:
 
 def _why_section(search: SearchRecord, task: Task) -> str:
     label = "**SMPQ's pick, shipped**" if search.shipped_method == "smpq" else "**SMPQ's pick**"
-    rows = [[" ".join(str(b) for b in k.bits.values()), f"{k.summed_shapley:.4f}", task.show(k.val_acc),
+    rows = [[k.text, f"{k.summed_shapley:.4f}", task.show(k.val_acc),
              label if k.chosen else ""] for k in search.k_best]
     chosen = next(i for i, k in enumerate(search.k_best) if k.chosen)
     reason = ("the best by summed Shapley value that fits every budget; no other of these led it on the validation "
@@ -263,14 +279,18 @@ def _emulator_section(emulation: EmulationRecord, cost: CostRecord, task: Task) 
     return "## TFLM emulator (model.tflite on the tflite-micro interpreter)\n\n" + _table(["figure", "value"], rows)
 
 
-def int16_note(wide: frozenset[str]) -> str:
-    """What the shipped model runs with int16 activations, where policy.json sets any (the
-    search's figures are for int8 activations)."""
+def int16_note(wide: frozenset[str], searched: frozenset[str] | None = None) -> str:
+    """Which layers of the shipped model run int16 activations; and, where they are not the
+    search's pick (``searched``: its int16 layers), that policy.json set them and the search's
+    figures are not for them."""
     if not wide:
         return ""
-    return (f"int16 activations (TFLM's 16x8 kernels, set in policy.json): {', '.join(sorted(wide))}, with a "
-            "QUANTIZE at each int8/int16 boundary; the search's cost figures are for int8 activations, "
-            "export.json and the emulator's figures are for the shipped file")
+    note = (f"int16 activations (TFLM's 16x8 kernels): {', '.join(sorted(wide))}, with a QUANTIZE at each "
+            "int8/int16 boundary")
+    if searched is not None and wide != searched:
+        note += ("; set in policy.json, not the search's pick, whose cost figures are for its own int16 layers "
+                 f"({', '.join(sorted(searched)) or 'none'}): export.json's and the emulator's are for the shipped file")
+    return note
 
 
 def make_report(search: SearchRecord, emulation: EmulationRecord | None, wide: frozenset[str] = frozenset()) -> Report:
@@ -298,13 +318,14 @@ def make_report(search: SearchRecord, emulation: EmulationRecord | None, wide: f
          "ok" if cost.fits["cycles"] else "OVER"],
     ]
     layer_rows = [[layer.name, layer.kind, "×".join(str(d) for d in search.layer_shapes[layer.name]),
-                   layer.weight_bits, layer.params, layer.flash_bytes, layer.cycles] for layer in cost.layers]
+                   _label(shipped.policy[layer.name]), layer.params, layer.flash_bytes, layer.cycles]
+                  for layer in cost.layers]
     # Post-training, "before" and "after" are one figure: one column, and no word of a finetune.
     scores = (lambda m: [task.show(m.test_acc)]) if search.post_training else \
         (lambda m: [task.show(m.test_acc_before_finetune), task.show(m.test_acc)])
     score_header = [f"test {task.metric} (post-training)"] if search.post_training else \
         [f"test {task.metric} before finetune", "after"]
-    method_rows = [[m.method, " ".join(str(b) for b in m.bits.values()), *scores(m), f"{m.cost.model_flash_bytes:,}",
+    method_rows = [[m.method, m.text, *scores(m), f"{m.cost.model_flash_bytes:,}",
                     f"{m.cost.cycles:,}"] for m in search.methods]
     sections = [
         f"# smpq_edge build: {search.model} on {search.board}",
@@ -318,7 +339,7 @@ def make_report(search: SearchRecord, emulation: EmulationRecord | None, wide: f
         + "\n\n![budget use](budget.png)",
         "## Bits per layer\n\n"
         + _table(["layer", "kind", "weight shape (TFLite)", "bits", "params", "flash B", "cycles"], layer_rows)
-        + (f"\n\n{int16_note(wide)}." if wide else "") + "\n\n![bits](bits.png)",
+        + (f"\n\n{int16_note(wide, frozenset(shipped.int16))}." if wide else "") + "\n\n![bits](bits.png)",
         _why_section(search, task),
         "## Shapley values\n\n![shapley](shapley.png)",
         _stages_section(search, task),

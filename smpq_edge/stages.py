@@ -165,16 +165,16 @@ def net_for_policy(out: Path, source: ModelSource, data: Dataset, board: Board, 
     checkpoint = load_quantnet(out, source, board, data)
     bits = policy.bits
     net, trained = checkpoint.net, checkpoint.trained_bits
-    net.set_activation_bits(policy.wide)
     if trained is None:
-        net.set_policy(bits)
+        net.set_policy(policy.precisions)
         return net, "quantnet.pt does not record the policy it was finetuned for; exported without finetuning"
     if trained == bits:
-        net.set_policy(bits)
+        net.set_policy(policy.precisions)
         return net, None
     config = _finetune_config(out)
     differ = sum(trained.get(name) != b for name, b in bits.items())
-    tuned, before, after = finetune(net, bits, data, config, seed, progress=True, desc="finetune policy.json")
+    tuned, before, after = finetune(net, policy.precisions, data, config, seed, progress=True,
+                                    desc="finetune policy.json")
     save_quantnet(tuned, bits, out)
     task = task_of(data)
     return tuned, (f"quantnet.pt was finetuned for another policy ({differ} layers differ from policy.json): "
@@ -201,8 +201,7 @@ def emulate_stage(out: Path, source: ModelSource, data: Dataset, board: Board) -
     """model.tflite on the TFLM interpreter over the test split, against the fake-quant network."""
     net = load_quantnet(out, source, board, data).net
     policy = load_policy(out / "policy.json")
-    net.set_policy(policy.bits)
-    net.set_activation_bits(policy.wide)
+    net.set_policy(policy.precisions)
     record = emulate((out / "model.tflite").read_bytes(), data.x_test, data.y_test, net,
                      source=str(out / "model.tflite"), task=task_of(data))
     record.write(out / "emulation.json")

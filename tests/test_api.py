@@ -41,7 +41,7 @@ def test_build_from_a_torch_module_and_numpy_arrays(tmp_path, trained_mlp, digit
     result = smpq_edge.build(trained_mlp, digits_arrays, board="nucleo-l412kb", out=tmp_path / "b", quick=True,
                              no_baselines=True, log=lambda line: None)
     assert list(result.policy) == [layer.name for layer in result.cost.layers] and len(result.policy) == 2
-    assert set(result.policy.values()) <= {4, 8}
+    assert set(result.policy.values()) <= {"w4a8", "w8a8"}
     accuracy = result.accuracy
     assert accuracy["float"] > 0.9, "the trained MLP is scored on the SDK's test split of the arrays"
     assert abs(accuracy["emulator"] - accuracy["shipped"]) < 0.01, "TFLM runs what the fake-quant network scored"

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from smpq_edge.common.errors import UserError
-from smpq_edge.common.precision import candidate_bits
+from smpq_edge.common.precision import Precision
 from smpq_edge.export.exporter import export_model
 from smpq_edge.inputs.boards import load_board
 from smpq_edge.inputs.policy import load_policy
@@ -88,11 +88,10 @@ def test_an_int16_output_reaches_the_user_as_int8(residual):
 
 def test_tflm_runs_no_hybrid_or_int4_activation_candidate(residual, tmp_path):
     with pytest.raises(ValueError, match=r"^w4a16: TFLM's 16x8 kernels take int8 weights only"):
-        candidate_bits("w4a16")
+        Precision.parse("w4a16")
     with pytest.raises(ValueError, match=r"^w8a4: TFLM has no 4-bit activations"):
-        candidate_bits("w8a4")
-    with pytest.raises(ValueError, match=r"^w8a16: the search does not choose int16 activations yet"):
-        candidate_bits("w8a16")
+        Precision.parse("w8a4")
+    assert Precision.parse("w8a16") == Precision(8, 16) and Precision.parse("w8a16").wide
     policy = tmp_path / "policy.json"
     policy.write_text(json.dumps({"board": "b", "model": "m", "layers": [
         {"name": "conv", "kind": "conv", "weight_bits": 4, "activation_bits": 16, "params": 72}]}))

@@ -110,7 +110,7 @@ class ResidualNet(nn.Module):
 
 
 @functools.lru_cache(maxsize=None)
-def residual_case():
+def residual_case(candidates: tuple = (4, 8)):
     torch.manual_seed(0)
     data = load_dataset("digits", seed=0)
     module = ResidualNet()
@@ -118,7 +118,7 @@ def residual_case():
         module.bn.running_mean.uniform_(-0.2, 0.2), module.bn.running_var.uniform_(0.5, 2.0)
         module.bn.weight.uniform_(0.5, 1.5), module.bn.bias.uniform_(-0.2, 0.2)
     module.eval()
-    net = QuantNet(trace(module, data.input_shape), module, (4, 8))
+    net = QuantNet(trace(module, data.input_shape), module, candidates)
     calibrate(net, data, 0)
     net.eval()
     bits = {op.name: 4 if i % 2 == 0 else 8 for i, op in enumerate(net.graph.layers)}

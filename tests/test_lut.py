@@ -125,5 +125,5 @@ def test_a_reserve_that_holds_decode_pays_no_extra_flash(digits):
     charged, covered = estimate(net.graph, policy, board), estimate(net.graph, policy, holds)
     assert charged.flash_total_bytes - covered.flash_total_bytes == charged.extra_kernel_flash_bytes > 20000
     assert covered.extra_kernel_flash_bytes == 0
-    assert len(knapsack(net.graph, board, Budgets.of_board(board), board.weight_bits).shared) == 1
-    assert knapsack(net.graph, holds, Budgets.of_board(holds), holds.weight_bits).shared == ()
+    assert len(knapsack(net.graph, board, Budgets.of_board(board), board.precisions).shared) == 1
+    assert knapsack(net.graph, holds, Budgets.of_board(holds), holds.precisions).shared == ()

@@ -9,17 +9,21 @@ activations), and how each is stored and run.
   compression tool; TFLM's DECODE operator expands them into an int8 tensor in the arena before
   the layer's int8 kernel runs. A LUT cannot hold an INT4 tensor, so 4 bits stay packed INT4.
 
-Activations are int8 for every search candidate. A layer may also run TFLM's 16x8 kernels
-(``w8a16``: int16 activations in and out, int8 weights, int64 bias), set in the policy file
-(``activation_bits: 16``); the exporter puts a QUANTIZE at each int8/int16 boundary. The search
-does not choose w8a16 yet. TFLM has no int4 activations, and its 16x8 kernels take int8 weights
-only.
+- ``w8a16``: int8 weights, int16 activations in and out, int64 bias: TFLM's 16x8 kernels. The
+  exporter puts a QUANTIZE at each int8/int16 boundary. A search candidate like the others, or set
+  by hand in the policy file (``activation_bits: 16``).
+
+TFLM has no int4 activations, and its 16x8 kernels take int8 weights only.
+
+The search keys a layer's choices by ``Precision`` (weight bits, activation bits); the stages after
+it (cost model, exporter) take the weight bits per layer and the set of int16-activation layers.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Literal
+from dataclasses import dataclass
+from typing import Iterable, Literal, Mapping
 
 WEIGHT_BITS = (2, 3, 4, 5, 6, 7, 8)
 LUT_BITS = (2, 3, 5, 6, 7)
@@ -27,26 +31,70 @@ PACKED_INT4 = 4
 WeightBits = Literal[2, 3, 4, 5, 6, 7, 8]
 ActivationBits = Literal[8, 16]
 WIDE = 16  # int16 activations (TFLM's 16x8 kernels)
-CANDIDATES: tuple[str, ...] = tuple(f"w{b}a8" for b in WEIGHT_BITS)
+CANDIDATES: tuple[str, ...] = tuple(f"w{b}a8" for b in WEIGHT_BITS)  # the int8-activation ones
+INT16_CANDIDATES: tuple[str, ...] = ("w8a16",)
 _NAME = re.compile(r"^w(\d+)a(\d+)$")
 # TFLM's DECODE is a custom operator of this name: the resolver's, the profile's and (after
 # "CUSTOM:") the .tflite's.
 DECODE_OP = "TFLM_DECODE"
 
 
-def candidate_bits(name: str) -> int:
-    """The weight bits of a candidate name, or a one-line reason TFLM cannot run it (ValueError)."""
-    if name in CANDIDATES:
-        return int(name[1:-2])
-    match = _NAME.match(name)
-    if not match:
-        raise ValueError(f"'{name}' is not a candidate name (wWaA: W weight bits, A activation bits; "
-                         f"known: {', '.join(CANDIDATES)})")
-    weights, activations = int(match[1]), int(match[2])
-    reason = precision_refusal(weights, activations) or (
-        "the search does not choose int16 activations yet; set the layer's activation_bits to 16 in "
-        "policy.json and run export")
-    raise ValueError(f"{name}: {reason} (candidates: {', '.join(CANDIDATES)})")
+@dataclass(frozen=True, order=True)
+class Precision:
+    """A layer's candidate: weight bits and activation bits. Ordered by weight bits, then
+    activation bits (w2a8 < ... < w8a8 < w8a16): narrow to wide, as the search's priors read it."""
+
+    weights: int
+    activations: int = 8
+
+    @property
+    def name(self) -> str:
+        return f"w{self.weights}a{self.activations}"
+
+    @property
+    def wide(self) -> bool:
+        """Whether the layer runs TFLM's 16x8 kernels (int16 activations)."""
+        return self.activations == WIDE
+
+    @classmethod
+    def of(cls, choice: int | Precision) -> Precision:
+        """``choice`` itself, or for weight bits ``b`` the int8-activation candidate w{b}a8."""
+        return choice if isinstance(choice, Precision) else cls(int(choice))
+
+    @classmethod
+    def parse(cls, name: str) -> Precision:
+        """The candidate a name gives, or a one-line reason TFLM cannot run it (ValueError)."""
+        known = ", ".join(CANDIDATES + INT16_CANDIDATES)
+        match = _NAME.match(name)
+        if not match:
+            raise ValueError(f"'{name}' is not a candidate name (wWaA: W weight bits, A activation bits; "
+                             f"known: {known})")
+        weights, activations = int(match[1]), int(match[2])
+        reason = precision_refusal(weights, activations)
+        if reason:
+            raise ValueError(f"{name}: {reason} (candidates: {known})")
+        return cls(weights, activations)
+
+
+def floor_precision(candidates: Iterable[Precision]) -> Precision:
+    """The search's reference and floor: the widest weights with int8 activations (w8a8 where it
+    is a candidate). The floor stays the int8 model a user expects, not the int16 one."""
+    return max(c for c in candidates if not c.wide)
+
+
+def weight_bits_of(policy: Mapping[str, Precision]) -> dict[str, int]:
+    """A policy's weight bits per layer, as the cost model and the exporter take them."""
+    return {name: c.weights for name, c in policy.items()}
+
+
+def policy_text(policy: Mapping[str, Precision]) -> str:
+    """Per layer, in order, its weight bits ("8 4 8"); an int16-activation layer as "8a16"."""
+    return " ".join(f"{c.weights}a{c.activations}" if c.wide else str(c.weights) for c in policy.values())
+
+
+def wide_layers(policy: Mapping[str, Precision]) -> frozenset[str]:
+    """A policy's int16-activation layers."""
+    return frozenset(name for name, c in policy.items() if c.wide)
 
 
 def precision_refusal(weight_bits: int, activation_bits: int) -> str | None:

@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from smpq_edge.common.errors import UserError
 from smpq_edge.common.fileio import read_json, write_json
+from smpq_edge.common.precision import WIDE, Precision, policy_text
 from smpq_edge.common.vocabulary import CoalitionValueName, KernelSet, TaskName, WeightedKind
 
 if TYPE_CHECKING:
@@ -66,7 +67,8 @@ class CostRecord(_Record):
     cycles: int
     reserve_flash_bytes: int
     reserve_ram_bytes: int
-    extra_kernel_flash_bytes: int = 0  # DECODE's code, beyond the reserve (records before LUT layers: 0)
+    extra_kernel_flash_bytes: int = 0  # kernel code beyond the reserve (records before LUT layers: 0)
+    extra_kernels: dict[str, int] = {}  # that code per kernel: DECODE, the s16 kernels, QUANTIZE
     flash_total_bytes: int
     ram_total_bytes: int
     flash_budget_bytes: int
@@ -86,16 +88,30 @@ class CostRecord(_Record):
         return self.flash_total_bytes - self.model_flash_bytes + model_bytes
 
     def reserve_flash_text(self) -> str:
-        """The flash besides the model, for a table: the board's reserve, and DECODE's code."""
-        extra = f" + DECODE {self.extra_kernel_flash_bytes:,} B" if self.extra_kernel_flash_bytes else ""
-        return f"{self.reserve_flash_bytes:,} B{extra}"
+        """The flash besides the model, for a table: the board's reserve, and the kernel code it lacks."""
+        return f"{self.reserve_flash_bytes:,} B{kernel_code_text(self.extra_kernels)}"
 
 
-class MethodRecord(_Record):
+class _PolicyRecord(_Record):
+    """A policy as records hold it: weight bits per layer and the int16-activation layers."""
+
+    bits: dict[str, int]
+    int16: list[str] = []
+
+    @property
+    def policy(self) -> dict[str, Precision]:
+        return {name: Precision(b, WIDE if name in self.int16 else 8) for name, b in self.bits.items()}
+
+    @property
+    def text(self) -> str:
+        """Per layer: "8 4 8", an int16-activation layer as "8a16"."""
+        return policy_text(self.policy)
+
+
+class MethodRecord(_PolicyRecord):
     """One method's pick under the budgets (SMPQ's or a baseline's), its cost and its scores."""
 
     method: str
-    bits: dict[str, int]
     cost: CostRecord
     score: float | None
     test_acc_before_finetune: float
@@ -178,8 +194,7 @@ class ShapleyRecord(_Record):
     n_calls: int = 0
 
 
-class KBestRecord(_Record):
-    bits: dict[str, int]
+class KBestRecord(_PolicyRecord):
     summed_shapley: float
     val_acc: float
     chosen: bool
@@ -208,7 +223,7 @@ class SearchRecord(_Record):
     floor_action: FloorAction | None = None  # what replaced SMPQ's pick when it fell below the floor
     shapley: ShapleyRecord
     shapley_scores: list[list[float]]  # per layer and candidate: the scores the selection used
-    candidates: list[int]
+    candidates: list[str]  # candidate names, narrow to wide ("w4a8", "w8a8", "w8a16")
     k_best: list[KBestRecord]
     methods: list[MethodRecord]
     layer_shapes: dict[str, list[int]]  # layer -> TFLite weight shape
@@ -307,6 +322,11 @@ class BuildRecord(_Record):
     arguments: dict
     versions: dict = {}
     stages: dict[str, StageRun] = {}
+
+
+def kernel_code_text(kernels: dict[str, int]) -> str:
+    """Kernel code outside the board's reserve, for a line of figures: " + DECODE 21,986 B"."""
+    return "".join(f" + {name} {size:,} B" for name, size in sorted(kernels.items()) if size)
 
 
 def percent(value: float | None, missing: str = "-") -> str:

@@ -223,12 +223,9 @@ def load_prediction(build_dir: Path) -> Prediction | None:
     layers = tuple((layer.name, layer.kind, layer.cycles) for layer in chosen.cost.layers)
     prediction = (chosen.method, chosen.cost.cycles, chosen.cost.arena_bytes)
     notes = []
-    if policy and policy.bits != chosen.bits:
-        notes.append(f"policy.json's bits differ from search.json's {prediction[0]} pick: the prediction "
+    if policy and (policy.bits != chosen.bits or policy.wide != frozenset(chosen.int16)):
+        notes.append(f"policy.json differs from search.json's {prediction[0]} pick ({chosen.text}): the prediction "
                      "is for the search's pick")
-    if policy and policy.wide:
-        notes.append(f"policy.json runs {', '.join(sorted(policy.wide))} with int16 activations, which the search "
-                     "did not price: the prediction is for its int8 activations")
     return Prediction(*prediction, layers=layers, ops=_recorded_ops(path, chosen.method), notes=tuple(notes))
 
 

@@ -17,7 +17,7 @@ from pydantic import (AllowInfNan, BaseModel, ConfigDict, Field, Strict, StrictB
                       model_validator)
 
 from smpq_edge.common.errors import UserError
-from smpq_edge.common.precision import candidate_bits
+from smpq_edge.common.precision import Precision
 from smpq_edge.common.vocabulary import KernelSet
 
 BOARDS_DIR = Path(str(resources.files("smpq_edge.board_profiles")))  # boards/ in the repository
@@ -163,7 +163,7 @@ class Board(_Strict):
     kernels: KernelSet
     reserve: Reserve
     budgets: Budgets
-    # Per-layer precisions the search chooses among (``smpq_edge.common.precision``: w2a8 ... w8a8).
+    # Per-layer precisions the search chooses among (``smpq_edge.common.precision``: w2a8 ... w8a8, w8a16).
     candidates: tuple[str, ...] = Field(default=("w4a8", "w8a8"), min_length=1)
     # "per_channel": a zero point per scale, as the TFLite schema wants and LiteRT checks.
     # "single": one per weight or bias tensor, which TFLM alone reads (16 B less per output channel).
@@ -189,8 +189,9 @@ class Board(_Strict):
     @field_validator("candidates")
     @classmethod
     def _runnable(cls, candidates: tuple[str, ...]) -> tuple[str, ...]:
-        for name in candidates:
-            candidate_bits(name)  # a candidate TFLM cannot run is refused with its reason
+        precisions = [Precision.parse(name) for name in candidates]  # one TFLM cannot run: refused with its reason
+        if all(p.wide for p in precisions):
+            raise ValueError("needs an int8-activation candidate (w2a8 ... w8a8): the search's floor is the int8 model")
         return candidates
 
     @model_validator(mode="after")
@@ -220,9 +221,14 @@ class Board(_Strict):
         return self.core in CORES_WITH_DWT
 
     @property
+    def precisions(self) -> tuple[Precision, ...]:
+        """The candidates, narrow to wide: what the search chooses among per layer."""
+        return tuple(sorted(Precision.parse(c) for c in self.candidates))
+
+    @property
     def weight_bits(self) -> tuple[int, ...]:
-        """Weight bit-widths of the candidates, e.g. (4, 8); activations are int8 for all of them."""
-        return tuple(sorted(candidate_bits(c) for c in self.candidates))
+        """The candidates' weight bit-widths, e.g. (4, 8)."""
+        return tuple(sorted({p.weights for p in self.precisions}))
 
     def with_candidates(self, candidates: list[str]) -> Board:
         """This board with other candidates, checked as a board file's are."""

@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from smpq_edge.common.errors import UserError
 from smpq_edge.common.fileio import read_json, write_json
-from smpq_edge.common.precision import WIDE, ActivationBits, WeightBits, precision_refusal
+from smpq_edge.common.precision import WIDE, ActivationBits, Precision, WeightBits, precision_refusal
 from smpq_edge.common.vocabulary import WeightedKind
 
 
@@ -49,6 +49,11 @@ class Policy(BaseModel):
     @property
     def bits(self) -> dict[str, int]:
         return {layer.name: layer.weight_bits for layer in self.layers}
+
+    @property
+    def precisions(self) -> dict[str, Precision]:
+        """Each layer's weight and activation bits."""
+        return {layer.name: Precision(layer.weight_bits, layer.activation_bits) for layer in self.layers}
 
     @property
     def wide(self) -> frozenset[str]:

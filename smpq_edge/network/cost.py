@@ -147,10 +147,18 @@ def registered_kernels(graph: Graph, bits: dict[str, int], kernels: str,
     return tuple(sorted(out))
 
 
-def decode_kernel_bytes(board: Board) -> int:
-    """TFLM's DECODE code a policy with a LUT layer pays on top of the board's reserve: the built-in
-    reserves were set for the int8 and INT4 kernels (0 where ``reserve.decode`` says it holds it)."""
-    return 0 if board.reserve.decode else RUNTIME[board.kernels].flash_per_kernel[DECODE]
+def extra_kernels(graph: Graph, bits: dict[str, int], board: Board, wide: frozenset[str] = frozenset()) -> dict[str, int]:
+    """Kernel code a policy pays on top of the board's reserve, which was set for the int8 and INT4
+    kernels: TFLM's DECODE for a LUT layer (unless ``reserve.decode`` says the reserve holds it),
+    and for 16x8 layers their kernels' s16 code and QUANTIZE. Kernel -> flash bytes."""
+    table = RUNTIME[board.kernels].flash_per_kernel
+    out = {}
+    if not board.reserve.decode and any(is_lut(b) for b in bits.values()):
+        out[DECODE] = table[DECODE]
+    if wide:
+        added = set(registered_kernels(graph, bits, board.kernels, wide)) - set(registered_kernels(graph, bits, board.kernels))
+        out.update({k: table.get(k, 0) for k in added if k.endswith("_INT16") or k == "QUANTIZE"})
+    return out
 
 
 def runtime_flash_bytes(graph: Graph, bits: dict[str, int], kernels: str, wide: frozenset[str] = frozenset()) -> int:
@@ -196,8 +204,8 @@ class CostReport:
     cycles: int
     reserve_flash_bytes: int
     reserve_ram_bytes: int
-    # Kernel code the board's reserve does not hold: TFLM's DECODE, for a policy with a LUT layer.
-    extra_kernel_flash_bytes: int
+    # Kernel code the board's reserve does not hold (``extra_kernels``): DECODE, s16 code, QUANTIZE.
+    extra_kernels: dict[str, int]
     # The firmware besides model and arena, for the board's kernel set (``RUNTIME``): reported as
     # firmware_flash_bytes / firmware_ram_bytes; the budgets count the board's reserve instead.
     runtime_flash_bytes: int
@@ -206,6 +214,10 @@ class CostReport:
     ram_budget_bytes: int
     cycle_budget: int
     clock_mhz: float
+
+    @property
+    def extra_kernel_flash_bytes(self) -> int:
+        return sum(self.extra_kernels.values())
 
     @property
     def flash_total_bytes(self) -> int:
@@ -241,6 +253,7 @@ class CostReport:
         out = asdict(self)
         out["layers"] = [dict(asdict(layer), flash_bytes=layer.flash_bytes) for layer in self.layers]
         out.update(flash_total_bytes=self.flash_total_bytes, ram_total_bytes=self.ram_total_bytes,
+                   extra_kernel_flash_bytes=self.extra_kernel_flash_bytes,
                    latency_ms=self.latency_ms, fits=self.fits,
                    firmware_flash_bytes=self.firmware_flash_bytes, firmware_ram_bytes=self.firmware_ram_bytes)
         return out
@@ -665,7 +678,7 @@ def estimate(graph: Graph, bits: dict[str, int], board: Board, flash_budget_byte
     return CostReport(
         board=board.name, layers=layers, ops=ops, model_flash_bytes=model_flash, arena_bytes=arena, cycles=cycles,
         reserve_flash_bytes=int(board.reserve.flash_kb * 1024), reserve_ram_bytes=int(board.reserve.ram_kb * 1024),
-        extra_kernel_flash_bytes=decode_kernel_bytes(board) if decodes else 0,
+        extra_kernels=extra_kernels(graph, bits, board, wide),
         runtime_flash_bytes=runtime_flash_bytes(graph, bits, board.kernels, wide),
         static_ram_bytes=RUNTIME[board.kernels].static_ram + RUNTIME[board.kernels].static_ram_per_op * n_ops,
         flash_budget_bytes=flash_budget_bytes if flash_budget_bytes is not None else int(board.budgets.flash_kb * 1024),

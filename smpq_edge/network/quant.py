@@ -13,9 +13,11 @@ executor (``ops.KINDS``: ADD, RELU, average pooling): integer
 accumulators, the exporter's int32 bias, TFLM's fixed-point requantisation. A float32 forward
 differs from it at rounding boundaries, and which samples flip depended on the CPU's float kernels.
 
-Each weighted layer holds its candidate weight bit-widths. Its output mixes the candidates'
-quantised weights by softmax(alpha) over the *active* candidates; by linearity of convolution,
-mixing the weights equals mixing the branch outputs. For the Shapley search,
+Each weighted layer holds its candidates (``Precision``: weight bits, activation bits). Its output
+mixes the candidates' quantised weights by softmax(alpha) over the *active* candidates; by
+linearity of convolution, mixing the weights equals mixing the branch outputs. Where int16-activation
+candidates (w8a16) are active among others, the output mixes its int8 and int16 quantisations by
+their softmax mass, so that alpha learns what the finer grid is worth. For the Shapley search,
 ``coalition_logits`` scores many coalitions of active candidates in one call, computing each
 layer once per distinct prefix of choices.
 """
@@ -24,7 +26,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 import torch
@@ -32,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smpq_edge.common.distributed import SINGLE_PROCESS, Context
+from smpq_edge.common.precision import WIDE, Precision
 from smpq_edge.network.fixedpoint import (INT8_MAX, INT8_MIN, INT16_MAX, INT16_MIN, INT32_MAX, INT32_MIN,
                                           Requantiser, WideRequantiser)
 from smpq_edge.network.graph import Graph, Op
@@ -151,12 +154,14 @@ class ActQuant(nn.Module):
         zero_point = int(min(max(round(INT8_MIN - lo / scale), INT8_MIN), INT8_MAX))
         return ActivationParams(scale, zero_point)
 
-    def forward(self, x: torch.Tensor, activation: str = "none") -> torch.Tensor:
-        """The fused activation (none, relu, relu6) applied to ``x``, then quantisation."""
+    def forward(self, x: torch.Tensor, activation: str = "none", bits: int | None = None) -> torch.Tensor:
+        """The fused activation (none, relu, relu6) applied to ``x``, then quantisation (as int8 or
+        int16: ``bits``, the tensor's own type by default)."""
+        bits = bits or self.bits
         initialised = bool(self.initialised)
         observes = x.numel() and (self.training or not initialised)
         if not observes and not torch.is_grad_enabled():
-            return self._inference(x, activation)
+            return self._inference(x, activation, bits)
         x = apply_activation(x, activation)
         if observes:
             lo, hi = float(x.detach().min()), float(x.detach().max())
@@ -165,21 +170,21 @@ class ActQuant(nn.Module):
             else:
                 seen = self._pending or (lo, hi)
                 self._pending = (min(seen[0], lo), max(seen[1], hi))
-        p = self.params()
+        p = self.params(bits)
         # torch's fused kernel: round half to even, clamp, dequantise; gradient straight through
         # inside the range and zero outside it.
-        return torch.fake_quantize_per_tensor_affine(x, p.scale, p.zero_point, *type_range(self.bits))
+        return torch.fake_quantize_per_tensor_affine(x, p.scale, p.zero_point, *type_range(bits))
 
-    def _inference(self, x: torch.Tensor, activation: str) -> torch.Tensor:
+    def _inference(self, x: torch.Tensor, activation: str, bits: int) -> torch.Tensor:
         """The same values as the fused kernel above, about twice as fast (one new tensor, then in
         place, no gradient mask) and with the activation folded into the clamp: relu(x) quantises
         to at least the zero point, relu6(x) to at most 6's level. Written by hand because the
         evaluation of Shapley coalitions spends a third of its time here. Float32 throughout,
         in the kernel's order (x * (1/scale), round, + zero point), so the values are identical."""
-        p = self.params()
+        p = self.params(bits)
         scale = np.float32(p.scale)
         inverse = np.float32(1.0) / scale
-        lo, hi = type_range(self.bits)
+        lo, hi = type_range(bits)
         if activation in ("relu", "relu6"):
             lo = max(lo, p.zero_point)
         if activation == "relu6":
@@ -257,11 +262,20 @@ class IntegerLayer:
         return self.target.dequantise(self.requantise(acc), self.op.activation, self.bits)
 
 
+@dataclass(frozen=True)
+class MixedWeight:
+    """What a layer runs with while several candidates are active: their softmax mix of quantised
+    weights, and the softmax mass of its int16-activation candidates (0: int8 output only)."""
+
+    weight: torch.Tensor
+    wide_share: torch.Tensor | float = 0.0
+
+
 class MixedLayer(nn.Module):
     """A conv, depthwise conv or fully connected layer with BatchNorm folded in, whose weights are
-    fake-quantised at each candidate bit-width and mixed by softmax(alpha) over active candidates."""
+    fake-quantised at each candidate's weight bits and mixed by softmax(alpha) over active candidates."""
 
-    def __init__(self, op: Op, weight: torch.Tensor, bias: torch.Tensor, candidates: tuple[int, ...]):
+    def __init__(self, op: Op, weight: torch.Tensor, bias: torch.Tensor, candidates: tuple[Precision, ...]):
         super().__init__()
         self.op = op
         self.candidates = tuple(candidates)
@@ -271,6 +285,18 @@ class MixedLayer(nn.Module):
         self.register_buffer("active", torch.ones(len(candidates), dtype=torch.bool))
         # Per-channel for conv and depthwise; per tensor for FC (TFLM's INT4 FC path needs it).
         self.per_channel = op.kind != "fc"
+
+    def selects(self, chosen: Precision) -> list[bool]:
+        """The active mask for ``chosen``: that candidate, or where it is not one (int16 activations
+        set by hand in policy.json, w8a16 not a candidate) the candidate of its weights, which are
+        the same weights."""
+        mask = [c == chosen for c in self.candidates]
+        if not any(mask):
+            mask = [c == Precision(chosen.weights) for c in self.candidates]
+        if not any(mask):
+            raise ValueError(f"layer '{self.op.name}': {chosen.name} is not a candidate "
+                             f"({', '.join(c.name for c in self.candidates)})")
+        return mask
 
     def quantised_weight(self, bits: int) -> torch.Tensor:
         return fake_quant_weight(self.weight, bits, self.per_channel)
@@ -282,8 +308,14 @@ class MixedLayer(nn.Module):
 
     def mixed_weight(self, active: torch.Tensor) -> torch.Tensor:
         weights = self.mix(active)
-        return sum(weights[k] * self.quantised_weight(bits)
-                   for k, bits in enumerate(self.candidates) if bool(active[k]))
+        quantised = {c.weights: self.quantised_weight(c.weights) for k, c in enumerate(self.candidates) if bool(active[k])}
+        return sum(weights[k] * quantised[c.weights] for k, c in enumerate(self.candidates) if bool(active[k]))
+
+    def mixed(self, active: torch.Tensor) -> MixedWeight:
+        """The mixed weight and the int16-activation candidates' share of the mix."""
+        wide = torch.tensor([c.wide for c in self.candidates], device=active.device) & active
+        share = self.mix(active)[wide].sum() if bool(wide.any()) else 0.0
+        return MixedWeight(self.mixed_weight(active), share)
 
     def forward_with(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """The layer with the given (already quantised) weight; not named apply, which nn.Module owns."""
@@ -366,10 +398,11 @@ def activation_types(graph: Graph, wide: frozenset[str]) -> dict[str, int]:
 class QuantNet(nn.Module):
     """The traced graph run with TFLite-faithful fake quantisation (see module docstring)."""
 
-    def __init__(self, graph: Graph, source: nn.Module, candidates: tuple[int, ...]):
+    def __init__(self, graph: Graph, source: nn.Module, candidates: Iterable[int | Precision]):
+        """``candidates``: each layer's choices (weight bits ``b`` stand for w{b}a8)."""
         super().__init__()
         self.graph = graph
-        self.candidates = tuple(sorted(candidates))
+        self.candidates = tuple(sorted(Precision.of(c) for c in candidates))
         modules = dict(source.named_modules())
         self.layers = nn.ModuleDict()
         self.act = nn.ModuleDict()
@@ -415,14 +448,17 @@ class QuantNet(nn.Module):
         for quantiser in self.act.values():
             quantiser.commit(context)
 
-    def set_policy(self, bits: dict[str, int] | None) -> None:
-        """Activate one candidate per layer (``bits``), or all candidates (None) for the supernet."""
+    def set_policy(self, policy: Mapping[str, int | Precision] | None) -> None:
+        """Activate one candidate per layer (``policy``; weight bits ``b`` stand for w{b}a8) and
+        its activation types, or all candidates (None) with int8 activations for the supernet."""
+        chosen = {name: Precision.of(c) for name, c in (policy or {}).items()}
         for op in self.graph.layers:
             layer = self.layer(op.name)
-            if bits is None:
+            if policy is None:
                 layer.active.fill_(True)
             else:
-                layer.active.copy_(torch.tensor([b == bits[op.name] for b in layer.candidates], device=layer.active.device))
+                layer.active.copy_(torch.tensor(layer.selects(chosen[op.name]), device=layer.active.device))
+        self.set_activation_bits(frozenset(name for name, c in chosen.items() if c.wide))
 
     def set_activation_bits(self, wide: frozenset[str]) -> None:
         """Run the layers in ``wide`` with int16 activations (TFLM's 16x8 kernels), the rest int8."""
@@ -444,8 +480,8 @@ class QuantNet(nn.Module):
         """The graph's output as the model gives it: int8 (an int16 one through a QUANTIZE)."""
         return self._as_type(self.graph.output, env[self.graph.output], 8)
 
-    def players(self) -> list[tuple[str, int]]:
-        """Shapley players: (layer, candidate bits) in layer order."""
+    def players(self) -> list[tuple[str, Precision]]:
+        """Shapley players: (layer, candidate) in layer order."""
         return [(op.name, bits) for op in self.graph.layers for bits in self.candidates]
 
     def _integer_mode(self, op: Op) -> bool:
@@ -455,28 +491,35 @@ class QuantNet(nn.Module):
             return False
         return all(bool(self.activation_quantiser(name).initialised) for name in (op.name, *op.inputs))
 
-    def _layer_weight(self, op: Op, active: torch.Tensor) -> torch.Tensor | IntegerLayer:
-        """What layer ``op`` runs with under ``active``: its one candidate in integers in integer
-        mode, else the softmax mix of the active candidates' fake-quantised weights."""
+    def _layer_weight(self, op: Op, active: torch.Tensor, activation_bits: int) -> MixedWeight | IntegerLayer:
+        """What layer ``op`` runs with under ``active``: its one candidate in integers (with
+        ``activation_bits`` activations) in integer mode, else the softmax mix of the active
+        candidates."""
         layer = self.layer(op.name)
         if int(active.sum()) == 1 and self._integer_mode(op):
-            bits = layer.candidates[int(active.nonzero())]
-            return layer.integer(bits, self.activation_quantiser(op.inputs[0]), self.activation_quantiser(op.name),
-                                 self.types[op.name])
-        return layer.mixed_weight(active)
+            chosen = layer.candidates[int(active.nonzero())]
+            return layer.integer(chosen.weights, self.activation_quantiser(op.inputs[0]),
+                                 self.activation_quantiser(op.name), activation_bits)
+        return layer.mixed(active)
 
     def _execute(self, op: Op, inputs: list[torch.Tensor],
-                 weight: torch.Tensor | IntegerLayer | None = None) -> torch.Tensor:
+                 weight: MixedWeight | IntegerLayer | None = None) -> torch.Tensor:
         """One op on its (already quantised) inputs, then its fused activation and output quantiser.
         A layer runs with ``weight`` if given, else with its active candidates."""
-        if op.inputs and self.wide:  # all-int8 (the search's networks): no type to convert
+        if op.inputs and self.wide:  # all int8 (the supernet, int8 policies): no type to convert
             inputs = [self._as_type(name, x, self.types[op.name]) for name, x in zip(op.inputs, inputs)]
         if op.weighted:
-            weight = weight if weight is not None else self._layer_weight(op, self.layer(op.name).active)
+            if weight is None:
+                weight = self._layer_weight(op, self.layer(op.name).active, self.types[op.name])
             if isinstance(weight, IntegerLayer):
                 return weight(inputs[0])
-            y = self.layer(op.name).forward_with(inputs[0], weight)
-            return self.activation_quantiser(op.name)(y, op.activation)
+            y = self.layer(op.name).forward_with(inputs[0], weight.weight)
+            quantiser = self.activation_quantiser(op.name)
+            out = quantiser(y, op.activation)
+            if isinstance(weight.wide_share, float) or quantiser.bits == WIDE:
+                return out
+            # int8 and int16 candidates mixed: their outputs mixed alike (the type stays int8).
+            return out + weight.wide_share * (quantiser(y, op.activation, WIDE) - out)
         kind = KINDS[op.kind]
         target = self.activation_quantiser(op.name)
         if kind.integer is not None and self._integer_mode(op):
@@ -510,12 +553,14 @@ class QuantNet(nn.Module):
         # np.unique sorts the rows, so coalitions sharing a prefix of layer choices are contiguous.
         distinct, index = np.unique(codes, axis=0, return_inverse=True)
         segments = self._segments()
-        # Each layer's weight (mixed, or one candidate's integers) per distinct choice, once per call.
-        weights = {}
+        # Each layer's weight (mixed, or one candidate's integers) per distinct choice, once per
+        # call, and whether that choice runs int16 activations (only int16 candidates active).
+        weights, wide = {}, {}
         for depth, op in enumerate(self.graph.layers):
             for code in np.unique(distinct[:, depth]).tolist():
                 active = torch.tensor([(code >> j) & 1 == 1 for j in range(k)], device=self.layer(op.name).alpha.device)
-                weights[depth, code] = self._layer_weight(op, active)
+                wide[depth, code] = all(c.wide for c, on in zip(self.candidates, active.tolist()) if on)
+                weights[depth, code] = self._layer_weight(op, active, WIDE if wide[depth, code] else 8)
         leaves: list[torch.Tensor] = []
 
         def leaf(logits: torch.Tensor) -> None:
@@ -523,24 +568,35 @@ class QuantNet(nn.Module):
             if on_leaf is not None:
                 on_leaf(len(distinct))
 
-        self._descend(segments, 0, distinct, self._run_segment(segments[0], {"": x}), leaf, weights)
+        policy_wide = self.wide
+        self.set_activation_bits(frozenset())
+        walk = _Walk(segments, weights, wide, leaf)
+        try:
+            self._descend(walk, 0, distinct, self._run_segment(segments[0], {"": x}), frozenset())
+        finally:
+            self.set_activation_bits(policy_wide)
         return torch.stack(leaves), index.reshape(-1)
 
-    def _descend(self, segments: list[_Segment], depth: int, codes: np.ndarray, env: dict[str, torch.Tensor],
-                 leaf: Callable[[torch.Tensor], None],
-                 weights: dict[tuple[int, int], torch.Tensor | IntegerLayer]) -> None:
+    def _descend(self, walk: _Walk, depth: int, codes: np.ndarray, env: dict[str, torch.Tensor],
+                 wide: frozenset[str]) -> None:
         """For each distinct choice of layer ``depth`` among ``codes`` (rows sharing the choices of
         the layers before it, so each choice is one contiguous run), run that layer's segment,
-        then the child's subtree."""
-        if depth == len(segments) - 1:
-            leaf(self._output(env))
+        then the child's subtree. ``wide``: the int16-activation layers before ``depth``; the
+        tensors' types are set for the path's choices before each segment runs (a layer's choice
+        sets the type of its output and of the scale-sharing ops after it, nothing before it)."""
+        if depth == len(walk.segments) - 1:
+            walk.leaf(self._output(env))
             return
         column = codes[:, depth].tolist()
         start = 0
         for stop in range(1, len(column) + 1):
             if stop == len(column) or column[stop] != column[start]:
-                child = self._run_segment(segments[depth + 1], env, weights[depth, column[start]])
-                self._descend(segments, depth + 1, codes[start:stop], child, leaf, weights)
+                choice = column[start]
+                child_wide = wide | {self.graph.layers[depth].name} if walk.wide[depth, choice] else wide
+                if child_wide != self.wide:
+                    self.set_activation_bits(child_wide)
+                child = self._run_segment(walk.segments[depth + 1], env, walk.weights[depth, choice])
+                self._descend(walk, depth + 1, codes[start:stop], child, child_wide)
                 start = stop
 
     def _segments(self) -> list[_Segment]:
@@ -559,7 +615,7 @@ class QuantNet(nn.Module):
         return segments
 
     def _run_segment(self, segment: _Segment, env: dict[str, torch.Tensor],
-                     weight: torch.Tensor | IntegerLayer | None = None) -> dict[str, torch.Tensor]:
+                     weight: MixedWeight | IntegerLayer | None = None) -> dict[str, torch.Tensor]:
         """A segment's ops on a copy of ``env`` (a layer gets ``weight``; the input op reads
         ``env[""]``), keeping only the tensors still read later."""
         env = dict(env)
@@ -573,3 +629,14 @@ class QuantNet(nn.Module):
 class _Segment:
     ops: list[Op]
     read_later: frozenset[str]
+
+
+@dataclass(frozen=True)
+class _Walk:
+    """What the prefix-tree walk of ``coalition_logits`` reads at every node: per (layer index,
+    choice code) the layer's weight and whether it runs int16 activations; and the leaf callback."""
+
+    segments: list[_Segment]
+    weights: dict[tuple[int, int], MixedWeight | IntegerLayer]
+    wide: dict[tuple[int, int], bool]
+    leaf: Callable[[torch.Tensor], None]

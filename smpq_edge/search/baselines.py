@@ -5,7 +5,9 @@
   the scores of the same budgeted selector (which repairs an argmax that does not fit).
 * HAWQ-style: Hessian trace of each layer (Hutchinson's estimator) times the quantisation
   perturbation ||Q_b(W) - W||^2 as the expected increase of the task's loss; same selector,
-  minimising it.
+  minimising it. Where int16 activations are a candidate, HAWQ-V2's activation term is added: the
+  Hessian trace over the layer's output activations times the rounding noise of its grid
+  (scale^2 / 12 per element, int8 or int16).
 * Uniform policies (every layer at one width): int8 and int4 by default.
 
 ``BASELINES`` holds one record per method; ``baseline_named`` also makes the uniform ones.
@@ -20,6 +22,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from smpq_edge.common.precision import floor_precision
 from smpq_edge.inputs.data import Dataset
 from smpq_edge.network.quant import QuantNet
 from smpq_edge.search.budget import Knapsack
@@ -59,26 +62,13 @@ def dmpq_scores(net: QuantNet, data: Dataset, config: TrainConfig, knapsack: Kna
 
 
 def hawq_scores(net: QuantNet, data: Dataset, seed: int, batches_used: int = 4, probes: int = 8) -> np.ndarray:
-    """Minus the expected loss increase (trace/n x ||Q_b(W) - W||^2) per (layer, candidate)."""
-    generator = torch.Generator().manual_seed(seed)
+    """Minus the expected loss increase per (layer, candidate): trace/n x ||Q_b(W) - W||^2 of the
+    weights, plus with int16 candidates trace x scale^2 / 12 of the layer's output activations."""
     layers = net.mixed_layers()
-    weights = [layer.weight for layer in layers]
-    traces = np.zeros(len(layers))
-    net.set_policy({layer.op.name: max(net.candidates) for layer in layers})
+    with_activations = any(c.wide for c in net.candidates)
+    net.set_policy({layer.op.name: floor_precision(net.candidates) for layer in layers})
     net.eval()
-    rng = np.random.default_rng(seed)
-    device = device_of(net)
-    task = task_of(data)
-    for step, idx in enumerate(batches(data.x_train, data.y_train, 128, rng)):
-        if step == batches_used:
-            break
-        xb, yb = torch.from_numpy(data.x_train[idx]).to(device), torch.from_numpy(data.y_train[idx]).to(device)
-        loss = task.loss(net(xb), xb, yb, reduction="mean")
-        grads = torch.autograd.grad(loss, weights, create_graph=True)
-        for _ in range(probes):
-            vs = [(torch.randint(0, 2, w.shape, generator=generator).float() * 2 - 1).to(device) for w in weights]
-            hvs = torch.autograd.grad(grads, weights, grad_outputs=vs, retain_graph=True)
-            traces += np.array([float((hv * v).sum()) for hv, v in zip(hvs, vs)]) / (probes * batches_used)
+    traces = _hessian_traces(net, data, seed, batches_used, probes, with_activations)
     net.set_policy(None)
     # Hutchinson's estimate of a small trace can come out negative; a negative trace would turn
     # "fewer bits cost more loss" around and prefer int4 for the most sensitive layers. HAWQ-V3
@@ -88,10 +78,66 @@ def hawq_scores(net: QuantNet, data: Dataset, seed: int, batches_used: int = 4, 
     with torch.no_grad():
         for i, layer in enumerate(layers):
             mean_trace = traces[i] / layer.weight.numel()
-            for k, bits in enumerate(net.candidates):
-                perturbation = float(((layer.quantised_weight(bits) - layer.weight) ** 2).sum())
+            quantiser = net.activation_quantiser(layer.op.name)
+            for k, c in enumerate(net.candidates):
+                perturbation = float(((layer.quantised_weight(c.weights) - layer.weight) ** 2).sum())
                 scores[i, k] = -mean_trace * perturbation
+                if with_activations:
+                    scores[i, k] -= traces[len(layers) + i] * quantiser.params(c.activations).scale ** 2 / 12
     return scores
+
+
+def _hessian_traces(net: QuantNet, data: Dataset, seed: int, batches_used: int, probes: int,
+                    with_activations: bool) -> np.ndarray:
+    """Hutchinson's estimates of the loss Hessian's trace over each layer's weights, then (with
+    ``with_activations``) over each layer's quantised output activations, on the policy set."""
+    generator = torch.Generator().manual_seed(seed)
+    layers = net.mixed_layers()
+    weights = [layer.weight for layer in layers]
+    # Each layer's output as its quantiser first gives it in a forward (the scale-sharing ops after
+    # it, such as pooling, call the same quantiser again).
+    outputs: dict[int, torch.Tensor] = {}
+
+    def keep(i: int) -> Callable:
+        def hook(module, args, out) -> None:  # returns None: the output is left as it is
+            outputs.setdefault(i, out)
+        return hook
+
+    hooks = [net.activation_quantiser(layer.op.name).register_forward_hook(keep(i)) for i, layer in enumerate(layers)] \
+        if with_activations else []
+    traces = np.zeros(len(layers) * (2 if with_activations else 1))
+    rng = np.random.default_rng(seed)
+    device = device_of(net)
+    task = task_of(data)
+    try:
+        for step, idx in enumerate(batches(data.x_train, data.y_train, 128, rng)):
+            if step == batches_used:
+                break
+            xb, yb = torch.from_numpy(data.x_train[idx]).to(device), torch.from_numpy(data.y_train[idx]).to(device)
+            outputs.clear()
+            loss = task.loss(net(xb), xb, yb, reduction="mean")
+            acts = [outputs[i] for i in range(len(layers))] if with_activations else []
+            grads = torch.autograd.grad(loss, weights + acts, create_graph=True)
+            for _ in range(probes):
+                vs = [_rademacher(w, generator) for w in weights]
+                hvs = torch.autograd.grad(grads[:len(weights)], weights, grad_outputs=vs, retain_graph=True)
+                traces[:len(weights)] += np.array([float((hv * v).sum()) for hv, v in zip(hvs, vs)]) / (probes * batches_used)
+                # One layer's activations at a time: the block of the Hessian for that tensor alone,
+                # whose probes never go negative through piecewise-linear layers (a joint probe of
+                # all of them added cross terms that did).
+                for i, act in enumerate(acts):
+                    v = _rademacher(act, generator)
+                    (hv,) = torch.autograd.grad(grads[len(weights) + i], act, grad_outputs=v, retain_graph=True,
+                                                allow_unused=True)
+                    traces[len(weights) + i] += (0.0 if hv is None else float((hv * v).sum())) / (probes * batches_used)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return traces
+
+
+def _rademacher(like: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    return (torch.randint(0, 2, like.shape, generator=generator).float() * 2 - 1).to(like.device)
 
 
 @dataclass(frozen=True)

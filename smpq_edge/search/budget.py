@@ -3,21 +3,23 @@
 Flash and cycles are additive over layers plus a policy-independent part (tables, activations'
 quantisation, pooling, adds); that part is taken off the budget. RAM is the arena's peak: an
 option's RAM is the arena of the policy that gives this layer this candidate and every other
-layer its least-scratch candidate, and the budget bounds each option (a "max" dimension). The
-code of TFLM's DECODE, which no board's reserve holds, is flash paid once if any layer takes a
-LUT candidate (a ``SharedCost``). The chosen policy is always re-checked with the full cost model.
+layer its least-scratch candidate, and the budget bounds each option (a "max" dimension). Kernel
+code no board's reserve holds (TFLM's DECODE for LUT layers, the s16 code and QUANTIZE for int16
+layers) is flash paid once if any layer takes a candidate that needs it (a ``SharedCost`` per
+kernel). The chosen policy is always re-checked with the full cost model.
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Mapping
 
 import numpy as np
 
 from smpq_edge.inputs.boards import Board
-from smpq_edge.network.cost import CostReport, arena_extra_bytes, decode_kernel_bytes, estimate
+from smpq_edge.network.cost import RUNTIME, CostReport, arena_extra_bytes, estimate, extra_kernels
 from smpq_edge.network.graph import Graph
-from smpq_edge.common.precision import is_lut
+from smpq_edge.common.precision import Precision, floor_precision, weight_bits_of, wide_layers
 from smpq_edge.search.select import Selection, SharedCost, k_best
 
 DIMENSIONS = ("flash", "RAM", "cycles")
@@ -67,28 +69,43 @@ class Knapsack:
         return out
 
 
-def cost_of(graph: Graph, bits: dict[str, int], board: Board, budgets: Budgets) -> CostReport:
-    return estimate(graph, bits, board, budgets.flash_bytes, budgets.ram_bytes, budgets.cycles)
+def cost_of(graph: Graph, policy: Mapping[str, Precision], board: Board, budgets: Budgets) -> CostReport:
+    return estimate(graph, weight_bits_of(policy), board, budgets.flash_bytes, budgets.ram_bytes, budgets.cycles,
+                    wide=wide_layers(policy))
 
 
-def knapsack(graph: Graph, board: Board, budgets: Budgets, candidates: tuple[int, ...]) -> Knapsack:
-    base_bits = {op.name: max(candidates) for op in graph.layers}
-    base = cost_of(graph, base_bits, board, budgets)
+def _non_layer(report: CostReport) -> tuple[int, int]:
+    """Model flash and cycles outside the layers' own (QUANTIZE, pooling, adds, tables)."""
+    return (report.model_flash_bytes - sum(layer.flash_bytes for layer in report.layers),
+            report.cycles - sum(layer.cycles for layer in report.layers))
+
+
+def knapsack(graph: Graph, board: Board, budgets: Budgets, candidates: tuple[Precision, ...]) -> Knapsack:
+    floor = floor_precision(candidates)
+    base = cost_of(graph, {op.name: floor for op in graph.layers}, board, budgets)
     flash_fixed = base.flash_total_bytes - sum(layer.flash_bytes for layer in base.layers)
     cycles_fixed = base.cycles - sum(layer.cycles for layer in base.layers)
-    # Each layer's candidate adding the least to the arena (scratch, decoded LUT weights), so an
-    # option's RAM reflects that option's own.
-    least_scratch = {op.name: min(candidates, key=lambda b: (arena_extra_bytes(op, b, board), -b))
+    base_flash, base_cycles = _non_layer(base)
+    # Each layer's candidate adding the least to the arena (scratch, decoded LUT weights, int16
+    # tensors), so an option's RAM reflects that option's own.
+    least_scratch = {op.name: min(candidates, key=lambda c: (arena_extra_bytes(op, c.weights, board), c.wide, -c.weights))
                      for op in graph.layers}
-    costs = []
+    costs, kernels = [], {}
     for i, op in enumerate(graph.layers):
         rows = []
-        for b in candidates:
-            report = cost_of(graph, {**least_scratch, op.name: b}, board, budgets)
-            rows.append((report.layers[i].flash_bytes, report.ram_total_bytes, report.layers[i].cycles))
+        for k, c in enumerate(candidates):
+            policy = {**least_scratch, op.name: c}
+            report = cost_of(graph, policy, board, budgets)
+            # An int16 layer's QUANTIZE operators are charged to it, both sides (conservative where
+            # two int16 layers meet: the full cost model re-checks the pick).
+            flash, cycles = _non_layer(report)
+            layer = report.layers[i]
+            rows.append((layer.flash_bytes + flash - base_flash, report.ram_total_bytes, layer.cycles + cycles - base_cycles))
+            for kernel in extra_kernels(graph, weight_bits_of(policy), board, wide_layers(policy)):
+                kernels.setdefault(kernel, [() for _ in graph.layers])[i] += (k,)
         costs.append(np.array(rows, dtype=np.float64))
-    lut = tuple(k for k, b in enumerate(candidates) if is_lut(b))
-    code = decode_kernel_bytes(board)
-    shared = (SharedCost((code, 0, 0), (lut,) * len(graph.layers)),) if lut and code else ()
+    code = RUNTIME[board.kernels].flash_per_kernel
+    shared = tuple(SharedCost((code[kernel], 0, 0), tuple(options)) for kernel, options in sorted(kernels.items())
+                   if code[kernel])
     return Knapsack(costs, (budgets.flash_bytes - flash_fixed, budgets.ram_bytes, budgets.cycles - cycles_fixed),
                     shared=shared)

@@ -38,6 +38,7 @@ from smpq_edge.search.smpq import (AlphaUpdater, ShapleyConfig, estimate_shapley
 from smpq_edge.search.train import TrainConfig, per_sample, predictions, score, seed_everything, train
 from smpq_edge.inputs.task import Task, check_outputs, task_of
 from smpq_edge.common.versions import versions
+from smpq_edge.common.precision import Precision, floor_precision, policy_text, weight_bits_of, wide_layers
 
 CALIBRATION_BATCHES = 8
 
@@ -107,7 +108,7 @@ def calibrate(net: QuantNet, data: Dataset, seed: int) -> None:
             net.commit_observations()
 
 
-def calibrated_supernet(model: torch.nn.Module, graph: Graph, data: Dataset, candidates: tuple[int, ...],
+def calibrated_supernet(model: torch.nn.Module, graph: Graph, data: Dataset, candidates: tuple[int | Precision, ...],
                         seed: int, context: Context = SINGLE_PROCESS) -> QuantNet:
     """The supernet over ``model``'s layers with activation ranges calibrated, untrained."""
     net = QuantNet(graph, model, candidates).to(context.device)
@@ -115,21 +116,21 @@ def calibrated_supernet(model: torch.nn.Module, graph: Graph, data: Dataset, can
     return net
 
 
-def warm_supernet(model: torch.nn.Module, graph: Graph, data: Dataset, candidates: tuple[int, ...],
+def warm_supernet(model: torch.nn.Module, graph: Graph, data: Dataset, candidates: tuple[int | Precision, ...],
                   warmup: TrainConfig, seed: int, progress: bool = False,
                   context: Context = SINGLE_PROCESS, guard: StageGuard | None = None) -> QuantNet:
     """The calibrated supernet with its weights trained for ``warmup`` (distilled from ``model``
     when ``warmup.distill``; undone if ``guard`` finds its int8 network worse): where SMPQ and
     every baseline start (and the benches' oracles)."""
     net = calibrated_supernet(model, graph, data, candidates, seed, context)
-    int8 = {op.name: max(candidates) for op in graph.layers}
+    int8 = {op.name: floor_precision(net.candidates) for op in graph.layers}
     return _guarded(guard, "warm-up", net, lambda n: train(
         n, data, warmup, seed, params=weight_params(n), desc="warm-up", progress=progress, teacher=model,
         context=context), warmup.epochs, measured_as=int8)
 
 
 def _guarded(guard: StageGuard | None, stage: str, net: QuantNet, step: Callable[[QuantNet], object],
-             epochs: int, measured_as: dict[str, int] | None = None) -> QuantNet:
+             epochs: int, measured_as: dict[str, Precision] | None = None) -> QuantNet:
     """``step(net)``, checked by ``guard`` when there is one and the stage trains at all."""
     if guard is None or epochs == 0:
         step(net)
@@ -141,12 +142,12 @@ def weight_params(net: QuantNet) -> list[torch.nn.Parameter]:
     return [p for name, p in net.named_parameters() if not name.endswith("alpha")]
 
 
-def finetune(net: QuantNet, bits: dict[str, int], data: Dataset, config: TrainConfig, seed: int,
+def finetune(net: QuantNet, policy: dict[str, Precision], data: Dataset, config: TrainConfig, seed: int,
              progress: bool, desc: str, context: Context = SINGLE_PROCESS, guard: StageGuard | None = None,
              teacher: torch.nn.Module | None = None) -> tuple[QuantNet, float, float]:
-    """A copy of ``net`` fixed to ``bits`` and QAT-trained; test score before and after."""
+    """A copy of ``net`` fixed to ``policy`` and QAT-trained; test score before and after."""
     tuned = copy.deepcopy(net)
-    tuned.set_policy(bits)
+    tuned.set_policy(policy)
     task = task_of(data)
     before = score(tuned, data.x_test, data.y_test, task)
     if not config.epochs:  # post-training: nothing changes, and a test pass of ResNet-8 costs seconds
@@ -157,7 +158,7 @@ def finetune(net: QuantNet, bits: dict[str, int], data: Dataset, config: TrainCo
     return tuned, before, score(tuned, data.x_test, data.y_test, task)
 
 
-def _bits(graph: Graph, candidates: tuple[int, ...], selection: Selection) -> dict[str, int]:
+def _policy_of(graph: Graph, candidates: tuple[Precision, ...], selection: Selection) -> dict[str, Precision]:
     return {op.name: candidates[k] for op, k in zip(graph.layers, selection.choice)}
 
 
@@ -195,8 +196,8 @@ class SearchRun:
         return self.task.per_sample(self.predict(net, "val"), self.data.x_val, self.data.y_val)
 
     @property
-    def candidates(self) -> tuple[int, ...]:
-        return self.board.weight_bits
+    def candidates(self) -> tuple[Precision, ...]:
+        return self.board.precisions
 
     @property
     def task(self) -> Task:
@@ -206,11 +207,11 @@ class SearchRun:
         """Record the seconds since the last lap as ``name``."""
         self.timings[name] = time.perf_counter() - self.started - sum(self.timings.values())
 
-    def cost(self, bits: dict[str, int]):
-        return cost_of(self.graph, bits, self.board, self.budgets)
+    def cost(self, policy: dict[str, Precision]):
+        return cost_of(self.graph, policy, self.board, self.budgets)
 
-    def budget_use(self, bits: dict[str, int]) -> dict:
-        cost = self.cost(bits)
+    def budget_use(self, policy: dict[str, Precision]) -> dict:
+        cost = self.cost(policy)
         return {"flash": f"{cost.flash_total_bytes / cost.flash_budget_bytes:.0%}",
                 "RAM": f"{cost.ram_total_bytes / cost.ram_budget_bytes:.0%}",
                 "cycles": f"{cost.cycles / cost.cycle_budget:.0%}"}
@@ -225,7 +226,7 @@ def run_search(source: ModelSource, data: Dataset, board: Board, *, budgets: Bud
     run = prepare_run(source, data, board, budgets or Budgets.of_board(board), config, seed, progress, log, context)
     model, reference, float_measured = _float_model(run)
     floor = calibrated_supernet(model, run.graph, data, run.candidates, seed, context)
-    floor.set_policy({op.name: max(run.candidates) for op in run.graph.layers})
+    floor.set_policy({op.name: floor_precision(run.candidates) for op in run.graph.layers})
 
     log(f"supernet warm-up ({config.warmup.epochs} epochs, {len(run.graph.layers)} layers x "
         f"{len(run.candidates)} candidates)")
@@ -249,15 +250,16 @@ def run_search(source: ModelSource, data: Dataset, board: Board, *, budgets: Bud
         knapsack_budgets=dict(zip(DIMENSIONS, run.sack.budgets)),
         config=config.to_dict(), float_test_acc=float_measured.test_acc,
         reference={"float": float_measured, **measured}, stage_checks=run.guard.checks, floor_check=floor_check,
-        shapley=ShapleyRecord(players=[f"{name}:w{bits}a8" for name, bits in net.players()], value=value,
+        shapley=ShapleyRecord(players=[f"{name}:{c.name}" for name, c in net.players()], value=value,
                               **table.to_dict()),
         # After the monotone prior: what the selection summed (the raw means are in "shapley").
-        shapley_scores=scores.tolist(), candidates=list(run.candidates),
+        shapley_scores=scores.tolist(), candidates=[c.name for c in run.candidates],
         layer_shapes={op.name: list(op.weight_shape) for op in run.graph.layers},
         rerank_margin=config.rerank_margin, shipped_method=shipped.method, floor_action=floor_action,
         alpha_history=history,
-        k_best=[KBestRecord(bits=bits, summed_shapley=sel.score, val_acc=float(hits.mean()), cost=list(sel.cost),
-                            chosen=sel is chosen) for hits, sel, bits in ranked],
+        k_best=[KBestRecord(bits=weight_bits_of(policy), int16=sorted(wide_layers(policy)), summed_shapley=sel.score,
+                            val_acc=float(hits.mean()), cost=list(sel.cost), chosen=sel is chosen)
+                for hits, sel, policy in ranked],
         methods=methods, timings=run.timings, versions=versions(),
     )
     return SearchResult(policy=policy, net=tuned, record=record)
@@ -285,9 +287,9 @@ def prepare_run(source: ModelSource, data: Dataset, board: Board, budgets: Budge
     seed_everything(seed)
     check_config(source, config)
     graph = traced_for(source, data)
-    sack = knapsack(graph, board, budgets, board.weight_bits)
+    sack = knapsack(graph, board, budgets, board.precisions)
     try:
-        sack.k_best([[0.0] * len(board.weight_bits)] * len(graph.layers))
+        sack.k_best([[0.0] * len(board.precisions)] * len(graph.layers))
     except UserError:
         raise UserError(_infeasible_message(sack, budgets, board)) from None
     return SearchRun(source, data, board, budgets, config, seed, progress, log, context, graph, sack,
@@ -363,10 +365,10 @@ def pick_policy(run: SearchRun, net: QuantNet, scores: np.ndarray):
     selections += [u for u in _uniform_challengers(run, scores) if u.choice not in {s.choice for s in selections}]
     bar = progress_bar(len(selections), f"re-rank on {len(y_val):,} validation samples", "policies", run.progress)
     for selection in selections:
-        bits = _bits(run.graph, run.candidates, selection)
-        if all(run.cost(bits).fits.values()):
-            net.set_policy(bits)
-            ranked.append((per_sample(net, x_val, y_val, run.task), selection, bits))
+        policy = _policy_of(run.graph, run.candidates, selection)
+        if all(run.cost(policy).fits.values()):
+            net.set_policy(policy)
+            ranked.append((per_sample(net, x_val, y_val, run.task), selection, policy))
         bar.update(1)
     bar.close()
     net.set_policy(None)
@@ -377,7 +379,7 @@ def pick_policy(run: SearchRun, net: QuantNet, scores: np.ndarray):
 
 
 def _train_methods(run: SearchRun, warm: QuantNet, teacher: torch.nn.Module, chosen: Selection,
-                   chosen_bits: dict[str, int]) -> tuple[QuantNet, list[MethodRecord]]:
+                   chosen_bits: dict[str, Precision]) -> tuple[QuantNet, list[MethodRecord]]:
     """SMPQ's pick and each baseline's, each QAT-trained; SMPQ's network is the one shipped."""
     config, data, seed, progress, context = run.config, run.data, run.seed, run.progress, run.context
     # The chosen policy is QAT-trained from the warm-up weights for the search's and the
@@ -387,7 +389,7 @@ def _train_methods(run: SearchRun, warm: QuantNet, teacher: torch.nn.Module, cho
     # does better from the plainer start. HAWQ and the uniform policies train the same way.
     long_finetune = replace(config.finetune, epochs=config.finetune.epochs + config.search.epochs)
 
-    def tune(start: QuantNet, bits: dict[str, int], schedule: TrainConfig, desc: str, guard=run.guard):
+    def tune(start: QuantNet, bits: dict[str, Precision], schedule: TrainConfig, desc: str, guard=run.guard):
         return finetune(start, bits, data, schedule, seed, progress, desc, context, guard, teacher)
 
     tuned, before, after = tune(warm, chosen_bits, long_finetune, "finetune SMPQ")
@@ -421,7 +423,7 @@ def _trained_text(run: SearchRun, before: float, after: float) -> str:
     return f"test {metric} {show(before)} before finetune, {show(after)} after"
 
 
-def _keep_floor(run: SearchRun, floor: QuantNet, tuned: QuantNet, chosen_bits: dict[str, int], ranked: list,
+def _keep_floor(run: SearchRun, floor: QuantNet, tuned: QuantNet, chosen_bits: dict[str, Precision], ranked: list,
                 methods: list[MethodRecord], teacher: torch.nn.Module) -> tuple[QuantNet, FloorCheck, FloorAction | None]:
     """The network to ship, never below the calibration-only int8 floor by more than a paired
     standard error on validation when anything within the budgets keeps it: SMPQ's pick; else
@@ -433,9 +435,9 @@ def _keep_floor(run: SearchRun, floor: QuantNet, tuned: QuantNet, chosen_bits: d
     if not check.below_floor:
         return tuned, check, None
     show = task.show
-    missed = (f"SMPQ's pick ({_bits_text(chosen_bits)}) scored validation {task.metric} "
+    missed = (f"SMPQ's pick ({policy_text(chosen_bits)}) scored validation {task.metric} "
               f"{show(check.shipped_val_acc)} against the int8 floor's {show(check.floor_val_acc)}")
-    int8 = {op.name: max(run.candidates) for op in run.graph.layers}
+    int8 = {op.name: floor_precision(run.candidates) for op in run.graph.layers}
     int8_cost = run.cost(int8)
     if all(int8_cost.fits.values()):
         net = floor  # the floor's own network: its measurements so far are its
@@ -456,11 +458,12 @@ def _keep_floor(run: SearchRun, floor: QuantNet, tuned: QuantNet, chosen_bits: d
                                       run.context, None, teacher)
         trial = check_floor(run.per_sample(net), floor_scores)
         methods.append(_method_record(run, name, bits, selection.score, before, after, None))
-        tried.append({"method": name, "bits": bits, "val_acc": trial.shipped_val_acc, "below_floor": trial.below_floor})
+        tried.append({"method": name, "bits": policy_text(bits), "val_acc": trial.shipped_val_acc,
+                      "below_floor": trial.below_floor})
         if not trial.below_floor:
             action = FloorAction(action="next policy", shipped_method=name,
                                  message=f"{missed}; int8 is over budget, so the K-best policy {name} "
-                                         f"({_bits_text(bits)}), trained from the floor's weights, is shipped: "
+                                         f"({policy_text(bits)}), trained from the floor's weights, is shipped: "
                                          f"{show(trial.shipped_val_acc)}", tried=tried)
             run.log(f"note: {action.message}")
             return net, trial, action
@@ -476,19 +479,16 @@ def _keep_floor(run: SearchRun, floor: QuantNet, tuned: QuantNet, chosen_bits: d
     return net, trial, action
 
 
-def _method_record(run: SearchRun, method: str, bits: dict[str, int], score: float | None, before: float,
+def _method_record(run: SearchRun, method: str, policy: dict[str, Precision], score: float | None, before: float,
                    after: float, same: float | None) -> MethodRecord:
     """A method's pick, its predicted cost and its test scores (before and after its finetune, and
     after the finetune every method gets; None where it was not run)."""
-    return MethodRecord(method=method, bits=bits, cost=CostRecord.model_validate(run.cost(bits).to_dict()), score=score,
+    return MethodRecord(method=method, bits=weight_bits_of(policy), int16=sorted(wide_layers(policy)),
+                        cost=CostRecord.model_validate(run.cost(policy).to_dict()), score=score,
                         test_acc_before_finetune=before, test_acc=after, test_acc_same_finetune=same)
 
 
-def _bits_text(bits: dict[str, int]) -> str:
-    return " ".join(str(b) for b in bits.values())
-
-
-def _int4_cost(run: SearchRun, bits: dict[str, int], int8_cost) -> str:
+def _int4_cost(run: SearchRun, bits: dict[str, Precision], int8_cost) -> str:
     """The layers below int8 in ``bits`` and the flash each saves: why the budget needs them."""
     cost = run.cost(bits)
     saved = [f"{low.name} int{low.weight_bits} (saves {high.flash_bytes - low.flash_bytes:,} B)"
@@ -497,11 +497,12 @@ def _int4_cost(run: SearchRun, bits: dict[str, int], int8_cost) -> str:
 
 
 def _policy(run: SearchRun, shipped: MethodRecord, scores: np.ndarray) -> Policy:
-    bits, cost = shipped.bits, shipped.cost
+    policy, cost = shipped.policy, shipped.cost
     return Policy(board=run.board.name, model=run.source.name, method=shipped.method, layers=[
-        LayerChoice(name=op.name, kind=op.kind, weight_bits=bits[op.name], params=op.weight_count,
+        LayerChoice(name=op.name, kind=op.kind, weight_bits=policy[op.name].weights,
+                    activation_bits=policy[op.name].activations, params=op.weight_count,
                     flash_bytes=layer_cost.flash_bytes, cycles=layer_cost.cycles,
-                    shapley={f"w{b}a8": float(scores[i, k]) for k, b in enumerate(run.candidates)})
+                    shapley={c.name: float(scores[i, k]) for k, c in enumerate(run.candidates)})
         for i, (op, layer_cost) in enumerate(zip(run.graph.layers, cost.layers))])
 
 
@@ -524,22 +525,22 @@ def _infeasible_message(sack, budgets: Budgets, board: Board) -> str:
             + f" (whole firmware on {board.name}, reserve included)")
 
 
-def _baseline(baseline: Baseline, run: SearchRun, warm: QuantNet) -> tuple[dict[str, int], float | None, QuantNet]:
-    """A baseline's bits, its selection score and the network its finetune starts from."""
+def _baseline(baseline: Baseline, run: SearchRun, warm: QuantNet) -> tuple[dict[str, Precision], float | None, QuantNet]:
+    """A baseline's policy, its selection score and the network its finetune starts from."""
     graph, candidates, sack = run.graph, run.candidates, run.sack
     if baseline.uniform_bits is not None:
-        bits = baseline.uniform_bits
-        if bits not in candidates:
-            raise UserError(f"{bits}-bit weights are not a candidate on this board")
-        choice = tuple(candidates.index(bits) for _ in graph.layers)
+        uniform = Precision(baseline.uniform_bits)
+        if uniform not in candidates:
+            raise UserError(f"{uniform.name} is not a candidate on this board")
+        choice = tuple(candidates.index(uniform) for _ in graph.layers)
         over = [name for name, total, budget in zip(sack.names, sack.totals(choice), sack.budgets) if total > budget]
         if over:
             raise UserError(f"{baseline.description} is over the {', '.join(over)} budget")
-        return {op.name: bits for op in graph.layers}, None, warm
+        return {op.name: uniform for op in graph.layers}, None, warm
     scores, start = baseline.scores(BaselineInputs(warm, run.data, run.config.search, sack, run.seed, run.progress,
                                                    run.context))
     selection = sack.k_best(scores.tolist())[0]
-    return _bits(graph, candidates, selection), selection.score, start
+    return _policy_of(graph, candidates, selection), selection.score, start
 
 
 def save_search(result: SearchResult, out_dir: Path) -> None:
@@ -574,7 +575,7 @@ def load_quantnet(folder: Path, source: ModelSource, board: Board, data: Dataset
     except Exception as exc:  # torch raises many types for a damaged or foreign file
         raise UserError(f"{path}: not a quantnet checkpoint ({exc.__class__.__name__})") from None
     graph = trace(source.module, data.input_shape, output_softmax=source.output_softmax)
-    net = QuantNet(graph, source.module, board.weight_bits)
+    net = QuantNet(graph, source.module, board.precisions)
     try:
         net.load_state_dict(state)
     except RuntimeError as exc:

@@ -18,6 +18,7 @@ import torch
 from smpq_edge.inputs.data import Dataset
 from smpq_edge.network.quant import QuantNet
 from smpq_edge.common.distributed import SINGLE_PROCESS, Context
+from smpq_edge.common.precision import Precision
 from smpq_edge.common.progress import progress
 from smpq_edge.search.shapley import ShapleyEstimate, exact_shapley, monte_carlo_shapley
 from smpq_edge.common.vocabulary import CoalitionValueName, PlayerKind
@@ -186,7 +187,7 @@ def _layer_upgrades(value: CoalitionValue, net: QuantNet, permutations: int, see
     2 bits among int8 and 2-bit ones, not raising one among 2-bit layers that leave the network at
     chance whatever it does. The narrowest candidate has no entry (NaN)."""
     n_layers, k = len(net.graph.layers), len(net.candidates)
-    order = np.argsort(net.candidates)  # narrowest first
+    order = narrow_to_wide(net.candidates)
     narrow, wide = int(order[0]), int(order[-1])
     max_batch = value.max_batch * context.world
     games = {}
@@ -226,15 +227,21 @@ def shapley_scores(estimate: ShapleyEstimate, n_layers: int, n_candidates: int) 
     return np.nan_to_num(estimate.mean, nan=0.0).reshape(n_layers, n_candidates)
 
 
-def monotone_scores(scores: np.ndarray, candidates: tuple[int, ...]) -> np.ndarray:
+def narrow_to_wide(candidates: tuple[Precision, ...]) -> np.ndarray:
+    """Candidate indices from the narrowest (fewest weight bits, then activation bits) to the widest."""
+    return np.array(sorted(range(len(candidates)), key=candidates.__getitem__), dtype=int)
+
+
+def monotone_scores(scores: np.ndarray, candidates: tuple[Precision, ...]) -> np.ndarray:
     """Per layer, a candidate's score raised to at least that of every narrower candidate.
 
     Int8 weights sit on a grid 18x finer than int4's, so in expectation they are never the worse
     choice for accuracy; a smaller measured contribution for int8 is sampling noise (or the
     shared-weight supernet favouring one branch). Left as measured, such noise makes the selector
-    pick int4 where the budget has room for int8 (seen in bench/search_quality.py).
+    pick int4 where the budget has room for int8 (seen in bench/search_quality.py). Likewise int16
+    activations (a grid 256x finer than int8's over the same range) for w8a16 over w8a8.
     """
-    order = np.argsort(candidates)
+    order = narrow_to_wide(candidates)
     # Ties go to the wider candidate: a step far below what a validation batch can resolve, but
     # above the ILP solver's optimality gap.
     ordered = np.maximum.accumulate(scores[:, order], axis=1) + _TIE_BREAK * np.arange(len(order))
@@ -266,7 +273,7 @@ class AlphaUpdater:
     """Shapley-NAS's alpha update: standardised Shapley values, accumulated with momentum."""
 
     def __init__(self, net: QuantNet, x: np.ndarray, y: np.ndarray, config: ShapleyConfig, seed: int,
-                 context: Context = SINGLE_PROCESS, describe_policy: Callable[[dict[str, int]], dict] | None = None):
+                 context: Context = SINGLE_PROCESS, describe_policy: Callable[[dict[str, Precision]], dict] | None = None):
         self.net, self.x, self.y, self.config, self.seed, self.context = net, x, y, config, seed, context
         self.describe_policy = describe_policy  # the argmax-alpha policy's cost, for the progress bar
         self.accum = np.zeros((len(net.graph.layers), len(net.candidates)))
