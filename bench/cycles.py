@@ -381,8 +381,22 @@ def fit_runtime(runs: list[Run], kernels: str) -> RuntimeMemory:
     coef = nnls(x, np.array([runtime_flash(r) for r in runs], dtype=float))[0]
     ops = np.array([[1, len(r.ops)] for r in runs], dtype=float)
     static = nnls(ops, np.array([static_ram(r) for r in runs], dtype=float))[0]
-    return RuntimeMemory(flash_base=round(coef[0]), flash_per_kernel=dict(zip(names, map(round, coef[1:]))),
+    return RuntimeMemory(flash_base=round(coef[0]), flash_per_kernel=_on_quantize(names, x[:, 1:], coef[1:]),
                          static_ram=round(static[0]), static_ram_per_op=round(static[1]))
+
+
+def _on_quantize(names: list[str], linked: np.ndarray, coef: np.ndarray) -> dict[str, int]:
+    """Per-kernel flash, with the sum of the kernels every firmware links exactly when it links
+    QUANTIZE (with CMSIS-NN: CONV_2D's and FULLY_CONNECTED's s16 code) put on QUANTIZE: only their
+    sum is identified, and every policy with an int16 layer links QUANTIZE, so it pays that sum
+    whichever of them it uses (nnls's split had charged a conv-only int16 policy nothing)."""
+    out = dict(zip(names, coef))
+    if "QUANTIZE" in out:
+        quantize = linked[:, names.index("QUANTIZE")]
+        together = [n for i, n in enumerate(names) if np.array_equal(linked[:, i], quantize)]
+        total = sum(out[n] for n in together)
+        out.update({n: 0.0 for n in together}, QUANTIZE=total)
+    return {n: round(v) for n, v in out.items()}
 
 
 def static_ram(run: Run) -> int:

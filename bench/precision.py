@@ -18,7 +18,7 @@ is also run under RAM budgets: the board's, the all-int8 policy's own RAM (``int
 layer fits only where it does not raise the arena's peak) or the all-w8a16 policy's (``w8a16``:
 room for every int16 layer); the int16 code (s16 kernels, QUANTIZE) is counted in flash.
 
-    python bench/precision.py --tasks fsdd            # a task at a time; --merge as real_tasks.py
+    python bench/precision.py --tasks fsdd            # a task at a time; --merge keeps the others
     python bench/precision.py --candidates w4a8 w8a8 w8a16 --ram int8 w8a16 --out bench/int16_search.json
 """
 
@@ -201,6 +201,7 @@ def main() -> None:
     p.add_argument("--dmpq-lr", type=float, default=1e-3)
     p.add_argument("--dmpq-samples", type=int, default=10000)
     p.add_argument("--tables-only", action="store_true")
+    p.add_argument("--merge", action="store_true", help="keep the other tasks of an earlier --out (same candidates)")
     args = p.parse_args()
     log = timed_log(args.threads)
     started = time.perf_counter()
@@ -211,10 +212,17 @@ def main() -> None:
         board = base.with_candidates(args.candidates).model_copy(
             update={"reserve": base.reserve.model_copy(update={"decode": True})})
         Path(args.work).mkdir(parents=True, exist_ok=True)
-        payload = {"command": ("python bench/precision.py " + " ".join(sys.argv[1:])).strip(),
+        command = ("python bench/precision.py " + " ".join(sys.argv[1:])).strip()
+        earlier = json.loads(Path(args.out).read_text()) if args.merge and Path(args.out).exists() else None
+        if earlier and earlier.get("candidates") != args.candidates:
+            sys.exit(f"--merge: {args.out} holds candidates {earlier.get('candidates')}, not {args.candidates}")
+        payload = {"command": f"{earlier['command']}; {command}" if earlier else command,
                    "date": datetime.date.today().isoformat(),
                    "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads",
-                   "board": board.name, "candidates": args.candidates, "tasks": {}}
+                   "board": board.name, "candidates": args.candidates,
+                   "tasks": {name: task for name, task in (earlier or {}).get("tasks", {}).items()
+                             if name not in args.tasks}}
+        started -= earlier["wall_s"] if earlier else 0.0
         for name in args.tasks:
             payload["tasks"][name] = task_runs(name, board, args, log)
             payload["wall_s"] = time.perf_counter() - started

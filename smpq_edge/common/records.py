@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from smpq_edge.common.errors import UserError
 from smpq_edge.common.fileio import read_json, write_json
@@ -224,6 +224,12 @@ class SearchRecord(_Record):
     shapley: ShapleyRecord
     shapley_scores: list[list[float]]  # per layer and candidate: the scores the selection used
     candidates: list[str]  # candidate names, narrow to wide ("w4a8", "w8a8", "w8a16")
+
+    @field_validator("candidates", mode="before")
+    @classmethod
+    def _named(cls, candidates: list) -> list:
+        """Records written before int16 activations held weight bits (4, 8): those are w4a8, w8a8."""
+        return [f"w{c}a8" if isinstance(c, int) else c for c in candidates]
     k_best: list[KBestRecord]
     methods: list[MethodRecord]
     layer_shapes: dict[str, list[int]]  # layer -> TFLite weight shape
