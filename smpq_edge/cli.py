@@ -240,7 +240,9 @@ def rerank_note(search, task) -> None:
     if chosen:
         top, pick = search.k_best[0], search.k_best[chosen]
         widths = set(pick.policy.values())
-        which = (f"the uniform {widths.pop().name} policy" if len(widths) == 1 else f"the K-best policy #{chosen + 1}")
+        uniform = widths.pop() if len(widths) == 1 else None
+        which = (f"the uniform {weight_form(uniform.weights)}{' int16-activation' if uniform.wide else ''} policy"
+                 if uniform else f"the K-best policy #{chosen + 1}")
         print(f"note: the re-rank on validation picked {which} "
               f"({pick.text}, validation {task.metric} {task.show(pick.val_acc)}) over "
               f"the summed-Shapley optimum ({top.text}, {task.show(top.val_acc)})")
