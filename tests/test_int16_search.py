@@ -136,6 +136,15 @@ def test_mixed_training_gives_int16_its_own_alpha_gradient(wide_net):
     grads = [layer.alpha.grad for layer in tuned.mixed_layers()]
     assert all(g is not None for g in grads)
     assert any(abs(float(g[2] - g[1])) > 1e-9 for g in grads)
+    # Scoring the mixed network (DMPQ's validation pass): its layers' outputs stay on the int8 grid
+    # that the integer ADD after them reads (a mix of both grids sent it out of its table).
+    with torch.no_grad():
+        for layer in tuned.mixed_layers():
+            layer.alpha.copy_(torch.tensor([0.0, 0.0, 3.0]))
+        logits = tuned(torch.from_numpy(data.x_val[:64]))
+    p = tuned.activation_quantiser(tuned.graph.output).params(8)
+    steps = logits / p.scale
+    assert torch.allclose(steps, steps.round(), atol=1e-3)
 
 
 def test_board_candidates_need_an_int8_activation_floor():

@@ -16,7 +16,7 @@ differs from it at rounding boundaries, and which samples flip depended on the C
 Each weighted layer holds its candidates (``Precision``: weight bits, activation bits). Its output
 mixes the candidates' quantised weights by softmax(alpha) over the *active* candidates; by
 linearity of convolution, mixing the weights equals mixing the branch outputs. Where int16-activation
-candidates (w8a16) are active among others, the output mixes its int8 and int16 quantisations by
+candidates (w8a16) are active among others, training mixes its int8 and int16 quantisations by
 their softmax mass, so that alpha learns what the finer grid is worth. For the Shapley search,
 ``coalition_logits`` scores many coalitions of active candidates in one call, computing each
 layer once per distinct prefix of choices.
@@ -516,9 +516,10 @@ class QuantNet(nn.Module):
             y = self.layer(op.name).forward_with(inputs[0], weight.weight)
             quantiser = self.activation_quantiser(op.name)
             out = quantiser(y, op.activation)
-            if isinstance(weight.wide_share, float) or quantiser.bits == WIDE:
+            if isinstance(weight.wide_share, float) or quantiser.bits == WIDE or not torch.is_grad_enabled():
                 return out
-            # int8 and int16 candidates mixed: their outputs mixed alike (the type stays int8).
+            # int8 and int16 candidates mixed: their outputs mixed alike, for alpha's gradient only
+            # (at inference the output stays on the int8 grid that the integer ops after it read).
             return out + weight.wide_share * (quantiser(y, op.activation, WIDE) - out)
         kind = KINDS[op.kind]
         target = self.activation_quantiser(op.name)
