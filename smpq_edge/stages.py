@@ -28,6 +28,7 @@ from smpq_edge.emulator import emulate
 from smpq_edge.export.exporter import ExportResult, export_model
 from smpq_edge.common.fileio import ensure_dir, write_bytes, write_json, write_text
 from smpq_edge.inputs.models import EXAMPLES_DIR, ModelSource
+from smpq_edge.common.errors import UserError
 from smpq_edge.inputs.policy import Policy, load_policy
 from smpq_edge.network.quant import QuantNet
 from smpq_edge.common.records import BuildRecord, EmulationRecord, StageRun, read_build, read_emulation, read_search
@@ -165,11 +166,14 @@ def net_for_policy(out: Path, source: ModelSource, data: Dataset, board: Board, 
     checkpoint = load_quantnet(out, source, board, data)
     bits = policy.bits
     net, trained = checkpoint.net, checkpoint.trained_bits
-    if trained is None:
+    try:
         net.set_policy(policy.precisions)
+    except ValueError as exc:  # a width the search's network was not built with
+        raise UserError(f"{out / 'policy.json'}: {exc} on board {board.name}; search with --candidates "
+                        "that include it") from None
+    if trained is None:
         return net, "quantnet.pt does not record the policy it was finetuned for; exported without finetuning"
     if trained == bits:
-        net.set_policy(policy.precisions)
         return net, None
     config = _finetune_config(out)
     differ = sum(trained.get(name) != b for name, b in bits.items())

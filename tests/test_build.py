@@ -402,6 +402,22 @@ def test_records_round_trip_through_their_classes(default_build):
         assert reader(default_build / name).model_dump(mode="json") == raw, name
 
 
+def test_a_policy_width_the_search_did_not_build_is_one_line(default_build, tmp_path, capsys):
+    """policy.json edited to 3-bit weights on a board whose candidates are w4a8 w8a8: the search's
+    network has no such candidate, and export says so in one line, writing nothing."""
+    out = tmp_path / "lut"
+    shutil.copytree(default_build, out)
+    (out / "model.tflite").unlink()
+    policy = json.loads((out / "policy.json").read_text())
+    policy["layers"][0]["weight_bits"] = 3
+    (out / "policy.json").write_text(json.dumps(policy))
+    capsys.readouterr()
+    assert main(["export", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "policy.json: layer" in err and "w3a8 is not a candidate (w4a8, w8a8)" in err
+    assert not (out / "model.tflite").exists()
+
+
 def test_int16_layers_set_in_policy_json_are_exported(default_build, tmp_path, capsys):
     """Setting two layers' activation_bits to 16 and exporting: they become 16x8 layers (no
     finetune: the weights are unchanged), the fake-quant computes what TFLM computes on every
@@ -428,5 +444,7 @@ def test_int16_layers_set_in_policy_json_are_exported(default_build, tmp_path, c
                               load_board(DEFAULT_BOARD))
     assert emulation.label_agreement == 1.0 and emulation.max_abs_output_delta < 1e-3 * emulation.output_scale
     report_stage(out)
-    note = f"int16 activations (TFLM's 16x8 kernels, set in policy.json): {', '.join(sorted(wide))}"
-    assert note in printed and note in (out / "report.md").read_text()
+    note = f"int16 activations (TFLM's 16x8 kernels): {', '.join(sorted(wide))}, with a QUANTIZE"
+    report = (out / "report.md").read_text()
+    assert note in printed and note in report
+    assert "set in policy.json, not the search's pick, whose cost figures are for its own int16 layers (none)" in report

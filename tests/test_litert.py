@@ -12,6 +12,7 @@ from smpq_edge.tflite.flatbuffer import TfliteModel
 from smpq_edge.tflite.tflm import TflmRunner, quantise_input
 
 from test_export import CASES, trained_case
+from test_lut import digits  # noqa: F401 (a fixture)
 
 SAMPLES = 100
 
@@ -84,20 +85,20 @@ def test_report_states_what_the_single_zero_point_saved():
     assert _zero_point_note(SearchRecord.model_construct(zero_points="per_channel")) == ""
 
 
-def test_litert_opens_a_lut_export_and_names_the_op_it_lacks():
+def test_litert_opens_a_lut_export_and_names_the_op_it_lacks(digits):
     """A LUT model (DECODE before its 2-7-bit layers) is a valid TFLite file: LiteRT reads it (the
     index tensors carry no stray scales) and stops only at TFLM's custom DECODE, which it has no
     kernel for; TFLM alone runs such a model."""
     from smpq_edge.export.exporter import export_model
 
-    case = trained_case("digits_cnn")
-    bits = {name: 3 for name in case.bits}
-    case.net.set_policy(bits)
+    net, data = digits  # every weight width a candidate
+    bits = {op.name: 3 for op in net.graph.layers}
+    net.set_policy(bits)
     try:
-        model = export_model(case.net, bits, case.data.x_train[:64]).tflite
+        model = export_model(net, bits, data.x_train[:64]).tflite
     finally:
-        case.net.set_policy(case.bits)
+        net.set_policy(None)
     runner = TflmRunner(model)
-    x = quantise_input(case.data.x_test[:1], runner.input)
+    x = quantise_input(data.x_test[:1], runner.input)
     with pytest.raises(RuntimeError, match="unresolved custom op: TFLM_DECODE"):
         litert_outputs(model, x)

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+from smpq_edge.common.precision import Precision, weight_bits_of
 from smpq_edge.inputs.boards import load_board
 from smpq_edge.cli import main
 from smpq_edge.inputs.data import load_dataset
@@ -135,7 +136,7 @@ class _PolicyNet(torch.nn.Module):
     """Right on every sample under the policies in ``good``, wrong on every one otherwise (labels
     are the argmax of the two input features)."""
 
-    def __init__(self, good: list[dict[str, int]], bits: dict[str, int]):
+    def __init__(self, good: list[dict[str, Precision]], bits: dict[str, Precision]):
         super().__init__()
         self.good, self.bits = good, bits
         self.unused = torch.nn.Parameter(torch.zeros(1))  # where the network lives, for predictions()
@@ -159,7 +160,8 @@ def _floor_run(int8_fits: bool, logged: list[str]):
     data = SimpleNamespace(x_val=x[:100], y_val=y[:100], x_test=x[100:], y_test=y[100:], task="classification")
     layers = [SimpleNamespace(name=n) for n in ("a", "b")]
 
-    def cost(bits):
+    def cost(policy):
+        bits = weight_bits_of(policy)
         fits = {"flash": int8_fits or 4 in bits.values(), "ram": True, "cycles": True}
         per_layer = [SimpleNamespace(name=n, weight_bits=b, flash_bytes=100 * b) for n, b in bits.items()]
         record = {"fits": fits, "model_flash_bytes": 100 * sum(bits.values()), "arena_bytes": 0, "cycles": 1,
@@ -178,10 +180,15 @@ def _floor_run(int8_fits: bool, logged: list[str]):
         return predictions(net, data.x_val if split == "val" else data.x_test)
 
     none = TrainConfig(epochs=0)
-    return SimpleNamespace(data=data, task=CLASSIFICATION, candidates=(4, 8), graph=SimpleNamespace(layers=layers),
+    return SimpleNamespace(data=data, task=CLASSIFICATION, candidates=(Precision(4), Precision(8)),
+                           graph=SimpleNamespace(layers=layers),
                            config=SimpleNamespace(finetune=none, search=none), seed=0, progress=False,
                            context=SINGLE_PROCESS, log=logged.append, cost=cost, per_sample=val_scores,
                            predict=predict)
+
+
+def _policy(a: int, b: int) -> dict[str, Precision]:
+    return {"a": Precision(a), "b": Precision(b)}
 
 
 def _ranked(*policies):
@@ -193,21 +200,21 @@ def _ranked(*policies):
 def test_below_the_floor_with_int8_in_budget_ships_the_floor():
     from smpq_edge.search.runner import _keep_floor
 
-    int8, pick = {"a": 8, "b": 8}, {"a": 4, "b": 4}
+    int8, pick = _policy(8, 8), _policy(4, 4)
     logged, methods = [], []
     floor = _PolicyNet([int8], int8)
     net, check, action = _keep_floor(_floor_run(True, logged), floor, _PolicyNet([int8], pick), pick,
                                      _ranked(pick), methods, None)
     assert action.action == "uniform int8" and action.shipped_method == "floor int8"
     assert net.bits == int8 and not check.below_floor
-    assert [m.method for m in methods] == ["floor int8"] and methods[0].bits == int8
+    assert [m.method for m in methods] == ["floor int8"] and methods[0].policy == int8
     assert "SMPQ's pick (4 4) scored validation accuracy 0.00 %" in logged[0]
 
 
 def test_below_the_floor_over_budget_tries_the_next_policies_from_the_floor():
     from smpq_edge.search.runner import _keep_floor
 
-    int8, pick, second, third = {"a": 8, "b": 8}, {"a": 4, "b": 4}, {"a": 4, "b": 8}, {"a": 8, "b": 4}
+    int8, pick, second, third = _policy(8, 8), _policy(4, 4), _policy(4, 8), _policy(8, 4)
     logged, methods = [], []
     floor = _PolicyNet([int8, third], int8)  # the floor's weights are good under the third policy
     net, check, action = _keep_floor(_floor_run(False, logged), floor, _PolicyNet([], pick), pick,
@@ -221,7 +228,7 @@ def test_below_the_floor_over_budget_tries_the_next_policies_from_the_floor():
 def test_below_the_floor_with_nothing_better_ships_the_best_and_says_so():
     from smpq_edge.search.runner import _keep_floor
 
-    int8, pick, second = {"a": 8, "b": 8}, {"a": 4, "b": 4}, {"a": 4, "b": 8}
+    int8, pick, second = _policy(8, 8), _policy(4, 4), _policy(4, 8)
     logged, methods = [], []
     net, check, action = _keep_floor(_floor_run(False, logged), _PolicyNet([int8], int8), _PolicyNet([], pick),
                                      pick, _ranked(pick, second), methods, None)
