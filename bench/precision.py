@@ -178,14 +178,17 @@ def tables(payload: dict) -> str:
 
 def plot(payload: dict, path: Path) -> None:
     tasks = payload["tasks"]
+    # What int16 activations spend is arena; what fewer weight bits save is model bytes.
+    wide = any(Precision.parse(c).wide for c in payload.get("candidates", CANDIDATES))
+    x, x_label = ("arena", "arena bytes (predicted)") if wide else ("model_flash", "model bytes (predicted)")
     figure, axes = task_axes(len(tasks))
     for axis, (name, task) in zip(axes, tasks.items()):
         for m in dict.fromkeys(m for s in task["seeds"].values() for f in s.values() for m in f["methods"]):
-            points = [(r["model_flash"], r["test_acc"] * 100) for s in task["seeds"].values() for f in s.values()
+            points = [(r[x], r["test_acc"] * 100) for s in task["seeds"].values() for f in s.values()
                       for mm, r in f["methods"].items() if mm == m]
             axis.scatter(*zip(*points), label=m, s=18, alpha=0.7)
         axis.set_title(f"{name} ({task['model']}): post-training, every seed and budget")
-        axis.set_xlabel("model bytes (predicted)")
+        axis.set_xlabel(x_label)
         axis.set_ylabel("test accuracy (%)")
         axis.legend(fontsize=7)
     save_figure(figure, path)
@@ -231,7 +234,7 @@ def main() -> None:
     plot(payload, Path(args.out).with_suffix(".png"))
     print(text)
     if not args.no_write:
-        write_section(section(payload.get("candidates", CANDIDATES)), text + f"\n\n![accuracy against model bytes]({Path(args.out).with_suffix('.png').name})")
+        write_section(section(payload.get("candidates", CANDIDATES)), text + f"\n\n![accuracy against cost]({Path(args.out).with_suffix('.png').name})")
 
 
 if __name__ == "__main__":
