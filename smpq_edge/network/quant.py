@@ -282,6 +282,7 @@ class MixedLayer(nn.Module):
         self.weight = nn.Parameter(weight.clone())
         self.bias = nn.Parameter(bias.clone())
         self.alpha = nn.Parameter(torch.zeros(len(candidates)))
+        self.wide_candidates = [k for k, c in enumerate(self.candidates) if c.wide]
         self.register_buffer("active", torch.ones(len(candidates), dtype=torch.bool))
         # Per-channel for conv and depthwise; per tensor for FC (TFLM's INT4 FC path needs it).
         self.per_channel = op.kind != "fc"
@@ -313,8 +314,8 @@ class MixedLayer(nn.Module):
 
     def mixed(self, active: torch.Tensor) -> MixedWeight:
         """The mixed weight and the int16-activation candidates' share of the mix."""
-        wide = torch.tensor([c.wide for c in self.candidates], device=active.device) & active
-        share = self.mix(active)[wide].sum() if bool(wide.any()) else 0.0
+        wide = [k for k in self.wide_candidates if bool(active[k])]
+        share = self.mix(active)[wide].sum() if wide else 0.0
         return MixedWeight(self.mixed_weight(active), share)
 
     def forward_with(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

@@ -17,7 +17,7 @@ from typing import Mapping
 import numpy as np
 
 from smpq_edge.inputs.boards import Board
-from smpq_edge.network.cost import RUNTIME, CostReport, arena_extra_bytes, estimate, extra_kernels
+from smpq_edge.network.cost import CostReport, arena_extra_bytes, estimate
 from smpq_edge.network.graph import Graph
 from smpq_edge.common.precision import Precision, floor_precision, weight_bits_of, wide_layers
 from smpq_edge.search.select import Selection, SharedCost, k_best
@@ -84,13 +84,12 @@ def knapsack(graph: Graph, board: Board, budgets: Budgets, candidates: tuple[Pre
     floor = floor_precision(candidates)
     base = cost_of(graph, {op.name: floor for op in graph.layers}, board, budgets)
     flash_fixed = base.flash_total_bytes - sum(layer.flash_bytes for layer in base.layers)
-    cycles_fixed = base.cycles - sum(layer.cycles for layer in base.layers)
-    base_flash, base_cycles = _non_layer(base)
+    base_flash, base_cycles = _non_layer(base)  # base_cycles: all the cycles outside the layers
     # Each layer's candidate adding the least to the arena (scratch, decoded LUT weights, int16
     # tensors), so an option's RAM reflects that option's own.
     least_scratch = {op.name: min(candidates, key=lambda c: (arena_extra_bytes(op, c.weights, board), c.wide, -c.weights))
                      for op in graph.layers}
-    costs, kernels = [], {}
+    costs, kernels, code = [], {}, {}
     for i, op in enumerate(graph.layers):
         rows = []
         for k, c in enumerate(candidates):
@@ -101,11 +100,11 @@ def knapsack(graph: Graph, board: Board, budgets: Budgets, candidates: tuple[Pre
             flash, cycles = _non_layer(report)
             layer = report.layers[i]
             rows.append((layer.flash_bytes + flash - base_flash, report.ram_total_bytes, layer.cycles + cycles - base_cycles))
-            for kernel in extra_kernels(graph, weight_bits_of(policy), board, wide_layers(policy)):
+            for kernel, size in report.extra_kernels.items():
                 kernels.setdefault(kernel, [() for _ in graph.layers])[i] += (k,)
+                code[kernel] = size
         costs.append(np.array(rows, dtype=np.float64))
-    code = RUNTIME[board.kernels].flash_per_kernel
     shared = tuple(SharedCost((code[kernel], 0, 0), tuple(options)) for kernel, options in sorted(kernels.items())
                    if code[kernel])
-    return Knapsack(costs, (budgets.flash_bytes - flash_fixed, budgets.ram_bytes, budgets.cycles - cycles_fixed),
+    return Knapsack(costs, (budgets.flash_bytes - flash_fixed, budgets.ram_bytes, budgets.cycles - base_cycles),
                     shared=shared)
