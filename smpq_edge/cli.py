@@ -235,7 +235,7 @@ def _search(parser: argparse.ArgumentParser):
 
 
 def rerank_note(search, task) -> None:
-    """When measuring the K best on validation replaced the summed-Shapley optimum, both figures."""
+    """When measuring the K best on validation replaced the selection's optimum, both figures."""
     chosen = next((i for i, k in enumerate(search.k_best) if k.chosen), 0)
     if chosen:
         top, pick = search.k_best[0], search.k_best[chosen]
@@ -245,7 +245,7 @@ def rerank_note(search, task) -> None:
                  if uniform else f"the K-best policy #{chosen + 1}")
         print(f"note: the re-rank on validation picked {which} "
               f"({pick.text}, validation {task.metric} {task.show(pick.val_acc)}) over "
-              f"the summed-Shapley optimum ({top.text}, {task.show(top.val_acc)})")
+              f"the best by {top.source} ({top.text}, {task.show(top.val_acc)})")
 
 
 def _print_floor(search) -> None:

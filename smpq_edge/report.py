@@ -251,17 +251,22 @@ def _zero_point_note(search: SearchRecord) -> str:
 
 def _why_section(search: SearchRecord, task: Task) -> str:
     label = "**SMPQ's pick, shipped**" if search.shipped_method == "smpq" else "**SMPQ's pick**"
-    rows = [[k.text, f"{k.summed_shapley:.4f}", task.show(k.val_acc),
+    rows = [[k.text, k.source, f"{k.summed_shapley:.4f}", task.show(k.val_acc),
              label if k.chosen else ""] for k in search.k_best]
     chosen = next(i for i, k in enumerate(search.k_best) if k.chosen)
-    reason = ("the best by summed Shapley value that fits every budget; no other of these led it on the validation "
+    top = search.k_best[0].source
+    reason = (f"the best by {top} that fits every budget; no other of these led it on the validation "
               f"split by more than {search.rerank_margin:g} paired standard error(s)" if chosen == 0 else
-              f"it led the summed-Shapley optimum on the validation split by more than {search.rerank_margin:g} "
+              f"it led the best by {top} on the validation split by more than {search.rerank_margin:g} "
               "paired standard error(s)")
     floor = f"\n\n{search.floor_action.message}." if search.floor_action else ""
+    at_budget = (" Each layer's Shapley value is taken at the budget's own policy: among as many layers at each "
+                 "narrower width as the pick has, not averaged over every count (\"Shapley at the budget\"; the "
+                 "pick is revalued until it stays put)." if top == "Shapley at the budget" else "")
     return ("## Why this policy\n\nThe selection takes the policies with the largest summed Shapley value within "
-            f"the budgets (an exact knapsack) and measures each on the whole validation split. SMPQ's pick: {reason}."
-            f"{floor}\n\n" + _table(["bits per layer", "summed Shapley", f"validation {task.metric}", ""], rows))
+            f"the budgets (an exact knapsack), and the uniform policies that fit.{at_budget} It measures each on "
+            f"the whole validation split. SMPQ's pick: {reason}.{floor}\n\n"
+            + _table(["bits per layer", "from", "summed score", f"validation {task.metric}", ""], rows))
 
 
 def _emulator_section(emulation: EmulationRecord, cost: CostRecord, task: Task) -> str:

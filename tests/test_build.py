@@ -370,7 +370,7 @@ def test_summary_says_when_the_rerank_replaced_the_shapley_optimum(default_build
               for i, k in enumerate(search.k_best)]
     rerank_note(search.model_copy(update={"k_best": second}), TASKS[search.task])
     out = capsys.readouterr().out
-    assert "picked the K-best policy #2" in out and "over the summed-Shapley optimum" in out
+    assert "picked the K-best policy #2" in out and f"over the best by {search.k_best[0].source}" in out
     assert TASKS[search.task].show(search.k_best[1].val_acc) in out and TASKS[search.task].show(search.k_best[0].val_acc) in out
     # A uniform challenger (the re-rank measures the uniform policies that fit too) is named as such.
     uniform = [k.model_copy(update={"chosen": i == 1, **({"bits": dict.fromkeys(names, 4)} if i == 1 else {})})

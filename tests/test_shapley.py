@@ -281,3 +281,59 @@ def test_layer_players_price_each_candidate_by_its_gain_over_the_narrowest(candi
         np.testing.assert_allclose(estimate.mean.reshape(layers, k), expected, atol=1e-12)
         assert (estimate.count.reshape(layers, k)[:, narrowest] == 0).all()
         assert (estimate.count.reshape(layers, k)[:, np.arange(k) != narrowest] > 0).all()
+
+
+def test_marginals_are_kept_by_coalition_size():
+    """by_size[i, s] is player i's mean marginal over coalitions of s other players: for
+    v(S) = |S|^2 that is 2s + 1 exactly, enumerated or sampled; the Shapley value is its mean
+    over sizes; a sampled player has no entry at a size none of its samples had."""
+    def squared(masks: np.ndarray) -> np.ndarray:
+        return masks.sum(axis=1).astype(np.float64) ** 2
+
+    expected = np.tile(2.0 * np.arange(N) + 1, (N, 1))
+    exact = exact_shapley(squared, N)
+    np.testing.assert_allclose(exact.by_size, expected)
+    np.testing.assert_allclose(exact.by_size.mean(axis=1), exact.mean)
+    sampled = monte_carlo_shapley(squared, N, 3, seed=0)
+    seen = np.isfinite(sampled.by_size)
+    np.testing.assert_allclose(sampled.by_size[seen], expected[seen])
+    assert seen.sum(axis=1).max() <= 3 and seen.any(axis=1).all()
+
+
+class _NarrowPair:
+    """Six layers, w4a8 or w8a8: each layer at int4 costs its own loss, and layer 0's int4 also
+    costs 1.0 for every other int4 layer (it feeds them). Alone, layer 0 at int4 costs least;
+    averaged over every coalition, its interactions make it look the worst."""
+
+    max_batch = 512
+    alone = np.array([0.3, 1.0, 0.8, 1.2, 1.5, 2.0])
+
+    def __call__(self, choice: np.ndarray) -> np.ndarray:
+        narrow = choice.reshape(len(choice), len(self.alone), 2)[:, :, 0].astype(np.float64)
+        return -(narrow @ self.alone + narrow[:, 0] * narrow[:, 1:].sum(axis=1))
+
+
+def test_scores_valued_at_the_budgets_policy_pick_the_layer_that_costs_least_there():
+    """With room for one int4 layer, summed Shapley puts layer 2 at int4 (it costs 0.8); valued at
+    the policies with one int4 layer the selector puts layer 0 there (0.3), the better policy."""
+    from types import SimpleNamespace
+
+    from smpq_edge.common.distributed import SINGLE_PROCESS
+    from smpq_edge.common.precision import Precision
+    from smpq_edge.search.budget import Knapsack
+    from smpq_edge.search.runner import at_operating_point
+    from smpq_edge.search.smpq import ShapleyConfig, _layer_upgrades, shapley_scores, valued_at
+
+    game = _NarrowPair()
+    layers, candidates = len(game.alone), (Precision(4), Precision(8))
+    net = SimpleNamespace(graph=SimpleNamespace(layers=[None] * layers), candidates=candidates)
+    table = _layer_upgrades(game, net, 16, 0, SINGLE_PROCESS, exact=True)
+    scores = shapley_scores(table, layers, 2)
+    flash = [np.array([[1.0, 1.0, 1.0], [2.0, 1.0, 1.0]])] * layers  # int4 1 byte, int8 2
+    run = SimpleNamespace(sack=Knapsack(flash, (2 * layers - 1, 100.0, 100.0)), config=SimpleNamespace(k_best=3))
+    assert run.sack.k_best(scores.tolist())[0].choice == (1, 1, 0, 1, 1, 1)
+    best = at_operating_point(run, scores, valued_at(table, candidates, ShapleyConfig()))
+    assert best[0].choice == (0, 1, 1, 1, 1, 1)
+    assert game(np.eye(2, dtype=bool)[[0] + [1] * 5].reshape(1, -1)) > game(
+        np.eye(2, dtype=bool)[[1, 1, 0, 1, 1, 1]].reshape(1, -1))
+    assert valued_at(table, candidates, ShapleyConfig(final_players="candidates")) is None

@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 from smpq_edge.common.errors import UserError
 from smpq_edge.common.fileio import read_json, write_json
 from smpq_edge.common.precision import WIDE, Precision, policy_text
-from smpq_edge.common.vocabulary import CoalitionValueName, KernelSet, TaskName, WeightedKind
+from smpq_edge.common.vocabulary import CoalitionValueName, KernelSet, RankedSource, TaskName, WeightedKind
 
 if TYPE_CHECKING:
     from smpq_edge.inputs.task import Task
@@ -195,10 +195,11 @@ class ShapleyRecord(_Record):
 
 
 class KBestRecord(_PolicyRecord):
-    summed_shapley: float
+    summed_shapley: float  # the summed scores of the selection it came from (see ``source``)
     val_acc: float
     chosen: bool
     cost: list[float] = []  # flash, RAM, cycles as the selector counted them
+    source: RankedSource = "Shapley"
 
 
 class SearchRecord(_Record):

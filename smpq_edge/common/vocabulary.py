@@ -18,6 +18,9 @@ TaskName = Literal["classification", "reconstruction"]  # keys of ``task.TASKS``
 CoalitionValueName = Literal["kl", "top1", "soft", "neg_mse"]
 # The final Shapley table's players: layers (one game per narrower candidate) or (layer, candidate) pairs.
 PlayerKind = Literal["layers", "candidates"]
+# Where a re-ranked policy came from (``runner.pick_policy``): the K best by summed Shapley, the
+# same with the games valued at the budget's policy (``smpq.scores_at``), or a uniform policy.
+RankedSource = Literal["Shapley", "Shapley at the budget", "uniform"]
 
 
 def values(vocabulary) -> tuple[str, ...]:

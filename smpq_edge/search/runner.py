@@ -11,7 +11,7 @@ import io
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 import torch
@@ -34,13 +34,17 @@ from smpq_edge.search.guard import Reference, StageGuard, check_floor, measure
 from smpq_edge.common.distributed import SINGLE_PROCESS, Context
 from smpq_edge.search.select import Selection, infeasible_message, smallest_achievable
 from smpq_edge.search.smpq import (AlphaUpdater, ShapleyConfig, estimate_shapley, monotone_scores,
-                                   pick_by_validation, shapley_scores, validation_batch, value_target)
+                                   pick_by_validation, shapley_scores, validation_batch, valued_at, value_target)
 from smpq_edge.search.train import TrainConfig, per_sample, predictions, score, seed_everything, train
 from smpq_edge.inputs.task import Task, check_outputs, task_of
 from smpq_edge.common.versions import versions
+from smpq_edge.common.vocabulary import RankedSource
 from smpq_edge.common.precision import Precision, floor_precision, policy_text, weight_bits_of, wide_layers
 
 CALIBRATION_BATCHES = 8
+# Most revaluations of the scores at the pick (``at_operating_point``): a cap, since nothing
+# makes the revalued pick converge (it can cycle between two policies).
+_OPERATING_POINT_ROUNDS = 4
 
 
 @dataclass(frozen=True)
@@ -233,7 +237,7 @@ def run_search(source: ModelSource, data: Dataset, board: Board, *, budgets: Bud
     warm = warm_supernet(model, run.graph, data, run.candidates, config.warmup, seed, progress, context, run.guard)
     run.lap("warmup_s")
     net, table, value, scores, history = _smpq_search(run, copy.deepcopy(warm), model)
-    ranked, chosen, chosen_bits = pick_policy(run, net, scores)
+    ranked, chosen, chosen_bits = pick_policy(run, net, scores, valued_at(table, run.candidates, config.shapley))
     tuned, methods = _train_methods(run, warm, model, chosen, chosen_bits)
     tuned, floor_check, floor_action = _keep_floor(run, floor, tuned, chosen_bits, ranked, methods, model)
     shipped = next(m for m in methods if m.method == (floor_action.shipped_method if floor_action else "smpq"))
@@ -257,9 +261,10 @@ def run_search(source: ModelSource, data: Dataset, board: Board, *, budgets: Bud
         layer_shapes={op.name: list(op.weight_shape) for op in run.graph.layers},
         rerank_margin=config.rerank_margin, shipped_method=shipped.method, floor_action=floor_action,
         alpha_history=history,
-        k_best=[KBestRecord(bits=weight_bits_of(policy), int16=sorted(wide_layers(policy)), summed_shapley=sel.score,
-                            val_acc=float(hits.mean()), cost=list(sel.cost), chosen=sel is chosen)
-                for hits, sel, policy in ranked],
+        k_best=[KBestRecord(bits=weight_bits_of(r.policy), int16=sorted(wide_layers(r.policy)),
+                            summed_shapley=r.selection.score, val_acc=float(r.hits.mean()), cost=list(r.selection.cost),
+                            chosen=r.selection is chosen, source=r.source)
+                for r in ranked],
         methods=methods, timings=run.timings, versions=versions(),
     )
     return SearchResult(policy=policy, net=tuned, record=record)
@@ -353,29 +358,58 @@ def _uniform_challengers(run: SearchRun, scores: np.ndarray) -> list[Selection]:
     return out
 
 
-def pick_policy(run: SearchRun, net: QuantNet, scores: np.ndarray):
-    """The K best by summed Shapley and the uniform policies (``_uniform_challengers``) that fit the
-    full cost model, re-ranked on the whole validation split: on the Shapley batch alone (512
-    samples) a challenger's lead of one standard error was noise often enough to cost ResNet-8 /
-    CIFAR-10 1.3 points of held-out accuracy (bench/RESULTS.md)."""
+class Ranked(NamedTuple):
+    """A policy the re-rank measured: its per-sample validation scores, and where it came from."""
+
+    hits: np.ndarray
+    selection: Selection
+    policy: dict[str, Precision]
+    source: RankedSource
+
+
+def at_operating_point(run: SearchRun, scores: np.ndarray,
+                        at: Callable[[tuple[int, ...]], np.ndarray]) -> list[Selection]:
+    """The K best by the scores valued at the policy they pick (``smpq.scores_at``): from the
+    summed-Shapley pick, revalue at each new pick until it stays put or comes back."""
+    choice = run.sack.k_best(scores.tolist())[0].choice
+    seen = {choice}
+    for _ in range(_OPERATING_POINT_ROUNDS):
+        local = at(choice).tolist()
+        choice = run.sack.k_best(local)[0].choice
+        if choice in seen:
+            break
+        seen.add(choice)
+    return run.sack.k_best(local, run.config.k_best)
+
+
+def pick_policy(run: SearchRun, net: QuantNet, scores: np.ndarray,
+                at: Callable[[tuple[int, ...]], np.ndarray] | None = None):
+    """The K best by summed Shapley, or (given ``at``) by the Shapley values taken at the budget's
+    policy (``at_operating_point``), and the uniform policies (``_uniform_challengers``), those that
+    fit the full cost model re-ranked on the whole validation split: on the Shapley batch alone
+    (512 samples) a challenger's lead of one standard error was noise often enough to cost
+    ResNet-8 / CIFAR-10 1.3 points of held-out accuracy (bench/RESULTS.md)."""
     x_val, y_val = run.data.x_val, run.data.y_val
-    sack = run.sack
+    found: dict[tuple[int, ...], tuple[Selection, RankedSource]] = {}
+    best = (("Shapley at the budget", at_operating_point(run, scores, at)) if at else
+            ("Shapley", run.sack.k_best(scores.tolist(), run.config.k_best)))
+    for source, selections in (best, ("uniform", _uniform_challengers(run, scores))):
+        for selection in selections:
+            found.setdefault(selection.choice, (selection, source))
     ranked = []
-    selections = sack.k_best(scores.tolist(), run.config.k_best)
-    selections += [u for u in _uniform_challengers(run, scores) if u.choice not in {s.choice for s in selections}]
-    bar = progress_bar(len(selections), f"re-rank on {len(y_val):,} validation samples", "policies", run.progress)
-    for selection in selections:
+    bar = progress_bar(len(found), f"re-rank on {len(y_val):,} validation samples", "policies", run.progress)
+    for selection, source in found.values():
         policy = _policy_of(run.graph, run.candidates, selection)
         if all(run.cost(policy).fits.values()):
             net.set_policy(policy)
-            ranked.append((per_sample(net, x_val, y_val, run.task), selection, policy))
+            ranked.append(Ranked(per_sample(net, x_val, y_val, run.task), selection, policy, source))
         bar.update(1)
     bar.close()
     net.set_policy(None)
     if not ranked:
         raise UserError("no policy among the best by Shapley fits every budget under the full cost model")
-    _, chosen, chosen_bits = ranked[pick_by_validation([r[0] for r in ranked], run.config.rerank_margin)]
-    return ranked, chosen, chosen_bits
+    chosen = ranked[pick_by_validation([r.hits for r in ranked], run.config.rerank_margin)]
+    return ranked, chosen.selection, chosen.policy
 
 
 def _train_methods(run: SearchRun, warm: QuantNet, teacher: torch.nn.Module, chosen: Selection,
@@ -450,7 +484,7 @@ def _keep_floor(run: SearchRun, floor: QuantNet, tuned: QuantNet, chosen_bits: d
         return net, check_floor(floor_scores, floor_scores), action
     schedule = replace(run.config.finetune, epochs=run.config.finetune.epochs + run.config.search.epochs)
     best, tried = (check, tuned, "smpq", chosen_bits), []
-    for rank, (_, selection, bits) in enumerate(ranked, start=1):
+    for rank, (_, selection, bits, _) in enumerate(ranked, start=1):
         if bits == chosen_bits:
             continue
         name = f"smpq #{rank}"

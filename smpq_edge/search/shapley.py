@@ -64,6 +64,10 @@ class ShapleyEstimate:
     n_permutations: int
     n_coalitions: int  # coalitions passed to value_fn, the full one included
     n_calls: int  # value_fn calls
+    # by_size[i, s]: player i's mean sample over the coalitions of s other players (NaN where it
+    # has none). The Shapley value weighs every size alike; a budget that leaves a known number
+    # of players out asks for the sizes near it (``smpq.scores_at``).
+    by_size: np.ndarray | None = None
 
     def to_dict(self) -> dict:
         """Plain JSON-ready data; NaN becomes None (JSON has no NaN)."""
@@ -145,7 +149,7 @@ def monte_carlo_shapley(
         samples = _samples_batched(evaluate, permutations, group_index, full_value, threshold, max_batch)
     else:
         samples = _samples_sequential(evaluate, permutations, group_index, full_value, threshold)
-    return _summarise(samples, full_value, evaluate)
+    return _summarise(samples, _coalition_sizes(permutations, group_index), full_value, evaluate)
 
 
 def exact_shapley(value_fn: ValueFn, n_players: int, max_batch: int = 4096) -> ShapleyEstimate:
@@ -167,13 +171,16 @@ def exact_shapley(value_fn: ValueFn, n_players: int, max_batch: int = 4096) -> S
         [math.factorial(s) * math.factorial(n_players - s - 1) for s in range(n_players)], dtype=np.float64
     ) / math.factorial(n_players)
     phi = np.empty(n_players)
+    by_size = np.empty((n_players, n_players))
     for i in range(n_players):
         without = subsets[~masks[:, i]]
-        phi[i] = np.sum(weight[size[without]] * (values[without | (1 << i)] - values[without]))
+        marginal = values[without | (1 << i)] - values[without]
+        phi[i] = np.sum(weight[size[without]] * marginal)
+        by_size[i] = np.bincount(size[without], marginal, n_players) / np.bincount(size[without], minlength=n_players)
     zeros = np.zeros(n_players)
     return ShapleyEstimate(mean=phi, std=zeros, stderr=zeros, count=np.full(n_players, 2 ** (n_players - 1)),
                            mean_minus_std=phi, full_value=float(values[-1]), n_permutations=0,
-                           n_coalitions=evaluate.coalitions, n_calls=evaluate.calls)
+                           n_coalitions=evaluate.coalitions, n_calls=evaluate.calls, by_size=by_size)
 
 
 def _group_index(groups: np.ndarray | None, n_players: int) -> np.ndarray | None:
@@ -203,6 +210,16 @@ def _removal_steps(permutations: np.ndarray, group_index: np.ndarray | None) -> 
         last = members[np.argmax(position[:, members], axis=1)]
         removed[rows, position[rows, last]] = False
     return permutations[removed].reshape(n_perm, -1)
+
+
+def _coalition_sizes(permutations: np.ndarray, group_index: np.ndarray | None) -> np.ndarray:
+    """(permutation, player): how many other players were present when the player's sample was
+    taken (the t-th removal leaves n - t - 1 others), -1 where it was never removed."""
+    n_perm, n_players = permutations.shape
+    steps = _removal_steps(permutations, group_index)
+    sizes = np.full((n_perm, n_players), -1)
+    np.put_along_axis(sizes, steps, n_players - 1 - np.arange(steps.shape[1])[None, :], axis=1)
+    return sizes
 
 
 def _samples_batched(
@@ -292,7 +309,8 @@ def _samples_sequential(
     return samples
 
 
-def _summarise(samples: np.ndarray, full_value: float, evaluate: _CountingValueFn) -> ShapleyEstimate:
+def _summarise(samples: np.ndarray, sizes: np.ndarray, full_value: float,
+               evaluate: _CountingValueFn) -> ShapleyEstimate:
     taken = ~np.isnan(samples)
     count = taken.sum(axis=0)
     filled = np.where(taken, samples, 0.0)
@@ -301,6 +319,13 @@ def _summarise(samples: np.ndarray, full_value: float, evaluate: _CountingValueF
         squares = np.where(taken, (samples - mean) ** 2, 0.0).sum(axis=0)
         std = np.where(count > 1, np.sqrt(squares / (count - 1)), np.nan)
         stderr = std / np.sqrt(count)
+    n_players = samples.shape[1]
+    by_size = np.full((n_players, n_players), np.nan)
+    for i in range(n_players):
+        at = taken[:, i]
+        counts = np.bincount(sizes[at, i], minlength=n_players)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            by_size[i] = np.bincount(sizes[at, i], samples[at, i], n_players) / counts
     return ShapleyEstimate(
         mean=mean,
         std=std,
@@ -311,4 +336,5 @@ def _summarise(samples: np.ndarray, full_value: float, evaluate: _CountingValueF
         n_permutations=len(samples),
         n_coalitions=evaluate.coalitions,
         n_calls=evaluate.calls,
+        by_size=by_size,
     )

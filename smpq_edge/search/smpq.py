@@ -9,6 +9,7 @@ validation batch run in one forward pass, each copy with its own active candidat
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, replace
 from typing import Callable
 
@@ -215,11 +216,61 @@ def _layer_upgrades(value: CoalitionValue, net: QuantNet, permutations: int, see
     count = np.zeros((n_layers, k), dtype=int)
     for c in order[1:].tolist():
         count[:, c] = base.count if c == wide else np.minimum(base.count, games[c].count)
+    # Row (l, c) of by_size: layer l's marginals by size in c's game (the widest plays no game).
+    by_size = np.full((n_layers, k, n_layers), np.nan)
+    for c, game in games.items():
+        by_size[:, c] = game.by_size
     entries = per_candidate(True, "mean")
     std = per_candidate(False, "std")
     return replace(base, mean=entries, std=std, stderr=per_candidate(False, "stderr"), count=count.reshape(-1),
                    mean_minus_std=entries - std, n_coalitions=sum(g.n_coalitions for g in games.values()),
-                   n_calls=sum(g.n_calls for g in games.values()))
+                   n_calls=sum(g.n_calls for g in games.values()), by_size=by_size.reshape(n_layers * k, n_layers))
+
+
+def scores_at(estimate: ShapleyEstimate, candidates: tuple[Precision, ...], choice: tuple[int, ...],
+              window: int = 1) -> np.ndarray:
+    """(layers, candidates) scores as ``_layer_upgrades`` sums them, but with each game's
+    marginals taken at the coalition sizes of the policy ``choice`` (candidate index per layer)
+    instead of averaged over every size: in c's game, layer l's value given as many other layers
+    at c or narrower as the policy has (sizes within ``window`` of it, equally weighted).
+
+    The Shapley value weighs a coalition of nine 2-bit layers as much as one of none; at a budget
+    that forces two layers to 2 bits, what decides is which pair costs least among int4 ones, and
+    the marginals among mostly 2-bit networks (near chance, their KL large and erratic) only add
+    noise there (bench/precision.py, FSDD at 72 %)."""
+    n_layers, k = len(choice), len(candidates)
+    order = narrow_to_wide(candidates)
+    rank = np.argsort(order)  # rank[c]: c's place from the narrowest
+    chosen = rank[np.asarray(choice)]
+    by_size = estimate.by_size.reshape(n_layers, k, n_layers)
+    at = np.zeros((n_layers, k))
+    for c in order[:-1].tolist():
+        # Every layer is valued as one of the policy's layers at c or narrower (one of them even
+        # where the policy has none): the others above c are raised in c's game.
+        raised = min(n_layers - int((chosen <= rank[c]).sum()), n_layers - 1)
+        near = by_size[:, c, max(0, raised - window):raised + window + 1]
+        with warnings.catch_warnings():  # a layer with no sample at these sizes falls back to all sizes
+            warnings.simplefilter("ignore", RuntimeWarning)
+            at[:, c] = np.where(np.isfinite(near).any(axis=1), np.nanmean(near, axis=1), np.nanmean(by_size[:, c], axis=1))
+    narrow = order[0]
+    out = np.zeros((n_layers, k))
+    for c in order[1:].tolist():
+        out[:, c] = at[:, narrow] - (at[:, c] if c != order[-1] else 0.0)
+    return out
+
+
+def valued_at(estimate: ShapleyEstimate, candidates: tuple[Precision, ...],
+              config: ShapleyConfig) -> Callable[[tuple[int, ...]], np.ndarray] | None:
+    """The selection's scores valued at a policy (``scores_at``, with the monotone prior where the
+    config has it), or None where the table has no layer games to take sizes from."""
+    if config.final_players != "layers" or estimate.by_size is None:
+        return None
+
+    def at(choice: tuple[int, ...]) -> np.ndarray:
+        scores = scores_at(estimate, candidates, choice)
+        return monotone_scores(scores, candidates) if config.monotone else scores
+
+    return at
 
 
 def shapley_scores(estimate: ShapleyEstimate, n_layers: int, n_candidates: int) -> np.ndarray:
