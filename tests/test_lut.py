@@ -127,3 +127,37 @@ def test_a_reserve_that_holds_decode_pays_no_extra_flash(digits):
     assert covered.extra_kernel_flash_bytes == 0
     assert len(knapsack(net.graph, board, Budgets.of_board(board), board.precisions).shared) == 1
     assert knapsack(net.graph, holds, Budgets.of_board(holds), holds.precisions).shared == ()
+
+
+def test_a_build_below_the_all_int4_model_ships_lut_layers_that_tflm_runs(tmp_path, capsys):
+    """Issue 21's acceptance: with w2a8 w3a8 w4a8 w8a8 and a flash budget whose model part is below
+    the all-int4 model's bytes (a board whose reserve holds DECODE), the build ships a smaller model
+    with LUT layers; TFLM runs it as the fake-quant network does, and the report names each layer's
+    precision and why."""
+    import json
+    import re
+    from pathlib import Path
+
+    from smpq_edge.cli import main
+
+    text = Path("boards/nucleo-l4r5zi.yaml").read_text()
+    board = tmp_path / "l4r5zi-decode.yaml"
+    board.write_text(text.replace("name: nucleo-l4r5zi", "name: l4r5zi-decode")
+                     .replace("reserve: {flash_kb: 96, ram_kb: 24}", "reserve: {flash_kb: 96, ram_kb: 24, decode: true}"))
+    assert main(["cost", "--board", str(board), "--bits", "4", "--json"]) == 0
+    int4 = json.loads(capsys.readouterr().out)
+    flash = int4["reserve_flash_bytes"] + 0.97 * int4["model_flash_bytes"]
+    out = tmp_path / "build"
+    assert main(["build", "--out", str(out), "--quick", "--board", str(board), "--flash-kb", f"{flash / 1024:.3f}",
+                 "--candidates", "w2a8", "w3a8", "w4a8", "w8a8"]) == 0
+    policy = json.loads((out / "policy.json").read_text())
+    widths = [layer["weight_bits"] for layer in policy["layers"]]
+    assert min(widths) < 4, widths
+    assert (out / "model.tflite").stat().st_size < int4["model_flash_bytes"]
+    names = [op.name for op in TfliteModel.from_file(out / "model.tflite").operators()]
+    assert names.count("CUSTOM:TFLM_DECODE") == sum(b not in (4, 8) for b in widths)
+    assert json.loads((out / "emulation.json").read_text())["label_agreement"] >= 0.99
+    report = (out / "report.md").read_text()
+    bits_rows = re.findall(r"^\| (\w+) \| \w+ \| [^|]+ \| (\d) \|", report.split("## Bits per layer")[1], re.M)
+    assert [int(b) for _, b in bits_rows] == widths
+    assert "## Why this policy" in report and "| Shapley at the budget |" in report
