@@ -41,8 +41,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._results import paired, save_figure, task_axes, timed_log, write_section  # noqa: E402
-from bench.real_tasks import TASKS, add_task_options, float_model, selected, smpq_scores  # noqa: E402
-from smpq_edge.common.precision import Precision, weight_bits_of, wide_layers  # noqa: E402
+from bench.real_tasks import TASKS, add_task_options, float_model, selected, smpq_table  # noqa: E402
+from smpq_edge.common.precision import Precision, floor_precision, weight_bits_of, wide_layers  # noqa: E402
 from smpq_edge.inputs.boards import load_board  # noqa: E402
 from smpq_edge.network.cost import estimate, uniform  # noqa: E402
 from smpq_edge.common.distributed import SINGLE_PROCESS  # noqa: E402
@@ -50,12 +50,15 @@ from smpq_edge.common.errors import UserError  # noqa: E402
 from smpq_edge.network.graph import trace  # noqa: E402
 from smpq_edge.search.baselines import dmpq_scores, hawq_scores  # noqa: E402
 from smpq_edge.search.budget import Budgets, cost_of  # noqa: E402
-from smpq_edge.search.runner import SearchConfig, pick_policy, prepare_run, calibrated_supernet  # noqa: E402
+from smpq_edge.search.runner import (SearchConfig, at_operating_point, calibrated_supernet, finetune,  # noqa: E402
+                                    pick_policy, prepare_run)
 from smpq_edge.search.train import TrainConfig, score, seed_everything  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 CANDIDATES = ["w2a8", "w3a8", "w4a8", "w8a8"]
 RAM_LEVELS = ("board", "int8", "w8a16")  # whose RAM bounds the policies (see the module docstring)
+QAT_METHODS = ("smpq", "hawq", "dmpq")  # and the uniform policies; SMPQ's variants stay post-training
+_QAT_DONE: dict[tuple, float] = {}  # (seed, policy) -> test accuracy after QAT
 
 
 def section(candidates: list[str]) -> str:
@@ -93,7 +96,10 @@ def picks(fraction: float, ram: str, seed: int, source, data, board, config, net
         run = prepare_run(source, data, board, budgets, config, seed, False, lambda m: None, SINGLE_PROCESS)
     except UserError as e:  # no policy is that small: recorded, not a crash
         return {"budget": info, "methods": {}, "infeasible": str(e)}
-    bits = {"smpq": pick_policy(run, net, scores["smpq"])[2], "smpq/sum": selected(run, scores["smpq"]),
+    smpq, at = scores["smpq"]
+    bits = {"smpq": pick_policy(run, net, smpq, at)[2], "smpq/sum": selected(run, smpq),
+            "smpq/op": dict(zip([op.name for op in net.graph.layers],
+                                (run.candidates[k] for k in at_operating_point(run, smpq, at)[0].choice))),
             "hawq": selected(run, scores["hawq"])}
     n = min(args.dmpq_samples, len(data.y_train))
     subset = replace(data, x_train=data.x_train[:n], y_train=data.y_train[:n])
@@ -104,10 +110,27 @@ def picks(fraction: float, ram: str, seed: int, source, data, board, config, net
         policy = {op.name: c for op in net.graph.layers}
         if all(run.cost(policy).fits.values()):
             bits[f"all {c.name}" if c.wide else f"uniform{c.weights}"] = policy
-    return {"budget": info, "methods": {m: measured(net, net.graph, board, b, data) for m, b in bits.items()}}
+    methods = {m: measured(net, net.graph, board, b, data) for m, b in bits.items()}
+    if fraction in args.qat_fractions:
+        for m, policy in bits.items():
+            if m in QAT_METHODS or m.startswith("uniform"):
+                methods[m]["qat_acc"] = qat(net, policy, data, source, seed, args)
+    return {"budget": info, "methods": methods}
 
 
-def task_runs(name: str, board, args, log) -> dict:
+def qat(net, policy: dict[str, Precision], data, source, seed: int, args) -> float:
+    """Test accuracy after the QAT of ``bench/qat_target.py`` (``--qat-epochs`` on the first
+    ``--qat-samples`` training images, distilled from the float model) from the calibrated weights;
+    a policy already trained for this seed is not trained again (the same seed trains it the same)."""
+    key = (seed, tuple(policy[op.name].name for op in net.graph.layers))
+    if key not in _QAT_DONE:
+        subset = replace(data, x_train=data.x_train[:args.qat_samples], y_train=data.y_train[:args.qat_samples])
+        schedule = TrainConfig(epochs=args.qat_epochs, lr=args.qat_lr, distill=1.0)
+        _QAT_DONE[key] = finetune(net, policy, subset, schedule, seed, False, "QAT", teacher=source.module)[2]
+    return _QAT_DONE[key]
+
+
+def task_runs(name: str, board, args, log, save) -> dict:
     task = TASKS[name]
     data = task.dataset()
     source = float_model(name, task, data, Path(args.work), log)
@@ -121,15 +144,20 @@ def task_runs(name: str, board, args, log) -> dict:
         net = calibrated_supernet(copy.deepcopy(source.module), graph, data, board.precisions, seed)
         run = prepare_run(source, data, board, model_budget(graph, board, 1.0)[0], config, seed, False,
                        lambda m: None, SINGLE_PROCESS)
-        scores = {"smpq": smpq_scores(run, net, f"{config.shapley.value}:{config.shapley.final_players}",
+        scores = {"smpq": smpq_table(run, net, f"{config.shapley.value}:{config.shapley.final_players}",
                                       source.module),
                   "hawq": hawq_scores(net, data, seed)}
         log(f"{name} seed {seed}: scores in {time.perf_counter() - t0:.0f} s")
         out["seeds"][str(seed)] = {budget_key(f, ram): picks(f, ram, seed, source, data, board, config, net, scores, args)
                                    for f in args.fractions for ram in args.ram}
+        if args.qat_fractions:
+            int8 = {op.name: floor_precision(board.precisions) for op in graph.layers}
+            out.setdefault("int8_qat", {})[str(seed)] = qat(net, int8, data, source, seed, args)
         for key, result in out["seeds"][str(seed)].items():
             log(f"{name} seed {seed} budget {key}: " + ", ".join(
-                f"{m} {' '.join(r['bits'])} {r['test_acc']:.4f}" for m, r in result["methods"].items()))
+                f"{m} {' '.join(r['bits'])} {r['test_acc']:.4f}" + (f" QAT {r['qat_acc']:.4f}" if "qat_acc" in r else "")
+                for m, r in result["methods"].items()))
+        save(out)
     return out
 
 
@@ -145,35 +173,49 @@ def budget_text(info: dict) -> str:
 
 def tables(payload: dict) -> str:
     lines = [f"Command: `{payload['command']}` ({payload['date']}, {payload['machine']}; {payload['wall_s']:.0f} s). "
-             f"Board {payload['board']} (CMSIS-NN), its reserve taken to hold DECODE's code. Post-training only: "
-             "each seed's calibrated supernet, every pick's test accuracy in TFLM's integer arithmetic, no QAT. "
+             f"Board {payload['board']} (CMSIS-NN), its reserve taken to hold DECODE's code. Each seed's calibrated "
+             "supernet; every pick's test accuracy in TFLM's integer arithmetic, post-training and, where a column "
+             "says so, after the QAT of bench/qat_target.py from the same calibrated weights. "
              f"Candidates {' '.join(payload.get('candidates', CANDIDATES))}."]
     for name, task in payload["tasks"].items():
         seeds = task["seeds"]
         fractions = list(next(iter(seeds.values())))
         methods = list(dict.fromkeys(m for s in seeds.values() for f in s.values() for m in f["methods"]))
-        lines += ["", f"### {name}: {task['model']}, float test accuracy {task['float_test_acc']:.2%}", "",
-                  "| budget (of int8 model) | method | test accuracy, mean ± std | model bytes | arena | cycles | "
-                  "int16 layers | SMPQ − method, paired |", "|---|---|---|---|---|---|---|---|"]
+        lines += ["", f"### {name}: {task['model']}, float test accuracy {task['float_test_acc']:.2%}", ""]
+        if task.get("int8_qat"):
+            qat8 = np.array(list(task["int8_qat"].values()))
+            lines += [f"All-int8 after the same QAT: {qat8.mean():.2%} ± {qat8.std():.2%} ({len(qat8)} seeds).", ""]
+        lines += ["| budget (of int8 model) | method | test accuracy, mean ± std | after QAT | model bytes | arena | "
+                  "cycles | int16 layers | SMPQ − method, paired | after QAT |", "|---|---|---|---|---|---|---|---|---|---|"]
         for f in fractions:
             first = next(iter(seeds.values()))[f]
             if "infeasible" in first:
-                lines.append(f"| {budget_text(first['budget'])} | no policy fits | | | | | | |")
+                lines.append(f"| {budget_text(first['budget'])} | no policy fits | | | | | | | | |")
             for m in methods:
-                rows = [s[f]["methods"][m] for s in seeds.values() if m in s[f]["methods"]]
-                if not rows:
-                    continue
-                acc = np.array([r["test_acc"] for r in rows])
-                difference = ""
-                if m != "smpq" and len(rows) == len(seeds):
-                    difference = paired(np.array([s[f]["methods"]["smpq"]["test_acc"] - s[f]["methods"][m]["test_acc"]
-                                                  for s in seeds.values()]) * 100)
-                lines.append(f"| {budget_text(first['budget'])} "
-                             f"| {m} ({len(rows)} seeds) | {acc.mean():.2%} ± {acc.std():.2%} "
-                             f"| {np.mean([r['model_flash'] for r in rows]):,.0f} | "
-                             f"{np.mean([r['arena'] for r in rows]):,.0f} | {np.mean([r['cycles'] for r in rows]):,.0f} "
-                             f"| {np.mean([r.get('int16_layers', 0) for r in rows]):.1f} | {difference} |")
+                lines += method_row(seeds, f, m, budget_text(first["budget"]))
     return "\n".join(lines)
+
+
+def method_row(seeds: dict, f: str, m: str, budget: str) -> list[str]:
+    """One table row: method ``m`` at budget ``f`` over the seeds, and SMPQ's paired lead over it."""
+    rows = [s[f]["methods"][m] for s in seeds.values() if m in s[f]["methods"]]
+    if not rows:
+        return []
+
+    def spread(key: str) -> str:
+        acc = np.array([r[key] for r in rows if key in r])
+        return f"{acc.mean():.2%} ± {acc.std():.2%}" if len(acc) else ""
+
+    def lead(key: str) -> str:
+        both = [s[f]["methods"] for s in seeds.values() if m in s[f]["methods"]]
+        if m == "smpq" or len(rows) < len(seeds) or not all(key in b[m] and key in b["smpq"] for b in both):
+            return ""
+        return paired(np.array([b["smpq"][key] - b[m][key] for b in both]) * 100)
+
+    return [f"| {budget} | {m} ({len(rows)} seeds) | {spread('test_acc')} | {spread('qat_acc')} "
+            f"| {np.mean([r['model_flash'] for r in rows]):,.0f} | {np.mean([r['arena'] for r in rows]):,.0f} "
+            f"| {np.mean([r['cycles'] for r in rows]):,.0f} | {np.mean([r.get('int16_layers', 0) for r in rows]):.1f} "
+            f"| {lead('test_acc')} | {lead('qat_acc')} |"]
 
 
 def plot(payload: dict, path: Path) -> None:
@@ -203,6 +245,11 @@ def main() -> None:
     p.add_argument("--dmpq-epochs", type=int, default=2)
     p.add_argument("--dmpq-lr", type=float, default=1e-3)
     p.add_argument("--dmpq-samples", type=int, default=10000)
+    p.add_argument("--qat-fractions", nargs="*", type=float, default=[],
+                   help="budgets whose picks (and all-int8) are also QAT-trained, as bench/qat_target.py does")
+    p.add_argument("--qat-epochs", type=int, default=1)
+    p.add_argument("--qat-samples", type=int, default=10000)
+    p.add_argument("--qat-lr", type=float, default=SearchConfig().for_pretrained().finetune.lr)
     p.add_argument("--tables-only", action="store_true")
     p.add_argument("--merge", action="store_true", help="keep the other tasks of an earlier --out (same candidates)")
     args = p.parse_args()
@@ -226,10 +273,13 @@ def main() -> None:
                    "tasks": {name: task for name, task in (earlier or {}).get("tasks", {}).items()
                              if name not in args.tasks}}
         started -= earlier["wall_s"] if earlier else 0.0
-        for name in args.tasks:
-            payload["tasks"][name] = task_runs(name, board, args, log)
+        def save(task: dict) -> None:  # after every seed, so that a long run's seeds so far are kept
+            payload["tasks"][task["task"]] = task
             payload["wall_s"] = time.perf_counter() - started
             Path(args.out).write_text(json.dumps(payload))
+
+        for name in args.tasks:
+            save(task_runs(name, board, args, log, save))
     text = tables(payload)
     plot(payload, Path(args.out).with_suffix(".png"))
     print(text)

@@ -32,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench._results import timed_log, write_section  # noqa: E402
-from bench.real_tasks import TASKS, float_model, smpq_scores  # noqa: E402
+from bench.real_tasks import TASKS, float_model, smpq_table  # noqa: E402
 from bench.search_quality import flash_budget  # noqa: E402
 from smpq_edge.inputs.boards import load_board  # noqa: E402
 from smpq_edge.network.cost import estimate, uniform  # noqa: E402
@@ -50,7 +50,7 @@ def smpq_pick(source, data, board, net, fraction: float, seed: int) -> dict[str,
     budgets, _ = flash_budget(net.graph, board, fraction)
     run = prepare_run(source, data, board, budgets, SearchConfig().post_training_only(), seed, False, lambda m: None,
                    SINGLE_PROCESS)
-    return pick_policy(run, net, smpq_scores(run, net, "kl:layers", source.module))[2]
+    return pick_policy(run, net, *smpq_table(run, net, "kl:layers", source.module))[2]
 
 
 def measure(args, log) -> dict:

@@ -53,7 +53,7 @@ from smpq_edge.inputs.models import load_model  # noqa: E402
 from smpq_edge.common.distributed import SINGLE_PROCESS  # noqa: E402
 from smpq_edge.search.baselines import dmpq_scores, hawq_scores  # noqa: E402
 from smpq_edge.search.runner import SearchConfig, pick_policy, prepare_run, calibrated_supernet, run_search  # noqa: E402
-from smpq_edge.search.smpq import (CoalitionValue, estimate_shapley, monotone_scores, shapley_scores,  # noqa: E402
+from smpq_edge.search.smpq import (CoalitionValue, estimate_shapley, monotone_scores, shapley_scores, valued_at,  # noqa: E402
                                    validation_batch, value_target)
 from smpq_edge.search.train import TrainConfig, score, seed_everything, train  # noqa: E402
 
@@ -142,13 +142,19 @@ def smpq_scores(run, net, variant: str, teacher) -> np.ndarray:
     "kl:layers", "kl:layers:sampled" for layer players always sampled, never enumerated): the
     search's final Shapley table on ``net`` with the monotone prior. They do not depend on the
     budget, so each seed computes them once."""
+    return smpq_table(run, net, variant, teacher)[0]
+
+
+def smpq_table(run, net, variant: str, teacher):
+    """``smpq_scores`` and the same scores valued at a policy (``smpq.valued_at``), for ``pick_policy``."""
     value, players, *how = variant.split(":")
     shapley = run.config.shapley
     x_val, y_val = validation_batch(run.data, shapley.val_samples, run.seed)
     table = estimate_shapley(net, x_val, value_target(value, x_val, y_val, teacher), shapley.final_permutations,
                              shapley.truncation, run.seed, value=value, players=players,
                              exact_layers=shapley.exact_layers and how != ["sampled"])
-    return monotone_scores(shapley_scores(table, len(run.graph.layers), len(net.candidates)), net.candidates)
+    scores = monotone_scores(shapley_scores(table, len(run.graph.layers), len(net.candidates)), net.candidates)
+    return scores, valued_at(table, net.candidates, replace(shapley, value=value, final_players=players))
 
 
 def selected(run, scores: np.ndarray) -> dict[str, int]:
