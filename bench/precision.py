@@ -6,10 +6,13 @@ Per task (``bench/real_tasks.py``'s: DS-CNN on FSDD with speakers held out, ResN
 CIFAR-10 folder) the float model is trained once and cached; each seed calibrates the supernet
 with the four candidates as ``run_search`` does, scores it once per method (SMPQ's final Shapley
 table with the search's players, HAWQ-V3's Hessian criterion, DMPQ's alpha by gradient) and picks,
-at each flash budget, with the same exact selector: SMPQ as the search does (the K best re-ranked
-on the validation split) and by summed Shapley alone. Each pick's test accuracy is measured on
-that calibrated network in TFLM's integer arithmetic: post-training, no QAT (the QAT regime is
-not run here yet).
+at each flash budget, with the same exact selector: SMPQ as the search does (the K best valued at
+the budget, re-ranked on the validation split: "smpq"), by summed Shapley alone ("smpq/sum") and
+valued at the budget alone ("smpq/op"). Each pick's test accuracy is measured on that calibrated
+network in TFLM's integer arithmetic, post-training; at the budgets of ``--qat-fractions`` each
+method's pick and all-int8 are also QAT-trained from the same calibrated weights with
+bench/qat_target.py's schedule (``--qat-epochs`` on the first ``--qat-samples`` training images,
+distilled from the float model) and measured again.
 
 Budgets are model bytes, a fraction of the all-int8 model's (30, 40, 50, 65 %): the board's reserve
 is taken to hold DECODE's code (``reserve.decode``), which a LUT policy otherwise pays once, about
@@ -19,6 +22,7 @@ layer fits only where it does not raise the arena's peak) or the all-w8a16 polic
 room for every int16 layer); the int16 code (s16 kernels, QUANTIZE) is counted in flash.
 
     python bench/precision.py --tasks fsdd            # a task at a time; --merge keeps the others
+    python bench/precision.py --tasks cifar --qat-fractions 0.4 0.5 --merge
     python bench/precision.py --candidates w4a8 w8a8 w8a16 --ram int8 w8a16 --out bench/int16_search.json
 """
 
@@ -99,7 +103,7 @@ def picks(fraction: float, ram: str, seed: int, source, data, board, config, net
     smpq, at = scores["smpq"]
     bits = {"smpq": pick_policy(run, net, smpq, at)[2], "smpq/sum": selected(run, smpq),
             "smpq/op": dict(zip([op.name for op in net.graph.layers],
-                                (run.candidates[k] for k in at_operating_point(run, smpq, at)[0].choice))),
+                                (run.candidates[k] for k in at_operating_point(run, smpq, at)[0][0].choice))),
             "hawq": selected(run, scores["hawq"])}
     n = min(args.dmpq_samples, len(data.y_train))
     subset = replace(data, x_train=data.x_train[:n], y_train=data.y_train[:n])

@@ -71,13 +71,16 @@ def _zero_label(form: str, column: np.ndarray) -> str:
 
 def _shapley_plot(search: SearchRecord) -> Figure:
     """Per layer, each candidate's raw Shapley mean (bar, +-1 standard error) and the score the
-    selection used after the monotone prior (black mark); the chosen candidate is outlined."""
+    selection summed, valued at the budget where it was and after the monotone prior (black mark);
+    the chosen candidate is outlined."""
     layers = list(search.layer_shapes)
     k = len(search.candidates)
     mean = np.array([np.nan if v is None else v for v in search.shapley.mean]).reshape(len(layers), k)
     err = np.array([0.0 if v is None else v for v in search.shapley.stderr]).reshape(len(layers), k)
     used = np.array(search.shapley_scores)
     chosen = search.shipped.policy
+    at_budget = bool(search.k_best) and search.k_best[0].source == "Shapley at the budget"
+    used_label = "score the selection summed (" + ("valued at the budget, " if at_budget else "") + "after the monotone prior)"
     figure, axis = plt.subplots(figsize=(max(6.5, 0.8 * len(layers)), 4.0), layout="constrained")
     width = 0.8 / k
     for j, candidate in enumerate(Precision.parse(name) for name in search.candidates):
@@ -95,7 +98,7 @@ def _shapley_plot(search: SearchRecord) -> Figure:
                          edgecolors=np.where(shipped[zero], "black", colour), linewidths=1.2, zorder=4,
                          label=_zero_label(form, mean[:, j]))
         axis.scatter(x, used[:, j], marker="_", s=160, color="black", zorder=3,
-                     label="score the selection used (after the monotone prior)" if j == 0 else None)
+                     label=used_label if j == 0 else None)
     axis.set_xticks(range(len(layers)), layers, rotation=45, ha="right", fontsize=8)
     axis.set_xlabel(LAYER_AXIS)
     axis.axhline(0, color="black", linewidth=0.6)

@@ -332,7 +332,7 @@ def test_scores_valued_at_the_budgets_policy_pick_the_layer_that_costs_least_the
     flash = [np.array([[1.0, 1.0, 1.0], [2.0, 1.0, 1.0]])] * layers  # int4 1 byte, int8 2
     run = SimpleNamespace(sack=Knapsack(flash, (2 * layers - 1, 100.0, 100.0)), config=SimpleNamespace(k_best=3))
     assert run.sack.k_best(scores.tolist())[0].choice == (1, 1, 0, 1, 1, 1)
-    best = at_operating_point(run, scores, valued_at(table, candidates, ShapleyConfig()))
+    best, _ = at_operating_point(run, scores, valued_at(table, candidates, ShapleyConfig()))
     assert best[0].choice == (0, 1, 1, 1, 1, 1)
     assert game(np.eye(2, dtype=bool)[[0] + [1] * 5].reshape(1, -1)) > game(
         np.eye(2, dtype=bool)[[1, 1, 0, 1, 1, 1]].reshape(1, -1))

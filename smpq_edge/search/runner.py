@@ -237,7 +237,8 @@ def run_search(source: ModelSource, data: Dataset, board: Board, *, budgets: Bud
     warm = warm_supernet(model, run.graph, data, run.candidates, config.warmup, seed, progress, context, run.guard)
     run.lap("warmup_s")
     net, table, value, scores, history = _smpq_search(run, copy.deepcopy(warm), model)
-    ranked, chosen, chosen_bits = pick_policy(run, net, scores, valued_at(table, run.candidates, config.shapley))
+    # From here on ``scores`` are the ones the selection summed (valued at the budget).
+    ranked, chosen, chosen_bits, scores = pick_policy(run, net, scores, valued_at(table, run.candidates, config.shapley))
     tuned, methods = _train_methods(run, warm, model, chosen, chosen_bits)
     tuned, floor_check, floor_action = _keep_floor(run, floor, tuned, chosen_bits, ranked, methods, model)
     shipped = next(m for m in methods if m.method == (floor_action.shipped_method if floor_action else "smpq"))
@@ -368,18 +369,18 @@ class Ranked(NamedTuple):
 
 
 def at_operating_point(run: SearchRun, scores: np.ndarray,
-                        at: Callable[[tuple[int, ...]], np.ndarray]) -> list[Selection]:
-    """The K best by the scores valued at the policy they pick (``smpq.scores_at``): from the
-    summed-Shapley pick, revalue at each new pick until it stays put or comes back."""
+                       at: Callable[[tuple[int, ...]], np.ndarray]) -> tuple[list[Selection], np.ndarray]:
+    """The K best by the scores valued at the policy they pick (``smpq.scores_at``), and those
+    scores: from the summed-Shapley pick, revalue at each new pick until it stays put or comes back."""
     choice = run.sack.k_best(scores.tolist())[0].choice
     seen = {choice}
     for _ in range(_OPERATING_POINT_ROUNDS):
-        local = at(choice).tolist()
-        choice = run.sack.k_best(local)[0].choice
+        local = at(choice)
+        choice = run.sack.k_best(local.tolist())[0].choice
         if choice in seen:
             break
         seen.add(choice)
-    return run.sack.k_best(local, run.config.k_best)
+    return run.sack.k_best(local.tolist(), run.config.k_best), local
 
 
 def pick_policy(run: SearchRun, net: QuantNet, scores: np.ndarray,
@@ -388,12 +389,16 @@ def pick_policy(run: SearchRun, net: QuantNet, scores: np.ndarray,
     policy (``at_operating_point``), and the uniform policies (``_uniform_challengers``), those that
     fit the full cost model re-ranked on the whole validation split: on the Shapley batch alone
     (512 samples) a challenger's lead of one standard error was noise often enough to cost
-    ResNet-8 / CIFAR-10 1.3 points of held-out accuracy (bench/RESULTS.md)."""
+    ResNet-8 / CIFAR-10 1.3 points of held-out accuracy (bench/RESULTS.md). Also returns the
+    scores the selection summed."""
     x_val, y_val = run.data.x_val, run.data.y_val
     found: dict[tuple[int, ...], tuple[Selection, RankedSource]] = {}
-    best = (("Shapley at the budget", at_operating_point(run, scores, at)) if at else
-            ("Shapley", run.sack.k_best(scores.tolist(), run.config.k_best)))
-    for source, selections in (best, ("uniform", _uniform_challengers(run, scores))):
+    if at:
+        best, scores = at_operating_point(run, scores, at)
+    else:
+        best = run.sack.k_best(scores.tolist(), run.config.k_best)
+    first: RankedSource = "Shapley at the budget" if at else "Shapley"
+    for source, selections in ((first, best), ("uniform", _uniform_challengers(run, scores))):
         for selection in selections:
             found.setdefault(selection.choice, (selection, source))
     ranked = []
@@ -409,7 +414,7 @@ def pick_policy(run: SearchRun, net: QuantNet, scores: np.ndarray,
     if not ranked:
         raise UserError("no policy among the best by Shapley fits every budget under the full cost model")
     chosen = ranked[pick_by_validation([r.hits for r in ranked], run.config.rerank_margin)]
-    return ranked, chosen.selection, chosen.policy
+    return ranked, chosen.selection, chosen.policy, scores
 
 
 def _train_methods(run: SearchRun, warm: QuantNet, teacher: torch.nn.Module, chosen: Selection,
