@@ -223,20 +223,35 @@ def method_row(seeds: dict, f: str, m: str, budget: str) -> list[str]:
 
 
 def plot(payload: dict, path: Path) -> None:
+    """Per task, each method's front: its mean test accuracy over the seeds at each budget against
+    its picks' mean cost (solid: post-training; dashed, hollow: after QAT where it was run)."""
     tasks = payload["tasks"]
     # What int16 activations spend is arena; what fewer weight bits save is model bytes.
     wide = any(Precision.parse(c).wide for c in payload.get("candidates", CANDIDATES))
     x, x_label = ("arena", "arena bytes (predicted)") if wide else ("model_flash", "model bytes (predicted)")
     figure, axes = task_axes(len(tasks))
     for axis, (name, task) in zip(axes, tasks.items()):
-        for m in dict.fromkeys(m for s in task["seeds"].values() for f in s.values() for m in f["methods"]):
-            points = [(r[x], r["test_acc"] * 100) for s in task["seeds"].values() for f in s.values()
-                      for mm, r in f["methods"].items() if mm == m]
-            axis.scatter(*zip(*points), label=m, s=18, alpha=0.7)
-        axis.set_title(f"{name} ({task['model']}): post-training, every seed and budget")
+        seeds = list(task["seeds"].values())
+        methods = dict.fromkeys(m for s in seeds for f in s.values() for m in f["methods"])
+        for number, m in enumerate(methods):
+            colour = f"C{number % 10}"
+            for key, style in (("test_acc", dict(marker="o", linestyle="-")),
+                               ("qat_acc", dict(marker="s", linestyle="--", markerfacecolor="none"))):
+                points = sorted((np.mean([s[f]["methods"][m][x] for s in seeds]),
+                                 100 * np.mean([s[f]["methods"][m][key] for s in seeds]))
+                                for f in seeds[0] if all(key in s[f]["methods"].get(m, {}) for s in seeds))
+                if points:
+                    axis.plot(*zip(*points), color=colour, markersize=5, alpha=0.85,
+                              label=m if key == "test_acc" else f"{m}, after QAT", **style)
+        if task.get("int8_qat"):
+            axis.axhline(100 * np.mean(list(task["int8_qat"].values())), color="grey", linestyle=":",
+                         label="all-int8 after QAT")
+        axis.axhline(100 * task["float_test_acc"], color="black", linestyle="--", linewidth=0.8, label="float")
+        axis.set_title(f"{name} ({task['model']}): mean over {len(seeds)} seeds at each budget")
         axis.set_xlabel(x_label)
         axis.set_ylabel("test accuracy (%)")
-        axis.legend(fontsize=7)
+        axis.set_ylim(top=min(100, axis.get_ylim()[1]))
+        axis.legend(fontsize=7, ncol=2)
     save_figure(figure, path)
 
 
