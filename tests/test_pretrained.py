@@ -194,7 +194,10 @@ def _policy(a: int, b: int) -> dict[str, Precision]:
 def _ranked(*policies):
     from types import SimpleNamespace
 
-    return [(None, SimpleNamespace(score=1.0 - i / 10), bits) for i, bits in enumerate(policies)]
+    from smpq_edge.search.runner import Ranked
+
+    return [Ranked(None, SimpleNamespace(score=1.0 - i / 10), bits, "Shapley at the budget")
+            for i, bits in enumerate(policies)]
 
 
 def test_below_the_floor_with_int8_in_budget_ships_the_floor():

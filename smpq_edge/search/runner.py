@@ -238,7 +238,8 @@ def run_search(source: ModelSource, data: Dataset, board: Board, *, budgets: Bud
     run.lap("warmup_s")
     net, table, value, scores, history = _smpq_search(run, copy.deepcopy(warm), model)
     # From here on ``scores`` are the ones the selection summed (valued at the budget).
-    ranked, chosen, chosen_bits, scores = pick_policy(run, net, scores, valued_at(table, run.candidates, config.shapley))
+    at_budget = valued_at(table, run.candidates, config.shapley)
+    ranked, chosen, chosen_bits, scores = pick_policy(run, net, scores, at_budget)
     tuned, methods = _train_methods(run, warm, model, chosen, chosen_bits)
     tuned, floor_check, floor_action = _keep_floor(run, floor, tuned, chosen_bits, ranked, methods, model)
     shipped = next(m for m in methods if m.method == (floor_action.shipped_method if floor_action else "smpq"))
@@ -462,8 +463,9 @@ def _trained_text(run: SearchRun, before: float, after: float) -> str:
     return f"test {metric} {show(before)} before finetune, {show(after)} after"
 
 
-def _keep_floor(run: SearchRun, floor: QuantNet, tuned: QuantNet, chosen_bits: dict[str, Precision], ranked: list,
-                methods: list[MethodRecord], teacher: torch.nn.Module) -> tuple[QuantNet, FloorCheck, FloorAction | None]:
+def _keep_floor(run: SearchRun, floor: QuantNet, tuned: QuantNet, chosen_bits: dict[str, Precision],
+                ranked: list[Ranked], methods: list[MethodRecord],
+                teacher: torch.nn.Module) -> tuple[QuantNet, FloorCheck, FloorAction | None]:
     """The network to ship, never below the calibration-only int8 floor by more than a paired
     standard error on validation when anything within the budgets keeps it: SMPQ's pick; else
     uniform int8 (the floor itself) where it fits; else the next of the K best, each trained from
@@ -489,7 +491,8 @@ def _keep_floor(run: SearchRun, floor: QuantNet, tuned: QuantNet, chosen_bits: d
         return net, check_floor(floor_scores, floor_scores), action
     schedule = replace(run.config.finetune, epochs=run.config.finetune.epochs + run.config.search.epochs)
     best, tried = (check, tuned, "smpq", chosen_bits), []
-    for rank, (_, selection, bits, _) in enumerate(ranked, start=1):
+    for rank, candidate in enumerate(ranked, start=1):
+        selection, bits = candidate.selection, candidate.policy
         if bits == chosen_bits:
             continue
         name = f"smpq #{rank}"

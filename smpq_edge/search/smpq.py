@@ -252,7 +252,8 @@ def scores_at(estimate: ShapleyEstimate, candidates: tuple[Precision, ...], choi
         near = by_size[:, c, max(0, raised - window):raised + window + 1]
         with warnings.catch_warnings():  # a layer with no sample at these sizes falls back to all sizes
             warnings.simplefilter("ignore", RuntimeWarning)
-            at[:, c] = np.where(np.isfinite(near).any(axis=1), np.nanmean(near, axis=1), np.nanmean(by_size[:, c], axis=1))
+            at[:, c] = np.where(np.isfinite(near).any(axis=1), np.nanmean(near, axis=1),
+                                np.nanmean(by_size[:, c], axis=1))
     narrow = order[0]
     out = np.zeros((n_layers, k))
     for c in order[1:].tolist():
