@@ -137,16 +137,12 @@ def oracle(net, graph, board, x: np.ndarray, y: np.ndarray, chunk: int = 1000) -
     return rows
 
 
-def smpq_scores(run, net, variant: str, teacher) -> np.ndarray:
+def smpq_table(run, net, variant: str, teacher):
     """SMPQ's selection scores for coalition value and players ``variant`` ("top1:candidates",
     "kl:layers", "kl:layers:sampled" for layer players always sampled, never enumerated): the
-    search's final Shapley table on ``net`` with the monotone prior. They do not depend on the
-    budget, so each seed computes them once."""
-    return smpq_table(run, net, variant, teacher)[0]
-
-
-def smpq_table(run, net, variant: str, teacher):
-    """``smpq_scores`` and the same scores valued at a policy (``smpq.valued_at``), for ``pick_policy``."""
+    search's final Shapley table on ``net`` with the monotone prior, and the same scores valued at
+    a policy (``smpq.valued_at``, None for candidate players), as ``pick_policy`` takes them. They
+    do not depend on the budget, so each seed computes them once."""
     value, players, *how = variant.split(":")
     shapley = run.config.shapley
     x_val, y_val = validation_batch(run.data, shapley.val_samples, run.seed)
@@ -164,8 +160,7 @@ def selected(run, scores: np.ndarray) -> dict[str, int]:
     return {op.name: run.candidates[k] for op, k in zip(run.graph.layers, choice)}
 
 
-def picks_at(fraction: float, seed: int, source, data, board, config, net, scores: dict[str, np.ndarray],
-             args) -> dict:
+def picks_at(fraction: float, seed: int, source, data, board, config, net, scores: dict, args) -> dict:
     """Every method's policy at one budget: SMPQ's variants (K best re-ranked on validation, as the
     search does), HAWQ's and the uniform ones on the calibrated net, DMPQ's from its own search."""
     budgets, info = flash_budget(net.graph, board, fraction)
@@ -174,10 +169,11 @@ def picks_at(fraction: float, seed: int, source, data, board, config, net, score
     for method, method_scores in scores.items():
         t0 = time.perf_counter()
         if method.startswith("smpq"):
-            # As the search picks (the K best re-ranked on the whole validation split), and the
-            # best summed Shapley alone.
-            bits[f"{method}/sum"] = selected(run, method_scores)
-            bits[f"{method}/val-all"] = pick_policy(run, net, method_scores)[2]
+            # As the search picks (the K best valued at the budget, re-ranked on the whole
+            # validation split), and the best summed Shapley alone.
+            table, at = method_scores
+            bits[f"{method}/sum"] = selected(run, table)
+            bits[f"{method}/val-all"] = pick_policy(run, net, table, at)[2]
         else:
             bits[method] = selected(run, method_scores)
         seconds[method] = time.perf_counter() - t0
@@ -214,7 +210,7 @@ def ptq_runs(name: str, task: RealTask, source, data, board, args, log) -> dict:
         scores, seconds = {}, {}
         for method in [f"smpq[{v}]" for v in args.variants] + ["hawq"]:
             t1 = time.perf_counter()
-            scores[method] = (smpq_scores(run, net, method[5:-1], source.module) if method.startswith("smpq")
+            scores[method] = (smpq_table(run, net, method[5:-1], source.module) if method.startswith("smpq")
                               else hawq_scores(net, data, seed))
             seconds[method] = time.perf_counter() - t1
             log(f"{name} seed {seed}: {method} scores in {seconds[method]:.0f} s")
